@@ -1,0 +1,37 @@
+# Every target sets up its own virtual environment from scratch on a fresh clone.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# A CPU build of this torch release lies on the machines we use; an unpinned torch pulls CUDA.
+TORCH := torch==2.13.0
+
+.PHONY: venv test test-fast demo bench lint clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[dev,cli]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	$(PY) -m pytest -q -p no:cacheprovider
+
+demo: venv
+	$(VENV)/bin/torchnde demo
+
+$(VENV)/.bench: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[bench]"
+	touch $@
+
+bench: $(VENV)/.bench
+	$(PY) benchmarks/run.py
+
+lint: venv
+	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m ruff format --check src tests benchmarks examples
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info

@@ -1,0 +1,39 @@
+"""torchnde: neural differential equations in PyTorch.
+
+One :func:`solve` for every problem: terms integrated by a solver, with step-size control,
+saving, gradients and failure handling passed in as small policy objects.
+"""
+
+from ._results import Result, SolveError
+from ._saveat import SaveAt
+from ._solution import Solution
+from ._solve import solve
+from ._terms import AbstractTerm, ODETerm
+from .adjoints import AbstractAdjoint, DirectAdjoint
+from .controllers import AbstractController, ConstantStepSize, PIDController
+from .solvers import (
+    RK4,
+    SOLVERS,
+    AbstractAdaptiveSolver,
+    AbstractSolver,
+    Bosh3,
+    Dopri5,
+    Dopri8,
+    ButcherTableau,
+    Euler,
+    Heun,
+    Midpoint,
+    Ralston,
+    Tsit5,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "solve", "Solution", "SaveAt", "Result", "SolveError",
+    "AbstractTerm", "ODETerm",
+    "AbstractSolver", "AbstractAdaptiveSolver", "ButcherTableau", "SOLVERS",
+    "Euler", "Heun", "Midpoint", "Ralston", "RK4", "Bosh3", "Dopri5", "Tsit5", "Dopri8",
+    "AbstractController", "ConstantStepSize", "PIDController",
+    "AbstractAdjoint", "DirectAdjoint",
+]

@@ -1,0 +1,5 @@
+"""How gradients flow through a solve."""
+
+from ._base import AbstractAdjoint, DirectAdjoint
+
+__all__ = ["AbstractAdjoint", "DirectAdjoint"]

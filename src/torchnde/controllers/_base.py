@@ -1,0 +1,27 @@
+"""Step-size controllers: choose each step and decide whether to accept it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["AbstractController"]
+
+
+class AbstractController:
+    """Chooses step sizes.
+
+    ``init`` returns the first step size; ``adapt`` sees a step's error estimate and returns
+    whether to accept it, the next step size and the controller's state. Both work on Python
+    floats (one step size for the whole state) or on ``(batch,)`` tensors (per-sample mode) via
+    the ``ops`` namespace the loop passes in.
+    """
+
+    step_ts: Any = None
+    jump_ts: Any = None
+    dtmax: float | None = None
+
+    def init(self, term, solver, t0, t1, y0, f0, dt0, ops) -> Any:  # pragma: no cover
+        raise NotImplementedError
+
+    def adapt(self, t0, t1, y0, y1, y_error, error_order, cstate, ops):  # pragma: no cover
+        raise NotImplementedError

@@ -1,0 +1,190 @@
+"""Adaptive step-size control: the PID controller of Söderlind (2003)."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+
+from .._results import Result
+from ._base import AbstractController
+
+__all__ = ["PIDController", "rms_norm"]
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    """Root-mean-square over the last dimension (the flattened state of each sample)."""
+    return torch.linalg.vector_norm(x, dim=-1) / math.sqrt(x.shape[-1])
+
+
+class PIDController(AbstractController):
+    r"""Adaptive step sizes from an embedded error estimate.
+
+    A step with error estimate :math:`e` is accepted when
+    :math:`\|e / (\mathrm{atol} + \mathrm{rtol}\max(|y_0|, |y_1|))\| \le 1`. The next step is
+    :math:`h_{n+1} = h_n \cdot \mathrm{safety}\cdot \varepsilon_n^{\beta_1}
+    \varepsilon_{n-1}^{\beta_2}\varepsilon_{n-2}^{\beta_3}` with :math:`\varepsilon = 1/\|\cdot\|`,
+    :math:`\beta_1 = (p + i + d)/k`, :math:`\beta_2 = -(p + 2d)/k`, :math:`\beta_3 = d/k` and
+    :math:`k` one more than the order of the error estimate (Söderlind 2003; Hairer, Nørsett &
+    Wanner, *Solving ODEs I/II*). The default ``pcoeff=0, icoeff=1, dcoeff=0`` is the classic
+    integral controller. After a rejection the step shrinks by the integral rule alone.
+
+    When ``solve`` gets ``dt0=None`` the first step is chosen by the algorithm of Hairer, Nørsett
+    & Wanner (*Solving ODEs I*, II.4), costing one extra vector-field evaluation.
+
+    Args:
+        rtol, atol: relative and absolute tolerances (> 0 between them).
+        pcoeff, icoeff, dcoeff: PID coefficients (e.g. ``pcoeff=0.4, icoeff=0.3`` is Hairer's PI
+            controller scaled per Söderlind).
+        safety: factor < 1 applied to every proposed step.
+        factormin, factormax: bounds on the ratio of consecutive step sizes.
+        dtmin: smallest step allowed. A step that would need to be smaller fails with
+            ``dt_min_reached`` unless ``force_dtmin=True``, which accepts steps of size ``dtmin``.
+        dtmax: largest step allowed.
+        force_dtmin: see ``dtmin``.
+        step_ts: times that steps must land on (e.g. known features of the vector field).
+        jump_ts: times of discontinuities of the vector field: steps land on them and the
+            derivative is re-evaluated after the jump (an FSAL stage is not reused across it).
+        norm: the norm of the scaled error, ``norm(x) -> tensor`` reducing the last dimension
+            (the flattened state; in per-sample mode ``x`` has shape ``(batch, N)``). RMS by
+            default.
+    """
+
+    def __init__(
+        self,
+        rtol: float = 1e-3,
+        atol: float = 1e-6,
+        pcoeff: float = 0.0,
+        icoeff: float = 1.0,
+        dcoeff: float = 0.0,
+        safety: float = 0.9,
+        factormin: float = 0.2,
+        factormax: float = 10.0,
+        dtmin: float | None = None,
+        dtmax: float | None = None,
+        force_dtmin: bool = False,
+        step_ts: Sequence[float] | torch.Tensor | None = None,
+        jump_ts: Sequence[float] | torch.Tensor | None = None,
+        norm: Callable[[torch.Tensor], torch.Tensor] = rms_norm,
+    ):
+        for name, v in (("rtol", rtol), ("atol", atol)):
+            if not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)):
+                raise ValueError(f"PIDController({name}=...) must be a finite float >= 0, got {v!r}")
+        if rtol == 0 and atol == 0:
+            raise ValueError("PIDController needs rtol > 0 or atol > 0; got rtol=0 and atol=0")
+        if not 0 < safety <= 1:
+            raise ValueError(f"PIDController(safety=...) must be in (0, 1], got {safety!r}")
+        if not 0 < factormin <= 1 <= factormax:
+            raise ValueError(
+                f"PIDController needs 0 < factormin <= 1 <= factormax; got factormin={factormin!r}, "
+                f"factormax={factormax!r}"
+            )
+        if dtmin is not None and dtmin < 0:
+            raise ValueError(f"PIDController(dtmin=...) must be >= 0, got {dtmin!r}")
+        if dtmax is not None and dtmax <= 0:
+            raise ValueError(f"PIDController(dtmax=...) must be > 0, got {dtmax!r}")
+        if dtmin is not None and dtmax is not None and dtmin > dtmax:
+            raise ValueError(f"PIDController needs dtmin <= dtmax; got dtmin={dtmin!r}, dtmax={dtmax!r}")
+        if force_dtmin and not dtmin:
+            raise ValueError("PIDController(force_dtmin=True) needs a positive dtmin")
+        if not callable(norm):
+            raise TypeError(f"PIDController(norm=...) must be callable, got {type(norm).__name__}")
+        self.rtol, self.atol = float(rtol), float(atol)
+        self.pcoeff, self.icoeff, self.dcoeff = float(pcoeff), float(icoeff), float(dcoeff)
+        self.safety, self.factormin, self.factormax = float(safety), float(factormin), float(factormax)
+        self.dtmin = float(dtmin) if dtmin is not None else 0.0
+        self.dtmax = float(dtmax) if dtmax is not None else None
+        self.force_dtmin = force_dtmin
+        self.step_ts = _as_times(step_ts, "step_ts")
+        self.jump_ts = _as_times(jump_ts, "jump_ts")
+        self.norm = norm
+
+    def __repr__(self):
+        return f"PIDController(rtol={self.rtol}, atol={self.atol})"
+
+    def _scaled_norm(self, x, y0, y1=None):
+        with torch.no_grad():
+            m = y0.detach().abs() if y1 is None else torch.maximum(y0.detach().abs(), y1.detach().abs())
+            scale = m.mul_(self.rtol).add_(self.atol)
+            return self.norm(x.detach() / scale)
+
+    def init(self, term, solver, t0, t1, y0, f0, dt0, ops):
+        cstate = (ops.full(1.0), ops.full(1.0))
+        if dt0 is not None:
+            return ops.full(dt0), cstate
+        # Hairer, Nørsett & Wanner, Solving ODEs I, II.4 "automatic step size selection".
+        d0 = ops.to_scalar(self._scaled_norm(y0, y0))
+        d1 = ops.to_scalar(self._scaled_norm(f0, y0))
+        small = ops.or_(d0 < 1e-5, d1 < 1e-5)
+        h0 = ops.where(small, ops.full(1e-6), 0.01 * d0 / ops.where(small, ops.full(1.0), d1))
+        h0 = ops.minimum(h0, t1 - t0)
+        h0 = ops.maximum(h0, ops.full(1e-300)) if ops.batched else max(h0, 1e-300)
+        h0y = h0 if not ops.batched else h0.to(y0.real.dtype if y0.is_complex() else y0.dtype).unsqueeze(-1)
+        with torch.no_grad():
+            y1 = y0.detach() + h0y * f0.detach() if ops.batched else torch.add(y0.detach(), f0.detach(), alpha=h0)
+            f1 = term.vf(t0 + h0, y1)
+        d2 = ops.to_scalar(self._scaled_norm(f1 - f0.detach(), y0)) / h0
+        d2 = ops.nan_to(d2, math.inf) if ops.batched else (math.inf if d2 != d2 else d2)
+        dmax = ops.maximum(d1, d2)
+        tiny = dmax <= 1e-15
+        h1 = ops.where(
+            tiny,
+            ops.maximum(ops.full(1e-6), h0 * 1e-3),
+            (0.01 / ops.where(tiny, ops.full(1.0), dmax)) ** (1.0 / (solver.order + 1)),
+        )
+        dt = ops.minimum(100 * h0, h1)
+        if self.dtmax is not None:
+            dt = ops.minimum(dt, self.dtmax)
+        if self.dtmin:
+            dt = ops.maximum(dt, self.dtmin)
+        return dt, cstate
+
+    def adapt(self, t0, t1, y0, y1, y_error, error_order, cstate, ops):
+        dt = t1 - t0
+        err = ops.to_scalar(self._scaled_norm(y_error, y0, y1))
+        finite = ops.isfinite(err)
+        err = ops.nan_to(err, math.inf) if ops.batched else (err if finite else math.inf)
+        accept = err <= 1.0
+        k = error_order + 1
+        b1 = (self.pcoeff + self.icoeff + self.dcoeff) / k
+        b2 = -(self.pcoeff + 2 * self.dcoeff) / k
+        b3 = self.dcoeff / k
+        inv = 1.0 / ops.maximum(err, 1e-300) if ops.batched else 1.0 / max(err, 1e-300)
+        prev1, prev2 = cstate
+        grow = self.safety * inv**b1
+        if b2:
+            grow = grow * prev1**b2
+        if b3:
+            grow = grow * prev2**b3
+        shrink = self.safety * inv ** (1.0 / k)
+        factor = ops.where(
+            accept,
+            ops.clamp(grow, self.factormin, self.factormax),
+            ops.clamp(shrink, self.factormin, 1.0),
+        )
+        dt_next = dt * factor
+        if self.dtmax is not None:
+            dt_next = ops.minimum(dt_next, self.dtmax)
+        result = None
+        if self.dtmin:
+            if self.force_dtmin:
+                at_min = dt <= self.dtmin * (1 + 1e-12)
+                accept = ops.or_(accept, ops.and_(at_min, finite))
+                dt_next = ops.maximum(dt_next, self.dtmin)
+            else:
+                too_small = ops.and_(ops.not_(accept), dt_next < self.dtmin)
+                result = (too_small, Result.dt_min_reached)
+        cstate = (ops.where(accept, inv, prev1), ops.where(accept, prev1, prev2))
+        return accept, dt_next, cstate, result
+
+
+def _as_times(ts, name):
+    if ts is None:
+        return None
+    t = torch.as_tensor(ts, dtype=torch.float64).detach().cpu().flatten()
+    if t.numel() == 0:
+        return None
+    if not torch.isfinite(t).all():
+        raise ValueError(f"PIDController({name}=...) must be finite, got {t.tolist()}")
+    return torch.unique(t)  # sorted, deduplicated

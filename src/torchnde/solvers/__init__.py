@@ -1,0 +1,20 @@
+"""Numerical methods. ``SOLVERS`` lists every solver; the generic tests iterate over it."""
+
+from ._base import AbstractAdaptiveERK, AbstractAdaptiveSolver, AbstractERK, AbstractSolver
+from ._tableau import ButcherTableau
+from .bosh3 import Bosh3
+from .dopri5 import Dopri5
+from .dopri8 import Dopri8
+from .euler import Euler
+from .heun import Heun
+from .midpoint import Midpoint
+from .ralston import Ralston
+from .rk4 import RK4
+from .tsit5 import Tsit5
+
+SOLVERS = (Euler, Heun, Midpoint, Ralston, RK4, Bosh3, Dopri5, Tsit5, Dopri8)
+
+__all__ = [
+    "AbstractSolver", "AbstractAdaptiveSolver", "AbstractERK", "AbstractAdaptiveERK", "ButcherTableau",
+    "Euler", "Heun", "Midpoint", "Ralston", "RK4", "Bosh3", "Dopri5", "Tsit5", "Dopri8", "SOLVERS",
+]

@@ -1,0 +1,143 @@
+"""Solver interfaces and the generic explicit Runge--Kutta step.
+
+How to implement a new solver
+-----------------------------
+1. Subclass :class:`AbstractSolver` (or :class:`AbstractAdaptiveSolver` if the step returns an
+   error estimate) and declare ``order`` (and ``error_order`` for adaptive solvers and
+   ``dense_order`` for the accuracy of its dense output).
+2. Implement ``init(term, t0, y0) -> state`` and ``step(term, t0, t1, y0, state) -> (y1, y_error,
+   dense_info, state, result)``. ``term.vf(t, y)`` evaluates the vector field on the flat state.
+   ``t0``/``t1`` are Python floats, or ``(batch,)`` tensors in per-sample mode. Anything carried
+   between steps lives in ``state``, never on ``self``, so solves are re-entrant.
+3. Implement ``dense_coeffs(term, dense_info)``: polynomial coefficients ``C`` (shape ``(P, N)`` or
+   ``(B, P, N)``) with ``y(t0 + theta (t1 - t0)) = y0 + sum_p C[p] theta^(p+1)``.
+4. For an explicit Runge--Kutta method all of this is done by :class:`AbstractERK`: write the
+   :class:`~torchnde.solvers.ButcherTableau` in a file of its own and add the class to
+   ``torchnde.solvers.SOLVERS``; the generic tests then check its tableau, order and dense output.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from ._tableau import ButcherTableau
+
+__all__ = ["AbstractSolver", "AbstractAdaptiveSolver", "AbstractERK", "AbstractAdaptiveERK"]
+
+
+class AbstractSolver:
+    """One step of a numerical method. Concrete solvers are stateless, hashable policy objects."""
+
+    order: ClassVar[int]
+    dense_order: ClassVar[int]
+
+    def init(self, term, t0, y0: torch.Tensor) -> Any:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def step(self, term, t0, t1, y0: torch.Tensor, state: Any):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def dense_coeffs(self, term, dense_info) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+    def __eq__(self, other):
+        return type(self) is type(other)
+
+    def __hash__(self):
+        return hash(type(self))
+
+
+class AbstractAdaptiveSolver(AbstractSolver):
+    """A solver whose step returns an embedded error estimate, so it can adapt its step size."""
+
+    error_order: ClassVar[int]
+
+
+def _combine(y0: torch.Tensor, dt, ks: list, coeffs: torch.Tensor, first: float) -> torch.Tensor:
+    """``y0 + dt * sum_j coeffs[j] * ks[j]`` in (at most) two fused ops (``first == coeffs[0]``)."""
+    if isinstance(dt, float):
+        if len(ks) == 1:
+            return torch.add(y0, ks[0], alpha=dt * first)
+        return torch.addmv(y0, torch.stack(ks, -1), coeffs, alpha=dt)
+    # per-sample: dt has shape (B, 1)
+    if len(ks) == 1:
+        return torch.addcmul(y0, dt, ks[0], value=first)
+    return torch.addcmul(y0, dt, torch.stack(ks, -1) @ coeffs)
+
+
+def _dt_column(t0, t1):
+    dt = t1 - t0
+    return dt if isinstance(dt, float) else dt.unsqueeze(-1)
+
+
+class AbstractERK(AbstractSolver):
+    """An explicit Runge--Kutta method defined by its :class:`ButcherTableau`.
+
+    FSAL tableaus reuse their last stage as the next step's first; others reuse the derivative at
+    the end of the step, so a step costs ``s`` vector-field evaluations either way. Dense output
+    uses the method's own interpolant where the tableau has one, cubic Hermite otherwise.
+    """
+
+    tableau: ClassVar[ButcherTableau]
+
+    def init(self, term, t0, y0):
+        return term.vf(t0, y0)
+
+    def step(self, term, t0, t1, y0, f0):
+        tab = self.tableau
+        coef = tab.tensors(y0.dtype, y0.device)
+        dt = _dt_column(t0, t1)
+        h = t1 - t0
+        ks = [f0]
+        yi = y0
+        for i in range(1, tab.num_stages):
+            yi = _combine(y0, dt, ks, coef["a"][i], coef["a0"][i])
+            ks.append(term.vf(t0 + coef["c"][i] * h, yi))
+        if tab.fsal:
+            y1, f1 = yi, ks[-1]
+        else:
+            y1 = _combine(y0, dt, ks, coef["b"], coef["b0"])
+            f1 = term.vf(t1, y1)
+        y_error = None
+        if coef["b_error"] is not None:
+            y_error = torch.stack(ks, -1) @ coef["b_error"]
+            y_error = y_error * dt
+        return y1, y_error, (t0, t1, y0, y1, f0, f1, ks), f1, None
+
+    def dense_coeffs(self, term, dense_info):
+        t0, t1, y0, y1, f0, f1, ks = dense_info
+        tab = self.tableau
+        coef = tab.tensors(y0.dtype, y0.device)
+        dt = _dt_column(t0, t1)
+        if coef["dense"] is None:
+            return hermite_coeffs(y0, y1, f0, f1, dt)
+        K = list(ks) if tab.fsal else [*ks, f1]
+        h = t1 - t0
+        for (c, raw), row in zip(tab.dense_stages, coef["dense_stages"]):
+            yi = _combine(y0, dt, K, row, float(raw[0]))
+            K.append(term.vf(t0 + float(c) * h, yi))
+        # C[p] = dt * sum_j dense[j, p] K_j
+        C = torch.stack(K, -1) @ coef["dense"]  # (..., N, P)
+        C = C.movedim(-1, -2)  # (..., P, N)
+        return C * (dt if isinstance(dt, float) else dt.unsqueeze(-2))
+
+
+class AbstractAdaptiveERK(AbstractERK, AbstractAdaptiveSolver):
+    """An explicit Runge--Kutta pair with an embedded error estimate."""
+
+
+def hermite_coeffs(y0, y1, f0, f1, dt):
+    """Cubic Hermite interpolation on a step from values and derivatives at both ends."""
+    if not isinstance(dt, float):
+        hf0, hf1 = dt * f0, dt * f1
+    else:
+        hf0, hf1 = f0 * dt, f1 * dt
+    dy = y1 - y0
+    c2 = 3 * dy - 2 * hf0 - hf1
+    c3 = -2 * dy + hf0 + hf1
+    return torch.stack([hf0, c2, c3], dim=-2)

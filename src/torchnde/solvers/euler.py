@@ -1,0 +1,16 @@
+"""Euler's method (explicit, order 1)."""
+
+from fractions import Fraction as F
+
+from ._base import AbstractERK
+from ._tableau import ButcherTableau
+
+__all__ = ["Euler"]
+
+
+class Euler(AbstractERK):
+    """Explicit Euler: ``y1 = y0 + h f(t0, y0)``. Order 1, fixed steps, cubic Hermite dense output."""
+
+    tableau = ButcherTableau(c=(F(0),), a=((),), b=(F(1),))
+    order = 1
+    dense_order = 1

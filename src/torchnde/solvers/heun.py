@@ -1,0 +1,25 @@
+"""Heun's method (explicit trapezoidal rule) with Euler as the embedded method."""
+
+from fractions import Fraction as F
+
+from ._base import AbstractAdaptiveERK
+from ._tableau import ButcherTableau
+
+__all__ = ["Heun"]
+
+
+class Heun(AbstractAdaptiveERK):
+    """Heun's method, order 2, with an embedded Euler (order 1) error estimate.
+
+    Usable with constant steps or adaptively. Cubic Hermite dense output.
+    """
+
+    tableau = ButcherTableau(
+        c=(F(0), F(1)),
+        a=((), (F(1),)),
+        b=(F(1, 2), F(1, 2)),
+        b_error=(F(-1, 2), F(1, 2)),
+    )
+    order = 2
+    error_order = 1
+    dense_order = 2

@@ -1,0 +1,16 @@
+"""The explicit midpoint method."""
+
+from fractions import Fraction as F
+
+from ._base import AbstractERK
+from ._tableau import ButcherTableau
+
+__all__ = ["Midpoint"]
+
+
+class Midpoint(AbstractERK):
+    """Explicit midpoint rule, order 2, fixed steps, cubic Hermite dense output."""
+
+    tableau = ButcherTableau(c=(F(0), F(1, 2)), a=((), (F(1, 2),)), b=(F(0), F(1)))
+    order = 2
+    dense_order = 2
