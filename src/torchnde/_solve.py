@@ -421,7 +421,11 @@ def _integrate(p: _Problem) -> Solution:
     try:
         while ops.any(running):
             if p.max_steps is not None and (int(n_steps.max()) if per_sample else n_steps) >= p.max_steps:
-                result = ops.where(running, Result.max_steps_reached, result) if per_sample else Result.max_steps_reached
+                if per_sample:
+                    code = torch.where(last_nonfinite, Result.nonfinite, Result.max_steps_reached)
+                    result = torch.where(running, code, result)
+                else:
+                    result = Result.nonfinite if last_nonfinite else Result.max_steps_reached
                 break
             # --- propose the end of the step, landing on t1 and on step/jump times
             if per_sample:
@@ -469,7 +473,10 @@ def _integrate(p: _Problem) -> Solution:
                     result = Result.nonfinite
                 running = ops.and_(running, finite)
             accept = ops.and_(accept, running)
-            last_nonfinite = ops.not_(finite)
+            # remembered until the next rejection: a solve that keeps producing NaN/inf near one
+            # time (and so exhausts max_steps or the step size) reports it as non-finite
+            rejected = ops.and_(running, ops.not_(accept))
+            last_nonfinite = ops.where(rejected, ops.not_(finite), last_nonfinite)
 
             # --- save inside the accepted step
             if ops.any(accept):
@@ -519,8 +526,8 @@ def _integrate(p: _Problem) -> Solution:
                     if jumped.any():
                         sstate = _where_state(ops, jumped, solver.init(term, t, y), sstate)
                 dt = torch.where(running, dt_new, dt)
-                # step-size underflow: no progress possible
-                stuck = running & ~accept & ((t + dt) <= t)
+                # step-size underflow: the next try would not be shorter than the rejected one
+                stuck = running & ~accept & ((t + dt) - t >= t_next - t)
                 if stuck.any():
                     code = torch.where(last_nonfinite, Result.nonfinite, Result.dt_min_reached)
                     result = torch.where(stuck, code, result)
@@ -540,8 +547,10 @@ def _integrate(p: _Problem) -> Solution:
                             sstate = solver.init(term, t, y)
                 else:
                     n_rej += 1
+                    # step-size underflow: the next try would not be shorter than the rejected one
+                    stuck = (t + dt_new) - t >= t_next - t
                 dt = dt_new
-                if running and not accept and t + dt <= t:
+                if running and not accept and stuck:
                     result = Result.nonfinite if last_nonfinite else Result.dt_min_reached
                     running = False
                 running = running and t < tau1

@@ -55,7 +55,15 @@ def _unflatten_structure(structure: Any, leaves: list) -> Any:
 
 
 def _describe(tree: Any) -> str:
-    return repr(tree_map(lambda x: f"Tensor{tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__, tree))
+    """A short picture of a tree's structure and shapes, e.g. ``{'a': Tensor(2, 3)}``."""
+    if isinstance(tree, dict):
+        return "{" + ", ".join(f"{k!r}: {_describe(v)}" for k, v in tree.items()) + "}"
+    if isinstance(tree, (tuple, list)):
+        inner = ", ".join(_describe(v) for v in tree)
+        return f"({inner},)" if isinstance(tree, tuple) and len(tree) == 1 else (f"({inner})" if isinstance(tree, tuple) else f"[{inner}]")
+    if isinstance(tree, torch.Tensor):
+        return f"Tensor{tuple(tree.shape)}"
+    return type(tree).__name__
 
 
 class Flattener:
