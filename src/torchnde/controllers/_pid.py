@@ -18,6 +18,22 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x, dim=-1) / math.sqrt(x.shape[-1])
 
 
+class _RMS:
+    """A vector norm awaiting its 1/sqrt(N) factor, so that the division happens on a Python
+    float (one step size for the state) instead of as one more tensor op per step."""
+
+    __slots__ = ("norm", "n")
+
+    def __init__(self, norm, n):
+        self.norm, self.n = norm, n
+
+
+def _to_scalar(ops, value):
+    if isinstance(value, _RMS):
+        return ops.to_scalar(value.norm) / math.sqrt(value.n)
+    return ops.to_scalar(value)
+
+
 class PIDController(AbstractController):
     r"""Adaptive step sizes from an embedded error estimate.
 
@@ -104,18 +120,21 @@ class PIDController(AbstractController):
         return f"PIDController(rtol={self.rtol}, atol={self.atol})"
 
     def _scaled_norm(self, x, y0, y1=None):
+        # step sizes are policy, not part of the differentiated computation
         with torch.no_grad():
-            m = y0.detach().abs() if y1 is None else torch.maximum(y0.detach().abs(), y1.detach().abs())
-            scale = m.mul_(self.rtol).add_(self.atol)
-            return self.norm(x.detach() / scale)
+            m = y0.abs() if y1 is None else torch.maximum(y0.abs(), y1.abs())
+            ratio = x / m.mul_(self.rtol).add_(self.atol)
+            if self.norm is rms_norm:  # fast path: the 1/sqrt(N) is applied by the caller's ops
+                return _RMS(torch.linalg.vector_norm(ratio, dim=-1), ratio.shape[-1])
+            return self.norm(ratio)
 
     def init(self, term, solver, t0, t1, y0, f0, dt0, ops):
         cstate = (ops.full(1.0), ops.full(1.0))
         if dt0 is not None:
             return ops.full(dt0), cstate
         # Hairer, Nørsett & Wanner, Solving ODEs I, II.4 "automatic step size selection".
-        d0 = ops.to_scalar(self._scaled_norm(y0, y0))
-        d1 = ops.to_scalar(self._scaled_norm(f0, y0))
+        d0 = _to_scalar(ops, self._scaled_norm(y0, y0))
+        d1 = _to_scalar(ops, self._scaled_norm(f0, y0))
         small = ops.or_(d0 < 1e-5, d1 < 1e-5)
         h0 = ops.where(small, ops.full(1e-6), 0.01 * d0 / ops.where(small, ops.full(1.0), d1))
         h0 = ops.minimum(h0, t1 - t0)
@@ -124,7 +143,7 @@ class PIDController(AbstractController):
         with torch.no_grad():
             y1 = y0.detach() + h0y * f0.detach() if ops.batched else torch.add(y0.detach(), f0.detach(), alpha=h0)
             f1 = term.vf(t0 + h0, y1)
-        d2 = ops.to_scalar(self._scaled_norm(f1 - f0.detach(), y0)) / h0
+        d2 = _to_scalar(ops, self._scaled_norm(f1 - f0.detach(), y0)) / h0
         d2 = ops.nan_to(d2, math.inf) if ops.batched else (math.inf if d2 != d2 else d2)
         dmax = ops.maximum(d1, d2)
         tiny = dmax <= 1e-15
@@ -142,7 +161,7 @@ class PIDController(AbstractController):
 
     def adapt(self, t0, t1, y0, y1, y_error, error_order, cstate, ops):
         dt = t1 - t0
-        err = ops.to_scalar(self._scaled_norm(y_error, y0, y1))
+        err = _to_scalar(ops, self._scaled_norm(y_error, y0, y1))
         finite = ops.isfinite(err)
         err = ops.nan_to(err, math.inf) if ops.batched else (err if finite else math.inf)
         accept = err <= 1.0
