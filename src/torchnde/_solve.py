@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cmath
 import math
 import numbers
 from dataclasses import dataclass
@@ -449,9 +450,8 @@ def _integrate(p: _Problem) -> Solution:
             y1, y_err, dinfo, sstate1, _ = solver.step(term, t, t_next, y, sstate)
 
             # --- accept / reject
-            finite = torch.isfinite(y1.sum(-1))
-            if not per_sample:
-                finite = bool(finite)
+            # one reduction: the sum is NaN/inf iff some entry is (or the sum overflows)
+            finite = torch.isfinite(y1.sum(-1)) if per_sample else cmath.isfinite(y1.sum().item())
             if adaptive:
                 accept, dt_new, cstate, cres = controller.adapt(t, t_next, y, y1, y_err, error_order, cstate, ops)
                 accept = ops.and_(accept, finite)
