@@ -34,7 +34,9 @@ def test_max_steps_reached():
 
 def test_dt_min_reached():
     stiff = tn.ODETerm(lambda t, y, a: -1e4 * y)
-    sol = tn.solve(stiff, tn.Tsit5(), 0.0, 1.0, y0, controller=tn.PIDController(rtol=1e-8, atol=1e-8, dtmin=0.01), throw=False)
+    sol = tn.solve(
+        stiff, tn.Tsit5(), 0.0, 1.0, y0, controller=tn.PIDController(rtol=1e-8, atol=1e-8, dtmin=0.01), throw=False
+    )
     assert sol.result == tn.Result.dt_min_reached
     with pytest.raises(tn.SolveError, match="dtmin"):
         tn.solve(stiff, tn.Tsit5(), 0.0, 1.0, y0, controller=tn.PIDController(rtol=1e-8, atol=1e-8, dtmin=0.01))
@@ -94,7 +96,12 @@ def test_t0_equals_t1():
 
 @pytest.mark.parametrize(
     "ts,match",
-    [([0.5, 0.2], "strictly increasing"), ([0.2, 0.2], "strictly increasing"), ([0.5, 1.5], r"inside \[t0, t1\]"), ([[0.1]], "1-D")],
+    [
+        ([0.5, 0.2], "strictly increasing"),
+        ([0.2, 0.2], "strictly increasing"),
+        ([0.5, 1.5], r"inside \[t0, t1\]"),
+        ([[0.1]], "1-D"),
+    ],
 )
 def test_bad_save_times(ts, match):
     with pytest.raises(ValueError, match=match):
@@ -141,7 +148,9 @@ def test_bad_state():
     with pytest.raises(TypeError, match="floating-point or complex"):
         tn.solve(term, tn.Euler(), 0.0, 1.0, torch.ones(2, dtype=torch.long), dt0=0.1)
     with pytest.raises(TypeError, match="share one dtype and device"):
-        tn.solve(tn.ODETerm(lambda t, y, a: y), tn.Euler(), 0.0, 1.0, (torch.ones(1), torch.ones(1, dtype=F64)), dt0=0.1)
+        tn.solve(
+            tn.ODETerm(lambda t, y, a: y), tn.Euler(), 0.0, 1.0, (torch.ones(1), torch.ones(1, dtype=F64)), dt0=0.1
+        )
     with pytest.raises(TypeError, match="leaf of type"):
         tn.solve(term, tn.Euler(), 0.0, 1.0, [torch.ones(1), 3.0], dt0=0.1)
 
@@ -152,7 +161,15 @@ def test_bad_times():
     with pytest.raises(ValueError, match="per_sample=True"):
         tn.solve(term, tn.Euler(), torch.zeros(2), 1.0, y0, dt0=0.1)
     with pytest.raises(ValueError, match="same direction"):
-        tn.solve(term, tn.Euler(), 0.0, torch.tensor([1.0, -1.0], dtype=F64), torch.ones(2, 1, dtype=F64), dt0=0.1, per_sample=True)
+        tn.solve(
+            term,
+            tn.Euler(),
+            0.0,
+            torch.tensor([1.0, -1.0], dtype=F64),
+            torch.ones(2, 1, dtype=F64),
+            dt0=0.1,
+            per_sample=True,
+        )
 
 
 def test_bad_controller_arguments():

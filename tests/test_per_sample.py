@@ -27,11 +27,23 @@ def test_sample_answer_does_not_depend_on_batch(solver):
     y0 = torch.randn(B, 2, dtype=F64)
     mu = torch.linspace(0.1, 3.0, B, dtype=F64)
     ts = torch.linspace(0, 4, 9, dtype=F64)
-    sol = tn.solve(tn.ODETerm(vdp), solver(), 0.0, 4.0, y0, args=mu, controller=pid(), per_sample=True, saveat=tn.SaveAt(ts=ts))
+    sol = tn.solve(
+        tn.ODETerm(vdp), solver(), 0.0, 4.0, y0, args=mu, controller=pid(), per_sample=True, saveat=tn.SaveAt(ts=ts)
+    )
     steps = sol.stats["num_steps"]
     assert len(set(steps.tolist())) > 1, "samples should need different numbers of steps"
     for i in range(B):
-        alone = tn.solve(tn.ODETerm(vdp), solver(), 0.0, 4.0, y0[i : i + 1], args=mu[i : i + 1], controller=pid(), per_sample=True, saveat=tn.SaveAt(ts=ts))
+        alone = tn.solve(
+            tn.ODETerm(vdp),
+            solver(),
+            0.0,
+            4.0,
+            y0[i : i + 1],
+            args=mu[i : i + 1],
+            controller=pid(),
+            per_sample=True,
+            saveat=tn.SaveAt(ts=ts),
+        )
         assert alone.stats["num_steps"].item() == steps[i].item()
         assert alone.stats["num_rejected"].item() == sol.stats["num_rejected"][i].item()
         torch.testing.assert_close(alone.ys[0], sol.ys[i], rtol=1e-12, atol=1e-12)
@@ -43,7 +55,16 @@ def test_per_sample_intervals_and_save_times():
     t0 = torch.tensor([0.0, 0.5, 1.0], dtype=F64)
     t1 = torch.tensor([1.0, 2.0, 1.5], dtype=F64)
     ts = torch.stack([torch.linspace(float(a), float(b), 5, dtype=F64) for a, b in zip(t0, t1)])
-    sol = tn.solve(tn.ODETerm(lambda t, y, a: -y), tn.Tsit5(), t0, t1, y0, controller=pid(), per_sample=True, saveat=tn.SaveAt(ts=ts, dense=True))
+    sol = tn.solve(
+        tn.ODETerm(lambda t, y, a: -y),
+        tn.Tsit5(),
+        t0,
+        t1,
+        y0,
+        controller=pid(),
+        per_sample=True,
+        saveat=tn.SaveAt(ts=ts, dense=True),
+    )
     torch.testing.assert_close(sol.ts, ts)
     torch.testing.assert_close(sol.ys[..., 0], torch.exp(-(ts - t0[:, None])), rtol=1e-6, atol=0)
     # dense output, one query time per sample and several per sample
@@ -72,13 +93,34 @@ def test_per_sample_time_is_a_tensor_and_backwards():
 def test_one_failing_sample_does_not_stop_the_others():
     # sample 1 blows up in finite time (y' = y^2 from y0 = 2 explodes at t = 0.5)
     y0 = torch.tensor([[0.5], [2.0], [-1.0]], dtype=F64)
-    sol = tn.solve(tn.ODETerm(lambda t, y, a: y**2), tn.Tsit5(), 0.0, 1.0, y0, controller=pid(1e-8), per_sample=True, throw=False, max_steps=2000)
+    sol = tn.solve(
+        tn.ODETerm(lambda t, y, a: y**2),
+        tn.Tsit5(),
+        0.0,
+        1.0,
+        y0,
+        controller=pid(1e-8),
+        per_sample=True,
+        throw=False,
+        max_steps=2000,
+    )
     res = sol.result.tolist()
     assert res[0] == tn.Result.successful and res[2] == tn.Result.successful
     assert res[1] != tn.Result.successful
-    torch.testing.assert_close(sol.ys[[0, 2], -1, 0], torch.tensor([0.5 / (1 - 0.5), -1.0 / (1 + 1.0)], dtype=F64), rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        sol.ys[[0, 2], -1, 0], torch.tensor([0.5 / (1 - 0.5), -1.0 / (1 + 1.0)], dtype=F64), rtol=1e-6, atol=0
+    )
     with pytest.raises(tn.SolveError, match=r"samples \[1\]"):
-        tn.solve(tn.ODETerm(lambda t, y, a: y**2), tn.Tsit5(), 0.0, 1.0, y0, controller=pid(1e-8), per_sample=True, max_steps=2000)
+        tn.solve(
+            tn.ODETerm(lambda t, y, a: y**2),
+            tn.Tsit5(),
+            0.0,
+            1.0,
+            y0,
+            controller=pid(1e-8),
+            per_sample=True,
+            max_steps=2000,
+        )
 
 
 def test_nan_in_one_sample_is_isolated():
@@ -95,7 +137,17 @@ def test_nan_in_one_sample_is_isolated():
 def test_per_sample_steps_are_padded():
     y0 = torch.ones(2, 1, dtype=F64)
     mu = torch.tensor([1.0, 20.0], dtype=F64)
-    sol = tn.solve(tn.ODETerm(lambda t, y, a: -a[:, None] * y), tn.Tsit5(), 0.0, 1.0, y0, args=mu, controller=pid(1e-6), per_sample=True, saveat=tn.SaveAt(steps=True))
+    sol = tn.solve(
+        tn.ODETerm(lambda t, y, a: -a[:, None] * y),
+        tn.Tsit5(),
+        0.0,
+        1.0,
+        y0,
+        args=mu,
+        controller=pid(1e-6),
+        per_sample=True,
+        saveat=tn.SaveAt(steps=True),
+    )
     n = sol.stats["num_accepted"]
     assert n[0] < n[1]
     assert sol.ts.shape == (2, int(n.max()))

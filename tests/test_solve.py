@@ -31,7 +31,9 @@ def test_backwards_in_time_matches_exact():
 
 def test_backwards_constant_steps_and_time_dependence():
     # y' = t, y(1) = 0 integrated back to t = 0: y(0) = -1/2
-    sol = tn.solve(tn.ODETerm(lambda t, y, a: torch.full_like(y, t)), tn.RK4(), 1.0, 0.0, torch.zeros(1, dtype=F64), dt0=-0.1)
+    sol = tn.solve(
+        tn.ODETerm(lambda t, y, a: torch.full_like(y, t)), tn.RK4(), 1.0, 0.0, torch.zeros(1, dtype=F64), dt0=-0.1
+    )
     assert sol.stats["num_steps"] == 10
     torch.testing.assert_close(sol.ys[-1], torch.tensor([-0.5], dtype=F64))
 
@@ -50,7 +52,9 @@ def test_trees_of_tensors(make):
     def f(t, y, args):
         return tn._tree.tree_map(lambda x: -x, y)
 
-    sol = tn.solve(tn.ODETerm(f), tn.Dopri5(), 0.0, 1.0, y0, controller=pid(), saveat=tn.SaveAt(t0=True, t1=True, dense=True))
+    sol = tn.solve(
+        tn.ODETerm(f), tn.Dopri5(), 0.0, 1.0, y0, controller=pid(), saveat=tn.SaveAt(t0=True, t1=True, dense=True)
+    )
     leaves0 = tn._tree.tree_leaves(y0)
     for got, x0 in zip(tn._tree.tree_leaves(sol.ys), leaves0):
         assert got.shape == (2, *x0.shape)
@@ -71,11 +75,24 @@ def test_complex_state(dtype):
     # y' = i y, y = exp(i t)
     y0 = torch.ones(3, dtype=dtype)
     tol = 1e-5 if dtype == torch.complex64 else 1e-9
-    sol = tn.solve(tn.ODETerm(lambda t, y, a: 1j * y), tn.Tsit5(), 0.0, 2.0, y0, controller=pid(tol), saveat=tn.SaveAt(ts=[0.5, 2.0], dense=True))
+    sol = tn.solve(
+        tn.ODETerm(lambda t, y, a: 1j * y),
+        tn.Tsit5(),
+        0.0,
+        2.0,
+        y0,
+        controller=pid(tol),
+        saveat=tn.SaveAt(ts=[0.5, 2.0], dense=True),
+    )
     assert sol.ys.dtype == dtype
     exact = torch.exp(1j * torch.tensor([0.5, 2.0], dtype=torch.float64)).to(dtype)
     torch.testing.assert_close(sol.ys[:, 0], exact, rtol=100 * tol, atol=100 * tol)
-    torch.testing.assert_close(sol.evaluate(1.0)[0], torch.tensor(complex(math.cos(1), math.sin(1)), dtype=dtype), rtol=100 * tol, atol=100 * tol)
+    torch.testing.assert_close(
+        sol.evaluate(1.0)[0],
+        torch.tensor(complex(math.cos(1), math.sin(1)), dtype=dtype),
+        rtol=100 * tol,
+        atol=100 * tol,
+    )
 
 
 def test_float32_agrees_with_float64_and_keeps_dtype():
@@ -83,7 +100,16 @@ def test_float32_agrees_with_float64_and_keeps_dtype():
     y0 = torch.tensor([1.0, 0.0])
     out = {}
     for dt in (torch.float32, torch.float64):
-        sol = tn.solve(tn.ODETerm(lambda t, y, a: y @ a.T), tn.Tsit5(), 0.0, 5.0, y0.to(dt), args=A.to(dt), controller=pid(1e-6), saveat=tn.SaveAt(ts=torch.linspace(0, 5, 11)))
+        sol = tn.solve(
+            tn.ODETerm(lambda t, y, a: y @ a.T),
+            tn.Tsit5(),
+            0.0,
+            5.0,
+            y0.to(dt),
+            args=A.to(dt),
+            controller=pid(1e-6),
+            saveat=tn.SaveAt(ts=torch.linspace(0, 5, 11)),
+        )
         assert sol.ys.dtype == dt
         out[dt] = sol.ys
     torch.testing.assert_close(out[torch.float32].double(), out[torch.float64], rtol=1e-4, atol=1e-4)
@@ -100,7 +126,15 @@ def test_non_2d_state(per_sample):
 
 def test_saveat_combinations_order_and_values():
     y0 = torch.tensor([1.0], dtype=F64)
-    sol = tn.solve(tn.ODETerm(decay), tn.Dopri5(), 0.0, 1.0, y0, controller=pid(), saveat=tn.SaveAt(t0=True, ts=[0.25, 0.5], t1=True))
+    sol = tn.solve(
+        tn.ODETerm(decay),
+        tn.Dopri5(),
+        0.0,
+        1.0,
+        y0,
+        controller=pid(),
+        saveat=tn.SaveAt(t0=True, ts=[0.25, 0.5], t1=True),
+    )
     torch.testing.assert_close(sol.ts, torch.tensor([0.0, 0.25, 0.5, 1.0], dtype=F64))
     torch.testing.assert_close(sol.ys[:, 0], torch.exp(-sol.ts), rtol=1e-7, atol=0)
     assert sol.interpolation is None
@@ -136,7 +170,9 @@ def test_dense_everywhere():
 def test_step_ts_are_landed_on():
     y0 = torch.tensor([1.0], dtype=F64)
     marks = [0.1234, 0.5, 0.777]
-    sol = tn.solve(tn.ODETerm(decay), tn.Tsit5(), 0.0, 1.0, y0, controller=pid(1e-5, step_ts=marks), saveat=tn.SaveAt(steps=True))
+    sol = tn.solve(
+        tn.ODETerm(decay), tn.Tsit5(), 0.0, 1.0, y0, controller=pid(1e-5, step_ts=marks), saveat=tn.SaveAt(steps=True)
+    )
     got = sol.ts.tolist()
     for m in marks:
         assert any(abs(g - m) < 1e-15 for g in got), (m, got)
@@ -157,7 +193,9 @@ def test_jump_ts_handles_discontinuity():
 
 def test_dtmax_and_initial_step():
     y0 = torch.tensor([1.0], dtype=F64)
-    sol = tn.solve(tn.ODETerm(decay), tn.Tsit5(), 0.0, 1.0, y0, controller=pid(1e-3, dtmax=0.05), saveat=tn.SaveAt(steps=True))
+    sol = tn.solve(
+        tn.ODETerm(decay), tn.Tsit5(), 0.0, 1.0, y0, controller=pid(1e-3, dtmax=0.05), saveat=tn.SaveAt(steps=True)
+    )
     assert (sol.ts.diff() <= 0.05 + 1e-12).all()
     # the automatic initial step costs one evaluation and leads to few rejections
     sol = tn.solve(tn.ODETerm(decay), tn.Tsit5(), 0.0, 1.0, y0, controller=pid(1e-6))
@@ -167,7 +205,14 @@ def test_dtmax_and_initial_step():
 
 def test_force_dtmin_accepts_steps():
     y0 = torch.tensor([1.0], dtype=F64)
-    sol = tn.solve(tn.ODETerm(lambda t, y, a: -50 * y), tn.Heun(), 0.0, 1.0, y0, controller=pid(1e-12, dtmin=0.01, force_dtmin=True))
+    sol = tn.solve(
+        tn.ODETerm(lambda t, y, a: -50 * y),
+        tn.Heun(),
+        0.0,
+        1.0,
+        y0,
+        controller=pid(1e-12, dtmin=0.01, force_dtmin=True),
+    )
     assert sol.result == tn.Result.successful
     assert sol.stats["num_accepted"] <= 101
 
@@ -196,7 +241,15 @@ def test_progress_true_runs(capsys):
 
 
 def test_args_reach_vector_field():
-    sol = tn.solve(tn.ODETerm(lambda t, y, a: -a["k"] * y), tn.Tsit5(), 0.0, 1.0, torch.ones(1, dtype=F64), args={"k": 2.0}, controller=pid())
+    sol = tn.solve(
+        tn.ODETerm(lambda t, y, a: -a["k"] * y),
+        tn.Tsit5(),
+        0.0,
+        1.0,
+        torch.ones(1, dtype=F64),
+        args={"k": 2.0},
+        controller=pid(),
+    )
     assert abs(sol.ys[-1].item() - math.exp(-2)) < 1e-7
 
 

@@ -77,7 +77,9 @@ def test_stage_times_and_states(solver, direction):
     for (t, y), c in zip(calls, expect_c):
         assert t == pytest.approx(t0 + c * h, abs=1e-15)
         # with f = 1 (in the direction of integration) every stage lies on y = t - t0
-        torch.testing.assert_close(y, torch.full((2,), c * abs(h) * direction, dtype=torch.float64) * direction, atol=1e-14, rtol=0)
+        torch.testing.assert_close(
+            y, torch.full((2,), c * abs(h) * direction, dtype=torch.float64) * direction, atol=1e-14, rtol=0
+        )
 
 
 # --- convergence order --------------------------------------------------------------------
@@ -196,7 +198,9 @@ def test_adaptive_reaches_tolerance(solver):
     f, y0, exact, _ = linear_problem()
     errs = []
     for tol in (1e-4, 1e-7):
-        sol = tn.solve(tn.ODETerm(f), solver(), 0.0, 5.0, y0, controller=tn.PIDController(rtol=tol, atol=tol), max_steps=None)
+        sol = tn.solve(
+            tn.ODETerm(f), solver(), 0.0, 5.0, y0, controller=tn.PIDController(rtol=tol, atol=tol), max_steps=None
+        )
         err = (sol.ys[-1] - exact(5.0)).abs().max().item()
         errs.append(err)
         assert err < 100 * tol

@@ -26,9 +26,7 @@ __all__ = ["solve"]
 _DEFAULT_SAVEAT = SaveAt(t1=True)
 _DEFAULT_ADJOINT = DirectAdjoint()
 
-_KEYWORDS = (
-    "dt0", "args", "saveat", "controller", "adjoint", "max_steps", "throw", "progress", "per_sample"
-)
+_KEYWORDS = ("dt0", "args", "saveat", "controller", "adjoint", "max_steps", "throw", "progress", "per_sample")
 _HINTS = {
     "rtol": "tolerances belong to the controller: controller=PIDController(rtol=..., atol=...)",
     "atol": "tolerances belong to the controller: controller=PIDController(rtol=..., atol=...)",
@@ -140,7 +138,8 @@ def solve(
             hint = _HINTS.get(k)
             lines.append(f"  {k!r}" + (f": {hint}" if hint else ""))
         raise TypeError(
-            "solve() got unexpected keyword argument(s):\n" + "\n".join(lines)
+            "solve() got unexpected keyword argument(s):\n"
+            + "\n".join(lines)
             + f"\nvalid keyword arguments are: {', '.join(_KEYWORDS)}"
         )
     if not isinstance(terms, AbstractTerm):
@@ -168,7 +167,9 @@ def solve(
             )
         controller = ConstantStepSize()
     if isinstance(controller, type):
-        raise TypeError(f"controller must be an instance, got the class {controller.__name__}; use {controller.__name__}(...)")
+        raise TypeError(
+            f"controller must be an instance, got the class {controller.__name__}; use {controller.__name__}(...)"
+        )
     if not isinstance(controller, AbstractController):
         raise TypeError(f"controller must be ConstantStepSize() or PIDController(...), got {type(controller).__name__}")
     if isinstance(controller, PIDController) and not isinstance(solver, AbstractAdaptiveSolver):
@@ -205,7 +206,9 @@ def _time_value(x, name, flat: Flattener, per_sample: bool, time_dtype):
                 "sample pass per_sample=True with y0's leading dimension as the batch"
             )
         elif x.shape != (flat.batch_size,):
-            raise ValueError(f"{name} must be a scalar or have shape ({flat.batch_size},) (the batch), got {tuple(x.shape)}")
+            raise ValueError(
+                f"{name} must be a scalar or have shape ({flat.batch_size},) (the batch), got {tuple(x.shape)}"
+            )
     elif not isinstance(x, numbers.Real):
         raise TypeError(f"{name} must be a real number or tensor, got {type(x).__name__}")
     if per_sample:
@@ -312,7 +315,9 @@ def _integrate(p: _Problem) -> Solution:
     if per_sample:
         same = t0 == t1
         if same.any():
-            raise ValueError(f"t0 == t1 for samples {same.nonzero().flatten().tolist()[:10]}; every interval must be non-empty")
+            raise ValueError(
+                f"t0 == t1 for samples {same.nonzero().flatten().tolist()[:10]}; every interval must be non-empty"
+            )
         fwd = t1 > t0
         if not (fwd.all() or (~fwd).all()):
             raise ValueError("per-sample intervals must all run in the same direction (all t1 > t0 or all t1 < t0)")
@@ -348,7 +353,9 @@ def _integrate(p: _Problem) -> Solution:
     solver, controller = p.solver, p.controller
 
     sstate = solver.init(term, tau0, y)
-    dt, cstate = controller.init(term, solver, tau0, tau1, y, sstate if isinstance(sstate, torch.Tensor) else None, dt0, ops)
+    dt, cstate = controller.init(
+        term, solver, tau0, tau1, y, sstate if isinstance(sstate, torch.Tensor) else None, dt0, ops
+    )
     adaptive = isinstance(controller, PIDController)
     error_order = getattr(solver, "error_order", None) if adaptive else None
 
@@ -397,7 +404,6 @@ def _integrate(p: _Problem) -> Solution:
             ts_vals: list = []  # (bidx, pidx, values) batches, assembled at the end
             ts_ptr = (ts_save <= tau0.unsqueeze(-1)).sum(-1)
             at0 = ts_ptr > 0  # save points at exactly t0
-            ts_ptr_list = None
         else:
             T = len(ts_save)
             ts_ptr = 0

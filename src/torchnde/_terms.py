@@ -8,7 +8,8 @@ loop.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 __all__ = ["AbstractTerm", "ODETerm"]
 

@@ -7,7 +7,8 @@ user's vector field sees the tree it was given. For a single tensor both directi
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -60,7 +61,11 @@ def _describe(tree: Any) -> str:
         return "{" + ", ".join(f"{k!r}: {_describe(v)}" for k, v in tree.items()) + "}"
     if isinstance(tree, (tuple, list)):
         inner = ", ".join(_describe(v) for v in tree)
-        return f"({inner},)" if isinstance(tree, tuple) and len(tree) == 1 else (f"({inner})" if isinstance(tree, tuple) else f"[{inner}]")
+        return (
+            f"({inner},)"
+            if isinstance(tree, tuple) and len(tree) == 1
+            else (f"({inner})" if isinstance(tree, tuple) else f"[{inner}]")
+        )
     if isinstance(tree, torch.Tensor):
         return f"Tensor{tuple(tree.shape)}"
     return type(tree).__name__

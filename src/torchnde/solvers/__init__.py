@@ -15,6 +15,19 @@ from .tsit5 import Tsit5
 SOLVERS = (Euler, Heun, Midpoint, Ralston, RK4, Bosh3, Dopri5, Tsit5, Dopri8)
 
 __all__ = [
-    "AbstractSolver", "AbstractAdaptiveSolver", "AbstractERK", "AbstractAdaptiveERK", "ButcherTableau",
-    "Euler", "Heun", "Midpoint", "Ralston", "RK4", "Bosh3", "Dopri5", "Tsit5", "Dopri8", "SOLVERS",
+    "AbstractSolver",
+    "AbstractAdaptiveSolver",
+    "AbstractERK",
+    "AbstractAdaptiveERK",
+    "ButcherTableau",
+    "Euler",
+    "Heun",
+    "Midpoint",
+    "Ralston",
+    "RK4",
+    "Bosh3",
+    "Dopri5",
+    "Tsit5",
+    "Dopri8",
+    "SOLVERS",
 ]

@@ -23,11 +23,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Union
 
 import torch
 
-Number = Union[float, int, Fraction]
+Number = float | int | Fraction
 
 __all__ = ["ButcherTableau"]
 

@@ -1,0 +1,87 @@
+"""The ``torchnde`` command line.
+
+``torchnde <command> [options]``; ``torchnde --help`` lists the commands. Each command lives in its
+own module of this package, named in :data:`COMMANDS`, and provides:
+
+* ``HELP``: a one-line summary for ``torchnde --help``;
+* ``add_arguments(parser)``: its options, on the subparser ``torchnde <command>`` creates;
+* ``run(args) -> int``: the command itself, returning the exit status.
+
+Adding a command (``train``, ``sample``, ``evaluate``, ``bench``, ...) is one module plus one entry
+in :data:`COMMANDS`. Optional dependencies (matplotlib, tqdm) are imported by the commands that
+need them, through :func:`torchnde.cli._deps.require`, so ``import torchnde.cli`` and
+``torchnde --help`` work without the ``[cli]`` extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from ._deps import INSTALL_HINT, MissingDependencyError
+
+__all__ = ["COMMANDS", "build_parser", "main"]
+
+#: Subcommand name -> module (relative to this package) implementing it.
+COMMANDS: dict[str, str] = {
+    "demo": ".demo",
+}
+
+PROG = "torchnde"
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors point to ``--help``."""
+
+    def error(self, message):  # noqa: D401 - argparse API
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\nRun '{self.prog} --help' for the list of commands and options.\n")
+
+
+def _version() -> str:
+    from torchnde import __version__
+
+    return __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser: global options plus one subparser per entry of :data:`COMMANDS`."""
+    parser = _Parser(
+        prog=PROG,
+        description="torchnde: neural differential equations in PyTorch.",
+        epilog=f"Plotting and progress bars need the CLI extras: {INSTALL_HINT}",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="<command>", title="commands", parser_class=_Parser)
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(module_name, __name__)
+        p = sub.add_parser(name, help=module.HELP, description=getattr(module, "DESCRIPTION", module.HELP))
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``torchnde`` with ``argv`` (default ``sys.argv[1:]``) and return the exit status.
+
+    Invalid arguments, ``--help`` and ``--version`` exit through ``SystemExit`` as argparse does.
+    """
+    parser = build_parser()
+    args = parser.parse_args(None if argv is None else [str(a) for a in argv])
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except MissingDependencyError as e:
+        print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\n{PROG} {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,7 @@
+"""``python -m torchnde.cli``: the same as the ``torchnde`` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
