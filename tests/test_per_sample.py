@@ -161,3 +161,15 @@ def test_per_sample_stats_and_constant_steps():
     sol = tn.solve(tn.ODETerm(lambda t, y, a: -y), tn.Euler(), 0.0, t1, y0, dt0=0.1, per_sample=True)
     assert sol.stats["num_steps"].tolist() == [10, 20]
     assert sol.ys.dtype == torch.float32
+
+
+def test_gradients_through_per_sample_mode():
+    torch.manual_seed(0)
+    W = (torch.randn(2, 2, dtype=F64) * 0.5).requires_grad_()
+    y0 = torch.randn(3, 2, dtype=F64, requires_grad=True)
+
+    def run(y0, W):
+        f = lambda t, y, a: torch.tanh(y @ a.T)
+        return tn.solve(tn.ODETerm(f), tn.RK4(), 0.0, torch.tensor([0.5, 1.0, 0.75], dtype=F64), y0, args=W, dt0=0.05, per_sample=True).ys
+
+    assert torch.autograd.gradcheck(run, (y0, W))
