@@ -58,16 +58,40 @@ class AbstractAdaptiveSolver(AbstractSolver):
     error_order: ClassVar[int]
 
 
-def _combine(y0: torch.Tensor, dt, ks: list, coeffs: torch.Tensor, first: float) -> torch.Tensor:
-    """``y0 + dt * sum_j coeffs[j] * ks[j]`` in (at most) two fused ops (``first == coeffs[0]``)."""
-    if isinstance(dt, float):
-        if len(ks) == 1:
-            return torch.add(y0, ks[0], alpha=dt * first)
-        return torch.addmv(y0, torch.stack(ks, -1), coeffs, alpha=dt)
-    # per-sample: dt has shape (B, 1)
-    if len(ks) == 1:
-        return torch.addcmul(y0, dt, ks[0], value=first)
-    return torch.addcmul(y0, dt, torch.stack(ks, -1) @ coeffs)
+# Below this many elements one stacked matrix-vector product is cheaper than a chain of axpy
+# ops; above it the chain wins because stacking copies every stage again (measured on CPU).
+_STACK_MAX_NUMEL = 4096
+
+
+def _lincomb(base, scale, ks: list, ct: torch.Tensor, cf: tuple):
+    """``base + scale * sum_j cf[j] * ks[j]`` (``base`` may be ``None``).
+
+    ``ct`` and ``cf`` are the same coefficients as a tensor and as Python floats. ``scale`` is a
+    float (one step size) or a ``(batch, 1)`` tensor (per-sample).
+    """
+    scalar = isinstance(scale, float)
+    if len(ks) > 1 and ks[0].numel() <= _STACK_MAX_NUMEL:
+        if scalar:
+            K = torch.stack(ks).t()  # (N, n) view of contiguous rows
+            if base is None:
+                return torch.addmv(ks[0], K, ct, beta=0, alpha=scale)
+            return torch.addmv(base, K, ct, alpha=scale)
+        comb = torch.matmul(ct, torch.stack(ks, -2))  # (B, n, N) -> (B, N)
+    else:
+        terms = [(k, c) for k, c in zip(ks, cf) if c != 0.0]
+        if not terms:
+            return torch.zeros_like(ks[0]) if base is None else base.clone()
+        if scalar:
+            k0, c0 = terms[0]
+            out = torch.mul(k0, c0 * scale) if base is None else torch.add(base, k0, alpha=c0 * scale)
+            for k, c in terms[1:]:
+                out.add_(k, alpha=c * scale)
+            return out
+        k0, c0 = terms[0]
+        comb = torch.mul(k0, c0)
+        for k, c in terms[1:]:
+            comb.add_(k, alpha=c)
+    return comb * scale if base is None else torch.addcmul(base, scale, comb)
 
 
 def _dt_column(t0, t1):
@@ -95,18 +119,18 @@ class AbstractERK(AbstractSolver):
         h = t1 - t0
         ks = [f0]
         yi = y0
+        a_t, a_f, c = coef["a"], coef["a_f"], coef["c"]
         for i in range(1, tab.num_stages):
-            yi = _combine(y0, dt, ks, coef["a"][i], coef["a0"][i])
-            ks.append(term.vf(t0 + coef["c"][i] * h, yi))
+            yi = _lincomb(y0, dt, ks, a_t[i], a_f[i])
+            ks.append(term.vf(t0 + c[i] * h, yi))
         if tab.fsal:
             y1, f1 = yi, ks[-1]
         else:
-            y1 = _combine(y0, dt, ks, coef["b"], coef["b0"])
+            y1 = _lincomb(y0, dt, ks, coef["b"], coef["b_f"])
             f1 = term.vf(t1, y1)
         y_error = None
         if coef["b_error"] is not None:
-            y_error = torch.stack(ks, -1) @ coef["b_error"]
-            y_error = y_error * dt
+            y_error = _lincomb(None, dt, ks, coef["b_error"], coef["b_error_f"])
         return y1, y_error, (t0, t1, y0, y1, f0, f1, ks), f1, None
 
     def dense_coeffs(self, term, dense_info):
@@ -118,13 +142,12 @@ class AbstractERK(AbstractSolver):
             return hermite_coeffs(y0, y1, f0, f1, dt)
         K = list(ks) if tab.fsal else [*ks, f1]
         h = t1 - t0
-        for (c, raw), row in zip(tab.dense_stages, coef["dense_stages"]):
-            yi = _combine(y0, dt, K, row, float(raw[0]))
+        for (c, _), row_t, row_f in zip(tab.dense_stages, coef["dense_stages"], coef["dense_stages_f"]):
+            yi = _lincomb(y0, dt, K, row_t, row_f)
             K.append(term.vf(t0 + float(c) * h, yi))
-        # C[p] = dt * sum_j dense[j, p] K_j
-        C = torch.stack(K, -1) @ coef["dense"]  # (..., N, P)
-        C = C.movedim(-1, -2)  # (..., P, N)
-        return C * (dt if isinstance(dt, float) else dt.unsqueeze(-2))
+        # C[p] = dt * sum_j dense[j, p] K_j: one (P, n) @ (n, N) product, batched per sample
+        C = coef["dense"].t() @ torch.stack(K, -2)
+        return C * (dt if isinstance(dt, float) else dt.unsqueeze(-1))
 
 
 class AbstractAdaptiveERK(AbstractERK, AbstractAdaptiveSolver):

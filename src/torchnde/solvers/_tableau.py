@@ -79,8 +79,10 @@ class ButcherTableau:
             kw = dict(dtype=dtype, device=device)
             out = {
                 "c": [float(x) for x in self.c],
-                "a0": [float(row[0]) if row else 0.0 for row in self.a],
-                "b0": float(self.b[0]),
+                "a_f": [_floats(row) for row in self.a],
+                "b_f": _floats(self.b),
+                "b_error_f": None if self.b_error is None else _floats(self.b_error),
+                "dense_stages_f": [_floats(row) for _, row in self.dense_stages],
                 "a": [torch.tensor(_floats(row), **kw) if row else None for row in self.a],
                 "b": torch.tensor(_floats(self.b), **kw),
                 "b_error": None if self.b_error is None else torch.tensor(_floats(self.b_error), **kw),
