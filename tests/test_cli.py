@@ -49,8 +49,16 @@ def test_true_trajectory_is_the_spiral():
     ts = torch.linspace(0, 5, 51, dtype=torch.float64)
     sol = true_trajectory(y0, ts)
     A = torch.tensor([[-0.1, 2.0], [-2.0, -0.1]], dtype=torch.float64)
-    ref = tn.solve(tn.ODETerm(lambda t, y, a: (y**3) @ A), tn.RK4(), 0.0, 5.0, y0, dt0=1e-3,
-                   saveat=tn.SaveAt(ts=ts), max_steps=None)
+    ref = tn.solve(
+        tn.ODETerm(lambda t, y, a: (y**3) @ A),
+        tn.RK4(),
+        0.0,
+        5.0,
+        y0,
+        dt0=1e-3,
+        saveat=tn.SaveAt(ts=ts),
+        max_steps=None,
+    )
     assert sol.ys.shape == (51, 2) and sol.ys.dtype == torch.float64
     torch.testing.assert_close(sol.ys, ref.ys, rtol=0, atol=1e-8)
 
@@ -75,7 +83,7 @@ def test_bad_option_value(capsys):
     with pytest.raises(SystemExit) as e:
         main(["demo", "--iters", "0"])
     assert e.value.code == 2
-    assert "--iters" in capsys.readouterr().err
+    assert "--iters: must be a positive integer" in capsys.readouterr().err
 
 
 def test_no_command_prints_help(capsys):

@@ -170,6 +170,15 @@ def test_gradients_through_per_sample_mode():
 
     def run(y0, W):
         f = lambda t, y, a: torch.tanh(y @ a.T)
-        return tn.solve(tn.ODETerm(f), tn.RK4(), 0.0, torch.tensor([0.5, 1.0, 0.75], dtype=F64), y0, args=W, dt0=0.05, per_sample=True).ys
+        return tn.solve(
+            tn.ODETerm(f),
+            tn.RK4(),
+            0.0,
+            torch.tensor([0.5, 1.0, 0.75], dtype=F64),
+            y0,
+            args=W,
+            dt0=0.05,
+            per_sample=True,
+        ).ys
 
     assert torch.autograd.gradcheck(run, (y0, W))

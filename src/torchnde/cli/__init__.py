@@ -37,7 +37,9 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):  # noqa: D401 - argparse API
         self.print_usage(sys.stderr)
-        self.exit(2, f"{self.prog}: error: {message}\nRun '{self.prog} --help' for the available commands and options.\n")
+        self.exit(
+            2, f"{self.prog}: error: {message}\nRun '{self.prog} --help' for the available commands and options.\n"
+        )
 
 
 def _version() -> str:

@@ -161,7 +161,7 @@ def train(field: nn.Module, ts: torch.Tensor, ys: torch.Tensor, cfg: DemoConfig,
     window_ts = ts[: cfg.batch_time] - ts[0]
     offsets = torch.arange(cfg.batch_time, device=ys.device)
     opt = torch.optim.Adam(field.parameters(), lr=cfg.lr)
-    # Decaying the step size to lr/100 removes most of the end-of-training jitter of Adam.
+    # Decaying the learning rate to lr/100 removes most of the end-of-training jitter of Adam.
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.iters, 1), eta_min=cfg.lr / 100)
     losses = []
     for i in range(cfg.iters):
@@ -284,7 +284,10 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike | None = "out", progress: b
 
 
 def _positive_int(s: str) -> int:
-    v = int(s)
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s!r}") from None
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
     return v
