@@ -107,6 +107,8 @@ class BatchOps:
 
     @staticmethod
     def clamp(x, lo, hi):
+        if isinstance(hi, torch.Tensor):
+            return torch.clamp(x, min=lo).clamp_(max=hi)
         return torch.clamp(x, lo, hi)
 
     def to_scalar(self, x: torch.Tensor):

@@ -374,8 +374,8 @@ def _integrate(p: _Problem) -> Solution:
     dev = flat.device
     if per_sample:
         result = torch.zeros(B, dtype=torch.long, device=dev)
-        zeros = torch.zeros(B, dtype=torch.long, device=dev)
-        n_steps, n_acc, n_rej = zeros.clone(), zeros.clone(), zeros.clone()
+        running_hist: list = []  # per-iteration masks; the per-sample counts are summed at the end
+        accept_hist: list = []
         running = torch.ones(B, dtype=torch.bool, device=dev)
     else:
         result = Result.successful
@@ -422,12 +422,13 @@ def _integrate(p: _Problem) -> Solution:
     meter = make_progress(p.progress, tau0, tau1, sign)
     eps_land = 1e-9
     last_nonfinite = ops.false()
+    iteration = 0
     t = tau0
     y_t0 = y
 
     try:
         while ops.any(running):
-            if p.max_steps is not None and (int(n_steps.max()) if per_sample else n_steps) >= p.max_steps:
+            if p.max_steps is not None and iteration >= p.max_steps:
                 if per_sample:
                     code = torch.where(last_nonfinite, Result.nonfinite, Result.max_steps_reached)
                     result = torch.where(running, code, result)
@@ -435,7 +436,11 @@ def _integrate(p: _Problem) -> Solution:
                     result = Result.nonfinite if last_nonfinite else Result.max_steps_reached
                 break
             # --- propose the end of the step, landing on t1 and on step/jump times
-            if per_sample:
+            if per_sample and not stops:
+                # samples that have finished sit at t1 and take empty steps (h = 0)
+                land = torch.add(t, dt, alpha=1 + eps_land) >= tau1
+                t_next = torch.where(land, tau1, t + dt)
+            elif per_sample:
                 nxt = torch.minimum(stops_t[stop_ptr], tau1)
                 t_try = t + dt
                 land = t_try >= nxt - eps_land * dt
@@ -479,10 +484,7 @@ def _integrate(p: _Problem) -> Solution:
                     result = Result.nonfinite
                 running = ops.and_(running, finite)
             accept = ops.and_(accept, running)
-            # remembered until the next rejection: a solve that keeps producing NaN/inf near one
-            # time (and so exhausts max_steps or the step size) reports it as non-finite
-            rejected = ops.and_(running, ops.not_(accept))
-            last_nonfinite = ops.where(rejected, ops.not_(finite), last_nonfinite)
+            iteration += 1
 
             # --- save inside the accepted step
             if ops.any(accept):
@@ -517,10 +519,11 @@ def _integrate(p: _Problem) -> Solution:
                     dense_rows.append((t, t_next, y, C, accept))
 
             # --- commit
+            # the cause of the last rejection is remembered: a solve that keeps producing NaN/inf
+            # near one time (and so exhausts max_steps or the step size) reports it as non-finite
             if per_sample:
-                n_steps = n_steps + running
-                n_acc = n_acc + accept
-                n_rej = n_rej + (running & ~accept)
+                running_hist.append(running)
+                accept_hist.append(accept)
                 t = torch.where(accept, t_next, t)
                 y = torch.where(accept.unsqueeze(-1), y1, y)
                 sstate = _where_state(ops, accept, sstate1, sstate)
@@ -531,13 +534,16 @@ def _integrate(p: _Problem) -> Solution:
                     stop_ptr = stop_ptr + (landed & (nxt < tau1))
                     if jumped.any():
                         sstate = _where_state(ops, jumped, solver.init(term, t, y), sstate)
-                dt = torch.where(running, dt_new, dt)
-                # step-size underflow: the next try would not be shorter than the rejected one
-                stuck = running & ~accept & ((t + dt) - t >= t_next - t)
-                if stuck.any():
-                    code = torch.where(last_nonfinite, Result.nonfinite, Result.dt_min_reached)
-                    result = torch.where(stuck, code, result)
-                    running = running & ~stuck
+                dt = dt_new
+                rejected = running & ~accept
+                if rejected.any():
+                    last_nonfinite = torch.where(rejected, ~finite, last_nonfinite)
+                    # step-size underflow: the next try would not be shorter than the rejected one
+                    stuck = rejected & ((t + dt) - t >= t_next - t)
+                    if stuck.any():
+                        code = torch.where(last_nonfinite, Result.nonfinite, Result.dt_min_reached)
+                        result = torch.where(stuck, code, result)
+                        running = running & ~stuck
                 running = running & (t < tau1)
                 if meter is not None:
                     meter.update(float(t[running].min()) if running.any() else float(tau1.min()))
@@ -553,6 +559,7 @@ def _integrate(p: _Problem) -> Solution:
                             sstate = solver.init(term, t, y)
                 else:
                     n_rej += 1
+                    last_nonfinite = not finite
                     # step-size underflow: the next try would not be shorter than the rejected one
                     stuck = (t + dt_new) - t >= t_next - t
                 dt = dt_new
@@ -596,7 +603,12 @@ def _integrate(p: _Problem) -> Solution:
         ys = None
         if ys_all is not None:
             ys = tree_map(lambda x: x.movedim(0, 1), flat.unflatten(ys_all.movedim(1, 0)))
-        stats = {"num_steps": n_steps, "num_accepted": n_acc, "num_rejected": n_rej, "nfe": term.nfe}
+        if running_hist:
+            n_steps = torch.stack(running_hist).sum(0)
+            n_acc = torch.stack(accept_hist).sum(0)
+        else:
+            n_steps = n_acc = torch.zeros(B, dtype=torch.long, device=dev)
+        stats = {"num_steps": n_steps, "num_accepted": n_acc, "num_rejected": n_steps - n_acc, "nfe": term.nfe}
     else:
         if save_t0:
             ts_list.append(tau0)

@@ -115,18 +115,31 @@ class PIDController(AbstractController):
         self.step_ts = _as_times(step_ts, "step_ts")
         self.jump_ts = _as_times(jump_ts, "jump_ts")
         self.norm = norm
+        self._tol_cache: dict = {}
 
     def __repr__(self):
         return f"PIDController(rtol={self.rtol}, atol={self.atol})"
 
+    def _tolerances(self, like: torch.Tensor):
+        """rtol and atol as 0-d tensors of ``like``'s real dtype and device (cached constants),
+        so the error scale is one fused ``addcmul``."""
+        key = (like.dtype, like.device)
+        tols = self._tol_cache.get(key)
+        if tols is None:
+            kw = dict(dtype=like.dtype, device=like.device)
+            tols = self._tol_cache[key] = (torch.tensor(self.rtol, **kw), torch.tensor(self.atol, **kw))
+        return tols
+
     def _scaled_norm(self, x, y0, y1=None):
-        # step sizes are policy, not part of the differentiated computation
-        with torch.no_grad():
-            m = y0.abs() if y1 is None else torch.maximum(y0.abs(), y1.abs())
-            ratio = x / m.mul_(self.rtol).add_(self.atol)
-            if self.norm is rms_norm:  # fast path: the 1/sqrt(N) is applied by the caller's ops
-                return _RMS(torch.linalg.vector_norm(ratio, dim=-1), ratio.shape[-1])
-            return self.norm(ratio)
+        # step sizes are policy, not part of the differentiated computation: detach (cheaper than
+        # entering a no_grad context every step)
+        a0 = y0.detach().abs()
+        m = a0 if y1 is None else torch.maximum(a0, y1.detach().abs())
+        rtol, atol = self._tolerances(m)
+        ratio = x.detach() / torch.addcmul(atol, m, rtol)
+        if self.norm is rms_norm:  # fast path: the 1/sqrt(N) is applied by the caller's ops
+            return _RMS(torch.linalg.vector_norm(ratio, dim=-1), ratio.shape[-1])
+        return self.norm(ratio)
 
     def init(self, term, solver, t0, t1, y0, f0, dt0, ops):
         cstate = (ops.full(1.0), ops.full(1.0))
@@ -171,17 +184,20 @@ class PIDController(AbstractController):
         b3 = self.dcoeff / k
         inv = 1.0 / ops.maximum(err, 1e-300) if ops.batched else 1.0 / max(err, 1e-300)
         prev1, prev2 = cstate
-        grow = self.safety * inv**b1
+        shrink = self.safety * inv ** (1.0 / k)  # after a rejection: the integral rule alone
+        grow = shrink if b1 == 1.0 / k else self.safety * inv**b1
         if b2:
             grow = grow * prev1**b2
         if b3:
             grow = grow * prev2**b3
-        shrink = self.safety * inv ** (1.0 / k)
-        factor = ops.where(
-            accept,
-            ops.clamp(grow, self.factormin, self.factormax),
-            ops.clamp(shrink, self.factormin, 1.0),
-        )
+        if grow is shrink:  # integral control: one clamp serves both cases
+            factor = ops.clamp(grow, self.factormin, ops.where(accept, self.factormax, 1.0))
+        else:
+            factor = ops.where(
+                accept,
+                ops.clamp(grow, self.factormin, self.factormax),
+                ops.clamp(shrink, self.factormin, 1.0),
+            )
         dt_next = dt * factor
         if self.dtmax is not None:
             dt_next = ops.minimum(dt_next, self.dtmax)
@@ -194,7 +210,8 @@ class PIDController(AbstractController):
             else:
                 too_small = ops.and_(ops.not_(accept), dt_next < self.dtmin)
                 result = (too_small, Result.dt_min_reached)
-        cstate = (ops.where(accept, inv, prev1), ops.where(accept, prev1, prev2))
+        if b2 or b3:  # only a PI/PID controller needs the error history
+            cstate = (ops.where(accept, inv, prev1), ops.where(accept, prev1, prev2))
         return accept, dt_next, cstate, result
 
 

@@ -76,7 +76,8 @@ def _lincomb(base, scale, ks: list, ct: torch.Tensor, cf: tuple):
             if base is None:
                 return torch.addmv(ks[0], K, ct, beta=0, alpha=scale)
             return torch.addmv(base, K, ct, alpha=scale)
-        comb = torch.matmul(ct, torch.stack(ks, -2))  # (B, n, N) -> (B, N)
+        # per-sample (B, N) states: the coefficients are shared, so combine the flattened batch
+        comb = torch.mv(torch.stack(ks).view(len(ks), -1).t(), ct).view_as(ks[0])
     else:
         terms = [(k, c) for k, c in zip(ks, cf) if c != 0.0]
         if not terms:
@@ -92,6 +93,11 @@ def _lincomb(base, scale, ks: list, ct: torch.Tensor, cf: tuple):
         for k, c in terms[1:]:
             comb.add_(k, alpha=c)
     return comb * scale if base is None else torch.addcmul(base, scale, comb)
+
+
+def _node(t0, h, c: float):
+    """The stage time ``t0 + c h`` (one fused op for per-sample time tensors)."""
+    return t0 + c * h if isinstance(h, float) else torch.add(t0, h, alpha=c)
 
 
 def _dt_column(t0, t1):
@@ -122,7 +128,7 @@ class AbstractERK(AbstractSolver):
         a_t, a_f, c = coef["a"], coef["a_f"], coef["c"]
         for i in range(1, tab.num_stages):
             yi = _lincomb(y0, dt, ks, a_t[i], a_f[i])
-            ks.append(term.vf(t0 + c[i] * h, yi))
+            ks.append(term.vf(_node(t0, h, c[i]), yi))
         if tab.fsal:
             y1, f1 = yi, ks[-1]
         else:
@@ -144,7 +150,7 @@ class AbstractERK(AbstractSolver):
         h = t1 - t0
         for (c, _), row_t, row_f in zip(tab.dense_stages, coef["dense_stages"], coef["dense_stages_f"]):
             yi = _lincomb(y0, dt, K, row_t, row_f)
-            K.append(term.vf(t0 + float(c) * h, yi))
+            K.append(term.vf(_node(t0, h, float(c)), yi))
         # C[p] = dt * sum_j dense[j, p] K_j: one (P, n) @ (n, N) product, batched per sample
         C = coef["dense"].t() @ torch.stack(K, -2)
         return C * (dt if isinstance(dt, float) else dt.unsqueeze(-1))
