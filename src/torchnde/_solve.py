@@ -56,11 +56,11 @@ class _FlatTerm:
 
     def vf(self, t, y):
         self.nfe += 1
-        out = self.term.vf(-t if self.sign < 0 else t, self.flat.unflatten(y), self.args)
+        out = self.term.vf(-t if self.sign < 0 else t, self.flat.state_to_tree(y), self.args)
         if not self.checked:
             self.flat.check_output(out, f"the vector field of {self.term!r}")
             self.checked = True
-        out = self.flat.flatten(out)
+        out = self.flat.tree_to_state(out)
         return -out if self.sign < 0 else out
 
 

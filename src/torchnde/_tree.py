@@ -117,7 +117,16 @@ class Flattener:
         self.dtype = first.dtype
         self.device = first.device
         self.size = sum(self.sizes)
+        self.state_shape = (self.batch_size, self.size) if batch else (self.size,)
         self.name = name
+
+    def state_to_tree(self, flat: torch.Tensor) -> Any:
+        """:meth:`unflatten` for a state with no extra leading dimensions (the hot path)."""
+        return flat.view(self.shapes[0]) if self.single else self.unflatten(flat)
+
+    def tree_to_state(self, tree: Any) -> torch.Tensor:
+        """:meth:`flatten`, with a fast path for a single tensor."""
+        return tree.reshape(self.state_shape) if self.single else self.flatten(tree)
 
     def flatten(self, tree: Any) -> torch.Tensor:
         if self.single:
