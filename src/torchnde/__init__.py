@@ -9,7 +9,7 @@ from ._saveat import SaveAt
 from ._solution import Solution
 from ._solve import solve
 from ._terms import AbstractTerm, ODETerm
-from .adjoints import AbstractAdjoint, DirectAdjoint
+from .adjoints import AbstractAdjoint, BacksolveAdjoint, CheckpointAdjoint, DirectAdjoint
 from .controllers import AbstractController, ConstantStepSize, PIDController
 from .solvers import (
     RK4,
@@ -55,4 +55,6 @@ __all__ = [
     "PIDController",
     "AbstractAdjoint",
     "DirectAdjoint",
+    "CheckpointAdjoint",
+    "BacksolveAdjoint",
 ]

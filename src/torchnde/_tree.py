@@ -136,20 +136,27 @@ class Flattener:
             return torch.cat([x.reshape(self.batch_size, -1) for x in leaves], dim=1)
         return torch.cat([x.reshape(-1) for x in leaves])
 
+    def flatten_leading(self, tree: Any) -> torch.Tensor:
+        """:meth:`flatten` for a tree whose leaves carry one extra leading dimension ``L``
+        (e.g. saved times): returns ``(L, N)`` (shared mode only)."""
+        leaves = tree_leaves(tree)
+        n = leaves[0].shape[0]
+        return torch.cat([x.reshape(n, -1) for x in leaves], dim=1) if len(leaves) > 1 else leaves[0].reshape(n, -1)
+
     def unflatten(self, flat: torch.Tensor) -> Any:
         """Inverse of :meth:`flatten`; extra leading dimensions of ``flat`` are kept."""
         lead = flat.shape[:-1]
         if self.batch:
             lead = flat.shape[:-2]
             if self.single:
-                return flat.reshape(*lead, self.batch_size, *self.shapes[0][1:])
+                return flat.reshape((*lead, self.batch_size, *self.shapes[0][1:]))
             parts = torch.split(flat, self.sizes, dim=-1)
-            leaves = [p.reshape(*lead, self.batch_size, *s[1:]) for p, s in zip(parts, self.shapes)]
+            leaves = [p.reshape((*lead, self.batch_size, *s[1:])) for p, s in zip(parts, self.shapes)]
         else:
             if self.single:
-                return flat.reshape(*lead, *self.shapes[0])
+                return flat.reshape((*lead, *self.shapes[0]))
             parts = torch.split(flat, self.sizes, dim=-1)
-            leaves = [p.reshape(*lead, *s) for p, s in zip(parts, self.shapes)]
+            leaves = [p.reshape((*lead, *s)) for p, s in zip(parts, self.shapes)]
         return _unflatten_structure(self.structure, leaves)
 
     def check_output(self, out: Any, what: str) -> None:

@@ -1,5 +1,7 @@
-"""How gradients flow through a solve."""
+"""How gradients flow through a solve: one ``adjoint=`` argument, several methods."""
 
+from ._backsolve import BacksolveAdjoint
 from ._base import AbstractAdjoint, DirectAdjoint
+from ._checkpoint import CheckpointAdjoint
 
-__all__ = ["AbstractAdjoint", "DirectAdjoint"]
+__all__ = ["AbstractAdjoint", "DirectAdjoint", "CheckpointAdjoint", "BacksolveAdjoint"]

@@ -1,0 +1,204 @@
+"""The continuous adjoint (optimise-then-discretise)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+
+from .._terms import ODETerm
+from .._tree import Flattener, tree_leaves, tree_map
+from ..controllers import ConstantStepSize, PIDController, rms_norm
+from ._base import AbstractAdjoint, DirectAdjoint
+
+__all__ = ["BacksolveAdjoint"]
+
+
+def _graph_leaves(outputs, exclude) -> list:
+    """Leaf tensors requiring grad that ``outputs`` depend on (module parameters, captured
+    tensors), found by walking the autograd graph; ``exclude`` holds ids to skip."""
+    found, seen = [], set()
+    stack = [o.grad_fn for o in outputs if o.grad_fn is not None]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        variable = getattr(fn, "variable", None)  # set on AccumulateGrad nodes only
+        if isinstance(variable, torch.Tensor):
+            if id(variable) not in exclude:
+                found.append(variable)
+            continue
+        stack.extend(nxt for nxt, _ in fn.next_functions)
+    return found
+
+
+class BacksolveAdjoint(AbstractAdjoint):
+    r"""The continuous adjoint (Chen et al. 2018): gradients by solving the adjoint ODE backwards.
+
+    The forward solve keeps no graph. The backward pass solves, from the last save time to ``t0``,
+    the augmented system :math:`\dot y = f`, :math:`\dot a = -a^\top \partial f/\partial y`,
+    :math:`\dot g = -a^\top \partial f/\partial \theta`, adding each save time's incoming gradient
+    to :math:`a` and restarting :math:`y` from the saved forward value. Memory is constant in the
+    number of steps; the gradients are those of the exact solution, so they differ from the
+    gradients of the computed solution by about the solver's tolerance.
+
+    Gradients reach ``y0``, tensors in ``args`` and every leaf tensor the vector field uses
+    (``nn.Module`` parameters, captured tensors), found by walking the autograd graph of one
+    evaluation. A captured tensor computed *outside* the solve from parameters (not a leaf) is
+    differentiated through as well, as long as its graph is still alive; pass such tensors in
+    ``args`` to be safe. Times (``t0``, ``t1``, save times) get no gradient.
+
+    Args:
+        solver: the solver of the backward solve (default: the forward solver).
+        controller: its step-size controller (default: the forward controller; with constant
+            steps, the same step size).
+        seminorm: measure the backward error without the parameter-gradient components (Kidger,
+            Chen & Lyons 2021): they do not feed back into the dynamics, so controlling their
+            error only shrinks steps.
+
+    Not supported (``NotImplementedError``): ``per_sample=True``, ``SaveAt(steps=True)``,
+    ``SaveAt(dense=True)``, double backward.
+    """
+
+    def __init__(self, solver=None, controller=None, seminorm: bool = True):
+        self.solver = solver
+        self.controller = controller
+        self.seminorm = seminorm
+
+    def __repr__(self):
+        return f"BacksolveAdjoint(solver={self.solver!r}, controller={self.controller!r}, seminorm={self.seminorm})"
+
+    def loop(self, problem, integrate):
+        if not torch.is_grad_enabled():
+            return integrate(problem)
+        if problem.per_sample:
+            raise NotImplementedError(
+                "BacksolveAdjoint does not support per_sample=True yet; use adjoint=DirectAdjoint()"
+            )
+        if problem.saveat.steps or problem.saveat.dense:
+            raise NotImplementedError(
+                "BacksolveAdjoint supports SaveAt(t0=..., ts=..., t1=...) only; for SaveAt(steps=True) "
+                "or SaveAt(dense=True) use adjoint=DirectAdjoint() or CheckpointAdjoint()"
+            )
+        flat = Flattener(problem.y0, batch=False)
+        y0 = flat.flatten(problem.y0)
+        # args: tensors that need gradients enter the autograd.Function; the solves see detached
+        # stand-ins (leaves), so the gradient returned for them continues into the caller's graph
+        arg_leaves = [x for x in tree_leaves(problem.args) if isinstance(x, torch.Tensor) and x.requires_grad]
+        arg_ids = {id(x) for x in arg_leaves}
+        proxies = {id(x): x.detach().requires_grad_() for x in arg_leaves}
+        args_proxy = tree_map(lambda x: proxies.get(id(x), x) if isinstance(x, torch.Tensor) else x, problem.args)
+        term = problem.terms
+        with torch.enable_grad():
+            probe = y0.detach().requires_grad_()
+            out = term.vf(float(problem.t0), flat.unflatten(probe), args_proxy)
+            outs = [o for o in tree_leaves(out) if isinstance(o, torch.Tensor)]
+            params = _graph_leaves(outs, {id(probe), *(id(p) for p in proxies.values()), *arg_ids})
+        if not params and not arg_leaves and not y0.requires_grad:
+            return integrate(problem)
+        for p in params:
+            if p.device != flat.device:
+                raise ValueError(f"a parameter of the vector field is on {p.device} but y0 is on {flat.device}")
+        box = {}
+        ys = _Backsolve.apply(
+            self, problem, integrate, flat, args_proxy, proxies, arg_leaves, box, y0, *arg_leaves, *params
+        )
+        sol = box["solution"]
+        return dataclasses.replace(sol, ys=flat.unflatten(ys))
+
+    def backward_controller(self, problem, n_state: int):
+        ctrl = self.controller if self.controller is not None else problem.controller
+        if isinstance(ctrl, PIDController) and self.seminorm:
+            ctrl = copy.copy(ctrl)
+            ctrl._tol_cache = {}
+            ctrl.norm = lambda x: rms_norm(x[..., :n_state])
+        return ctrl
+
+
+class _Backsolve(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, adjoint, problem, integrate, flat, args_proxy, proxies, arg_leaves, box, y0, *tensors):
+        detached_args = tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, args_proxy)
+        with torch.no_grad():
+            sol = integrate(dataclasses.replace(problem, y0=flat.unflatten(y0.detach()), args=detached_args))
+        box["solution"] = sol
+        ys = flat.flatten_leading(sol.ys)
+        ctx.adjoint, ctx.problem, ctx.flat = adjoint, problem, flat
+        ctx.args_proxy, ctx.n_args = args_proxy, len(arg_leaves)
+        ctx.proxy_list = [proxies[id(x)] for x in arg_leaves]
+        ctx.save_for_backward(ys, *tensors[len(arg_leaves) :])
+        ctx.ts = sol.ts.tolist()
+        return ys
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_ys):
+        from .._solve import solve
+
+        ys, *params = ctx.saved_tensors
+        problem, flat = ctx.problem, ctx.flat
+        wrt = [*ctx.proxy_list, *params]
+        dtype = ys.dtype
+        term, args_proxy = problem.terms, ctx.args_proxy
+        N = ys.shape[-1]
+
+        def aug(t, state, _):
+            y, a = state[0], state[1]
+            with torch.enable_grad():
+                y_ = y.detach().requires_grad_()
+                out = flat.flatten(term.vf(t, flat.unflatten(y_), args_proxy))
+                try:
+                    vjps = torch.autograd.grad(out, (y_, *wrt), grad_outputs=a, allow_unused=True)
+                except RuntimeError as e:
+                    if "second time" in str(e):
+                        raise RuntimeError(
+                            "BacksolveAdjoint could not differentiate the vector field: it uses a tensor "
+                            "computed outside the solve from parameters (its graph was freed). Pass that "
+                            "tensor through args=... instead, or use adjoint=DirectAdjoint()."
+                        ) from e
+                    raise
+            dy = out.detach()
+            da = -vjps[0]
+            dg = [torch.zeros_like(w, dtype=dtype) if v is None else -v.to(dtype) for w, v in zip(wrt, vjps[1:])]
+            return (dy, da, *dg)
+
+        ts = list(ctx.ts)
+        t0 = float(problem.t0)
+        a = torch.zeros(N, dtype=dtype, device=ys.device)
+        g = [torch.zeros_like(w, dtype=dtype) for w in wrt]
+        solver = ctx.adjoint.solver if ctx.adjoint.solver is not None else problem.solver
+        controller = ctx.adjoint.backward_controller(problem, 2 * N)
+        dt0 = None if problem.dt0 is None else -float(problem.dt0)
+        if isinstance(controller, ConstantStepSize) and dt0 is None:
+            raise ValueError("BacksolveAdjoint with constant steps needs the forward dt0")
+        # walk the save times backwards; t0 closes the last interval
+        points = [(ts[i], ys[i], grad_ys[i]) for i in range(len(ts))]
+        if not points or points[0][0] != t0:
+            points.insert(0, (t0, None, None))
+        y = points[-1][1]
+        for i in range(len(points) - 1, 0, -1):
+            t_hi, y_hi, g_hi = points[i]
+            if g_hi is not None:
+                a = a + g_hi
+            t_lo = points[i - 1][0]
+            if t_lo == t_hi:
+                continue
+            state = (y_hi.to(dtype), a, *g)
+            sol = solve(
+                ODETerm(aug),
+                solver,
+                t_hi,
+                t_lo,
+                state,
+                dt0=dt0,
+                controller=controller,
+                adjoint=DirectAdjoint(),
+                max_steps=problem.max_steps,
+            )
+            y, a, *g = (x[-1] for x in sol.ys)
+        if points[0][2] is not None:
+            a = a + points[0][2]
+        grads = [gi.to(w.dtype) for gi, w in zip(g, wrt)]
+        return (None,) * 8 + (a, *grads)

@@ -1,0 +1,215 @@
+"""Gradients: every adjoint against DirectAdjoint and against central finite differences."""
+
+import pytest
+import torch
+
+import torchnde as tn
+
+F64 = torch.float64
+EXACT = [tn.DirectAdjoint, tn.CheckpointAdjoint]  # gradients of the computed solution
+ALL = [tn.DirectAdjoint, tn.CheckpointAdjoint, tn.BacksolveAdjoint]
+SAVEATS = {
+    "t1": lambda: tn.SaveAt(t1=True),
+    "ts": lambda: tn.SaveAt(ts=[0.3, 0.7, 1.0]),
+    "t0-ts-t1": lambda: tn.SaveAt(t0=True, ts=[0.25, 0.5], t1=True),
+    "steps": lambda: tn.SaveAt(steps=True),
+}
+
+
+def _problem():
+    torch.manual_seed(0)
+    W = torch.randn(3, 3, dtype=F64) * 0.6
+    b = torch.randn(3, dtype=F64) * 0.1
+    y0 = torch.randn(2, 3, dtype=F64)
+    return W, b, y0
+
+
+def _loss(adjoint, solver, saveat, y0, W, b, **kw):
+    f = lambda t, y, a: torch.tanh(y @ a["W"]) + a["b"] * t
+    sol = tn.solve(tn.ODETerm(f), solver, 0.0, 1.0, y0, args={"W": W, "b": b}, saveat=saveat, adjoint=adjoint, **kw)
+    return (sol.ys**2).sum() + sol.ys.sum()
+
+
+def _grads(adjoint, solver, saveat, **kw):
+    W, b, y0 = _problem()
+    W.requires_grad_()
+    b.requires_grad_()
+    y0.requires_grad_()
+    loss = _loss(adjoint, solver, saveat, y0, W, b, **kw)
+    return torch.autograd.grad(loss, (y0, W, b))
+
+
+def _supported(adjoint, saveat_name):
+    return not (adjoint is tn.BacksolveAdjoint and saveat_name == "steps")
+
+
+@pytest.mark.parametrize("saveat", list(SAVEATS), ids=str)
+@pytest.mark.parametrize(
+    "solver", [tn.Euler, tn.RK4, tn.Bosh3, tn.Dopri5, tn.Tsit5, tn.Dopri8], ids=lambda s: s.__name__
+)
+@pytest.mark.parametrize("adjoint", ALL, ids=lambda a: a.__name__)
+def test_constant_steps_match_finite_differences(adjoint, solver, saveat):
+    if not _supported(adjoint, saveat):
+        pytest.skip("unsupported combination (tested to raise below)")
+    kw = dict(dt0=0.05)
+    got = _grads(adjoint(), solver(), SAVEATS[saveat](), **kw)
+    W, b, y0 = _problem()
+    eps = 1e-6
+    for idx, x in enumerate((y0, W, b)):
+        fd = torch.zeros_like(x)
+        for j in range(x.numel()):
+            xp, xm = x.clone(), x.clone()
+            xp.view(-1)[j] += eps
+            xm.view(-1)[j] -= eps
+            inputs_p = [y0, W, b]
+            inputs_m = [y0, W, b]
+            inputs_p[idx], inputs_m[idx] = xp, xm
+            lp = _loss(tn.DirectAdjoint(), solver(), SAVEATS[saveat](), *inputs_p, **kw)
+            lm = _loss(tn.DirectAdjoint(), solver(), SAVEATS[saveat](), *inputs_m, **kw)
+            fd.view(-1)[j] = (lp - lm) / (2 * eps)
+        # backsolve differentiates the exact ODE: its error is the discretisation error of the
+        # backward solve (constant steps of 0.05, solver order >= 1)
+        rel = 1e-5 if adjoint in EXACT else {1: 0.1, 3: 1e-3, 4: 1e-4, 5: 1e-5, 8: 1e-5}[solver.order]
+        torch.testing.assert_close(got[idx], fd, rtol=rel, atol=rel * fd.abs().max().item())
+
+
+@pytest.mark.parametrize("saveat", ["t1", "ts", "t0-ts-t1"], ids=str)
+@pytest.mark.parametrize("adjoint", [tn.CheckpointAdjoint, tn.BacksolveAdjoint], ids=lambda a: a.__name__)
+def test_adaptive_matches_direct(adjoint, saveat):
+    ctrl = tn.PIDController(rtol=1e-9, atol=1e-9)
+    ref = _grads(tn.DirectAdjoint(), tn.Tsit5(), SAVEATS[saveat](), controller=ctrl)
+    got = _grads(adjoint(), tn.Tsit5(), SAVEATS[saveat](), controller=ctrl)
+    tol = 1e-12 if adjoint is tn.CheckpointAdjoint else 1e-6
+    for r, g in zip(ref, got):
+        torch.testing.assert_close(g, r, rtol=tol, atol=tol * r.abs().max().item())
+
+
+@pytest.mark.parametrize("checkpoints", [1, 2, 5, None])
+def test_checkpoint_counts_give_identical_gradients(checkpoints):
+    ctrl = tn.PIDController(rtol=1e-6, atol=1e-6)
+    ref = _grads(tn.DirectAdjoint(), tn.Dopri5(), SAVEATS["ts"](), controller=ctrl)
+    got = _grads(tn.CheckpointAdjoint(checkpoints), tn.Dopri5(), SAVEATS["ts"](), controller=ctrl)
+    for r, g in zip(ref, got):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("adjoint", ALL, ids=lambda a: a.__name__)
+def test_module_parameters_found_without_listing_them(adjoint):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).double()
+    y0 = torch.randn(4, 2, dtype=F64)
+    grads = []
+    for adj in (tn.DirectAdjoint(), adjoint()):
+        net.zero_grad()
+        sol = tn.solve(
+            tn.ODETerm(lambda t, y, a: net(y)),
+            tn.Tsit5(),
+            0.0,
+            1.0,
+            y0,
+            controller=tn.PIDController(rtol=1e-9, atol=1e-9),
+            adjoint=adj,
+        )
+        sol.ys.pow(2).sum().backward()
+        grads.append([p.grad.clone() for p in net.parameters()])
+    for r, g in zip(*grads):
+        torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("adjoint", ALL, ids=lambda a: a.__name__)
+def test_tree_state_gradients(adjoint):
+    y0 = {
+        "x": torch.tensor([1.0, 0.5], dtype=F64, requires_grad=True),
+        "v": torch.tensor([0.0], dtype=F64, requires_grad=True),
+    }
+    k = torch.tensor(2.0, dtype=F64, requires_grad=True)
+    f = lambda t, y, a: {"x": y["v"].expand(2) * 1.0 - 0.1 * y["x"], "v": -a * y["x"][:1]}
+    sol = tn.solve(
+        tn.ODETerm(f),
+        tn.Dopri5(),
+        0.0,
+        1.0,
+        y0,
+        args=k,
+        controller=tn.PIDController(rtol=1e-10, atol=1e-10),
+        adjoint=adjoint(),
+    )
+    loss = sol.ys["x"].sum() + sol.ys["v"].sum()
+    got = torch.autograd.grad(loss, (y0["x"], y0["v"], k))
+    sol = tn.solve(
+        tn.ODETerm(f), tn.Dopri5(), 0.0, 1.0, y0, args=k, controller=tn.PIDController(rtol=1e-10, atol=1e-10)
+    )
+    ref = torch.autograd.grad(sol.ys["x"].sum() + sol.ys["v"].sum(), (y0["x"], y0["v"], k))
+    for r, g in zip(ref, got):
+        torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("adjoint", ALL, ids=lambda a: a.__name__)
+def test_backwards_in_time(adjoint):
+    W, b, y0 = _problem()
+    y0.requires_grad_()
+    f = lambda t, y, a: torch.tanh(y @ W)
+    ctrl = tn.PIDController(rtol=1e-10, atol=1e-10)
+    out = []
+    for adj in (tn.DirectAdjoint(), adjoint()):
+        sol = tn.solve(
+            tn.ODETerm(f), tn.Tsit5(), 1.0, 0.0, y0, controller=ctrl, saveat=tn.SaveAt(ts=[0.5, 0.0]), adjoint=adj
+        )
+        out.append(torch.autograd.grad(sol.ys.sum(), y0)[0])
+    torch.testing.assert_close(out[1], out[0], rtol=1e-6, atol=1e-9)
+
+
+def test_unsupported_combinations_name_an_alternative():
+    y0 = torch.ones(2, 1, dtype=F64, requires_grad=True)
+    term = tn.ODETerm(lambda t, y, a: -y)
+    ctrl = tn.PIDController(rtol=1e-6, atol=1e-6)
+    with pytest.raises(NotImplementedError, match="DirectAdjoint"):
+        tn.solve(term, tn.Tsit5(), 0.0, 1.0, y0, controller=ctrl, per_sample=True, adjoint=tn.BacksolveAdjoint())
+    with pytest.raises(NotImplementedError, match="DirectAdjoint"):
+        tn.solve(term, tn.Tsit5(), 0.0, 1.0, y0, controller=ctrl, per_sample=True, adjoint=tn.CheckpointAdjoint())
+    with pytest.raises(NotImplementedError, match="CheckpointAdjoint"):
+        tn.solve(
+            term, tn.Tsit5(), 0.0, 1.0, y0, controller=ctrl, saveat=tn.SaveAt(steps=True), adjoint=tn.BacksolveAdjoint()
+        )
+    with pytest.raises(NotImplementedError, match="DirectAdjoint"):
+        tn.solve(
+            term,
+            tn.Tsit5(),
+            0.0,
+            1.0,
+            y0,
+            controller=ctrl,
+            saveat=tn.SaveAt(dense=True),
+            adjoint=tn.CheckpointAdjoint(),
+        )
+
+
+def test_double_backward():
+    y0 = torch.tensor([0.5], dtype=F64, requires_grad=True)
+    term = tn.ODETerm(lambda t, y, a: -(y**2))
+    sol = tn.solve(term, tn.RK4(), 0.0, 1.0, y0, dt0=0.01)
+    (g,) = torch.autograd.grad(sol.ys.sum(), y0, create_graph=True)
+    (h,) = torch.autograd.grad(g.sum(), y0)
+    # y(1) = y0 / (1 + y0): dy/dy0 = 1/(1+y0)^2, d2y/dy0^2 = -2/(1+y0)^3
+    torch.testing.assert_close(g, 1 / (1 + y0.detach()) ** 2, rtol=1e-8, atol=0)
+    torch.testing.assert_close(h, -2 / (1 + y0.detach()) ** 3, rtol=1e-8, atol=0)
+    sol = tn.solve(term, tn.RK4(), 0.0, 1.0, y0, dt0=0.01, adjoint=tn.BacksolveAdjoint())
+    (g,) = torch.autograd.grad(sol.ys.sum(), y0, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        torch.autograd.grad(g.sum(), y0)
+
+
+def test_no_grad_skips_adjoint_machinery():
+    y0 = torch.ones(2, dtype=F64)
+    with torch.no_grad():
+        for adj in ALL:
+            sol = tn.solve(
+                tn.ODETerm(lambda t, y, a: -y),
+                tn.Tsit5(),
+                0.0,
+                1.0,
+                y0,
+                controller=tn.PIDController(rtol=1e-8, atol=1e-8),
+                adjoint=adj(),
+            )
+            assert abs(sol.ys[-1, 0].item() - 0.36787944117) < 1e-7
