@@ -6,8 +6,9 @@ import torch
 import torchnde as tn
 
 F64 = torch.float64
-EXACT = [tn.DirectAdjoint, tn.CheckpointAdjoint]  # gradients of the computed solution
-ALL = [tn.DirectAdjoint, tn.CheckpointAdjoint, tn.BacksolveAdjoint]
+# gradients of the computed solution
+EXACT = [tn.DirectAdjoint, tn.CheckpointAdjoint, tn.ReversibleAdjoint]
+ALL = [tn.DirectAdjoint, tn.CheckpointAdjoint, tn.BacksolveAdjoint, tn.ReversibleAdjoint]
 SAVEATS = {
     "t1": lambda: tn.SaveAt(t1=True),
     "ts": lambda: tn.SaveAt(ts=[0.3, 0.7, 1.0]),
@@ -40,7 +41,7 @@ def _grads(adjoint, solver, saveat, **kw):
 
 
 def _supported(adjoint, saveat_name):
-    return not (adjoint is tn.BacksolveAdjoint and saveat_name == "steps")
+    return not (adjoint in (tn.BacksolveAdjoint, tn.ReversibleAdjoint) and saveat_name == "steps")
 
 
 @pytest.mark.parametrize("saveat", list(SAVEATS), ids=str)
@@ -64,8 +65,10 @@ def test_constant_steps_match_finite_differences(adjoint, solver, saveat):
             inputs_p = [y0, W, b]
             inputs_m = [y0, W, b]
             inputs_p[idx], inputs_m[idx] = xp, xm
-            lp = _loss(tn.DirectAdjoint(), solver(), SAVEATS[saveat](), *inputs_p, **kw)
-            lm = _loss(tn.DirectAdjoint(), solver(), SAVEATS[saveat](), *inputs_m, **kw)
+            # the same discretisation as the adjoint's forward pass (reversible: its own scheme)
+            with torch.no_grad():
+                lp = _loss(adjoint(), solver(), SAVEATS[saveat](), *inputs_p, **kw)
+                lm = _loss(adjoint(), solver(), SAVEATS[saveat](), *inputs_m, **kw)
             fd.view(-1)[j] = (lp - lm) / (2 * eps)
         # backsolve differentiates the exact ODE: its error is the discretisation error of the
         # backward solve (constant steps of 0.05, solver order >= 1)
@@ -74,11 +77,15 @@ def test_constant_steps_match_finite_differences(adjoint, solver, saveat):
 
 
 @pytest.mark.parametrize("saveat", ["t1", "ts", "t0-ts-t1"], ids=str)
-@pytest.mark.parametrize("adjoint", [tn.CheckpointAdjoint, tn.BacksolveAdjoint], ids=lambda a: a.__name__)
+@pytest.mark.parametrize(
+    "adjoint", [tn.CheckpointAdjoint, tn.BacksolveAdjoint, tn.ReversibleAdjoint], ids=lambda a: a.__name__
+)
 def test_adaptive_matches_direct(adjoint, saveat):
     ctrl = tn.PIDController(rtol=1e-9, atol=1e-9)
     ref = _grads(tn.DirectAdjoint(), tn.Tsit5(), SAVEATS[saveat](), controller=ctrl)
     got = _grads(adjoint(), tn.Tsit5(), SAVEATS[saveat](), controller=ctrl)
+    # checkpointing replays the same steps; backsolve and the reversible scheme differ from the
+    # direct solution's gradient by about the tolerance
     tol = 1e-12 if adjoint is tn.CheckpointAdjoint else 1e-6
     for r, g in zip(ref, got):
         torch.testing.assert_close(g, r, rtol=tol, atol=tol * r.abs().max().item())
@@ -213,3 +220,95 @@ def test_no_grad_skips_adjoint_machinery():
                 adjoint=adj(),
             )
             assert abs(sol.ys[-1, 0].item() - 0.36787944117) < 1e-7
+
+
+def _reversible_direct(solver, saveat, controller=None, dt0=None, lam=0.999):
+    """DirectAdjoint on the reversible discretisation, as the reference for ReversibleAdjoint."""
+    import copy
+
+    from torchnde.adjoints._reversible import _AdaptiveReversible, _Reversible
+
+    wrapped = (_AdaptiveReversible if isinstance(solver, tn.AbstractAdaptiveSolver) else _Reversible)(solver, lam)
+    ctrl = copy.copy(controller or tn.ConstantStepSize())
+    if saveat.ts is not None:
+        ctrl.step_ts = torch.as_tensor(saveat.ts, dtype=F64)
+    return _grads(tn.DirectAdjoint(), wrapped, saveat, controller=ctrl, dt0=dt0)
+
+
+@pytest.mark.parametrize("saveat", ["t1", "ts", "t0-ts-t1"], ids=str)
+@pytest.mark.parametrize("solver", [tn.Midpoint, tn.RK4, tn.Bosh3, tn.Tsit5, tn.Dopri8], ids=lambda s: s.__name__)
+def test_reversible_equals_direct_on_same_discretisation(solver, saveat):
+    adaptive = issubclass(solver, tn.AbstractAdaptiveSolver)
+    kw = dict(controller=tn.PIDController(rtol=1e-6, atol=1e-6)) if adaptive else dict(dt0=0.05)
+    ref = _reversible_direct(solver(), SAVEATS[saveat](), **kw)
+    got = _grads(tn.ReversibleAdjoint(), solver(), SAVEATS[saveat](), **kw)
+    for r, g in zip(ref, got):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("solver", [tn.RK4, tn.Tsit5], ids=lambda s: s.__name__)
+def test_reversible_reconstruction_is_exact_to_round_off(solver):
+    """Step forward with the reversible scheme, then invert: the states come back."""
+    from torchnde._solve import _FlatTerm
+    from torchnde._tree import Flattener
+    from torchnde.adjoints._reversible import _Reversible
+
+    W, b, y0 = _problem()
+    f = lambda t, y, a: torch.tanh(y @ W) + b * t
+    flat = Flattener(y0, batch=False)
+    term = _FlatTerm(tn.ODETerm(f), flat, None, 1.0, False)
+    rev = _Reversible(solver(), 0.999)
+    y = flat.flatten(y0)
+    state = rev.init(term, 0.0, y)
+    history = [(y, state[0])]
+    ts = [0.1 * i for i in range(21)]
+    for t0, t1 in zip(ts[:-1], ts[1:]):
+        y, _, _, state, _ = rev.step(term, t0, t1, y, state)
+        history.append((y, state[0]))
+    z = state[0]
+    base = rev.base
+    for n in range(len(ts) - 1, 0, -1):
+        t0, t1 = ts[n - 1], ts[n]
+        back, _ = base.increment(term, t1, t0, y, term.vf(t1, y))
+        z = z + back
+        inc, _ = base.increment(term, t0, t1, z, term.vf(t0, z))
+        y = (y - (1 - 0.999) * z - inc) / 0.999
+        torch.testing.assert_close(y, history[n - 1][0], rtol=0, atol=1e-12)
+        torch.testing.assert_close(z, history[n - 1][1], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("solver", [tn.Midpoint, tn.RK4, tn.Tsit5], ids=lambda s: s.__name__)
+def test_reversible_scheme_keeps_the_order(solver):
+    import numpy as np
+
+    A = torch.tensor([[-0.3, 1.2, 0.1], [-1.0, -0.2, 0.4], [0.2, -0.5, -0.4]], dtype=F64)
+    y0 = torch.tensor([1.0, -0.5, 0.25], dtype=F64)
+    exact = torch.linalg.matrix_exp(A * 4.0) @ y0
+    grid = (10, 20, 40, 80) if solver.order >= 5 else (40, 80, 160, 320)
+    errs, hs = [], []
+    for n in grid:
+        with torch.no_grad():
+            sol = tn.solve(
+                tn.ODETerm(lambda t, y, a: A @ y), solver(), 0.0, 4.0, y0, dt0=4.0 / n, adjoint=tn.ReversibleAdjoint()
+            )
+        errs.append((sol.ys[-1] - exact).abs().max().item())
+        hs.append(4.0 / n)
+    slope = np.polyfit(np.log(hs), np.log(errs), 1)[0]
+    assert abs(slope - solver.order) <= 0.3, (slope, errs)
+
+
+def test_reversible_rejects_unsupported():
+    y0 = torch.ones(2, dtype=F64, requires_grad=True)
+    term = tn.ODETerm(lambda t, y, a: -y)
+    with pytest.raises(NotImplementedError, match="CheckpointAdjoint"):
+        tn.solve(
+            term,
+            tn.Tsit5(),
+            0.0,
+            1.0,
+            y0,
+            controller=tn.PIDController(rtol=1e-6, atol=1e-6, jump_ts=[0.5]),
+            adjoint=tn.ReversibleAdjoint(),
+        )
+    with pytest.raises(ValueError, match="in \\(0, 1\\]"):
+        tn.ReversibleAdjoint(l=0.0)

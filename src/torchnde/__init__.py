@@ -9,7 +9,7 @@ from ._saveat import SaveAt
 from ._solution import Solution
 from ._solve import solve
 from ._terms import AbstractTerm, ODETerm
-from .adjoints import AbstractAdjoint, BacksolveAdjoint, CheckpointAdjoint, DirectAdjoint
+from .adjoints import AbstractAdjoint, BacksolveAdjoint, CheckpointAdjoint, DirectAdjoint, ReversibleAdjoint
 from .controllers import AbstractController, ConstantStepSize, PIDController
 from .solvers import (
     RK4,
@@ -57,4 +57,5 @@ __all__ = [
     "DirectAdjoint",
     "CheckpointAdjoint",
     "BacksolveAdjoint",
+    "ReversibleAdjoint",
 ]

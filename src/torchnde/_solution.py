@@ -121,6 +121,7 @@ class Solution:
     t0: Any = None
     t1: Any = None
     interpolation: DenseInterpolation | None = field(default=None, repr=False)
+    internal: dict | None = field(default=None, repr=False)  # for adjoints: steps, final state
 
     @property
     def successful(self) -> bool:

@@ -79,6 +79,7 @@ class _Problem:
     throw: bool
     progress: Any
     per_sample: bool
+    record: bool = False  # internal: keep the accepted step ends and the final solver state
 
 
 def solve(
@@ -353,9 +354,7 @@ def _integrate(p: _Problem) -> Solution:
     solver, controller = p.solver, p.controller
 
     sstate = solver.init(term, tau0, y)
-    dt, cstate = controller.init(
-        term, solver, tau0, tau1, y, sstate if isinstance(sstate, torch.Tensor) else None, dt0, ops
-    )
+    dt, cstate = controller.init(term, solver, tau0, tau1, y, solver.initial_derivative(sstate), dt0, ops)
     adaptive = isinstance(controller, PIDController)
     error_order = getattr(solver, "error_order", None) if adaptive else None
 
@@ -383,16 +382,15 @@ def _integrate(p: _Problem) -> Solution:
         running = True
 
     # initial state must be finite
+    f0 = solver.initial_derivative(sstate)
+    check0 = y if f0 is None else y + f0  # one reduction covers both
     if per_sample:
-        bad0 = ~torch.isfinite(y).all(-1)
-        if isinstance(sstate, torch.Tensor):
-            bad0 |= ~torch.isfinite(sstate).all(-1)
+        bad0 = ~torch.isfinite(check0.sum(-1))
         result = torch.where(bad0, Result.nonfinite, result)
         running = running & ~bad0
-    else:
-        if not (torch.isfinite(y).all() and (not isinstance(sstate, torch.Tensor) or torch.isfinite(sstate).all())):
-            result = Result.nonfinite
-            running = False
+    elif not cmath.isfinite(check0.sum().item()):
+        result = Result.nonfinite
+        running = False
 
     # saving
     save_t0, save_t1 = saveat.t0, saveat.t1
@@ -423,6 +421,7 @@ def _integrate(p: _Problem) -> Solution:
     eps_land = 1e-9
     last_nonfinite = ops.false()
     iteration = 0
+    recorded: list = []
     t = tau0
     y_t0 = y
 
@@ -551,6 +550,8 @@ def _integrate(p: _Problem) -> Solution:
                 n_steps += 1
                 if accept:
                     n_acc += 1
+                    if p.record:
+                        recorded.append(t_next)
                     t, y, sstate = t_next, y1, sstate1
                     if land and nxt < tau1:
                         stop_ptr += 1
@@ -632,6 +633,8 @@ def _integrate(p: _Problem) -> Solution:
         result = Result(result)
 
     sol = Solution(ts=ts_all, ys=ys, stats=stats, result=result, t0=p.t0, t1=p.t1, interpolation=interp)
+    if p.record:
+        sol.internal = {"step_ends": recorded, "t0": tau0, "sign": sign, "y": y, "solver_state": sstate}
     if p.throw and not sol.successful:
         raise SolveError(_failure_message(result, per_sample, t, sign), result=result, solution=sol)
     return sol

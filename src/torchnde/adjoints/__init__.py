@@ -3,5 +3,6 @@
 from ._backsolve import BacksolveAdjoint
 from ._base import AbstractAdjoint, DirectAdjoint
 from ._checkpoint import CheckpointAdjoint
+from ._reversible import ReversibleAdjoint
 
-__all__ = ["AbstractAdjoint", "DirectAdjoint", "CheckpointAdjoint", "BacksolveAdjoint"]
+__all__ = ["AbstractAdjoint", "DirectAdjoint", "CheckpointAdjoint", "BacksolveAdjoint", "ReversibleAdjoint"]

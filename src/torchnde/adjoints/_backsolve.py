@@ -8,30 +8,12 @@ import dataclasses
 import torch
 
 from .._terms import ODETerm
-from .._tree import Flattener, tree_leaves, tree_map
+from .._tree import tree_map
 from ..controllers import ConstantStepSize, PIDController, rms_norm
 from ._base import AbstractAdjoint, DirectAdjoint
+from ._params import discover
 
 __all__ = ["BacksolveAdjoint"]
-
-
-def _graph_leaves(outputs, exclude) -> list:
-    """Leaf tensors requiring grad that ``outputs`` depend on (module parameters, captured
-    tensors), found by walking the autograd graph; ``exclude`` holds ids to skip."""
-    found, seen = [], set()
-    stack = [o.grad_fn for o in outputs if o.grad_fn is not None]
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        variable = getattr(fn, "variable", None)  # set on AccumulateGrad nodes only
-        if isinstance(variable, torch.Tensor):
-            if id(variable) not in exclude:
-                found.append(variable)
-            continue
-        stack.extend(nxt for nxt, _ in fn.next_functions)
-    return found
 
 
 class BacksolveAdjoint(AbstractAdjoint):
@@ -82,25 +64,9 @@ class BacksolveAdjoint(AbstractAdjoint):
                 "BacksolveAdjoint supports SaveAt(t0=..., ts=..., t1=...) only; for SaveAt(steps=True) "
                 "or SaveAt(dense=True) use adjoint=DirectAdjoint() or CheckpointAdjoint()"
             )
-        flat = Flattener(problem.y0, batch=False)
-        y0 = flat.flatten(problem.y0)
-        # args: tensors that need gradients enter the autograd.Function; the solves see detached
-        # stand-ins (leaves), so the gradient returned for them continues into the caller's graph
-        arg_leaves = [x for x in tree_leaves(problem.args) if isinstance(x, torch.Tensor) and x.requires_grad]
-        arg_ids = {id(x) for x in arg_leaves}
-        proxies = {id(x): x.detach().requires_grad_() for x in arg_leaves}
-        args_proxy = tree_map(lambda x: proxies.get(id(x), x) if isinstance(x, torch.Tensor) else x, problem.args)
-        term = problem.terms
-        with torch.enable_grad():
-            probe = y0.detach().requires_grad_()
-            out = term.vf(float(problem.t0), flat.unflatten(probe), args_proxy)
-            outs = [o for o in tree_leaves(out) if isinstance(o, torch.Tensor)]
-            params = _graph_leaves(outs, {id(probe), *(id(p) for p in proxies.values()), *arg_ids})
+        flat, y0, args_proxy, proxies, arg_leaves, params = discover(problem)
         if not params and not arg_leaves and not y0.requires_grad:
             return integrate(problem)
-        for p in params:
-            if p.device != flat.device:
-                raise ValueError(f"a parameter of the vector field is on {p.device} but y0 is on {flat.device}")
         box = {}
         ys = _Backsolve.apply(
             self, problem, integrate, flat, args_proxy, proxies, arg_leaves, box, y0, *arg_leaves, *params

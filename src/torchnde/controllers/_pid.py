@@ -146,6 +146,9 @@ class PIDController(AbstractController):
         if dt0 is not None:
             return ops.full(dt0), cstate
         # Hairer, Nørsett & Wanner, Solving ODEs I, II.4 "automatic step size selection".
+        if f0 is None:
+            with torch.no_grad():
+                f0 = term.vf(t0, y0)
         d0 = _to_scalar(ops, self._scaled_norm(y0, y0))
         d1 = _to_scalar(ops, self._scaled_norm(f0, y0))
         small = ops.or_(d0 < 1e-5, d1 < 1e-5)

@@ -42,6 +42,11 @@ class AbstractSolver:
     def dense_coeffs(self, term, dense_info) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def initial_derivative(self, state) -> torch.Tensor | None:
+        """The derivative at the start of the solve if the solver's state holds it (it saves the
+        automatic initial step an evaluation), else ``None``."""
+        return None
+
     def __repr__(self):
         return f"{type(self).__name__}()"
 
@@ -118,17 +123,24 @@ class AbstractERK(AbstractSolver):
     def init(self, term, t0, y0):
         return term.vf(t0, y0)
 
+    def initial_derivative(self, state):
+        return state
+
+    def _stages(self, term, t0, h, dt, y0, f0, coef, n: int):
+        """Stages ``k_1 = f0, ..., k_n`` and the state the last one was evaluated at."""
+        ks = [f0]
+        yi = y0
+        a_t, a_f, c = coef["a"], coef["a_f"], coef["c"]
+        for i in range(1, n):
+            yi = _lincomb(y0, dt, ks, a_t[i], a_f[i])
+            ks.append(term.vf(_node(t0, h, c[i]), yi))
+        return ks, yi
+
     def step(self, term, t0, t1, y0, f0):
         tab = self.tableau
         coef = tab.tensors(y0.dtype, y0.device)
         dt = _dt_column(t0, t1)
-        h = t1 - t0
-        ks = [f0]
-        yi = y0
-        a_t, a_f, c = coef["a"], coef["a_f"], coef["c"]
-        for i in range(1, tab.num_stages):
-            yi = _lincomb(y0, dt, ks, a_t[i], a_f[i])
-            ks.append(term.vf(_node(t0, h, c[i]), yi))
+        ks, yi = self._stages(term, t0, t1 - t0, dt, y0, f0, coef, tab.num_stages)
         if tab.fsal:
             y1, f1 = yi, ks[-1]
         else:
@@ -138,6 +150,22 @@ class AbstractERK(AbstractSolver):
         if coef["b_error"] is not None:
             y_error = _lincomb(None, dt, ks, coef["b_error"], coef["b_error_f"])
         return y1, y_error, (t0, t1, y0, y1, f0, f1, ks), f1, None
+
+    def increment(self, term, t0, t1, y0, f0, error: bool = False):
+        """``y1 - y0`` of one step (no end-point derivative), and the error estimate if asked.
+
+        Used by wrappers that combine steps, such as the reversible scheme of
+        :class:`~torchnde.ReversibleAdjoint`.
+        """
+        tab = self.tableau
+        coef = tab.tensors(y0.dtype, y0.device)
+        dt = _dt_column(t0, t1)
+        # an FSAL last stage only feeds the error estimate (its weight in b is zero)
+        n = tab.num_stages - 1 if tab.fsal and not error else tab.num_stages
+        ks, _ = self._stages(term, t0, t1 - t0, dt, y0, f0, coef, n)
+        inc = _lincomb(None, dt, ks, coef["b"][:n], coef["b_f"][:n])
+        y_error = _lincomb(None, dt, ks, coef["b_error"], coef["b_error_f"]) if error else None
+        return inc, y_error
 
     def dense_coeffs(self, term, dense_info):
         t0, t1, y0, y1, f0, f1, ks = dense_info

@@ -1,0 +1,594 @@
+"""torchdiffeq's ``odeint`` and ``odeint_adjoint``, computed by torchnde.
+
+Switching an existing code base is one import line::
+
+    # from torchdiffeq import odeint, odeint_adjoint
+    from torchnde.compat.torchdiffeq import odeint, odeint_adjoint
+
+The signatures, defaults (``rtol=1e-7, atol=1e-9, method="dopri5"``), method names and option
+names are torchdiffeq's (0.2.x). ``func(t, y)`` receives ``t`` as a 0-d tensor, as in
+torchdiffeq: of dtype float64 for the adaptive methods (or the ``dtype`` option) and of ``t``'s
+dtype for the fixed-grid methods, on ``y0``'s device.
+
+What is computed the same way: the methods' tableaus (``"rk4"`` is torchdiffeq's 3/8-rule RK4),
+the fixed grids (``t`` itself, ``step_size``, or ``grid_constructor``), error norms (RMS; the max of
+per-tensor RMS for a tuple state), the adaptive-step options and the adjoint's tolerances and
+norms. What differs (values agree to within the tolerances, not bit for bit):
+
+* Step-size control is torchnde's :class:`~torchnde.PIDController` (integral control, like
+  torchdiffeq, but after an accepted step the step may also shrink, and the initial step is
+  chosen by the same Hairer--Nørsett--Wanner rule with torchnde's constants), so the adaptive
+  methods take somewhat different steps.
+* Output times between steps come from each method's dense output (cubic Hermite for the
+  fixed-grid methods, i.e. torchdiffeq's ``interp="cubic"``; torchdiffeq's default for them is
+  linear interpolation, ``interp="linear"``, which is not available).
+* ``max_num_steps`` bounds the steps of the whole solve, ``max_num_steps * (len(t) - 1)``
+  (torchdiffeq counts per output interval). A failed solve raises
+  :class:`~torchnde.SolveError` (a ``RuntimeError``) instead of an ``AssertionError``.
+* ``odeint_adjoint`` uses :class:`~torchnde.BacksolveAdjoint`: see :func:`odeint_adjoint` for
+  how ``adjoint_params`` is used.
+
+Not supported (each raises an error saying so): events (``event_fn``), gradients with respect
+to ``t``, per-element or per-tensor tolerances, the methods ``fehlberg2``, ``explicit_adams``,
+``implicit_adams``, ``fixed_adams`` and ``scipy_solver``, and the options ``perturb`` and
+``interp="linear"`` (with intermediate output times); solver callbacks (``func.callback_step``
+and friends) are not called, so a ``func`` that defines them is rejected.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+from fractions import Fraction as F
+
+import torch
+from torch import nn
+
+from .._results import SolveError
+from .._saveat import SaveAt
+from .._solve import solve
+from .._terms import ODETerm
+from .._tree import Flattener
+from ..adjoints import BacksolveAdjoint, DirectAdjoint
+from ..controllers import AbstractController, ConstantStepSize, PIDController, rms_norm
+from ..solvers import AbstractERK, Bosh3, ButcherTableau, Dopri5, Dopri8, Euler, Heun, Midpoint, Tsit5
+
+__all__ = ["odeint", "odeint_adjoint", "SolveError"]
+
+
+# --------------------------------------------------------------------------------------------
+# torchdiffeq's fixed-grid methods that torchnde has no class for
+
+
+class _RK4ThreeEighths(AbstractERK):
+    """Kutta's 3/8-rule RK4: torchdiffeq's ``method="rk4"``."""
+
+    tableau = ButcherTableau(
+        c=(F(0), F(1, 3), F(2, 3), F(1)),
+        a=((), (F(1, 3),), (F(-1, 3), F(1)), (F(1), F(-1), F(1))),
+        b=(F(1, 8), F(3, 8), F(3, 8), F(1, 8)),
+    )
+    order = 4
+    dense_order = 3
+
+
+class _Heun3(AbstractERK):
+    """Heun's third-order method: torchdiffeq's ``method="heun3"``."""
+
+    tableau = ButcherTableau(
+        c=(F(0), F(1, 3), F(2, 3)),
+        a=((), (F(1, 3),), (F(0), F(2, 3))),
+        b=(F(1, 4), F(0), F(3, 4)),
+    )
+    order = 3
+    dense_order = 3
+
+
+_ADAPTIVE = {"dopri5": Dopri5, "dopri8": Dopri8, "bosh3": Bosh3, "adaptive_heun": Heun, "tsit5": Tsit5}
+_FIXED = {"euler": Euler, "midpoint": Midpoint, "rk4": _RK4ThreeEighths, "heun2": Heun, "heun3": _Heun3}
+_UNSUPPORTED = {
+    "fehlberg2": "use 'adaptive_heun' (also an adaptive 2nd-order pair) or 'bosh3'",
+    "explicit_adams": "multistep methods are not in torchnde; use 'rk4' (fixed steps) or 'dopri5'",
+    "implicit_adams": "multistep methods are not in torchnde; use 'rk4' (fixed steps) or 'dopri5'",
+    "fixed_adams": "multistep methods are not in torchnde; use 'rk4' (fixed steps) or 'dopri5'",
+    "scipy_solver": "use 'dopri5'/'dopri8', or call scipy.integrate.solve_ivp yourself",
+}
+_VALID_METHODS = (*_ADAPTIVE, *_FIXED)
+
+_ADAPTIVE_OPTIONS = (
+    "first_step",
+    "min_step",
+    "max_step",
+    "step_t",
+    "jump_t",
+    "safety",
+    "ifactor",
+    "dfactor",
+    "max_num_steps",
+    "dtype",
+    "norm",
+)
+# "norm" is accepted and ignored by torchdiffeq's fixed-grid methods too (there is no error to measure)
+_FIXED_OPTIONS = ("step_size", "grid_constructor", "interp", "perturb", "norm")
+_CALLBACKS = (
+    "callback_step",
+    "callback_accept_step",
+    "callback_reject_step",
+    "callback_step_adjoint",
+    "callback_accept_step_adjoint",
+    "callback_reject_step_adjoint",
+)
+
+
+def _method_class(method, what="method"):
+    if method is None:
+        method = "dopri5"
+    if method in _UNSUPPORTED:
+        raise NotImplementedError(f"{what}={method!r} is not supported by torchnde: {_UNSUPPORTED[method]}")
+    if not isinstance(method, str) or method not in _ADAPTIVE and method not in _FIXED:
+        raise ValueError(
+            f"Invalid {what} {method!r}. Must be one of {{{', '.join(repr(m) for m in _VALID_METHODS)}}} "
+            f"(torchdiffeq's {', '.join(repr(m) for m in _UNSUPPORTED)} are not supported)"
+        )
+    return method, _ADAPTIVE.get(method) or _FIXED[method]
+
+
+def _scalar_tol(tol, name):
+    """torchdiffeq accepts a float, a tensor or (for tuple states) one value per tensor; torchnde
+    controls one relative and one absolute tolerance."""
+    if isinstance(tol, numbers.Real):
+        return float(tol)
+    if isinstance(tol, torch.Tensor):
+        if tol.numel() == 1:
+            return float(tol)
+        vals = tol.detach().flatten()
+    elif isinstance(tol, (tuple, list)):
+        vals = [float(v) if not isinstance(v, torch.Tensor) or v.numel() == 1 else math.nan for v in tol]
+        vals = torch.tensor(vals, dtype=torch.float64)
+    else:
+        raise TypeError(f"{name} must be a float or a tensor, got {type(tol).__name__}")
+    if vals.numel() and (vals == vals[0]).all():
+        return float(vals[0])
+    raise NotImplementedError(
+        f"per-element or per-tensor {name} is not supported by torchnde (one {name} for the whole state); got {tol!r}"
+    )
+
+
+def _rms(x):
+    return torch.linalg.vector_norm(x, dim=-1) / math.sqrt(max(x.shape[-1], 1))
+
+
+def _state_norm(flat: Flattener, user_norm) -> Callable:
+    """torchdiffeq's error norm on torchnde's flat state ``(N,)``: the user's ``norm`` applied to
+    the state's structure, or RMS (tensor state) / the max of the per-tensor RMS (tuple state)."""
+    if user_norm is not None:
+        if not callable(user_norm):
+            raise TypeError(f"options['norm'] must be callable, got {type(user_norm).__name__}")
+
+        def norm(x):
+            return torch.as_tensor(user_norm(flat.unflatten(x)), dtype=x.dtype, device=x.device)
+
+        return norm
+    if flat.single:
+        return rms_norm
+    sizes = flat.sizes
+
+    def mixed_norm(x):
+        return torch.stack([_rms(c) for c in x.split(sizes, dim=-1)], -1).amax(-1)
+
+    return mixed_norm
+
+
+class _GridSteps(AbstractController):
+    """Constant-free fixed steps: from each point of a grid (internal, increasing times from t0
+    to t1) to the next, every step accepted."""
+
+    def __init__(self, grid: list):
+        self.grid = grid
+
+    def init(self, term, solver, t0, t1, y0, f0, dt0, ops):
+        return self.grid[1] - t0, 1
+
+    def adapt(self, t0, t1, y0, y1, y_error, error_order, i, ops):
+        i += 1
+        nxt = self.grid[i] - t1 if i < len(self.grid) else t1 - t0
+        return True, nxt, i, None
+
+    def __repr__(self):
+        return f"_GridSteps({len(self.grid) - 1} steps)"
+
+
+class _OneStep(AbstractController):
+    """One step over the whole interval (the adjoint of a fixed-grid solve on the output times)."""
+
+    def init(self, term, solver, t0, t1, y0, f0, dt0, ops):
+        return t1 - t0, None
+
+    def adapt(self, t0, t1, y0, y1, y_error, error_order, cstate, ops):
+        return True, t1 - t0, cstate, None
+
+
+class _StepSize(AbstractController):
+    """Constant steps of a given size, whatever ``dt0`` the solve passes (the adjoint's own
+    ``step_size``)."""
+
+    def __init__(self, h: float):
+        self.h = h
+
+    def init(self, term, solver, t0, t1, y0, f0, dt0, ops):
+        return self.h, self.h
+
+    def adapt(self, t0, t1, y0, y1, y_error, error_order, cstate, ops):
+        return True, cstate, cstate, None
+
+
+class _Plan:
+    """The torchnde equivalent of one torchdiffeq call."""
+
+    solver = controller = dt0 = max_steps = max_num_steps = None
+    first_step = step_size = grid_constructor = None
+
+
+def _check_options(method, adaptive, options, what):
+    valid = _ADAPTIVE_OPTIONS if adaptive else _FIXED_OPTIONS
+    unknown = [k for k in options if k not in valid]
+    if unknown:
+        other = _FIXED_OPTIONS if adaptive else _ADAPTIVE_OPTIONS
+        hint = ""
+        misplaced = [k for k in unknown if k in other]
+        if misplaced:
+            kind = "fixed-grid" if adaptive else "adaptive"
+            hint = f" ({', '.join(map(repr, misplaced))} belong(s) to the {kind} methods)"
+        raise TypeError(
+            f"unknown {what} for method={method!r}: {', '.join(map(repr, unknown))}{hint}. "
+            f"Valid {what} are: {', '.join(valid)}"
+        )
+
+
+def _plan_method(method, options, rtol, atol, flat, ts, sign, what):
+    """Solver, controller and dt0 for ``method`` with ``options`` (times in user time, ``ts`` the
+    output times as floats, ``sign`` the direction)."""
+    options = dict(options or {})
+    name, cls = _method_class(method, "method" if what == "options" else "adjoint_method")
+    adaptive = name in _ADAPTIVE
+    _check_options(name, adaptive, options, what)
+    p = _Plan()
+    p.name, p.adaptive = name, adaptive
+    p.solver = cls()
+    p.max_num_steps = options.get("max_num_steps")
+    if adaptive:
+        first_step = options.get("first_step")
+        if first_step is not None:
+            first_step = float(first_step)
+            if not first_step > 0:
+                raise ValueError(f"{what}['first_step'] must be > 0, got {first_step}")
+            p.dt0 = sign * first_step
+            p.first_step = first_step
+        min_step = float(options.get("min_step", 0.0))
+        max_step = float(options.get("max_step", math.inf))
+        p.controller = PIDController(
+            rtol=_scalar_tol(rtol, "rtol"),
+            atol=_scalar_tol(atol, "atol"),
+            safety=float(options.get("safety", 0.9)),
+            factormin=float(options.get("dfactor", 0.2)),
+            factormax=float(options.get("ifactor", 10.0)),
+            # torchdiffeq accepts every step of size min_step
+            dtmin=min_step if min_step > 0 else None,
+            force_dtmin=min_step > 0,
+            dtmax=None if math.isinf(max_step) else max_step,
+            step_ts=options.get("step_t"),
+            jump_ts=options.get("jump_t"),
+            norm=_state_norm(flat, options.get("norm")),
+        )
+        dtype = options.get("dtype", torch.float64)
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"{what}['dtype'] must be a floating-point torch.dtype, got {dtype!r}")
+        real = flat.dtype.to_real() if flat.dtype.is_complex else flat.dtype
+        p.t_dtype = torch.promote_types(dtype, real)
+        return p
+    p.t_dtype = None  # the dtype of t
+    if "perturb" in options and options["perturb"]:
+        raise NotImplementedError(
+            f"{what}['perturb'] is not supported by torchnde; for a vector field with discontinuities use an "
+            "adaptive method with options=dict(jump_t=...)"
+        )
+    step_size = options.get("step_size")
+    grid_constructor = options.get("grid_constructor")
+    if step_size is not None and grid_constructor is not None:
+        raise ValueError("step_size and grid_constructor are mutually exclusive arguments.")
+    interp = options.get("interp", "cubic")
+    if interp not in ("linear", "cubic"):
+        raise ValueError(f"Unknown interpolation method {interp}")
+    if interp == "linear" and (step_size is not None or grid_constructor is not None):
+        raise NotImplementedError(
+            "interp='linear' is not supported by torchnde: output times between steps come from the method's "
+            "cubic Hermite interpolant (torchdiffeq's interp='cubic'); drop the option or pass interp='cubic'"
+        )
+    if step_size is not None:
+        step_size = float(step_size)
+        if not step_size > 0:
+            raise ValueError(f"{what}['step_size'] must be > 0, got {step_size}")
+        p.step_size = step_size
+        p.dt0 = sign * step_size
+        p.controller = ConstantStepSize()
+    elif grid_constructor is not None:
+        p.grid_constructor = grid_constructor
+    else:
+        p.controller = _GridSteps([sign * v for v in ts]) if ts is not None else _OneStep()
+    p.step_size = step_size
+    p.grid_constructor = grid_constructor
+    return p
+
+
+class _TimeAsTensor:
+    """``f(t, y, args)`` for torchnde from torchdiffeq's ``func(t, y)``: ``t`` becomes a 0-d tensor."""
+
+    def __init__(self, func, dtype, device):
+        self.func, self.dtype, self.device = func, dtype, device
+        self.__name__ = getattr(func, "__name__", type(func).__name__)
+
+    def __call__(self, t, y, args):
+        return self.func(torch.tensor(t, dtype=self.dtype, device=self.device), y)
+
+
+def _prepare(func, y0, t, rtol, atol, method, options, event_fn, fname):
+    if event_fn is not None:
+        raise NotImplementedError(
+            f"events are not supported yet by torchnde: {fname}(..., event_fn=...) must be None. "
+            "Use torchdiffeq for event handling, or solve to a fixed time."
+        )
+    if not callable(func):
+        raise TypeError(f"func must be callable as func(t, y), got {type(func).__name__}")
+    defined = [c for c in _CALLBACKS if callable(getattr(func, c, None))]
+    if defined:
+        raise NotImplementedError(
+            f"func defines {', '.join(defined)}, but torchnde does not call solver callbacks; remove them "
+            "(or use torchdiffeq)"
+        )
+    if isinstance(y0, torch.Tensor):
+        pass
+    elif isinstance(y0, tuple) and y0 and all(isinstance(x, torch.Tensor) for x in y0):
+        pass
+    else:
+        raise TypeError(f"y0 must be either a torch.Tensor or a tuple of tensors, got {type(y0).__name__}")
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"t must be a torch.Tensor, got {type(t).__name__}")
+    if not torch.is_floating_point(t):
+        raise TypeError(f"`t` must be a floating point Tensor but is a {t.type()}")
+    if t.dim() != 1:
+        raise ValueError(f"t must be one dimensional, got shape {tuple(t.shape)}")
+    if len(t) == 0:
+        raise ValueError("t must hold at least one time")
+    if t.requires_grad and torch.is_grad_enabled():
+        raise NotImplementedError(
+            "gradients with respect to t are not supported by torchnde; pass t.detach() (the solution is "
+            "still differentiable with respect to y0 and the parameters)"
+        )
+    ts = t.detach().cpu().to(torch.float64).tolist()
+    if len(ts) > 1:
+        d = [b - a for a, b in zip(ts[:-1], ts[1:])]
+        if not (all(x > 0 for x in d) or all(x < 0 for x in d)):
+            raise ValueError(f"t must be strictly increasing or decreasing, got {ts}")
+    sign = 1.0 if len(ts) < 2 or ts[1] > ts[0] else -1.0
+    flat = Flattener(y0, batch=False)
+    plan = _plan_method(method, options, rtol, atol, flat, ts, sign, "options")
+    if plan.adaptive:
+        t_dtype = plan.t_dtype
+    else:
+        t_dtype = t.dtype
+    if not plan.adaptive and plan.grid_constructor is not None:
+        grid = plan.grid_constructor(func, y0, t)
+        grid = torch.as_tensor(grid).detach().cpu().to(torch.float64).flatten().tolist()
+        if len(grid) < 2 or grid[0] != ts[0] or grid[-1] != ts[-1]:
+            raise ValueError(
+                f"grid_constructor must return a grid from t[0] = {ts[0]} to t[-1] = {ts[-1]}; got "
+                f"{grid[:3]} ... {grid[-3:]}"
+            )
+        g = [sign * v for v in grid]
+        if not all(b > a for a, b in zip(g[:-1], g[1:])):
+            raise ValueError("grid_constructor must return a strictly monotone grid in the direction of t")
+        plan.controller = _GridSteps(g)
+    plan.vf = _TimeAsTensor(func, t_dtype, flat.device)
+    plan.ts = ts
+    plan.sign = sign
+    plan.flat = flat
+    if plan.max_num_steps is not None:
+        plan.max_steps = int(plan.max_num_steps) * max(len(ts) - 1, 1)
+    return plan
+
+
+def _solve(plan, y0, adjoint):
+    if len(plan.ts) == 1:  # torchdiffeq returns y0 alone
+        if isinstance(y0, torch.Tensor):
+            return y0.unsqueeze(0).clone()
+        return tuple(x.unsqueeze(0).clone() for x in y0)
+    sol = solve(
+        ODETerm(plan.vf),
+        plan.solver,
+        plan.ts[0],
+        plan.ts[-1],
+        y0,
+        dt0=plan.dt0,
+        saveat=SaveAt(ts=plan.ts),
+        controller=plan.controller,
+        adjoint=adjoint,
+        max_steps=plan.max_steps,
+    )
+    return sol.ys
+
+
+def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, event_fn=None):
+    """Integrate ``dy/dt = func(t, y)`` from ``y(t[0]) = y0``, returning ``y`` at every time of ``t``.
+
+    torchdiffeq's ``odeint``, computed by :func:`torchnde.solve`. Gradients are by
+    backpropagation through the solver's operations (:class:`~torchnde.DirectAdjoint`).
+
+    Args:
+        func: ``func(t, y)`` returning ``dy/dt`` with the structure of ``y``; ``t`` is a 0-d tensor.
+        y0: the initial state: a tensor of any shape, or a tuple of tensors.
+        t: 1-D tensor of output times, strictly increasing or decreasing; ``t[0]`` is the initial time.
+        rtol, atol: relative and absolute tolerance of the adaptive methods (floats; a tensor or
+            tuple only if all its values are equal).
+        method: ``"dopri5"`` (default), ``"dopri8"``, ``"bosh3"``, ``"adaptive_heun"``, ``"tsit5"``
+            (adaptive); ``"euler"``, ``"midpoint"``, ``"rk4"`` (3/8 rule), ``"heun2"``, ``"heun3"``
+            (fixed grid).
+        options: adaptive methods: ``first_step``, ``min_step``, ``max_step``, ``step_t``,
+            ``jump_t``, ``safety``, ``ifactor``, ``dfactor``, ``max_num_steps``, ``dtype``,
+            ``norm``. Fixed-grid methods: ``step_size`` or ``grid_constructor`` (default: step
+            from one output time to the next), ``interp="cubic"``. Any other key raises ``TypeError``.
+        event_fn: must be ``None`` (events are not supported yet).
+
+    Returns:
+        A tensor of shape ``(len(t), *y0.shape)``, or for a tuple ``y0`` a tuple of such tensors.
+
+    Raises:
+        ValueError: unknown method, invalid ``t``. TypeError: unknown option.
+        NotImplementedError: a torchdiffeq feature torchnde does not have (see the module docstring).
+        torchnde.SolveError: the solve failed (e.g. the step size underflowed).
+
+    Example:
+        >>> import torch
+        >>> from torchnde.compat.torchdiffeq import odeint
+        >>> t = torch.linspace(0.0, 1.0, 5)
+        >>> ys = odeint(lambda t, y: -y, torch.ones(3), t)
+        >>> ys.shape, torch.allclose(ys[-1], torch.exp(-torch.ones(3)), atol=1e-6)
+        (torch.Size([5, 3]), True)
+    """
+    plan = _prepare(func, y0, t, rtol, atol, method, options, event_fn, "odeint")
+    return _solve(plan, y0, DirectAdjoint())
+
+
+class _DetachExcluded(nn.Module):
+    """Calls ``func`` with the parameters that are not among ``adjoint_params`` detached, so that,
+    as in torchdiffeq, only ``adjoint_params`` receive gradients."""
+
+    def __init__(self, func: nn.Module, excluded: list):
+        super().__init__()
+        self.func = func
+        self.excluded = excluded
+
+    def forward(self, t, y):
+        detached = {name: p.detach() for name, p in self.excluded}
+        return torch.func.functional_call(self.func, detached, (t, y), strict=False)
+
+
+def odeint_adjoint(
+    func,
+    y0,
+    t,
+    *,
+    rtol=1e-7,
+    atol=1e-9,
+    method=None,
+    options=None,
+    event_fn=None,
+    adjoint_rtol=None,
+    adjoint_atol=None,
+    adjoint_method=None,
+    adjoint_options=None,
+    adjoint_params=None,
+):
+    """:func:`odeint` with gradients from the continuous adjoint (:class:`~torchnde.BacksolveAdjoint`).
+
+    The forward solve keeps no graph; the backward pass solves the adjoint ODE from ``t[-1]`` back
+    to ``t[0]``, one output interval at a time, with ``adjoint_method`` (default: ``method``),
+    ``adjoint_rtol``/``adjoint_atol`` (default: ``rtol``/``atol``) and ``adjoint_options``
+    (default: ``options`` without ``norm``; required when ``adjoint_method != method`` and
+    ``options`` is given), as in torchdiffeq. The backward error norm is torchdiffeq's: the max
+    of the norms of the state, the adjoint state and the parameter gradients, or without the
+    last with ``adjoint_options=dict(norm="seminorm")``.
+
+    ``adjoint_params``: as in torchdiffeq, ``func`` must be an ``nn.Module`` unless
+    ``adjoint_params`` is given, and the default is ``func.parameters()``. Parameters of ``func``
+    (an ``nn.Module``) that are *not* in ``adjoint_params`` are detached and get no gradient,
+    as in torchdiffeq. Other tensors that ``func`` uses and that require gradients (tensors a
+    closure captures) receive gradients whether or not they are listed (torchnde finds them by
+    walking the autograd graph of one evaluation), and a listed tensor that ``func`` does not use
+    gets no gradient (``.grad`` stays ``None``; torchdiffeq gives zeros).
+
+    Example:
+        >>> import torch
+        >>> from torchnde.compat.torchdiffeq import odeint_adjoint
+        >>> f = torch.nn.Linear(2, 2)
+        >>> ys = odeint_adjoint(lambda t, y: f(y), torch.ones(2), torch.linspace(0, 1, 3), adjoint_params=tuple(f.parameters()))
+        >>> ys.sum().backward()
+        >>> f.weight.grad.shape
+        torch.Size([2, 2])
+    """
+    if adjoint_params is None and not isinstance(func, nn.Module):
+        raise ValueError(
+            "func must be an instance of nn.Module to specify the adjoint parameters; alternatively they "
+            "can be specified explicitly via the `adjoint_params` argument. If there are no parameters "
+            "then it is allowable to set `adjoint_params=()`."
+        )
+    if adjoint_rtol is None:
+        adjoint_rtol = rtol
+    if adjoint_atol is None:
+        adjoint_atol = atol
+    if adjoint_method is None:
+        adjoint_method = method
+    if adjoint_method != method and options is not None and adjoint_options is None:
+        raise ValueError(
+            "If `adjoint_method != method` then we cannot infer `adjoint_options` from `options`. So as "
+            "`options` has been passed then `adjoint_options` must be passed as well."
+        )
+    if adjoint_options is None:
+        adjoint_options = {k: v for k, v in options.items() if k != "norm"} if options is not None else {}
+    else:
+        adjoint_options = dict(adjoint_options)
+    adjoint_params = tuple(func.parameters() if adjoint_params is None else adjoint_params)
+    for p in adjoint_params:
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"adjoint_params must be tensors, got {type(p).__name__}")
+    adjoint_params = tuple(p for p in adjoint_params if p.requires_grad)
+
+    plan = _prepare(func, y0, t, rtol, atol, method, options, event_fn, "odeint_adjoint")
+    if isinstance(func, nn.Module):
+        listed = {id(p) for p in adjoint_params}
+        excluded = [(n, p) for n, p in func.named_parameters() if p.requires_grad and id(p) not in listed]
+        if excluded:
+            plan.vf.func = _DetachExcluded(func, excluded)
+
+    # the backward solve
+    adjoint_norm = adjoint_options.pop("norm", None)
+    if adjoint_norm is not None and adjoint_norm != "seminorm":
+        raise NotImplementedError(
+            "a custom adjoint_options['norm'] is not supported by torchnde; omit it (torchdiffeq's default "
+            "norm over state, adjoint and parameter gradients) or pass norm='seminorm'"
+        )
+    back = _plan_method(
+        adjoint_method, adjoint_options, adjoint_rtol, adjoint_atol, plan.flat, None, -plan.sign, "adjoint_options"
+    )
+    if back.adaptive:
+        if back.first_step is not None and back.first_step != plan.first_step:
+            raise NotImplementedError(
+                "adjoint_options['first_step'] different from options['first_step'] is not supported by torchnde "
+                "(the backward solve starts with the forward first step)"
+            )
+        state_norm = _state_norm(plan.flat, (options or {}).get("norm"))
+        back.controller.norm = _adjoint_norm(state_norm, plan.flat.size, seminorm=adjoint_norm == "seminorm")
+    elif back.grid_constructor is not None:
+        raise NotImplementedError(
+            "grid_constructor for the backward solve of odeint_adjoint is not supported by torchnde; pass "
+            "adjoint_options=dict(step_size=...)"
+        )
+    elif back.step_size is not None:
+        back.controller = _StepSize(back.step_size)
+    # the norm (with or without the parameter gradients) is set above, so BacksolveAdjoint keeps it
+    adjoint = BacksolveAdjoint(solver=back.solver, controller=back.controller, seminorm=False)
+    return _solve(plan, y0, adjoint)
+
+
+def _adjoint_norm(state_norm, n: int, seminorm: bool):
+    """torchdiffeq's adjoint norm on the flat augmented state ``(y, a, *parameter gradients)`` of
+    BacksolveAdjoint: the max of the state norm of ``y`` and of ``a`` and (unless ``seminorm``) the
+    RMS of the parameter gradients."""
+
+    def norm(x):
+        parts = [state_norm(x[..., :n]), state_norm(x[..., n : 2 * n])]
+        if not seminorm and x.shape[-1] > 2 * n:
+            parts.append(_rms(x[..., 2 * n :]))
+        return torch.stack(parts, -1).amax(-1)
+
+    return norm

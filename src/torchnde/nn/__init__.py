@@ -1,0 +1,5 @@
+"""Neural-network building blocks on top of :func:`torchnde.solve`."""
+
+from ._neural_ode import NeuralODE
+
+__all__ = ["NeuralODE"]
