@@ -586,7 +586,8 @@ def _integrate(p: _Problem) -> Solution:
             parts_t.append((tau0 * sign).unsqueeze(-1))
             parts_y.append(y_t0.unsqueeze(1))
         if ts_save is not None:
-            for bi, pi, vals in ts_vals:
+            if ts_vals:  # one scatter of everything saved (differentiable, no in-place writes)
+                bi, pi, vals = (torch.cat(parts) for parts in zip(*ts_vals))
                 ts_out = ts_out.index_put((bi, pi), vals)
             parts_t.append(ts_save * sign)
             parts_y.append(ts_out)
