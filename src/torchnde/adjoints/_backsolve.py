@@ -11,7 +11,7 @@ from .._terms import ODETerm
 from .._tree import tree_map
 from ..controllers import ConstantStepSize, PIDController, rms_norm
 from ._base import AbstractAdjoint, DirectAdjoint
-from ._params import discover
+from ._params import check_reached, discover
 
 __all__ = ["BacksolveAdjoint"]
 
@@ -125,11 +125,14 @@ class _Backsolve(torch.autograd.Function):
                             "tensor through args=... instead, or use adjoint=DirectAdjoint()."
                         ) from e
                     raise
+            for i, v in enumerate(vjps[1:]):
+                reached[i] = reached[i] or v is not None
             dy = out.detach()
             da = -vjps[0]
             dg = [torch.zeros_like(w, dtype=dtype) if v is None else -v.to(dtype) for w, v in zip(wrt, vjps[1:])]
             return (dy, da, *dg)
 
+        reached = [False] * len(wrt)
         ts = list(ctx.ts)
         t0 = float(problem.t0)
         a = torch.zeros(N, dtype=dtype, device=ys.device)
@@ -166,5 +169,7 @@ class _Backsolve(torch.autograd.Function):
             y, a, *g = (x[-1] for x in sol.ys)
         if points[0][2] is not None:
             a = a + points[0][2]
+        n_args = len(ctx.proxy_list)
+        check_reached(params, reached[n_args:])
         grads = [gi.to(w.dtype) for gi, w in zip(g, wrt)]
         return (None,) * 8 + (a, *grads)

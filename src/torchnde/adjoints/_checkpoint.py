@@ -6,12 +6,13 @@ import dataclasses
 import math
 
 import torch
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 from .._saveat import SaveAt
 from .._tree import Flattener
 from ..controllers._base import AbstractController
 from ._base import AbstractAdjoint
+from ._params import _graph_leaves, check_reached
 
 __all__ = ["CheckpointAdjoint"]
 
@@ -116,11 +117,20 @@ class CheckpointAdjoint(AbstractAdjoint):
                 progress=None,
             )
 
-            def segment(y_flat, sub=sub):
-                sol = integrate(dataclasses.replace(sub, y0=flat.unflatten(y_flat)))
-                return flat.flatten_leading(sol.ys)
+            def segment(y_flat, sub=sub, seen=[]):  # noqa: B006 - per-segment memory of the first call
+                out = flat.flatten_leading(integrate(dataclasses.replace(sub, y0=flat.unflatten(y_flat))).ys)
+                # the recomputation in backward must use the parameters the forward pass used
+                # (not so under torch.func.functional_call, which swaps them back on exit)
+                leaves = {id(x) for x in _graph_leaves([out], {id(y_flat)})}
+                if not seen:
+                    seen.append(leaves)
+                else:
+                    check_reached(list(seen[0]), [i in leaves for i in seen[0]])
+                return out
 
-            out = checkpoint(segment, y, use_reentrant=False)
+            # no early stop: the recomputation must run to the end for the parameter check
+            with set_checkpoint_early_stop(False):
+                out = checkpoint(segment, y, use_reentrant=False)
             if saveat.steps:
                 ys_out.extend(out.unbind(0))
                 ts_out.extend(seg_ends)

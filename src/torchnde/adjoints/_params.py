@@ -53,3 +53,17 @@ def discover(problem):
         if p.device != flat.device:
             raise ValueError(f"a parameter of the vector field is on {p.device} but y0 is on {flat.device}")
     return flat, y0, args_proxy, proxies, arg_leaves, params
+
+
+def check_reached(params: list, reached: list) -> None:
+    """Raise if a parameter found in the forward pass got no gradient in the backward pass: the
+    vector field no longer uses it, which happens when the parameters were swapped in only for
+    the forward call (``torch.func.functional_call``)."""
+    missing = [tuple(p.shape) if isinstance(p, torch.Tensor) else "?" for p, r in zip(params, reached) if not r]
+    if missing:
+        raise RuntimeError(
+            f"{len(missing)} parameter(s) the vector field used in the forward pass (shapes {missing[:5]}) "
+            "were not used by it during the backward pass, so their gradients would be wrong. This "
+            "happens when parameters are substituted only for the forward call, e.g. with "
+            "torch.func.functional_call. Use adjoint=DirectAdjoint() there."
+        )

@@ -10,7 +10,7 @@ import torch
 from ..controllers import ConstantStepSize
 from ..solvers import AbstractAdaptiveSolver, AbstractERK, AbstractSolver
 from ._base import AbstractAdjoint
-from ._params import discover
+from ._params import check_reached, discover
 
 __all__ = ["ReversibleAdjoint"]
 
@@ -213,5 +213,7 @@ class _ReversibleFn(torch.autograd.Function):
                         g[i] = part if g[i] is None else g[i] + part
         if 0 in incoming:
             a_y = a_y + incoming[0]
+        if len(times) > 1:
+            check_reached(params, [gi is not None for gi in g[len(ctx.proxy_list) :]])
         grads = [torch.zeros_like(w) if gi is None else gi.to(w.dtype) for gi, w in zip(g, wrt)]
         return (None,) * 7 + (a_y + a_z, *grads)

@@ -33,6 +33,15 @@ def _unwrap(module: nn.Module) -> nn.Module:
     return module
 
 
+def _check_module(vector_field):
+    if not isinstance(vector_field, nn.Module):
+        kind = "a function" if callable(vector_field) else type(vector_field).__name__
+        raise TypeError(
+            f"NeuralODE needs the vector field as an nn.Module (so that its parameters are registered); "
+            f"got {kind}. For a plain function f(t, y, args) use torchnde.solve(ODETerm(f), ...)"
+        )
+
+
 def _vector_field_arity(module: nn.Module) -> int:
     """2 if ``module`` is called as ``module(t, y)``, 3 if as ``module(t, y, args)``."""
     forward = _unwrap(module).forward
@@ -119,12 +128,7 @@ class NeuralODE(nn.Module):
         max_steps: int | None = 4096,
     ):
         super().__init__()
-        if not isinstance(vector_field, nn.Module):
-            kind = "a function" if callable(vector_field) else type(vector_field).__name__
-            raise TypeError(
-                f"NeuralODE needs the vector field as an nn.Module (so that its parameters are registered); "
-                f"got {kind}. For a plain function f(t, y, args) use torchnde.solve(ODETerm(f), ...)"
-            )
+        _check_module(vector_field)
         if solver is None:
             solver = Tsit5()
         if isinstance(solver, type):
@@ -171,10 +175,14 @@ class NeuralODE(nn.Module):
         self.max_steps = max_steps
 
     def __setattr__(self, name, value):
-        super().__setattr__(name, value)
         if name == "vector_field":
             # read the calling convention once, whenever the vector field is (re)set
-            object.__setattr__(self, "_vf_arity", _vector_field_arity(value))
+            _check_module(value)
+            arity = _vector_field_arity(value)
+            super().__setattr__(name, value)
+            object.__setattr__(self, "_vf_arity", arity)
+        else:
+            super().__setattr__(name, value)
 
     def _vf(self, t, y, args):
         if self._vf_arity == 2:
