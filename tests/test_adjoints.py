@@ -312,3 +312,34 @@ def test_reversible_rejects_unsupported():
         )
     with pytest.raises(ValueError, match="in \\(0, 1\\]"):
         tn.ReversibleAdjoint(l=0.0)
+
+
+@pytest.mark.parametrize("adjoint", ALL, ids=lambda a: a.__name__)
+def test_gradients_with_respect_to_times(adjoint):
+    import math
+
+    f = lambda t, y, a: -y * (1 + 0.5 * math.sin(t))
+    y0 = torch.tensor([1.0, 2.0], dtype=F64)
+    ctrl = tn.PIDController(rtol=1e-12, atol=1e-12)
+
+    def loss(t0, t1, ts):
+        sol = tn.solve(
+            tn.ODETerm(f), tn.Dopri5(), t0, t1, y0, controller=ctrl, saveat=tn.SaveAt(ts=ts, t1=True), adjoint=adjoint()
+        )
+        return (sol.ys**2).sum()
+
+    t0 = torch.tensor(0.2, dtype=F64, requires_grad=True)
+    t1 = torch.tensor(1.5, dtype=F64, requires_grad=True)
+    ts = torch.tensor([0.5, 1.0], dtype=F64, requires_grad=True)
+    g0, g1, gs = torch.autograd.grad(loss(t0, t1, ts), (t0, t1, ts))
+    eps = 1e-6
+    with torch.no_grad():
+        fd0 = (loss(0.2 + eps, 1.5, ts.detach()) - loss(0.2 - eps, 1.5, ts.detach())) / (2 * eps)
+        fd1 = (loss(0.2, 1.5 + eps, ts.detach()) - loss(0.2, 1.5 - eps, ts.detach())) / (2 * eps)
+        e = torch.eye(2, dtype=F64) * eps
+        fds = torch.stack(
+            [(loss(0.2, 1.5, ts.detach() + e[j]) - loss(0.2, 1.5, ts.detach() - e[j])) / (2 * eps) for j in range(2)]
+        )
+    torch.testing.assert_close(g0, fd0, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(g1, fd1, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(gs, fds, rtol=1e-6, atol=1e-8)

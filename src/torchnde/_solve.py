@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import cmath
+import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
@@ -184,8 +185,63 @@ def solve(
         )
     if max_steps is not None and (not isinstance(max_steps, numbers.Integral) or max_steps < 1):
         raise ValueError(f"max_steps must be a positive int or None, got {max_steps!r}")
+    timed = [x for x in (t0, t1, saveat.ts) if isinstance(x, torch.Tensor) and x.requires_grad]
+    if timed and per_sample:
+        raise NotImplementedError(
+            "gradients with respect to t0, t1 or save times are not supported with per_sample=True yet; "
+            "pass the times detached, or solve without per_sample"
+        )
+    if timed and _requires_grad(t0):
+        # y(t; t0, y0) depends on t0 through y0 - (t0 - t0') f(t0, y0) at t0' = t0 (value unchanged)
+        y0 = _shift_in_time(terms, t0, y0, args, -1.0)
     problem = _Problem(terms, solver, controller, t0, t1, y0, dt0, args, saveat, max_steps, throw, progress, per_sample)
-    return adjoint.loop(problem, _integrate)
+    sol = adjoint.loop(problem, _integrate)
+    if timed and (_requires_grad(t1) or _requires_grad(saveat.ts)):
+        sol = _time_gradients(sol, terms, args, t1, saveat)
+    return sol
+
+
+def _requires_grad(x) -> bool:
+    return isinstance(x, torch.Tensor) and x.requires_grad
+
+
+def _tree_zip(a, b, fn):
+    """``fn`` applied leaf by leaf to two trees of the same structure."""
+    if isinstance(a, dict):
+        return {k: _tree_zip(a[k], b[k], fn) for k in a}
+    if isinstance(a, (tuple, list)):
+        return type(a)(_tree_zip(x, y, fn) for x, y in zip(a, b))
+    return fn(a, b)
+
+
+def _time_kick(terms, t, y, args, sign: float):
+    """``sign (t - t') f(t, y)`` at ``t' = t``: zero, with derivative ``sign f(t, y)`` in ``t``."""
+    f = terms.vf(float(t.detach()), tree_map(torch.Tensor.detach, y), args)
+    dt = (t - t.detach()) * sign
+    return tree_map(lambda fi: dt.to(fi.real.dtype) * fi.detach(), f)
+
+
+def _shift_in_time(terms, t, y, args, sign: float):
+    return _tree_zip(y, _time_kick(terms, t, y, args, sign), torch.add)
+
+
+def _time_gradients(sol, terms, args, t1, saveat):
+    """Give saved values their derivative with respect to their save time, d y(s)/ds = f(s, y(s))."""
+    picks = []  # (row of sol.ys, time tensor)
+    if _requires_grad(saveat.ts):
+        first = int(saveat.t0)
+        picks += [(first + j, s) for j, s in enumerate(saveat.ts.reshape(-1))]
+    if saveat.t1 and _requires_grad(t1) and sol.successful:
+        picks.append((sol.ts.shape[0] - 1, t1))
+    if not picks:
+        return sol
+    kicks = [_time_kick(terms, s, tree_map(lambda leaf, i=i: leaf[i], sol.ys), args, 1.0) for i, s in picks]
+    rows = torch.tensor([i for i, _ in picks], device=sol.ts.device)
+    stacked = tree_map(lambda x: x[None], kicks[0])
+    for kick in kicks[1:]:
+        stacked = _tree_zip(stacked, kick, lambda a, b: torch.cat([a, b[None]]))
+    ys = _tree_zip(sol.ys, stacked, lambda leaf, k: leaf.index_add(0, rows, k.to(leaf.dtype)))
+    return dataclasses.replace(sol, ys=ys)
 
 
 # --------------------------------------------------------------------------------------------

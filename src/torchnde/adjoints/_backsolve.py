@@ -11,7 +11,7 @@ from .._terms import ODETerm
 from .._tree import tree_map
 from ..controllers import ConstantStepSize, PIDController, rms_norm
 from ._base import AbstractAdjoint, DirectAdjoint
-from ._params import check_reached, discover
+from ._params import _scalar, check_reached, discover
 
 __all__ = ["BacksolveAdjoint"]
 
@@ -134,12 +134,12 @@ class _Backsolve(torch.autograd.Function):
 
         reached = [False] * len(wrt)
         ts = list(ctx.ts)
-        t0 = float(problem.t0)
+        t0 = _scalar(problem.t0)
         a = torch.zeros(N, dtype=dtype, device=ys.device)
         g = [torch.zeros_like(w, dtype=dtype) for w in wrt]
         solver = ctx.adjoint.solver if ctx.adjoint.solver is not None else problem.solver
         controller = ctx.adjoint.backward_controller(problem, 2 * N)
-        dt0 = None if problem.dt0 is None else -float(problem.dt0)
+        dt0 = None if problem.dt0 is None else -_scalar(problem.dt0)
         if isinstance(controller, ConstantStepSize) and dt0 is None:
             raise ValueError("BacksolveAdjoint with constant steps needs the forward dt0")
         # walk the save times backwards; t0 closes the last interval

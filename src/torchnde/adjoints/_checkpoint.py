@@ -12,7 +12,7 @@ from .._saveat import SaveAt
 from .._tree import Flattener
 from ..controllers._base import AbstractController
 from ._base import AbstractAdjoint
-from ._params import _graph_leaves, check_reached
+from ._params import _graph_leaves, _scalar, check_reached
 
 __all__ = ["CheckpointAdjoint"]
 
@@ -77,7 +77,7 @@ class CheckpointAdjoint(AbstractAdjoint):
         # 1. find the steps (no graph)
         with torch.no_grad():
             first = integrate(dataclasses.replace(problem, saveat=SaveAt(steps=True)))
-        sign = 1.0 if float(problem.t1) > float(problem.t0) else -1.0
+        sign = 1.0 if _scalar(problem.t1) > _scalar(problem.t0) else -1.0
         ends = first.ts.tolist()
         n = len(ends)
         if n == 0:
@@ -86,7 +86,7 @@ class CheckpointAdjoint(AbstractAdjoint):
         bounds = [round(k * n / segments) for k in range(segments + 1)]
 
         flat = Flattener(problem.y0, batch=False)
-        t0 = float(problem.t0)
+        t0 = _scalar(problem.t0)
         user_ts = None if saveat.ts is None else torch.as_tensor(saveat.ts, dtype=torch.float64).flatten().tolist()
 
         y = flat.flatten(problem.y0)

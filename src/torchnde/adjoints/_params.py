@@ -6,7 +6,12 @@ import torch
 
 from .._tree import Flattener, tree_leaves, tree_map
 
-__all__ = ["discover"]
+__all__ = ["discover", "check_reached", "_scalar"]
+
+
+def _scalar(x) -> float:
+    """A time given as a number or a 0-d tensor (possibly requiring grad), as a float."""
+    return float(x.detach()) if isinstance(x, torch.Tensor) else float(x)
 
 
 def _graph_leaves(outputs, exclude) -> list:
@@ -45,7 +50,7 @@ def discover(problem):
     args_proxy = tree_map(lambda x: proxies.get(id(x), x) if isinstance(x, torch.Tensor) else x, problem.args)
     with torch.enable_grad():
         probe = y0.detach().requires_grad_()
-        out = problem.terms.vf(float(problem.t0), flat.unflatten(probe), args_proxy)
+        out = problem.terms.vf(_scalar(problem.t0), flat.unflatten(probe), args_proxy)
         outs = [o for o in tree_leaves(out) if isinstance(o, torch.Tensor)]
         exclude = {id(probe), *(id(p) for p in proxies.values()), *(id(x) for x in arg_leaves)}
         params = _graph_leaves(outs, exclude)
