@@ -106,8 +106,9 @@ def solve(
     Args:
         terms: what is integrated, e.g. ``ODETerm(f)`` for :math:`\dot y = f(t, y, \text{args})`.
         solver: the numerical method, e.g. ``Tsit5()``.
-        t0, t1: start and end times; ``t1 < t0`` integrates backwards. In per-sample mode also
-            ``(batch,)`` tensors (one interval per sample, all in the same direction).
+        t0, t1: start and end times (numbers or 0-d tensors; a tensor that requires grad gets
+            its gradient, as do save times); ``t1 < t0`` integrates backwards. In per-sample mode
+            also ``(batch,)`` tensors (one interval per sample, all in the same direction).
         y0: the initial state: a tensor of any shape, or a dict/tuple/list of tensors (one dtype
             and device: float32, float64 or complex). Every tensor the solve creates follows it.
         dt0: the initial (for ``ConstantStepSize``: every) step size, signed like ``t1 - t0``.
@@ -116,7 +117,8 @@ def solve(
         saveat: what to return (default: the value at ``t1``).
         controller: ``ConstantStepSize()`` or ``PIDController(rtol, atol, ...)``. ``None`` means
             ``ConstantStepSize()`` and needs ``dt0``.
-        adjoint: how gradients are computed (``DirectAdjoint()``: autograd through the steps).
+        adjoint: how gradients are computed: ``DirectAdjoint()`` (autograd through the steps),
+            ``CheckpointAdjoint()``, ``BacksolveAdjoint()`` or ``ReversibleAdjoint()``.
         max_steps: the most steps (accepted + rejected) to take; ``None`` for no limit.
         throw: raise :class:`SolveError` if the solve fails; with ``False`` the failure is in
             ``Solution.result`` and the solution holds what was computed before it.

@@ -30,7 +30,8 @@ class BacksolveAdjoint(AbstractAdjoint):
     (``nn.Module`` parameters, captured tensors), found by walking the autograd graph of one
     evaluation. A captured tensor computed *outside* the solve from parameters (not a leaf) is
     differentiated through as well, as long as its graph is still alive; pass such tensors in
-    ``args`` to be safe. Times (``t0``, ``t1``, save times) get no gradient.
+    ``args`` to be safe. Gradients with respect to ``t0``, ``t1`` and save times are added by
+    ``solve`` for every adjoint.
 
     Args:
         solver: the solver of the backward solve (default: the forward solver).
