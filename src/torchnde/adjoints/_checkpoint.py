@@ -10,26 +10,11 @@ from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 from .._saveat import SaveAt
 from .._tree import Flattener
-from ..controllers._base import AbstractController
+from ..controllers._grid import StepEnds
 from ._base import AbstractAdjoint
 from ._params import _graph_leaves, _scalar, check_reached
 
 __all__ = ["CheckpointAdjoint"]
-
-
-class _Replay(AbstractController):
-    """Replays a recorded sequence of step ends (internal forward time), accepting every step."""
-
-    def __init__(self, ends: list):
-        self.ends = ends
-
-    def init(self, term, solver, t0, t1, y0, f0, dt0, ops):
-        return self.ends[0] - t0, 0
-
-    def adapt(self, t0, t1, y0, y1, y_error, error_order, i, ops):
-        i += 1
-        nxt = self.ends[i] - t1 if i < len(self.ends) else t1 - t0
-        return True, nxt, i, None
 
 
 class CheckpointAdjoint(AbstractAdjoint):
@@ -111,7 +96,7 @@ class CheckpointAdjoint(AbstractAdjoint):
                 t0=start,
                 t1=stop,
                 dt0=None,
-                controller=_Replay([e * sign for e in seg_ends]),
+                controller=StepEnds([e * sign for e in seg_ends]),
                 saveat=sub_save,
                 max_steps=None,
                 progress=None,

@@ -56,6 +56,7 @@ from .._terms import ODETerm
 from .._tree import Flattener
 from ..adjoints import BacksolveAdjoint, DirectAdjoint
 from ..controllers import AbstractController, ConstantStepSize, PIDController, rms_norm
+from ..controllers._grid import StepEnds
 from ..solvers import AbstractERK, Bosh3, ButcherTableau, Dopri5, Dopri8, Euler, Heun, Midpoint, Tsit5
 
 __all__ = ["odeint", "odeint_adjoint", "SolveError"]
@@ -184,25 +185,6 @@ def _state_norm(flat: Flattener, user_norm) -> Callable:
     return mixed_norm
 
 
-class _GridSteps(AbstractController):
-    """Fixed steps along a grid: from each point (internal, increasing times from t0 to t1) to the
-    next, every step accepted."""
-
-    def __init__(self, grid: list):
-        self.grid = grid
-
-    def init(self, term, solver, t0, t1, y0, f0, dt0, ops):
-        return self.grid[1] - t0, 1
-
-    def adapt(self, t0, t1, y0, y1, y_error, error_order, i, ops):
-        i += 1
-        nxt = self.grid[i] - t1 if i < len(self.grid) else t1 - t0
-        return True, nxt, i, None
-
-    def __repr__(self):
-        return f"_GridSteps({len(self.grid) - 1} steps)"
-
-
 class _OneStep(AbstractController):
     """One step over the whole interval (the adjoint of a fixed-grid solve on the output times)."""
 
@@ -317,7 +299,7 @@ def _plan_method(method, options, rtol, atol, flat, ts, sign, what):
     elif grid_constructor is not None:
         p.grid_constructor = grid_constructor
     else:
-        p.controller = _GridSteps([sign * v for v in ts]) if ts is not None else _OneStep()
+        p.controller = StepEnds([sign * v for v in ts][1:]) if ts is not None else _OneStep()
     p.step_size = step_size
     p.grid_constructor = grid_constructor
     return p
@@ -386,7 +368,7 @@ def _prepare(func, y0, t, rtol, atol, method, options, event_fn, fname):
         g = [sign * v for v in grid]
         if not all(b > a for a, b in zip(g[:-1], g[1:])):
             raise ValueError("grid_constructor must return a strictly monotone grid in the direction of t")
-        plan.controller = _GridSteps(g)
+        plan.controller = StepEnds(g[1:])
     # torchdiffeq casts the time it passes to func to y0's real dtype
     plan.vf = _TimeAsTensor(func, flat.dtype.to_real() if flat.dtype.is_complex else flat.dtype, flat.device)
     plan.ts = ts
