@@ -146,6 +146,26 @@ def solve(
             + "\n".join(lines)
             + f"\nvalid keyword arguments are: {', '.join(_KEYWORDS)}"
         )
+    controller = _check_policies(terms, solver, saveat, adjoint, controller, dt0, max_steps)
+    timed = [x for x in (t0, t1, saveat.ts) if isinstance(x, torch.Tensor) and x.requires_grad]
+    if timed and per_sample:
+        raise NotImplementedError(
+            "gradients with respect to t0, t1 or save times are not supported with per_sample=True yet; "
+            "pass the times detached, or solve without per_sample"
+        )
+    if timed and _requires_grad(t0):
+        # y(t; t0, y0) depends on t0 through y0 - (t0 - t0') f(t0, y0) at t0' = t0 (value unchanged)
+        y0 = _shift_in_time(terms, t0, y0, args, -1.0)
+    problem = _Problem(terms, solver, controller, t0, t1, y0, dt0, args, saveat, max_steps, throw, progress, per_sample)
+    sol = adjoint.loop(problem, _integrate)
+    if timed and (_requires_grad(t1) or _requires_grad(saveat.ts)):
+        sol = _time_gradients(sol, terms, args, t1, saveat)
+    return sol
+
+
+def _check_policies(terms, solver, saveat, adjoint, controller, dt0, max_steps):
+    """Type checks of solve's policy arguments, with messages that say what to pass; returns the
+    controller to use (``ConstantStepSize()`` when none is given with a ``dt0``)."""
     if not isinstance(terms, AbstractTerm):
         if callable(terms):
             raise TypeError(
@@ -187,20 +207,7 @@ def solve(
         )
     if max_steps is not None and (not isinstance(max_steps, numbers.Integral) or max_steps < 1):
         raise ValueError(f"max_steps must be a positive int or None, got {max_steps!r}")
-    timed = [x for x in (t0, t1, saveat.ts) if isinstance(x, torch.Tensor) and x.requires_grad]
-    if timed and per_sample:
-        raise NotImplementedError(
-            "gradients with respect to t0, t1 or save times are not supported with per_sample=True yet; "
-            "pass the times detached, or solve without per_sample"
-        )
-    if timed and _requires_grad(t0):
-        # y(t; t0, y0) depends on t0 through y0 - (t0 - t0') f(t0, y0) at t0' = t0 (value unchanged)
-        y0 = _shift_in_time(terms, t0, y0, args, -1.0)
-    problem = _Problem(terms, solver, controller, t0, t1, y0, dt0, args, saveat, max_steps, throw, progress, per_sample)
-    sol = adjoint.loop(problem, _integrate)
-    if timed and (_requires_grad(t1) or _requires_grad(saveat.ts)):
-        sol = _time_gradients(sol, terms, args, t1, saveat)
-    return sol
+    return controller
 
 
 def _requires_grad(x) -> bool:
