@@ -81,6 +81,10 @@ class ReversibleAdjoint(AbstractAdjoint):
     of the reconstruction). Each step costs two steps of the base method. Adaptive solvers keep
     their error estimate (from the first half-step); save times are stepped onto exactly.
 
+    Caveat: the scheme carries a parasitic mode with growth factor ``l / R(h mu)`` per step on
+    ``y' = mu y``: where the dynamics contract strongly over a step it grows, so strongly
+    contracting problems need smaller steps than the base method (see docs/adjoints.md).
+
     Args:
         l: the coupling :math:`\lambda \in (0, 1]`; values just below 1 (the default, 0.999, as
             recommended by McCallum & Foster) damp the parasitic mode between :math:`y` and
