@@ -87,16 +87,14 @@ def _lincomb(base, scale, ks: list, ct: torch.Tensor, cf: tuple):
         terms = [(k, c) for k, c in zip(ks, cf) if c != 0.0]
         if not terms:
             return torch.zeros_like(ks[0]) if base is None else base.clone()
-        if scalar:
-            k0, c0 = terms[0]
-            out = torch.mul(k0, c0 * scale) if base is None else torch.add(base, k0, alpha=c0 * scale)
-            for k, c in terms[1:]:
-                out.add_(k, alpha=c * scale)
-            return out
+        # sum the stages first and add the increment to the state once: adding each small term
+        # to the (larger) state separately loses precision in float32
         k0, c0 = terms[0]
         comb = torch.mul(k0, c0)
         for k, c in terms[1:]:
             comb.add_(k, alpha=c)
+    if scalar:
+        return comb * scale if base is None else torch.add(base, comb, alpha=scale)
     return comb * scale if base is None else torch.addcmul(base, scale, comb)
 
 
