@@ -9,7 +9,14 @@ from ._saveat import SaveAt
 from ._solution import Solution
 from ._solve import solve
 from ._terms import AbstractTerm, ODETerm
-from .adjoints import AbstractAdjoint, BacksolveAdjoint, CheckpointAdjoint, DirectAdjoint, ReversibleAdjoint
+from .adjoints import (
+    AbstractAdjoint,
+    BacksolveAdjoint,
+    CheckpointAdjoint,
+    DirectAdjoint,
+    ReversibleAdjoint,
+    ReversibleHeun,
+)
 from .controllers import AbstractController, ConstantStepSize, PIDController
 from .solvers import (
     RK4,
@@ -58,4 +65,5 @@ __all__ = [
     "CheckpointAdjoint",
     "BacksolveAdjoint",
     "ReversibleAdjoint",
+    "ReversibleHeun",
 ]

@@ -9,13 +9,29 @@ import torch
 
 from ..controllers import ConstantStepSize
 from ..solvers import AbstractAdaptiveSolver, AbstractERK, AbstractSolver
+from ..solvers._base import hermite_coeffs
 from ._base import AbstractAdjoint
 from ._params import check_reached, discover
 
-__all__ = ["ReversibleAdjoint"]
+__all__ = ["AbstractReversibleSolver", "ReversibleAdjoint", "ReversibleHeun"]
 
 
-class _Reversible(AbstractSolver):
+class AbstractReversibleSolver(AbstractSolver):
+    """A solver whose step can be inverted exactly. Its state is ``(z, f(t, z))`` for a second
+    state ``z`` that starts equal to ``y``; :meth:`backward_step` reconstructs the previous
+    ``(y, z)`` from the next one and backpropagates through the step, which is what
+    :class:`ReversibleAdjoint` needs."""
+
+    def initial_derivative(self, state):
+        return state[1]
+
+    def backward_step(self, term, t0, t1, y1, z1, a_y, a_z, wrt):  # pragma: no cover - interface
+        """Returns ``(y0, z0, a_y0, a_z0, grads)``: the reconstructed states, the adjoints of
+        ``(y0, z0)`` and a list of vector-Jacobian products with ``wrt`` (``None`` if unused)."""
+        raise NotImplementedError
+
+
+class _Reversible(AbstractReversibleSolver):
     """McCallum & Foster's reversible wrapper of an explicit Runge--Kutta method ``Psi``:
 
     ``y1 = l y0 + (1 - l) z0 + Psi_h(t0, z0)`` and ``z1 = z0 - Psi_{-h}(t1, y1)`` (``Psi`` the
@@ -35,9 +51,6 @@ class _Reversible(AbstractSolver):
     def init(self, term, t0, y0):
         return (y0, term.vf(t0, y0))
 
-    def initial_derivative(self, state):
-        return state[1]
-
     def step(self, term, t0, t1, y0, state):
         z, fz = state
         adaptive = self.error_order is not None
@@ -50,6 +63,22 @@ class _Reversible(AbstractSolver):
     def dense_coeffs(self, term, dense_info):  # pragma: no cover - guarded in ReversibleAdjoint
         raise NotImplementedError("ReversibleAdjoint has no dense output")
 
+    def backward_step(self, term, t0, t1, y1, z1, a_y, a_z, wrt):
+        base, lam = self.base, self.lam
+        with torch.enable_grad():
+            y1_ = y1.detach().requires_grad_()
+            back, _ = base.increment(term, t1, t0, y1_, term.vf(t1, y1_))
+            # z1 = z0 - back(y1): the adjoint of z1 reaches y1 with a minus sign
+            gb = torch.autograd.grad(back, (y1_, *wrt), -a_z, allow_unused=True)
+        z0 = (z1 + back).detach()
+        with torch.enable_grad():
+            z0_ = z0.requires_grad_()
+            inc, _ = base.increment(term, t0, t1, z0_, term.vf(t0, z0_))
+            a_y1 = a_y + gb[0]
+            gf = torch.autograd.grad(inc, (z0_, *wrt), a_y1, allow_unused=True)
+        y0 = (y1 - (1 - lam) * z0 - inc.detach()) / lam
+        return y0, z0, lam * a_y1, a_z + (1 - lam) * a_y1 + gf[0], [*gb[1:], *gf[1:]]
+
     def __eq__(self, other):
         return type(self) is type(other) and self.base == other.base and self.lam == other.lam
 
@@ -59,6 +88,59 @@ class _Reversible(AbstractSolver):
 
 class _AdaptiveReversible(_Reversible, AbstractAdaptiveSolver):
     pass
+
+
+class ReversibleHeun(AbstractReversibleSolver):
+    r"""The reversible Heun method (Kidger, Foster, Li & Lyons 2021), order 2, one evaluation per
+    step:
+
+    .. math::
+        z_{n+1} = 2 y_n - z_n + h f(t_n, z_n),\qquad
+        y_{n+1} = y_n + \tfrac h2 \big(f(t_n, z_n) + f(t_{n+1}, z_{n+1})\big),
+
+    exactly invertible, so :class:`ReversibleAdjoint` gives exact gradients in constant memory.
+    Constant steps (``dt0``); its parasitic mode (eigenvalue :math:`-1` as :math:`h \to 0`) is
+    not damped, so it suits smooth, non-stiff problems. Dense output: cubic Hermite.
+    """
+
+    order = 2
+    dense_order = 2
+
+    def init(self, term, t0, y0):
+        return (y0, term.vf(t0, y0))
+
+    def step(self, term, t0, t1, y0, state):
+        z0, f0 = state
+        h = t1 - t0
+        z1 = torch.add(2 * y0 - z0, f0, alpha=h) if isinstance(h, float) else 2 * y0 - z0 + _col(h) * f0
+        f1 = term.vf(t1, z1)
+        y1 = torch.add(y0, f0 + f1, alpha=h / 2) if isinstance(h, float) else y0 + _col(h) / 2 * (f0 + f1)
+        return y1, None, (t0, t1, y0, y1, f0, f1), (z1, f1), None
+
+    def dense_coeffs(self, term, dense_info):
+        t0, t1, y0, y1, f0, f1 = dense_info
+        h = t1 - t0
+        return hermite_coeffs(y0, y1, f0, f1, h if isinstance(h, float) else _col(h))
+
+    def backward_step(self, term, t0, t1, y1, z1, a_y, a_z, wrt):
+        h = t1 - t0
+        with torch.enable_grad():
+            z1_ = z1.detach().requires_grad_()
+            f1 = term.vf(t1, z1_)
+            # y1 depends on z1 through f(z1): the adjoint of z1 gains (h/2) J(z1)^T a_y
+            g1 = torch.autograd.grad(f1, (z1_, *wrt), a_y * (h / 2), allow_unused=True)
+        a_z1 = a_z + g1[0]
+        z0 = (2 * y1 - z1 - h * f1).detach()
+        with torch.enable_grad():
+            z0_ = z0.requires_grad_()
+            f0 = term.vf(t0, z0_)
+            g0 = torch.autograd.grad(f0, (z0_, *wrt), a_z1 * h + a_y * (h / 2), allow_unused=True)
+        y0 = y1 - (h / 2) * (f0.detach() + f1.detach())
+        return y0, z0, a_y + 2 * a_z1, g0[0] - a_z1, [*g1[1:], *g0[1:]]
+
+
+def _col(h):
+    return h.unsqueeze(-1)
 
 
 class ReversibleAdjoint(AbstractAdjoint):
@@ -105,7 +187,7 @@ class ReversibleAdjoint(AbstractAdjoint):
 
     def _prepare(self, problem):
         solver = problem.solver
-        if not isinstance(solver, AbstractERK):
+        if not isinstance(solver, (AbstractERK, AbstractReversibleSolver)):
             raise NotImplementedError(
                 f"ReversibleAdjoint needs an explicit Runge-Kutta solver (e.g. Tsit5()), got {type(solver).__name__}; "
                 "use adjoint=DirectAdjoint() or CheckpointAdjoint() with other solvers"
@@ -122,7 +204,12 @@ class ReversibleAdjoint(AbstractAdjoint):
         controller = problem.controller
         if getattr(controller, "jump_ts", None) is not None:
             raise NotImplementedError("ReversibleAdjoint does not support jump_ts; use adjoint=CheckpointAdjoint()")
-        wrapped = (_AdaptiveReversible if isinstance(solver, AbstractAdaptiveSolver) else _Reversible)(solver, self.l)
+        if isinstance(solver, AbstractReversibleSolver):
+            wrapped = solver  # already reversible, e.g. ReversibleHeun()
+        else:
+            wrapped = (_AdaptiveReversible if isinstance(solver, AbstractAdaptiveSolver) else _Reversible)(
+                solver, self.l
+            )
         if problem.saveat.ts is not None:
             # land on every save time so saved values are states of the reversible scheme
             ts = torch.as_tensor(problem.saveat.ts, dtype=torch.float64).detach().cpu().flatten()
@@ -173,7 +260,6 @@ class _ReversibleFn(torch.autograd.Function):
         problem, flat, internal = ctx.problem, ctx.flat, ctx.internal
         wrt = [*ctx.proxy_list, *params]
         solver = problem.solver
-        base, lam = solver.base, solver.lam
         sign = internal["sign"]
         term = _FlatTerm(problem.terms, flat, ctx.args_proxy, sign, False)
         term.checked = True
@@ -195,26 +281,11 @@ class _ReversibleFn(torch.autograd.Function):
         for n in range(len(times) - 1, 0, -1):
             if n in incoming:
                 a_y = a_y + incoming[n]
-            t_lo, t_hi = times[n - 1], times[n]
-            with torch.enable_grad():
-                y1 = y.detach().requires_grad_()
-                back, _ = base.increment(term, t_hi, t_lo, y1, term.vf(t_hi, y1))
-                # z1 = z0 - back(y1): the adjoint of z1 reaches y1 with a minus sign
-                gb = torch.autograd.grad(back, (y1, *wrt), -a_z, allow_unused=True)
-            z0 = (z + back).detach()
-            with torch.enable_grad():
-                z0_ = z0.requires_grad_()
-                inc, _ = base.increment(term, t_lo, t_hi, z0_, term.vf(t_lo, z0_))
-                a_y1 = a_y + gb[0]
-                gf = torch.autograd.grad(inc, (z0_, *wrt), a_y1, allow_unused=True)
-            y = (y - (1 - lam) * z0 - inc.detach()) / lam
-            z = z0
-            a_z = a_z + (1 - lam) * a_y1 + gf[0]
-            a_y = lam * a_y1
-            for i, (u, v) in enumerate(zip(gb[1:], gf[1:])):
-                for part in (u, v):
-                    if part is not None:
-                        g[i] = part if g[i] is None else g[i] + part
+            y, z, a_y, a_z, parts = solver.backward_step(term, times[n - 1], times[n], y, z, a_y, a_z, wrt)
+            for i, part in enumerate(parts):  # one block of len(wrt) per vector-Jacobian product
+                if part is not None:
+                    i %= len(wrt)
+                    g[i] = part if g[i] is None else g[i] + part
         if 0 in incoming:
             a_y = a_y + incoming[0]
         if len(times) > 1:
