@@ -76,12 +76,8 @@ def _lincomb(base, scale, ks: list, ct: torch.Tensor, cf: tuple):
     """
     scalar = isinstance(scale, float)
     if len(ks) > 1 and ks[0].numel() <= _STACK_MAX_NUMEL:
-        if scalar:
-            K = torch.stack(ks).t()  # (N, n) view of contiguous rows
-            if base is None:
-                return torch.addmv(ks[0], K, ct, beta=0, alpha=scale)
-            return torch.addmv(base, K, ct, alpha=scale)
-        # per-sample (B, N) states: the coefficients are shared, so combine the flattened batch
+        # the coefficients are shared by the whole (flattened) state, per sample or not; the
+        # increment is summed first and added to the state once (float32 precision)
         comb = torch.mv(torch.stack(ks).view(len(ks), -1).t(), ct).view_as(ks[0])
     else:
         terms = [(k, c) for k, c in zip(ks, cf) if c != 0.0]
