@@ -154,13 +154,13 @@ class PIDController(AbstractController):
         small = ops.or_(d0 < 1e-5, d1 < 1e-5)
         h0 = ops.where(small, ops.full(1e-6), 0.01 * d0 / ops.where(small, ops.full(1.0), d1))
         h0 = ops.minimum(h0, t1 - t0)
-        h0 = ops.maximum(h0, ops.full(1e-300)) if ops.batched else max(h0, 1e-300)
+        h0 = ops.maximum(h0, 1e-300)
         h0y = h0 if not ops.batched else h0.to(y0.real.dtype if y0.is_complex() else y0.dtype).unsqueeze(-1)
         with torch.no_grad():
             y1 = y0.detach() + h0y * f0.detach() if ops.batched else torch.add(y0.detach(), f0.detach(), alpha=h0)
             f1 = term.vf(t0 + h0, y1)
         d2 = _to_scalar(ops, self._scaled_norm(f1 - f0.detach(), y0)) / h0
-        d2 = ops.nan_to(d2, math.inf) if ops.batched else (math.inf if d2 != d2 else d2)
+        d2 = ops.nan_to(d2, math.inf)
         dmax = ops.maximum(d1, d2)
         tiny = dmax <= 1e-15
         h1 = ops.where(
@@ -179,13 +179,13 @@ class PIDController(AbstractController):
         dt = t1 - t0
         err = _to_scalar(ops, self._scaled_norm(y_error, y0, y1))
         finite = ops.isfinite(err)
-        err = ops.nan_to(err, math.inf) if ops.batched else (err if finite else math.inf)
+        err = ops.nan_to(err, math.inf)
         accept = err <= 1.0
         k = error_order + 1
         b1 = (self.pcoeff + self.icoeff + self.dcoeff) / k
         b2 = -(self.pcoeff + 2 * self.dcoeff) / k
         b3 = self.dcoeff / k
-        inv = 1.0 / ops.maximum(err, 1e-300) if ops.batched else 1.0 / max(err, 1e-300)
+        inv = 1.0 / ops.maximum(err, 1e-300)
         prev1, prev2 = cstate
         shrink = self.safety * inv ** (1.0 / k)  # after a rejection: the integral rule alone
         grow = shrink if b1 == 1.0 / k else self.safety * inv**b1
