@@ -279,27 +279,56 @@ def _free_port():
         return s.getsockname()[1]
 
 
+_DDP_SCRIPT = """
+import copy, sys
+import torch
+from torch import nn
+import torch.distributed as dist
+import torchnde as tn
+from torchnde.nn import NeuralODE
+
+class Field(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 2))
+    def forward(self, t, y):
+        return self.net(y)
+
+adj = tn.DirectAdjoint() if sys.argv[1] == "direct" else getattr(tn, sys.argv[1])()
+dist.init_process_group("gloo", store=dist.FileStore(sys.argv[2], 1), rank=0, world_size=1)
+try:
+    torch.manual_seed(0)
+    model = NeuralODE(Field(), adjoint=adj, controller=tn.PIDController(rtol=1e-6, atol=1e-7))
+    ref = copy.deepcopy(model)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    y0 = torch.randn(8, 2)
+    for m in (ddp, ref):
+        m(y0, saveat=tn.SaveAt(ts=[0.5, 1.0])).ys.square().mean().backward()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-8)
+    # unused-parameter detection walks the returned Solution (a dataclass)
+    ddp2 = nn.parallel.DistributedDataParallel(copy.deepcopy(ref), find_unused_parameters=True)
+    ddp2(y0).ys.sum().backward()
+    assert all(p.grad is not None for p in ddp2.parameters())
+finally:
+    dist.destroy_process_group()
+print("ok")
+"""
+
+
 @pytest.mark.parametrize("adjoint", ["direct", "BacksolveAdjoint"])
 def test_distributed_data_parallel_gloo_single_process(adjoint, tmp_path):
+    # in a child process: gloo's threads and process-group state stay out of the test process
+    import subprocess
+    import sys
+
     dist = pytest.importorskip("torch.distributed")
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    adj = _adjoint(adjoint)
-    store = dist.FileStore(str(tmp_path / "store"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    try:
-        torch.manual_seed(0)
-        model = NeuralODE(Field(), adjoint=adj, controller=tn.PIDController(rtol=1e-6, atol=1e-7))
-        ref = copy.deepcopy(model)
-        ddp = nn.parallel.DistributedDataParallel(model)
-        y0 = torch.randn(8, 2)
-        for m in (ddp, ref):
-            m(y0, saveat=tn.SaveAt(ts=[0.5, 1.0])).ys.square().mean().backward()
-        for p, q in zip(model.parameters(), ref.parameters()):
-            torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-8)
-        # unused-parameter detection walks the returned Solution (a dataclass)
-        ddp2 = nn.parallel.DistributedDataParallel(copy.deepcopy(ref), find_unused_parameters=True)
-        ddp2(y0).ys.sum().backward()
-        assert all(p.grad is not None for p in ddp2.parameters())
-    finally:
-        dist.destroy_process_group()
+    run = subprocess.run(
+        [sys.executable, "-c", _DDP_SCRIPT, adjoint, str(tmp_path / "store")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
