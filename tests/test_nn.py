@@ -2,7 +2,6 @@
 
 import copy
 import io
-import socket
 
 import pytest
 import torch
@@ -271,12 +270,6 @@ def test_torch_compile_of_the_vector_field():
     other.vector_field.compile(backend="aot_eager")
     torch.testing.assert_close(other(y0).ys, eager.ys, rtol=1e-5, atol=1e-6)
     torch._dynamo.reset()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 _DDP_SCRIPT = """

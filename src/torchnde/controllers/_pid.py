@@ -178,7 +178,6 @@ class PIDController(AbstractController):
     def adapt(self, t0, t1, y0, y1, y_error, error_order, cstate, ops):
         dt = t1 - t0
         err = _to_scalar(ops, self._scaled_norm(y_error, y0, y1))
-        finite = ops.isfinite(err)
         err = ops.nan_to(err, math.inf)
         accept = err <= 1.0
         k = error_order + 1
@@ -208,7 +207,7 @@ class PIDController(AbstractController):
         if self.dtmin:
             if self.force_dtmin:
                 at_min = dt <= self.dtmin * (1 + 1e-12)
-                accept = ops.or_(accept, ops.and_(at_min, finite))
+                accept = ops.or_(accept, ops.and_(at_min, ops.isfinite(err)))
                 dt_next = ops.maximum(dt_next, self.dtmin)
             else:
                 too_small = ops.and_(ops.not_(accept), dt_next < self.dtmin)
