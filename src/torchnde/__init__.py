@@ -8,7 +8,7 @@ from ._results import Result, SolveError
 from ._saveat import SaveAt
 from ._solution import Solution
 from ._solve import solve
-from ._terms import AbstractTerm, ODETerm
+from ._terms import AbstractTerm, ControlTerm, MultiTerm, ODETerm
 from .adjoints import (
     AbstractAdjoint,
     BacksolveAdjoint,
@@ -17,9 +17,11 @@ from .adjoints import (
     ReversibleAdjoint,
     ReversibleHeun,
 )
+from .paths import AbstractBrownianPath, AbstractPath, BrownianIncrement
 from .controllers import AbstractController, ConstantStepSize, PIDController
 from .solvers import (
     RK4,
+    SDE_SOLVERS,
     SOLVERS,
     AbstractAdaptiveSolver,
     AbstractSolver,
@@ -44,10 +46,16 @@ __all__ = [
     "SolveError",
     "AbstractTerm",
     "ODETerm",
+    "ControlTerm",
+    "MultiTerm",
+    "AbstractPath",
+    "AbstractBrownianPath",
+    "BrownianIncrement",
     "AbstractSolver",
     "AbstractAdaptiveSolver",
     "ButcherTableau",
     "SOLVERS",
+    "SDE_SOLVERS",
     "Euler",
     "Heun",
     "Midpoint",

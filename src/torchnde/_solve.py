@@ -16,8 +16,8 @@ from ._progress import make_progress
 from ._results import Result, SolveError
 from ._saveat import SaveAt
 from ._solution import DenseInterpolation, Solution
-from ._terms import AbstractTerm, ODETerm
-from ._tree import Flattener, tree_map
+from ._terms import AbstractTerm, ODETerm, SDETerm, normalize_terms
+from ._tree import Flattener, tree_leaves, tree_map, tree_zip
 from .adjoints import AbstractAdjoint, DirectAdjoint
 from .controllers import AbstractController, ConstantStepSize, PIDController
 from .solvers import AbstractAdaptiveSolver, AbstractSolver
@@ -44,6 +44,8 @@ _HINTS = {
 class _FlatTerm:
     """The user's term seen by solvers: flat state, forward internal time, args bound, NFE counted."""
 
+    rough = False
+
     __slots__ = ("term", "flat", "args", "sign", "nfe", "batched", "checked")
 
     def __init__(self, term, flat: Flattener, args, sign: float, batched: bool):
@@ -63,6 +65,148 @@ class _FlatTerm:
             self.checked = True
         out = self.flat.tree_to_state(out)
         return -out if self.sign < 0 else out
+
+
+class _FlatSDE:
+    """An SDE seen by solvers: flat state, forward internal time, args bound.
+
+    ``vf(t, y)`` is the drift (flat; zero if there is none), ``diffusion(t, y)`` the diffusion in
+    the user's shapes, ``noise(t0, t1)`` the Brownian increment over an internal-time step,
+    ``gprod(g, dW)`` their product as a flat increment. The generic pair interface
+    ``vf_pair`` / ``contr`` / ``prod`` lets Runge--Kutta-type solvers treat drift and noise
+    together: ``prod(vf_pair(t, y), contr(t0, t1))`` is ``f dt + g dW``.
+    """
+
+    rough = True
+    __slots__ = (
+        "sde", "flat", "args", "sign", "nfe", "nfe_diffusion", "batched", "checked", "checked_g", "checked_w",
+        "control", "path", "noise_type", "noise_class",
+    )  # fmt: skip
+
+    def __init__(self, sde: SDETerm, flat: Flattener, args, sign: float, batched: bool):
+        self.sde = sde
+        self.control = sde.control
+        self.path = sde.control.path
+        self.noise_type = sde.control.noise
+        self.noise_class = sde.control.noise_class
+        self.flat = flat
+        self.args = args
+        self.sign = sign
+        self.batched = batched
+        self.nfe = 0
+        self.nfe_diffusion = 0
+        self.checked = self.checked_g = self.checked_w = False
+
+    def vf(self, t, y):
+        """The drift on the flat state (zeros if the SDE has none)."""
+        if self.sde.drift is None:
+            return torch.zeros_like(y)
+        self.nfe += 1
+        out = self.sde.drift.vf(-t if self.sign < 0 else t, self.flat.state_to_tree(y), self.args)
+        if not self.checked:
+            self.flat.check_output(out, f"the drift of {self.sde!r}")
+            self.checked = True
+        out = self.flat.tree_to_state(out)
+        return -out if self.sign < 0 else out
+
+    drift = vf
+
+    def diffusion(self, t, y):
+        """``g(t, y)`` in the user's shapes (see :class:`~torchnde.ControlTerm`)."""
+        self.nfe_diffusion += 1
+        g = self.control.vector_field(-t if self.sign < 0 else t, self.flat.state_to_tree(y), self.args)
+        if not self.checked_g:
+            _check_diffusion(self.flat, g, self.noise_type, self.control)
+            self.checked_g = True
+        return g
+
+    def _times(self, t0, t1):
+        return (-t0, -t1) if self.sign < 0 else (t0, t1)
+
+    def noise(self, t0, t1):
+        """The Brownian increment over the internal-time step ``[t0, t1]``."""
+        s, t = self._times(t0, t1)
+        w = self.path.evaluate(s, t)
+        if not self.checked_w:
+            _check_noise(self.flat, w, self.noise_type, self.path)
+            self.checked_w = True
+        return w
+
+    def levy(self, t0, t1):
+        """:class:`~torchnde.paths.BrownianIncrement` (W and Lévy areas) over ``[t0, t1]``."""
+        s, t = self._times(t0, t1)
+        inc = self.path.increment(s, t)
+        if not self.checked_w:
+            _check_noise(self.flat, inc.W, self.noise_type, self.path)
+            self.checked_w = True
+        return inc
+
+    def gprod(self, g, w):
+        """``g dW`` as a flat increment."""
+        return self.flat.tree_to_state(self.control.prod(g, w))
+
+    def vf_pair(self, t, y):
+        return (self.vf(t, y) if self.sde.drift is not None else None, self.diffusion(t, y))
+
+    def contr(self, t0, t1):
+        dt = t1 - t0
+        return (dt if isinstance(dt, float) else dt.unsqueeze(-1), self.noise(t0, t1))
+
+    def prod(self, pair, control):
+        f, g = pair
+        inc = self.gprod(g, control[1])
+        if f is None:
+            return inc
+        dt = control[0]
+        return torch.add(inc, f, alpha=dt) if isinstance(dt, float) else torch.addcmul(inc, f, dt)
+
+
+def _leaf_shapes(flat: Flattener, tree, what: str) -> list:
+    leaves = tree_leaves(tree)
+    if len(leaves) != len(flat.shapes) or not all(isinstance(x, torch.Tensor) for x in leaves):
+        raise ValueError(f"{what} must be a tensor (or a tree like y0 with {len(flat.shapes)} tensors)")
+    for x in leaves:
+        if x.dtype != flat.dtype or x.device != flat.device:
+            raise TypeError(
+                f"{what} has dtype {x.dtype} on {x.device} but y0 is {flat.dtype} on {flat.device}; "
+                "build the Brownian path with dtype=y0.dtype, device=y0.device and make the diffusion follow y"
+            )
+    return [tuple(x.shape) for x in leaves]
+
+
+def _expected(noise: str, shape: tuple, last: int | None) -> str:
+    if noise == "diagonal":
+        return str(shape)
+    if noise == "scalar":
+        return str((*shape[:-1], 1)) if last is None else str(shape)
+    return str((*shape, "m")) if last is not None else str((*shape[:-1], "m"))
+
+
+def _check_diffusion(flat, g, noise, control):
+    shapes = _leaf_shapes(flat, g, f"the diffusion of {control!r}")
+    for got, want in zip(shapes, flat.shapes):
+        ok = got == want if noise in ("diagonal", "scalar") else (len(got) == len(want) + 1 and got[:-1] == want)
+        if not ok:
+            raise ValueError(
+                f"the diffusion of {control!r} returned shape {got}; with noise={noise!r} and y of shape "
+                f"{want} it must have shape {_expected(noise, want, 1)}"
+            )
+
+
+def _check_noise(flat, w, noise, path):
+    shapes = _leaf_shapes(flat, w, f"the increment of {path!r}")
+    for got, want in zip(shapes, flat.shapes):
+        if noise == "diagonal":
+            ok = got == want
+        elif noise == "scalar":
+            ok = got == (*want[:-1], 1)
+        else:
+            ok = len(got) == len(want) and got[:-1] == want[:-1]
+        if not ok:
+            raise ValueError(
+                f"the Brownian path has shape {got}; with noise={noise!r} and y of shape {want} it must have "
+                f"shape {_expected(noise, want, None)}"
+            )
 
 
 @dataclass
@@ -146,8 +290,15 @@ def solve(
             + "\n".join(lines)
             + f"\nvalid keyword arguments are: {', '.join(_KEYWORDS)}"
         )
+    if isinstance(terms, AbstractTerm):
+        terms = normalize_terms(terms)
     controller = _check_policies(terms, solver, saveat, adjoint, controller, dt0, max_steps)
     timed = [x for x in (t0, t1, saveat.ts) if isinstance(x, torch.Tensor) and x.requires_grad]
+    if timed and isinstance(terms, SDETerm):
+        raise NotImplementedError(
+            "gradients with respect to t0, t1 or save times are not defined for SDEs (the Brownian path "
+            "is not differentiable in time); pass the times detached"
+        )
     if timed and per_sample:
         raise NotImplementedError(
             "gradients with respect to t0, t1 or save times are not supported with per_sample=True yet; "
@@ -177,8 +328,13 @@ def _check_policies(terms, solver, saveat, adjoint, controller, dt0, max_steps):
         raise TypeError(f"solve() expects a solver instance, got the class {solver.__name__}; use {solver.__name__}()")
     if not isinstance(solver, AbstractSolver):
         raise TypeError(f"solve() expects a solver such as Tsit5() as its second argument, got {type(solver).__name__}")
-    if not isinstance(terms, ODETerm):
-        raise TypeError(f"{type(solver).__name__} solves ODEs and needs an ODETerm, got {type(terms).__name__}")
+    if isinstance(terms, SDETerm):
+        _check_sde_solver(terms, solver)
+    elif solver.strong_order and not solver.order:
+        raise TypeError(
+            f"{type(solver).__name__} is an SDE solver; this problem has no control term on Brownian motion "
+            "(for an ODE use e.g. Tsit5())"
+        )
     if not isinstance(saveat, SaveAt):
         raise TypeError(f"saveat must be a SaveAt(...), got {type(saveat).__name__}")
     if not isinstance(adjoint, AbstractAdjoint):
@@ -210,17 +366,43 @@ def _check_policies(terms, solver, saveat, adjoint, controller, dt0, max_steps):
     return controller
 
 
+def _check_sde_solver(sde: SDETerm, solver) -> None:
+    """The solver must solve SDEs, fit the noise, have its Lévy area and match a declared calculus."""
+    from .solvers import SDE_SOLVERS
+
+    name = type(solver).__name__
+    control = sde.control
+    cls = control.noise_class
+    fits = [s.__name__ for s in SDE_SOLVERS if s.strong_order_for(cls) is not None]
+    if not solver.strong_order:
+        raise TypeError(
+            f"{name} is an ODE solver; this problem is an SDE (a ControlTerm on {type(control.path).__name__}). "
+            f"Use an SDE solver: {', '.join(fits)}"
+        )
+    if solver.strong_order_for(cls) is None:
+        needs = " or ".join(sorted(solver.strong_order))
+        raise TypeError(
+            f"{name} needs {needs} noise, but {control!r} declares {cls} noise "
+            f"(declare additive=True / commutative=True on the ControlTerm if it holds). Solvers for "
+            f"{cls} noise: {', '.join(fits)}"
+        )
+    if solver.levy_area is not None:
+        have = getattr(control.path, "levy_area", None)
+        if have is None or (solver.levy_area == "space-time-time" and have != "space-time-time"):
+            raise ValueError(
+                f"{name} needs the {solver.levy_area} Lévy area of the Brownian path; build it with "
+                f"levy_area={solver.levy_area!r}"
+            )
+    if control.calculus is not None and cls != "additive" and solver.calculus != control.calculus:
+        other = [s.__name__ for s in SDE_SOLVERS if s.calculus == control.calculus and s.strong_order_for(cls)]
+        raise TypeError(
+            f"{name} solves {solver.calculus} SDEs but {control!r} declares calculus={control.calculus!r}; "
+            f"use one of: {', '.join(other)}"
+        )
+
+
 def _requires_grad(x) -> bool:
     return isinstance(x, torch.Tensor) and x.requires_grad
-
-
-def _tree_zip(a, b, fn):
-    """``fn`` applied leaf by leaf to two trees of the same structure."""
-    if isinstance(a, dict):
-        return {k: _tree_zip(a[k], b[k], fn) for k in a}
-    if isinstance(a, (tuple, list)):
-        return type(a)(_tree_zip(x, y, fn) for x, y in zip(a, b))
-    return fn(a, b)
 
 
 def _time_kick(terms, t, y, args, sign: float):
@@ -231,7 +413,7 @@ def _time_kick(terms, t, y, args, sign: float):
 
 
 def _shift_in_time(terms, t, y, args, sign: float):
-    return _tree_zip(y, _time_kick(terms, t, y, args, sign), torch.add)
+    return tree_zip(y, _time_kick(terms, t, y, args, sign), torch.add)
 
 
 def _time_gradients(sol, terms, args, t1, saveat):
@@ -248,8 +430,8 @@ def _time_gradients(sol, terms, args, t1, saveat):
     rows = torch.tensor([i for i, _ in picks], device=sol.ts.device)
     stacked = tree_map(lambda x: x[None], kicks[0])
     for kick in kicks[1:]:
-        stacked = _tree_zip(stacked, kick, lambda a, b: torch.cat([a, b[None]]))
-    ys = _tree_zip(sol.ys, stacked, lambda leaf, k: leaf.index_add(0, rows, k.to(leaf.dtype)))
+        stacked = tree_zip(stacked, kick, lambda a, b: torch.cat([a, b[None]]))
+    ys = tree_zip(sol.ys, stacked, lambda leaf, k: leaf.index_add(0, rows, k.to(leaf.dtype)))
     return dataclasses.replace(sol, ys=ys)
 
 
@@ -415,7 +597,7 @@ def _integrate(p: _Problem) -> Solution:
     ts_save = None if saveat.ts is None else _save_times(saveat.ts, tau0, tau1, sign, flat, per_sample, time_dtype)
 
     y = flat.flatten(p.y0)
-    term = _FlatTerm(p.terms, flat, p.args, sign, per_sample)
+    term = (_FlatSDE if isinstance(p.terms, SDETerm) else _FlatTerm)(p.terms, flat, p.args, sign, per_sample)
     solver, controller = p.solver, p.controller
 
     sstate = solver.init(term, tau0, y)
@@ -698,6 +880,8 @@ def _integrate(p: _Problem) -> Solution:
         stats = {"num_steps": n_steps, "num_accepted": n_acc, "num_rejected": n_rej, "nfe": term.nfe}
         result = Result(result)
 
+    if term.rough:
+        stats["nfe_diffusion"] = term.nfe_diffusion
     sol = Solution(ts=ts_all, ys=ys, stats=stats, result=result, t0=p.t0, t1=p.t1, interpolation=interp)
     if p.record:
         sol.internal = {"step_ends": recorded, "t0": tau0, "sign": sign, "y": y, "solver_state": sstate}

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Flattener", "tree_leaves", "tree_map"]
+__all__ = ["Flattener", "tree_leaves", "tree_map", "tree_zip"]
 
 
 def tree_leaves(tree: Any) -> list:
@@ -33,6 +33,15 @@ def tree_map(fn: Callable, tree: Any) -> Any:
     if isinstance(tree, (tuple, list)):
         return type(tree)(tree_map(fn, x) for x in tree)
     return fn(tree)
+
+
+def tree_zip(a: Any, b: Any, fn: Callable) -> Any:
+    """``fn`` applied leaf by leaf to two trees of the same structure."""
+    if isinstance(a, dict):
+        return {k: tree_zip(a[k], b[k], fn) for k in a}
+    if isinstance(a, (tuple, list)):
+        return type(a)(tree_zip(x, y, fn) for x, y in zip(a, b))
+    return fn(a, b)
 
 
 def _structure(tree: Any) -> Any:

@@ -8,27 +8,12 @@ import dataclasses
 import torch
 
 from ..controllers import ConstantStepSize
-from ..solvers import AbstractAdaptiveSolver, AbstractERK, AbstractSolver
-from ..solvers._base import hermite_coeffs
+from ..solvers import AbstractAdaptiveSolver, AbstractERK
+from ..solvers.reversible_heun import AbstractReversibleSolver, ReversibleHeun
 from ._base import AbstractAdjoint
 from ._params import check_reached, discover
 
 __all__ = ["AbstractReversibleSolver", "ReversibleAdjoint", "ReversibleHeun"]
-
-
-class AbstractReversibleSolver(AbstractSolver):
-    """A solver whose step can be inverted exactly. Its state is ``(z, f(t, z))`` for a second
-    state ``z`` that starts equal to ``y``; :meth:`backward_step` reconstructs the previous
-    ``(y, z)`` from the next one and backpropagates through the step, which is what
-    :class:`ReversibleAdjoint` needs."""
-
-    def initial_derivative(self, state):
-        return state[1]
-
-    def backward_step(self, term, t0, t1, y1, z1, a_y, a_z, wrt):  # pragma: no cover - interface
-        """Returns ``(y0, z0, a_y0, a_z0, grads)``: the reconstructed states, the adjoints of
-        ``(y0, z0)`` and a list of vector-Jacobian products with ``wrt`` (``None`` if unused)."""
-        raise NotImplementedError
 
 
 class _Reversible(AbstractReversibleSolver):
@@ -88,59 +73,6 @@ class _Reversible(AbstractReversibleSolver):
 
 class _AdaptiveReversible(_Reversible, AbstractAdaptiveSolver):
     pass
-
-
-class ReversibleHeun(AbstractReversibleSolver):
-    r"""The reversible Heun method (Kidger, Foster, Li & Lyons 2021), order 2, one evaluation per
-    step:
-
-    .. math::
-        z_{n+1} = 2 y_n - z_n + h f(t_n, z_n),\qquad
-        y_{n+1} = y_n + \tfrac h2 \big(f(t_n, z_n) + f(t_{n+1}, z_{n+1})\big),
-
-    exactly invertible, so :class:`ReversibleAdjoint` gives exact gradients in constant memory.
-    Constant steps (``dt0``); its parasitic mode (eigenvalue :math:`-1` as :math:`h \to 0`) is
-    not damped, so it suits smooth, non-stiff problems. Dense output: cubic Hermite.
-    """
-
-    order = 2
-    dense_order = 2
-
-    def init(self, term, t0, y0):
-        return (y0, term.vf(t0, y0))
-
-    def step(self, term, t0, t1, y0, state):
-        z0, f0 = state
-        h = t1 - t0
-        z1 = torch.add(2 * y0 - z0, f0, alpha=h) if isinstance(h, float) else 2 * y0 - z0 + _col(h) * f0
-        f1 = term.vf(t1, z1)
-        y1 = torch.add(y0, f0 + f1, alpha=h / 2) if isinstance(h, float) else y0 + _col(h) / 2 * (f0 + f1)
-        return y1, None, (t0, t1, y0, y1, f0, f1), (z1, f1), None
-
-    def dense_coeffs(self, term, dense_info):
-        t0, t1, y0, y1, f0, f1 = dense_info
-        h = t1 - t0
-        return hermite_coeffs(y0, y1, f0, f1, h if isinstance(h, float) else _col(h))
-
-    def backward_step(self, term, t0, t1, y1, z1, a_y, a_z, wrt):
-        h = t1 - t0
-        with torch.enable_grad():
-            z1_ = z1.detach().requires_grad_()
-            f1 = term.vf(t1, z1_)
-            # y1 depends on z1 through f(z1): the adjoint of z1 gains (h/2) J(z1)^T a_y
-            g1 = torch.autograd.grad(f1, (z1_, *wrt), a_y * (h / 2), allow_unused=True)
-        a_z1 = a_z + g1[0]
-        z0 = (2 * y1 - z1 - h * f1).detach()
-        with torch.enable_grad():
-            z0_ = z0.requires_grad_()
-            f0 = term.vf(t0, z0_)
-            g0 = torch.autograd.grad(f0, (z0_, *wrt), a_z1 * h + a_y * (h / 2), allow_unused=True)
-        y0 = y1 - (h / 2) * (f0.detach() + f1.detach())
-        return y0, z0, a_y + 2 * a_z1, g0[0] - a_z1, [*g1[1:], *g0[1:]]
-
-
-def _col(h):
-    return h.unsqueeze(-1)
 
 
 class ReversibleAdjoint(AbstractAdjoint):

@@ -9,10 +9,13 @@ from .euler import Euler
 from .heun import Heun
 from .midpoint import Midpoint
 from .ralston import Ralston
+from .reversible_heun import AbstractReversibleSolver, ReversibleHeun
 from .rk4 import RK4
 from .tsit5 import Tsit5
 
 SOLVERS = (Euler, Heun, Midpoint, Ralston, RK4, Bosh3, Dopri5, Tsit5, Dopri8)
+#: every solver of SDEs (each declares ``strong_order``, ``calculus`` and ``levy_area``)
+SDE_SOLVERS = (Euler, Heun, Midpoint, ReversibleHeun)
 
 __all__ = [
     "AbstractSolver",
@@ -30,4 +33,7 @@ __all__ = [
     "Tsit5",
     "Dopri8",
     "SOLVERS",
+    "SDE_SOLVERS",
+    "AbstractReversibleSolver",
+    "ReversibleHeun",
 ]

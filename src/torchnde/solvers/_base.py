@@ -24,14 +24,33 @@ import torch
 
 from ._tableau import ButcherTableau
 
-__all__ = ["AbstractSolver", "AbstractAdaptiveSolver", "AbstractERK", "AbstractAdaptiveERK"]
+__all__ = ["AbstractSolver", "AbstractAdaptiveSolver", "AbstractERK", "AbstractAdaptiveERK", "linear_coeffs"]
 
 
 class AbstractSolver:
     """One step of a numerical method. Concrete solvers are stateless, hashable policy objects."""
 
-    order: ClassVar[int]
+    order: ClassVar[int | None]  # as an ODE solver; None for solvers of SDEs only
     dense_order: ClassVar[int]
+    #: SDEs: the strong order by the most general noise class the solver handles at it, among
+    #: "general", "commutative" (includes diagonal and scalar noise) and "additive"; empty for
+    #: solvers of ODEs only.
+    strong_order: ClassVar[dict] = {}
+    #: SDEs: "ito" or "stratonovich" (the calculus whose solution the solver converges to).
+    calculus: ClassVar[str | None] = None
+    #: SDEs: the Lévy area the solver needs from the Brownian path (None, "space-time" or
+    #: "space-time-time").
+    levy_area: ClassVar[str | None] = None
+
+    @classmethod
+    def strong_order_for(cls, noise_class: str) -> float | None:
+        """The strong order on SDEs with noise of this class (``None`` if the solver does not apply):
+        additive noise is also commutative, commutative noise also general."""
+        chain = ("additive", "commutative", "general")
+        for c in chain[chain.index(noise_class) :]:
+            if c in cls.strong_order:
+                return cls.strong_order[c]
+        return None
 
     def init(self, term, t0, y0: torch.Tensor) -> Any:  # pragma: no cover - interface
         raise NotImplementedError
@@ -115,10 +134,30 @@ class AbstractERK(AbstractSolver):
     tableau: ClassVar[ButcherTableau]
 
     def init(self, term, t0, y0):
-        return term.vf(t0, y0)
+        return None if term.rough else term.vf(t0, y0)
 
     def initial_derivative(self, state):
         return state
+
+    def _sde_step(self, term, t0, t1, y0):
+        """The method on an SDE: every stage is an increment ``f dt + g dW`` over the whole step
+        (the same Brownian increment at every stage), so methods with more than one stage converge
+        to the Stratonovich solution and Euler to the Itô one. No FSAL reuse (the next step has a
+        new increment); dense output is linear."""
+        tab = self.tableau
+        coef = tab.tensors(y0.dtype, y0.device)
+        control = term.contr(t0, t1)
+        h = t1 - t0
+        ks = [term.prod(term.vf_pair(t0, y0), control)]
+        a_t, a_f, c = coef["a"], coef["a_f"], coef["c"]
+        for i in range(1, tab.num_stages):
+            yi = _lincomb(y0, 1.0, ks, a_t[i], a_f[i])
+            ks.append(term.prod(term.vf_pair(_node(t0, h, c[i]), yi), control))
+        y1 = _lincomb(y0, 1.0, ks, coef["b"], coef["b_f"])
+        y_error = None
+        if coef["b_error"] is not None:
+            y_error = _lincomb(None, 1.0, ks, coef["b_error"], coef["b_error_f"])
+        return y1, y_error, (y0, y1), None, None
 
     def _stages(self, term, t0, h, dt, y0, f0, coef, n: int):
         """Stages ``k_1 = f0, ..., k_n`` and the state the last one was evaluated at."""
@@ -131,6 +170,8 @@ class AbstractERK(AbstractSolver):
         return ks, yi
 
     def step(self, term, t0, t1, y0, f0):
+        if term.rough:
+            return self._sde_step(term, t0, t1, y0)
         tab = self.tableau
         coef = tab.tensors(y0.dtype, y0.device)
         dt = _dt_column(t0, t1)
@@ -162,6 +203,8 @@ class AbstractERK(AbstractSolver):
         return inc, y_error
 
     def dense_coeffs(self, term, dense_info):
+        if len(dense_info) == 2:
+            return linear_coeffs(*dense_info)
         t0, t1, y0, y1, f0, f1, ks = dense_info
         tab = self.tableau
         coef = tab.tensors(y0.dtype, y0.device)
@@ -180,6 +223,11 @@ class AbstractERK(AbstractSolver):
 
 class AbstractAdaptiveERK(AbstractERK, AbstractAdaptiveSolver):
     """An explicit Runge--Kutta pair with an embedded error estimate."""
+
+
+def linear_coeffs(y0, y1):
+    """Linear interpolation on a step (SDE solvers: the path between steps is not smooth)."""
+    return (y1 - y0).unsqueeze(-2)
 
 
 def hermite_coeffs(y0, y1, f0, f1, dt):

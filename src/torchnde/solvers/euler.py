@@ -13,4 +13,6 @@ class Euler(AbstractERK):
 
     tableau = ButcherTableau(c=(F(0),), a=((),), b=(F(1),))
     order = 1
+    calculus = "ito"
+    strong_order = {"general": 0.5, "additive": 1.0}
     dense_order = 1

@@ -22,4 +22,6 @@ class Heun(AbstractAdaptiveERK):
     )
     order = 2
     error_order = 1
+    calculus = "stratonovich"
+    strong_order = {"general": 0.5, "commutative": 1.0}
     dense_order = 2

@@ -13,4 +13,6 @@ class Midpoint(AbstractERK):
 
     tableau = ButcherTableau(c=(F(0), F(1, 2)), a=((), (F(1, 2),)), b=(F(0), F(1)))
     order = 2
+    calculus = "stratonovich"
+    strong_order = {"general": 0.5, "commutative": 1.0}
     dense_order = 2
