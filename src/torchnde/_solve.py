@@ -80,7 +80,7 @@ class _FlatSDE:
     rough = True
     __slots__ = (
         "sde", "flat", "args", "sign", "nfe", "nfe_diffusion", "batched", "checked", "checked_g", "checked_w",
-        "control", "path", "noise_type", "noise_class",
+        "control", "path", "noise_type", "noise_class", "custom",
     )  # fmt: skip
 
     def __init__(self, sde: SDETerm, flat: Flattener, args, sign: float, batched: bool):
@@ -96,9 +96,15 @@ class _FlatSDE:
         self.nfe = 0
         self.nfe_diffusion = 0
         self.checked = self.checked_g = self.checked_w = False
+        self.custom = type(sde).vf_prod is not SDETerm.vf_prod
+        if self.custom:
+            self.checked = self.checked_g = self.checked_w = True
 
     def vf(self, t, y):
         """The drift on the flat state (zeros if the SDE has none)."""
+        if self.custom:
+            zero = tree_map(torch.zeros_like, self.path.evaluate(self.path.t0, self.path.t0))
+            return self.vf_prod(t, y, (1.0, zero))
         if self.sde.drift is None:
             return torch.zeros_like(y)
         self.nfe += 1
@@ -141,6 +147,16 @@ class _FlatSDE:
             self.checked_w = True
         return inc
 
+    def vf_prod(self, t, y, control):
+        """``f dt + g dW`` at ``(t, y)`` for ``control = (dt, dW)`` (what Runge--Kutta stages need)."""
+        if self.custom:  # a term that computes the product itself (e.g. the stochastic adjoint)
+            self.nfe += 1
+            dt, w = control
+            s = self.sign
+            out = self.sde.vf_prod(s * t, self.flat.state_to_tree(y), self.args, (s * dt, w))
+            return self.flat.tree_to_state(out)
+        return self.prod(self.vf_pair(t, y), control)
+
     def gprod(self, g, w):
         """``g dW`` as a flat increment."""
         return self.flat.tree_to_state(self.control.prod(g, w))
@@ -159,6 +175,11 @@ class _FlatSDE:
             return inc
         dt = control[0]
         return torch.add(inc, f, alpha=dt) if isinstance(dt, float) else torch.addcmul(inc, f, dt)
+
+
+def flat_term(terms, flat: Flattener, args, sign: float, batched: bool):
+    """What solvers see of normalised terms: :class:`_FlatTerm` (ODE) or :class:`_FlatSDE`."""
+    return (_FlatSDE if isinstance(terms, SDETerm) else _FlatTerm)(terms, flat, args, sign, batched)
 
 
 def _leaf_shapes(flat: Flattener, tree, what: str) -> list:
@@ -597,7 +618,7 @@ def _integrate(p: _Problem) -> Solution:
     ts_save = None if saveat.ts is None else _save_times(saveat.ts, tau0, tau1, sign, flat, per_sample, time_dtype)
 
     y = flat.flatten(p.y0)
-    term = (_FlatSDE if isinstance(p.terms, SDETerm) else _FlatTerm)(p.terms, flat, p.args, sign, per_sample)
+    term = flat_term(p.terms, flat, p.args, sign, per_sample)
     solver, controller = p.solver, p.controller
 
     sstate = solver.init(term, tau0, y)

@@ -236,6 +236,10 @@ class SDETerm(AbstractTerm):
             return g
         return tree_zip(g, ODETerm.prod(None, vf[0], control[0]), torch.add)
 
+    def vf_prod(self, t, y, args, control):
+        """``f dt + g dW`` for ``control = (dt, dW)``; a subclass may compute it directly."""
+        return self.prod(self.vf(t, y, args), control)
+
     def __repr__(self):
         return f"SDETerm(drift={self.drift!r}, {self.control!r})"
 

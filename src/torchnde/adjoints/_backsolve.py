@@ -7,10 +7,11 @@ import dataclasses
 
 import torch
 
-from .._terms import ODETerm
+from .._terms import ODETerm, SDETerm
 from .._tree import tree_map
 from ..controllers import ConstantStepSize, PIDController, rms_norm
 from ._base import AbstractAdjoint, DirectAdjoint
+from ..solvers.reversible_heun import AbstractReversibleSolver
 from ._params import _scalar, check_reached, discover
 
 __all__ = ["BacksolveAdjoint"]
@@ -65,6 +66,8 @@ class BacksolveAdjoint(AbstractAdjoint):
                 "BacksolveAdjoint supports SaveAt(t0=..., ts=..., t1=...) only; for SaveAt(steps=True) "
                 "or SaveAt(dense=True) use adjoint=DirectAdjoint() or CheckpointAdjoint()"
             )
+        if isinstance(problem.terms, SDETerm):
+            _check_sde(problem, self.solver)
         flat, y0, args_proxy, proxies, arg_leaves, params = discover(problem)
         if not params and not arg_leaves and not y0.requires_grad:
             return integrate(problem)
@@ -134,6 +137,10 @@ class _Backsolve(torch.autograd.Function):
             return (dy, da, *dg)
 
         reached = [False] * len(wrt)
+        if isinstance(term, SDETerm):
+            aug_term = _AugmentedSDE(term, flat, args_proxy, wrt, reached, dtype)
+        else:
+            aug_term = ODETerm(aug)
         ts = list(ctx.ts)
         t0 = _scalar(problem.t0)
         a = torch.zeros(N, dtype=dtype, device=ys.device)
@@ -157,7 +164,7 @@ class _Backsolve(torch.autograd.Function):
                 continue
             state = (y_hi.to(dtype), a, *g)
             sol = solve(
-                ODETerm(aug),
+                aug_term,
                 solver,
                 t_hi,
                 t_lo,
@@ -174,3 +181,43 @@ class _Backsolve(torch.autograd.Function):
         check_reached(params, reached[n_args:])
         grads = [gi.to(w.dtype) for gi, w in zip(g, wrt)]
         return (None,) * 8 + (a, *grads)
+
+
+def _check_sde(problem, backward_solver):
+    for solver in (problem.solver, backward_solver):
+        if solver is None:
+            continue
+        if solver.calculus != "stratonovich" and problem.terms.control.noise_class != "additive":
+            raise NotImplementedError(
+                f"BacksolveAdjoint on an SDE solves the adjoint SDE backwards in Stratonovich form, so it needs "
+                f"a Stratonovich solver (Heun(), Midpoint(), ReversibleHeun(), ...), not {type(solver).__name__} "
+                f"({solver.calculus}). For Itô solvers use adjoint=DirectAdjoint() or CheckpointAdjoint()."
+            )
+        if isinstance(solver, AbstractReversibleSolver):
+            raise NotImplementedError(
+                "BacksolveAdjoint cannot use ReversibleHeun() on SDEs (its cached diffusion cannot be formed for "
+                "the adjoint system); use adjoint=ReversibleAdjoint() with it, or Heun()/Midpoint() with backsolve"
+            )
+
+
+class _AugmentedSDE(SDETerm):
+    """The stochastic adjoint (Li, Wong, Chen & Duvenaud 2020) of a Stratonovich SDE, solved backwards
+    on the same Brownian path: the state is ``(y, a, g_1, ..., g_k)`` and over a step with control
+    ``(dt, dW)`` the increment is ``(K, -a^T dK/dy, -a^T dK/dtheta_i)`` with
+    ``K = f(t, y) dt + g(t, y) dW``: one vector-Jacobian product per evaluation, whatever the noise."""
+
+    def __init__(self, sde: SDETerm, flat, args, wrt, reached, dtype):
+        super().__init__(sde.drift, sde.control)
+        self.sde, self.flat, self.args, self.wrt, self.reached, self.dtype = sde, flat, args, wrt, reached, dtype
+
+    def vf_prod(self, t, state, _args, control):
+        y, a = state[0], state[1]
+        flat, wrt = self.flat, self.wrt
+        with torch.enable_grad():
+            y_ = y.detach().requires_grad_()
+            inc = flat.flatten(self.sde.vf_prod(t, flat.unflatten(y_), self.args, control))
+            vjps = torch.autograd.grad(inc, (y_, *wrt), grad_outputs=a, allow_unused=True)
+        for i, v in enumerate(vjps[1:]):
+            self.reached[i] = self.reached[i] or v is not None
+        dg = [torch.zeros_like(w, dtype=self.dtype) if v is None else -v.to(self.dtype) for w, v in zip(wrt, vjps[1:])]
+        return (inc.detach(), -vjps[0], *dg)

@@ -7,6 +7,7 @@ import dataclasses
 
 import torch
 
+from .._terms import SDETerm
 from ..controllers import ConstantStepSize
 from ..solvers import AbstractAdaptiveSolver, AbstractERK
 from ..solvers.reversible_heun import AbstractReversibleSolver, ReversibleHeun
@@ -124,6 +125,11 @@ class ReversibleAdjoint(AbstractAdjoint):
                 f"ReversibleAdjoint needs an explicit Runge-Kutta solver (e.g. Tsit5()), got {type(solver).__name__}; "
                 "use adjoint=DirectAdjoint() or CheckpointAdjoint() with other solvers"
             )
+        if isinstance(problem.terms, SDETerm) and not isinstance(solver, AbstractReversibleSolver):
+            raise NotImplementedError(
+                f"ReversibleAdjoint on an SDE needs an algebraically reversible SDE solver: ReversibleHeun(), "
+                f"not {type(solver).__name__}"
+            )
         if problem.per_sample:
             raise NotImplementedError(
                 "ReversibleAdjoint does not support per_sample=True yet; use adjoint=DirectAdjoint()"
@@ -186,14 +192,14 @@ class _ReversibleFn(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_ys):
-        from .._solve import _FlatTerm
+        from .._solve import flat_term
 
         params = list(ctx.saved_tensors)
         problem, flat, internal = ctx.problem, ctx.flat, ctx.internal
         wrt = [*ctx.proxy_list, *params]
         solver = problem.solver
         sign = internal["sign"]
-        term = _FlatTerm(problem.terms, flat, ctx.args_proxy, sign, False)
+        term = flat_term(problem.terms, flat, ctx.args_proxy, sign, False)
         term.checked = True
         times = [internal["t0"], *internal["step_ends"]]  # internal (forward) time
         # incoming gradients per step index: save times were stepped onto exactly

@@ -9,10 +9,11 @@ from torch import nn
 from .._saveat import SaveAt
 from .._solution import Solution
 from .._solve import solve
-from .._terms import ControlTerm
+from .._terms import ControlTerm, ODETerm
 from ..adjoints import AbstractAdjoint, DirectAdjoint
 from ..controllers import AbstractController, PIDController
 from ..paths import AbstractPath
+from ..paths._interp import _PiecewisePolynomial
 from ..solvers import AbstractAdaptiveSolver, AbstractSolver, Tsit5
 from ._neural_ode import _unwrap, _vector_field_arity
 
@@ -28,6 +29,20 @@ def _check(module, what: str, optional: bool = False):
             f"NeuralCDE needs {what} as an nn.Module (so that its parameters are registered); got {kind}"
             + (". Wrap a function f as a module, e.g. nn.Identity() or a small nn.Module subclass" if callable(module) else "")
         )
+
+
+class _CDEField:
+    """``f(t, z, args) dX/dt`` with the path's derivative coefficients read from ``args``:
+    the ODE that ``ControlTerm(f, path)`` on a smooth path amounts to."""
+
+    def __init__(self, vf, path):
+        self.vf, self.path = vf, path
+        self.__name__ = type(path).__name__
+
+    def __call__(self, t, z, args):
+        user_args, dcoeffs = args
+        dX = self.path._poly(dcoeffs, t, False)
+        return (self.vf(t, z, user_args) @ dX.unsqueeze(-1)).squeeze(-1)
 
 
 class NeuralCDE(nn.Module):
@@ -169,8 +184,15 @@ class NeuralCDE(nn.Module):
                 "(t, z) and would ignore it; give it a third parameter, forward(self, t, z, args)"
             )
         z0 = self.initial(path.evaluate(path.t0))
+        if isinstance(path, _PiecewisePolynomial):
+            # the path's derivative coefficients travel in args, so that every adjoint (also
+            # BacksolveAdjoint and CheckpointAdjoint) differentiates with respect to the data
+            term = ODETerm(_CDEField(self._vf, path))
+            args = (args, path._dcoeffs)
+        else:
+            term = ControlTerm(self._vf, path)
         return solve(
-            ControlTerm(self._vf, path),
+            term,
             self.solver,
             path.t0,
             path.t1,

@@ -248,6 +248,13 @@ class _PiecewisePolynomial(AbstractPath):
 
     smooth = True
 
+    @classmethod
+    def _from_coefficients(cls, knots: torch.Tensor, coeffs: torch.Tensor):
+        """A path from ready-made coefficients (``(*batch, N - 1, K, C)``, see above)."""
+        self = cls.__new__(cls)
+        self._setup(knots, coeffs)
+        return self
+
     def _setup(self, knots: torch.Tensor, coeffs: torch.Tensor):
         self._knots = knots.detach()
         self._knot_list = self._knots.tolist()

@@ -148,11 +148,11 @@ class AbstractERK(AbstractSolver):
         coef = tab.tensors(y0.dtype, y0.device)
         control = term.contr(t0, t1)
         h = t1 - t0
-        ks = [term.prod(term.vf_pair(t0, y0), control)]
+        ks = [term.vf_prod(t0, y0, control)]
         a_t, a_f, c = coef["a"], coef["a_f"], coef["c"]
         for i in range(1, tab.num_stages):
             yi = _lincomb(y0, 1.0, ks, a_t[i], a_f[i])
-            ks.append(term.prod(term.vf_pair(_node(t0, h, c[i]), yi), control))
+            ks.append(term.vf_prod(_node(t0, h, c[i]), yi, control))
         y1 = _lincomb(y0, 1.0, ks, coef["b"], coef["b_f"])
         y_error = None
         if coef["b_error"] is not None:

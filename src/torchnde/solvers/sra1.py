@@ -1,0 +1,118 @@
+"""Two-stage stochastic Runge--Kutta methods for additive noise (SRA1; ShARK in shark.py)."""
+
+from __future__ import annotations
+
+import torch
+
+from .._tree import tree_zip
+from ._base import AbstractSolver, _dt_column, linear_coeffs
+
+__all__ = ["SRA1"]
+
+
+def _levy(term, t0, t1, name: str):
+    """``(W, H)`` over the step; a clear error if the path has no space-time Lévy area."""
+    inc = term.levy(t0, t1)
+    if inc.H is None:
+        raise ValueError(
+            f"{name} needs the space-time Lévy area of the Brownian path; build it with levy_area='space-time'"
+        )
+    return inc.W, inc.H
+
+
+def _axpy(y, x, a):
+    """``y + a x`` for a float or per-sample column ``a`` (``y`` may be None: ``a x``)."""
+    if y is None:
+        return x * a
+    return torch.add(y, x, alpha=a) if isinstance(a, float) else torch.addcmul(y, x, a)
+
+
+class _AdditiveSRK(AbstractSolver):
+    r"""Two stages on :math:`dy = f(t, y)\,dt + g(t)\,dW` (the tableau of Foster, dos Reis &
+    Strange, written with the space-time Lévy area :math:`H`)::
+
+        z_1 = y_n + g(t_n) (aw_1 W + ah_1 H)
+        z_2 = y_n + a21 h f(t_n, z_1) + g(t_n) (aw_2 W + ah_2 H)
+        y_{n+1} = y_n + h (b_1 f(t_n, z_1) + b_2 f(t_n + c_2 h, z_2)) + int g dW
+
+    with :math:`\int g\,dW \approx g(t_n)(W/2 + H) + g(t_{n+1})(W/2 - H)`, exact for ``g``
+    constant and accurate to the order of the method when ``g`` depends on time (since
+    :math:`\int (s - t_n)\,dW_s = h(W/2 - H)`).
+    """
+
+    order = None
+    dense_order = 1
+    calculus = "ito"  # = Stratonovich: the two calculi agree on additive noise
+    levy_area = "space-time"
+    strong_order = {"additive": 1.5}
+
+    c2: float
+    a21: float
+    b: tuple
+    aw: tuple
+    ah: tuple
+
+    def init(self, term, t0, y0):
+        return None
+
+    def step(self, term, t0, t1, y0, state):
+        w, hh = _levy(term, t0, t1, type(self).__name__)
+        dt = _dt_column(t0, t1)
+        g0 = term.diffusion(t0, y0)
+        gw = term.gprod(g0, w)
+        gh = term.gprod(g0, hh)
+        g1 = term.diffusion(t1, y0)  # additive: only the time matters
+        noise = term.gprod(g0, tree_zip(w, hh, lambda a, b: 0.5 * a + b))
+        noise = noise + term.gprod(g1, tree_zip(w, hh, lambda a, b: 0.5 * a - b))
+        if term.sde.drift is None:
+            y1 = y0 + noise
+        else:
+            z1 = self._shift(y0, gw, gh, 0)
+            f1 = term.vf(t0, z1)
+            z2 = _axpy(self._shift(y0, gw, gh, 1), f1, dt * self.a21)
+            f2 = term.vf(_node(t0, t1, self.c2), z2)
+            drift = _axpy(f1 * self.b[0], f2, self.b[1])
+            y1 = _axpy(y0 + noise, drift, dt)
+        return y1, None, (y0, y1), None, None
+
+    def _shift(self, y0, gw, gh, i):
+        out = y0
+        if self.aw[i]:
+            out = out + self.aw[i] * gw
+        if self.ah[i]:
+            out = out + self.ah[i] * gh
+        return out
+
+    def dense_coeffs(self, term, dense_info):
+        return linear_coeffs(*dense_info)
+
+
+def _node(t0, t1, c: float):
+    return t0 + c * (t1 - t0)
+
+
+class SRA1(_AdditiveSRK):
+    r"""SRA1 of Rößler (2010), "Runge--Kutta methods for the strong approximation of solutions of
+    stochastic differential equations", SIAM J. Numer. Anal. 48(3), 922--952 (the scheme of
+    Table 5.1 for additive noise).
+
+    Strong order 1.5 for additive noise (``ControlTerm(..., additive=True)``; ``g`` may depend on
+    time but not on ``y``), with any number of Brownian dimensions. Rößler writes it with the
+    iterated integral :math:`I_{(1,0)} = \int_{t_n}^{t_{n+1}} (W_s - W_{t_n})\,ds = h(\Delta W/2
+    + H)` in terms of the space-time Lévy area :math:`H`:
+
+    .. math::
+        z_2 = y_n + \tfrac34 h f(t_n, y_n) + \tfrac32 g \tfrac{I_{(1,0)}}{h},\qquad
+        y_{n+1} = y_n + h\big(\tfrac13 f(t_n, y_n) + \tfrac23 f(t_n + \tfrac34 h, z_2)\big) + \int g\,dW.
+
+    Needs a Brownian path with ``levy_area="space-time"``. Two drift and two diffusion
+    evaluations per step, constant steps (``dt0``), linear dense output. Itô and Stratonovich
+    SDEs coincide for additive noise, so either declared calculus is accepted.
+    """
+
+    c2 = 0.75
+    a21 = 0.75
+    b = (1.0 / 3.0, 2.0 / 3.0)
+    aw = (0.0, 0.75)
+    ah = (0.0, 1.5)
+
