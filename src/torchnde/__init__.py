@@ -17,8 +17,8 @@ from .adjoints import (
     ReversibleAdjoint,
     ReversibleHeun,
 )
-from .paths import AbstractBrownianPath, AbstractPath, BrownianIncrement
 from .controllers import AbstractController, ConstantStepSize, PIDController
+from .paths import AbstractBrownianPath, AbstractPath, BrownianIncrement
 from .solvers import (
     RK4,
     SDE_SOLVERS,

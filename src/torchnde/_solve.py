@@ -16,10 +16,11 @@ from ._progress import make_progress
 from ._results import Result, SolveError
 from ._saveat import SaveAt
 from ._solution import DenseInterpolation, Solution
-from ._terms import AbstractTerm, ODETerm, SDETerm, normalize_terms
+from ._terms import AbstractTerm, SDETerm, normalize_terms
 from ._tree import Flattener, tree_leaves, tree_map, tree_zip
 from .adjoints import AbstractAdjoint, DirectAdjoint
 from .controllers import AbstractController, ConstantStepSize, PIDController
+from .controllers._base import with_step_ts
 from .solvers import AbstractAdaptiveSolver, AbstractSolver
 
 __all__ = ["solve"]
@@ -328,6 +329,9 @@ def solve(
     if timed and _requires_grad(t0):
         # y(t; t0, y0) depends on t0 through y0 - (t0 - t0') f(t0, y0) at t0' = t0 (value unchanged)
         y0 = _shift_in_time(terms, t0, y0, args, -1.0)
+    if isinstance(terms, SDETerm) and saveat.ts is not None and not per_sample:
+        # between steps an SDE's solution is not smooth: land on the save times instead of interpolating
+        controller = with_step_ts(controller, saveat.ts)
     problem = _Problem(terms, solver, controller, t0, t1, y0, dt0, args, saveat, max_steps, throw, progress, per_sample)
     sol = adjoint.loop(problem, _integrate)
     if timed and (_requires_grad(t1) or _requires_grad(saveat.ts)):

@@ -10,8 +10,8 @@ import torch
 from .._terms import ODETerm, SDETerm
 from .._tree import tree_map
 from ..controllers import ConstantStepSize, PIDController, rms_norm
-from ._base import AbstractAdjoint, DirectAdjoint
 from ..solvers.reversible_heun import AbstractReversibleSolver
+from ._base import AbstractAdjoint, DirectAdjoint
 from ._params import _scalar, check_reached, discover
 
 __all__ = ["BacksolveAdjoint"]

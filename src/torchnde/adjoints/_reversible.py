@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import torch
 
 from .._terms import SDETerm
 from ..controllers import ConstantStepSize
+from ..controllers._base import with_step_ts
 from ..solvers import AbstractAdaptiveSolver, AbstractERK
 from ..solvers.reversible_heun import AbstractReversibleSolver, ReversibleHeun
 from ._base import AbstractAdjoint
@@ -150,10 +150,7 @@ class ReversibleAdjoint(AbstractAdjoint):
             )
         if problem.saveat.ts is not None:
             # land on every save time so saved values are states of the reversible scheme
-            ts = torch.as_tensor(problem.saveat.ts, dtype=torch.float64).detach().cpu().flatten()
-            controller = copy.copy(controller if controller is not None else ConstantStepSize())
-            old = controller.step_ts
-            controller.step_ts = torch.unique(ts if old is None else torch.cat([old, ts]))
+            controller = with_step_ts(controller if controller is not None else ConstantStepSize(), problem.saveat.ts)
         return dataclasses.replace(problem, solver=wrapped, controller=controller)
 
     def loop(self, problem, integrate):

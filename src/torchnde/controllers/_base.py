@@ -25,3 +25,16 @@ class AbstractController:
 
     def adapt(self, t0, t1, y0, y1, y_error, error_order, cstate, ops):  # pragma: no cover
         raise NotImplementedError
+
+
+def with_step_ts(controller, ts):
+    """A copy of ``controller`` whose steps also land on the times ``ts``."""
+    import copy
+
+    import torch
+
+    ts = torch.as_tensor(ts, dtype=torch.float64).detach().cpu().flatten()
+    controller = copy.copy(controller)
+    old = getattr(controller, "step_ts", None)
+    controller.step_ts = torch.unique(ts if old is None else torch.cat([old, ts]))
+    return controller
