@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import torchnde as tn
-from torchnde.paths._brownian import VirtualBrownianTree
+from torchnde.paths import VirtualBrownianTree
 
 torch.set_default_dtype(torch.float64)
 

@@ -18,7 +18,7 @@ from .adjoints import (
     ReversibleHeun,
 )
 from .controllers import AbstractController, ConstantStepSize, PIDController
-from .paths import AbstractBrownianPath, AbstractPath, BrownianIncrement
+from .paths import AbstractBrownianPath, AbstractPath, BrownianGrid, BrownianIncrement, VirtualBrownianTree
 from .solvers import (
     RK4,
     SDE_SOLVERS,
@@ -51,6 +51,8 @@ __all__ = [
     "AbstractPath",
     "AbstractBrownianPath",
     "BrownianIncrement",
+    "VirtualBrownianTree",
+    "BrownianGrid",
     "AbstractSolver",
     "AbstractAdaptiveSolver",
     "ButcherTableau",

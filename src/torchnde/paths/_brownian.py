@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import bisect
 import math
-from typing import Any
 
 import numpy as np
 import torch
@@ -94,7 +93,9 @@ class _Layout:
         self.leaves = _shape_leaves(shape)
         if isinstance(seed, torch.Tensor):
             if seed.dtype not in (torch.int64, torch.int32) or seed.dim() != 1:
-                raise ValueError(f"a seed tensor must be an int64 tensor of shape (B,); got {seed.dtype} {tuple(seed.shape)}")
+                raise ValueError(
+                    f"a seed tensor must be an int64 tensor of shape (B,); got {seed.dtype} {tuple(seed.shape)}"
+                )
             b = seed.shape[0]
             for leaf in self.leaves:
                 if len(leaf) == 0 or leaf[0] != b:
@@ -227,9 +228,7 @@ def _to_levy(x: torch.Tensor, h: float, d: int, sign: float, dtype, layout: _Lay
         else:
             kk = torch.zeros_like(x[0])
     conv = (lambda v: layout.split(v.to(dtype))) if x.dtype != dtype else layout.split
-    return BrownianIncrement(
-        dt=None, W=conv(w), H=None if hh is None else conv(hh), K=None if kk is None else conv(kk)
-    )
+    return BrownianIncrement(dt=None, W=conv(w), H=None if hh is None else conv(hh), K=None if kk is None else conv(kk))
 
 
 # ------------------------------------------------------------------------------- common front end
@@ -265,11 +264,12 @@ class _PathBase(AbstractBrownianPath):
         self._slack = 4 * float(torch.finfo(torch.float32).eps) * max(abs(self.t0), abs(self.t1), self.t1 - self.t0)
 
     def _clamp(self, t: float, name: str) -> float:
-        if t < self.t0:
+        """Times within float32 rounding of an endpoint are snapped to it; further out is an error."""
+        if t <= self.t0 + self._slack:
             if t < self.t0 - self._slack:
                 raise ValueError(f"{name}={t!r} is before t0={self.t0!r} of {type(self).__name__}")
             return self.t0
-        if t > self.t1:
+        if t >= self.t1 - self._slack:
             if t > self.t1 + self._slack:
                 raise ValueError(f"{name}={t!r} is after t1={self.t1!r} of {type(self).__name__}")
             return self.t1

@@ -307,9 +307,13 @@ class _PiecewisePolynomial(AbstractPath):
             raise TypeError(f"a time must be a float or a tensor, got {type(t).__name__}")
         if t.dim() > 1 or (t.dim() == 1 and self.batch_shape and t.shape[0] != self.batch_shape[0]):
             want = f"({self.batch_shape[0]},) (one time per sample)" if self.batch_shape else "(B,)"
-            raise ValueError(f"{type(self).__name__}: a time must be a scalar or have shape {want}, got {tuple(t.shape)}")
+            raise ValueError(
+                f"{type(self).__name__}: a time must be a scalar or have shape {want}, got {tuple(t.shape)}"
+            )
         if t.device != self._knots.device:
-            raise ValueError(f"{type(self).__name__}: the time is on {t.device} but the path is on {self._knots.device}")
+            raise ValueError(
+                f"{type(self).__name__}: the time is on {t.device} but the path is on {self._knots.device}"
+            )
         td = t.detach().to(self._knots.dtype)
         idx = (torch.searchsorted(self._knots, td, right=not left) - 1).clamp(0, n)
         h = (t - self._knots[idx]).to(coeffs.dtype)
@@ -402,7 +406,9 @@ class RectilinearInterpolation(_PiecewisePolynomial):
         knots = torch.stack([ts[:-1], mid], -1).reshape(-1)
         knots = torch.cat([knots, ts[-1:]])
         if not bool((knots[1:] > knots[:-1]).all()):
-            raise ValueError("RectilinearInterpolation: ts are too close together to split their intervals in this dtype")
+            raise ValueError(
+                "RectilinearInterpolation: ts are too close together to split their intervals in this dtype"
+            )
         batch = xs.shape[:-2]
         T = ts.shape[0]
         tcol = ts.view(T, 1).expand(*batch, T, 1)
@@ -496,7 +502,9 @@ class CubicSpline(_PiecewisePolynomial):
         j = torch.searchsorted(tk, ts[:-1].expand(tk.shape[0], T - 1).contiguous(), right=True) - 1
         j = torch.minimum(j.clamp(min=0), (count - 2).unsqueeze(-1))
         t_left, t_right = tk.gather(-1, j), tk.gather(-1, j + 1)
-        a, b, c, d = _hermite(t_right - t_left, xk.gather(-1, j), xk.gather(-1, j + 1), slopes.gather(-1, j), slopes.gather(-1, j + 1))
+        a, b, c, d = _hermite(
+            t_right - t_left, xk.gather(-1, j), xk.gather(-1, j + 1), slopes.gather(-1, j), slopes.gather(-1, j + 1)
+        )
         # re-expand each piece about the interval's own left end
         s = ts[:-1] - t_left
         a, b, c = a + s * (b + s * (c + s * d)), b + s * (2 * c + 3 * s * d), c + 3 * s * d
@@ -539,7 +547,9 @@ def pad_sequences(sequences: Sequence[torch.Tensor], times: Sequence | None = No
     for i, s in enumerate(seqs):
         if not isinstance(s, torch.Tensor) or s.dim() != 2 or not s.is_floating_point():
             got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
-            raise ValueError(f"pad_sequences: sequence {i} must be a floating-point tensor of shape (T_i, C), got {got}")
+            raise ValueError(
+                f"pad_sequences: sequence {i} must be a floating-point tensor of shape (T_i, C), got {got}"
+            )
         if s.shape[-1] != seqs[0].shape[-1] or s.dtype != seqs[0].dtype or s.device != seqs[0].device:
             raise ValueError(
                 f"pad_sequences: all sequences need one channel count, dtype and device; sequence {i} has "
