@@ -12,6 +12,11 @@ class Heun(AbstractAdaptiveERK):
     """Heun's method, order 2, with an embedded Euler (order 1) error estimate.
 
     Usable with constant steps or adaptively. Cubic Hermite dense output.
+
+    On an SDE it is the stochastic Heun method (every stage uses the step's Brownian increment):
+    Stratonovich, strong order 0.5 for general noise and 1 for commutative (diagonal, scalar,
+    additive) noise; with :class:`~torchnde.PIDController` it adapts its steps on the embedded
+    Euler estimate, rejected steps re-querying the same Brownian path.
     """
 
     tableau = ButcherTableau(

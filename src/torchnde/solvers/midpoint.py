@@ -9,7 +9,11 @@ __all__ = ["Midpoint"]
 
 
 class Midpoint(AbstractERK):
-    """Explicit midpoint rule, order 2, fixed steps, cubic Hermite dense output."""
+    """Explicit midpoint rule, order 2, fixed steps, cubic Hermite dense output.
+
+    On an SDE: the stochastic midpoint method, Stratonovich, strong order 0.5 for general noise and
+    1 for commutative noise.
+    """
 
     tableau = ButcherTableau(c=(F(0), F(1, 2)), a=((), (F(1, 2),)), b=(F(0), F(1)))
     order = 2
