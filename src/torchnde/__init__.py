@@ -18,7 +18,17 @@ from .adjoints import (
     ReversibleHeun,
 )
 from .controllers import AbstractController, ConstantStepSize, PIDController
-from .paths import AbstractBrownianPath, AbstractPath, BrownianGrid, BrownianIncrement, VirtualBrownianTree
+from .paths import (
+    AbstractBrownianPath,
+    AbstractPath,
+    BrownianGrid,
+    BrownianIncrement,
+    CubicSpline,
+    HermiteCubic,
+    LinearInterpolation,
+    RectilinearInterpolation,
+    VirtualBrownianTree,
+)
 from .solvers import (
     RK4,
     SDE_SOLVERS,
@@ -53,6 +63,10 @@ __all__ = [
     "BrownianIncrement",
     "VirtualBrownianTree",
     "BrownianGrid",
+    "LinearInterpolation",
+    "RectilinearInterpolation",
+    "HermiteCubic",
+    "CubicSpline",
     "AbstractSolver",
     "AbstractAdaptiveSolver",
     "ButcherTableau",

@@ -16,7 +16,7 @@ from ._progress import make_progress
 from ._results import Result, SolveError
 from ._saveat import SaveAt
 from ._solution import DenseInterpolation, Solution
-from ._terms import AbstractTerm, SDETerm, normalize_terms
+from ._terms import AbstractTerm, ODETerm, SDETerm, normalize_terms
 from ._tree import Flattener, tree_leaves, tree_map, tree_zip
 from .adjoints import AbstractAdjoint, DirectAdjoint
 from .controllers import AbstractController, ConstantStepSize, PIDController
@@ -312,8 +312,8 @@ def solve(
             + "\n".join(lines)
             + f"\nvalid keyword arguments are: {', '.join(_KEYWORDS)}"
         )
-    if isinstance(terms, AbstractTerm):
-        terms = normalize_terms(terms)
+    if isinstance(terms, AbstractTerm) and not isinstance(terms, (ODETerm, SDETerm)):
+        terms = normalize_terms(terms, backward=_is_backward(t0, t1))
     controller = _check_policies(terms, solver, saveat, adjoint, controller, dt0, max_steps)
     timed = [x for x in (t0, t1, saveat.ts) if isinstance(x, torch.Tensor) and x.requires_grad]
     if timed and isinstance(terms, SDETerm):
@@ -424,6 +424,15 @@ def _check_sde_solver(sde: SDETerm, solver) -> None:
             f"{name} solves {solver.calculus} SDEs but {control!r} declares calculus={control.calculus!r}; "
             f"use one of: {', '.join(other)}"
         )
+
+
+def _is_backward(t0, t1) -> bool:
+    """Whether the solve runs backwards in time (bad times are reported later, with context)."""
+    try:
+        d = torch.as_tensor(t1).detach().reshape(-1)[:1] - torch.as_tensor(t0).detach().reshape(-1)[:1]
+        return bool((d < 0).all()) if d.numel() else False
+    except (TypeError, ValueError, RuntimeError):
+        return False
 
 
 def _requires_grad(x) -> bool:

@@ -159,11 +159,13 @@ class ControlTerm(AbstractTerm):
             return self._leaf_prod(vf, control)
         return tree_zip(vf, control, self._leaf_prod)
 
-    def to_ode(self) -> ODETerm:
-        """The ODE ``dy/dt = g(t, y, args) dX/dt`` of a control term on a smooth path."""
+    def to_ode(self, left: bool = False) -> ODETerm:
+        """The ODE ``dy/dt = g(t, y, args) dX/dt`` of a control term on a smooth path. ``left=True``
+        takes one-sided derivatives from the left at the path's knots (for solving backwards in time,
+        where a step leaves a knot to the left)."""
         if not self.path.smooth:
             raise TypeError(f"{type(self.path).__name__} has no derivative; a ControlTerm on it is an SDE")
-        return _ControlledODE(self)
+        return _ControlledODE(self, left)
 
     def __repr__(self):
         name = getattr(self.vector_field, "__name__", type(self.vector_field).__name__)
@@ -173,13 +175,18 @@ class ControlTerm(AbstractTerm):
 class _ControlledODE(ODETerm):
     """``g(t, y) dX/dt`` as an ODE term (CDEs on interpolated data)."""
 
-    def __init__(self, control: ControlTerm):
+    def __init__(self, control: ControlTerm, left: bool = False):
         self.control = control
+        self.left = left
         self.vector_field = self._vf
 
     def _vf(self, t, y, args):
         c = self.control
-        return c.prod(c.vector_field(t, y, args), c.path.derivative(t))
+        dx = c.path.derivative(t, left=True) if self.left else c.path.derivative(t)
+        return c.prod(c.vector_field(t, y, args), dx)
+
+    def reversed(self) -> _ControlledODE:
+        return _ControlledODE(self.control, not self.left)
 
     def __repr__(self):
         return repr(self.control)
@@ -268,9 +275,22 @@ class _SumODE(ODETerm):
         return " + ".join(map(repr, self.terms))
 
 
-def normalize_terms(terms: AbstractTerm) -> AbstractTerm:
+def reverse_terms(terms):
+    """Normalised terms for solving in the other direction: control terms on smooth paths switch
+    between right and left derivatives at the path's knots (everything else is unchanged)."""
+    if isinstance(terms, _ControlledODE):
+        return terms.reversed()
+    if isinstance(terms, _SumODE):
+        return _SumODE([reverse_terms(t) for t in terms.terms])
+    if isinstance(terms, SDETerm):
+        return SDETerm(None if terms.drift is None else reverse_terms(terms.drift), terms.control)
+    return terms
+
+
+def normalize_terms(terms: AbstractTerm, backward: bool = False) -> AbstractTerm:
     """An :class:`ODETerm` (ODEs, and CDEs on smooth paths) or an :class:`SDETerm` (exactly one
-    control term on Brownian motion)."""
+    control term on Brownian motion). ``backward``: the solve runs backwards in time (smooth paths
+    then use left derivatives at their knots)."""
     if isinstance(terms, (ODETerm, SDETerm)):
         return terms
     parts = list(terms.terms) if isinstance(terms, MultiTerm) else [terms]
@@ -281,7 +301,7 @@ def normalize_terms(terms: AbstractTerm) -> AbstractTerm:
         if isinstance(term, ODETerm):
             odes.append(term)
         elif isinstance(term, ControlTerm):
-            (odes if term.path.smooth else rough).append(term.to_ode() if term.path.smooth else term)
+            (odes if term.path.smooth else rough).append(term.to_ode(backward) if term.path.smooth else term)
         else:
             raise TypeError(
                 f"solve() does not know how to integrate {type(term).__name__}; use ODETerm, ControlTerm or MultiTerm"

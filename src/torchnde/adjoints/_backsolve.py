@@ -7,7 +7,7 @@ import dataclasses
 
 import torch
 
-from .._terms import ODETerm, SDETerm
+from .._terms import ODETerm, SDETerm, reverse_terms
 from .._tree import tree_map
 from ..controllers import ConstantStepSize, PIDController, rms_norm
 from ..solvers.reversible_heun import AbstractReversibleSolver
@@ -111,7 +111,8 @@ class _Backsolve(torch.autograd.Function):
         problem, flat = ctx.problem, ctx.flat
         wrt = [*ctx.proxy_list, *params]
         dtype = ys.dtype
-        term, args_proxy = problem.terms, ctx.args_proxy
+        # the backward solve runs the other way: smooth control paths switch one-sided derivatives
+        term, args_proxy = reverse_terms(problem.terms), ctx.args_proxy
         N = ys.shape[-1]
 
         def aug(t, state, _):

@@ -4,6 +4,11 @@
   signatures, so that switching is one import line::
 
       from torchnde.compat.torchdiffeq import odeint, odeint_adjoint
+
+* :mod:`torchnde.compat.torchsde`: ``sdeint``, ``sdeint_adjoint`` and torchsde's Brownian motion
+  classes.
+* :mod:`torchnde.compat.torchcde`: ``cdeint``, the interpolation-coefficient functions and the
+  interpolation classes of torchcde.
 """
 
-__all__ = ["torchdiffeq"]
+__all__ = ["torchdiffeq", "torchsde", "torchcde"]

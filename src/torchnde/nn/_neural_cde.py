@@ -27,7 +27,11 @@ def _check(module, what: str, optional: bool = False):
         kind = "a function" if callable(module) else type(module).__name__
         raise TypeError(
             f"NeuralCDE needs {what} as an nn.Module (so that its parameters are registered); got {kind}"
-            + (". Wrap a function f as a module, e.g. nn.Identity() or a small nn.Module subclass" if callable(module) else "")
+            + (
+                ". Wrap a function f as a module, e.g. nn.Identity() or a small nn.Module subclass"
+                if callable(module)
+                else ""
+            )
         )
 
 
@@ -120,7 +124,9 @@ class NeuralCDE(nn.Module):
         if solver is None:
             solver = Tsit5()
         if isinstance(solver, type):
-            raise TypeError(f"NeuralCDE expects a solver instance, got the class {solver.__name__}; use {solver.__name__}()")
+            raise TypeError(
+                f"NeuralCDE expects a solver instance, got the class {solver.__name__}; use {solver.__name__}()"
+            )
         if not isinstance(solver, AbstractSolver):
             raise TypeError(f"NeuralCDE(solver=...) must be a solver such as Tsit5(), got {type(solver).__name__}")
         adaptive = isinstance(solver, AbstractAdaptiveSolver)

@@ -2,5 +2,17 @@
 
 from ._base import AbstractBrownianPath, AbstractPath, BrownianIncrement
 from ._brownian import BrownianGrid, VirtualBrownianTree
+from ._interp import CubicSpline, HermiteCubic, LinearInterpolation, RectilinearInterpolation, pad_sequences
 
-__all__ = ["AbstractPath", "AbstractBrownianPath", "BrownianIncrement", "VirtualBrownianTree", "BrownianGrid"]
+__all__ = [
+    "AbstractPath",
+    "AbstractBrownianPath",
+    "BrownianIncrement",
+    "VirtualBrownianTree",
+    "BrownianGrid",
+    "LinearInterpolation",
+    "RectilinearInterpolation",
+    "HermiteCubic",
+    "CubicSpline",
+    "pad_sequences",
+]

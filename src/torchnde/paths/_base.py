@@ -35,8 +35,9 @@ class AbstractPath:
         """``X(t) - X(s)``, or ``X(s)`` when ``t`` is None."""
         raise NotImplementedError
 
-    def derivative(self, t) -> Any:  # pragma: no cover - interface
-        """``dX/dt`` at ``t`` (smooth paths only)."""
+    def derivative(self, t, left: bool = False) -> Any:  # pragma: no cover - interface
+        """``dX/dt`` at ``t`` (smooth paths only); at a knot of a piecewise path the derivative of
+        the piece to the right, or with ``left=True`` the one to the left."""
         raise NotImplementedError
 
 
@@ -65,5 +66,5 @@ class AbstractBrownianPath(AbstractPath):
     def increment(self, s, t) -> BrownianIncrement:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def derivative(self, t):
+    def derivative(self, t, left: bool = False):
         raise TypeError("Brownian motion has no derivative; solve a ControlTerm on it with an SDE solver")

@@ -1,0 +1,1045 @@
+"""torchsde's ``sdeint``, ``sdeint_adjoint`` and Brownian motions, computed by torchnde.
+
+Switching an existing code base is one import line::
+
+    # from torchsde import sdeint, sdeint_adjoint, BrownianInterval, BrownianTree
+    from torchnde.compat.torchsde import sdeint, sdeint_adjoint, BrownianInterval, BrownianTree
+
+The signatures, defaults (``dt=1e-3, rtol=1e-5, atol=1e-4, dt_min=1e-5``), method names, noise
+types and return values are torchsde's (0.2.x). The ``sde`` object is used as in torchsde: its
+``f(t, y)`` and ``g(t, y)`` (or ``f_and_g``; ``h`` for ``logqp``), ``noise_type`` and ``sde_type``;
+``t`` is a 0-d tensor of ``ts``'s dtype. ``y0`` is ``(batch, d)``, the result ``(len(ts), batch, d)``.
+
+What is computed the same way:
+
+* the time grid: fixed steps ``ts[0] + dt, ts[0] + 2 dt, ...`` accumulated as torchsde does,
+  the last step clamped to ``ts[-1]``; outputs between steps are linear interpolations of the
+  steps around them (the steps do not land on ``ts``), so with the same Brownian path a fixed-step
+  solve reproduces torchsde's to rounding error for every method whose scheme is the same;
+* the schemes of ``"euler"``, ``"milstein"``, ``"midpoint"``, ``"heun"``, ``"euler_heun"``,
+  ``"reversible_heun"`` and ``"srk"`` on additive noise (Rößler's SRA1);
+* the ``logqp`` penalty (``0.5 |u|^2`` with ``g u = f - h``, integrated as an extra state) and
+  ``names=`` renaming.
+
+The noise types become a :class:`~torchnde.ControlTerm`: ``"diagonal"`` → ``noise="diagonal"``;
+``"scalar"`` (``g`` of shape ``(batch, d, 1)``) → ``noise="scalar"`` with ``g`` squeezed;
+``"additive"`` → ``noise="general", additive=True``; ``"general"`` → ``noise="general"``. The
+calculus is declared from ``sde_type``.
+
+What differs:
+
+* ``method="srk"`` for diagonal or scalar noise (torchsde: Rößler's SRID2, strong order 1.5) is
+  not available: it raises ``NotImplementedError`` naming ``"milstein"`` (strong order 1). The
+  *default* method of an Itô SDE with diagonal or scalar noise (torchsde: ``"srk"``) is therefore
+  ``"milstein"`` here.
+* ``adaptive=True``: torchsde estimates the error of every method by step doubling and uses its
+  own step-size rule. Here ``"heun"`` uses its embedded Euler estimate and every other method the
+  same step doubling (one full step against two half steps, keeping the latter), both driven by
+  :class:`~torchnde.PIDController` (``rtol``, ``atol``, ``dtmin=dt_min`` with steps of ``dt_min``
+  forced through, as in torchsde), so the adaptive steps are not torchsde's.
+* the default Brownian motion is a :class:`~torchnde.VirtualBrownianTree` seeded from torch's
+  global generator (``torch.manual_seed`` makes it reproducible; torchsde draws from numpy). The
+  Brownian classes here give other sample paths than torchsde's for the same ``entropy``.
+* ``sdeint_adjoint`` uses :class:`~torchnde.BacksolveAdjoint` (or, for ``"reversible_heun"``,
+  :class:`~torchnde.ReversibleAdjoint`, exact gradients of the computed solution); gradients reach
+  every tensor ``f`` and ``g`` use, whether or not it is listed in ``adjoint_params``.
+* unknown keyword arguments, unknown ``options`` and unknown ``names`` keys raise ``TypeError``
+  (torchsde warns or ignores them).
+
+Not supported (each raises ``NotImplementedError`` naming the alternative): ``method="log_ode"``,
+``"srk"`` for non-additive noise, SDEs that define only ``g_prod`` / ``f_and_g_prod`` (define
+``g``), ``extra=True`` / ``extra_solver_state`` with ``"reversible_heun"`` (whose extra state is
+internal here), ``W=``/``H=``/``w1=`` (conditioning a Brownian motion on its end value).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+
+import torch
+from torch import nn
+
+from .._results import SolveError
+from .._saveat import SaveAt
+from .._solve import solve
+from .._terms import ControlTerm, MultiTerm, ODETerm
+from ..adjoints import BacksolveAdjoint, DirectAdjoint, ReversibleAdjoint
+from ..controllers import ConstantStepSize, PIDController
+from ..paths import AbstractBrownianPath, BrownianIncrement
+from ..solvers import AbstractAdaptiveSolver, AbstractSolver
+from ..solvers._base import linear_coeffs
+
+__all__ = ["sdeint", "sdeint_adjoint", "BrownianInterval", "BrownianTree", "BrownianPath", "SolveError"]
+
+_SDE_TYPES = ("ito", "stratonovich")
+_NOISE_TYPES = ("diagonal", "additive", "scalar", "general")
+_LEVY = ("none", "space-time", "davie", "foster")
+
+# method -> (sde types it solves, noise types it handles); torchsde's own table
+_ALL_NOISE = _NOISE_TYPES
+_METHODS = {
+    "euler": (("ito",), _ALL_NOISE),
+    "milstein": (_SDE_TYPES, ("additive", "diagonal", "scalar")),
+    "srk": (("ito",), ("additive", "diagonal", "scalar")),
+    "midpoint": (("stratonovich",), _ALL_NOISE),
+    "heun": (("stratonovich",), _ALL_NOISE),
+    "euler_heun": (("stratonovich",), _ALL_NOISE),
+    "reversible_heun": (("stratonovich",), _ALL_NOISE),
+    "adjoint_reversible_heun": (("stratonovich",), _ALL_NOISE),
+    "log_ode": (("stratonovich",), _ALL_NOISE),
+}
+_NAMES = {
+    "drift": "f",
+    "diffusion": "g",
+    "prior_drift": "h",
+    "drift_and_diffusion": "f_and_g",
+    "drift_and_diffusion_prod": "f_and_g_prod",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# methods -> solvers
+
+
+def _import_solver(name: str):
+    """A solver class of :mod:`torchnde.solvers` by name (imported lazily: some SDE solvers are
+    newer than this module)."""
+    from .. import solvers
+
+    cls = getattr(solvers, name, None)
+    if cls is None:
+        import importlib
+
+        for mod in ("milstein", "euler_heun", "sra1", "shark", "spark"):
+            try:
+                m = importlib.import_module(f"torchnde.solvers.{mod}")
+            except ImportError:
+                continue
+            cls = getattr(m, name, None)
+            if cls is not None:
+                break
+    if cls is None:
+        raise NotImplementedError(f"torchnde.solvers.{name} is not available in this version of torchnde")
+    return cls
+
+
+def _milstein(sde_type: str, options: dict):
+    grad_free = bool(options.pop("grad_free", False))
+    cls = _import_solver("ItoMilstein" if sde_type == "ito" else "StratonovichMilstein")
+    # torchsde's grad_free=True is the derivative-free variant; torchnde's Milstein solvers take
+    # the derivative of g by a Jacobian-vector product. Both have strong order 1 on commutative
+    # noise; the derivative-free scheme is accepted and solved with the derivative.
+    del grad_free
+    return cls()
+
+
+def _solver_for(method: str, sde_type: str, noise_type: str, options: dict, what: str = "method") -> AbstractSolver:
+    """The torchnde solver of a torchsde method (``options`` is consumed)."""
+    if method == "log_ode":
+        raise NotImplementedError(
+            f"{what}='log_ode' (torchsde's log-ODE midpoint scheme with Davie/Foster Lévy areas) is not "
+            "supported by torchnde; use 'midpoint' or 'heun' (Stratonovich, strong order 1 on commutative noise)"
+        )
+    if method == "milstein":
+        return _milstein(sde_type, options)
+    if method == "srk":
+        if noise_type != "additive":
+            raise NotImplementedError(
+                f"{what}='srk' for {noise_type} noise (torchsde's SRID2, strong order 1.5) is not supported by "
+                "torchnde; use 'milstein' (strong order 1.0 on diagonal and scalar noise)"
+            )
+        return _import_solver("SRA1")()
+    if method == "euler":
+        from ..solvers import Euler
+
+        return Euler()
+    if method == "midpoint":
+        from ..solvers import Midpoint
+
+        return Midpoint()
+    if method == "heun":
+        from ..solvers import Heun
+
+        return Heun()
+    if method == "euler_heun":
+        return _import_solver("EulerHeun")()
+    if method in ("reversible_heun", "adjoint_reversible_heun"):
+        from ..solvers import ReversibleHeun
+
+        return ReversibleHeun()
+    raise ValueError(f"Method '{method}' does not match any known method.")  # pragma: no cover
+
+
+def _check_method(method, sde_type, noise_type, what="method"):
+    if not isinstance(method, str) or method not in _METHODS:
+        raise ValueError(f"Expected {what} in {sorted(_METHODS)}, but found {method}.")
+    types, noises = _METHODS[method]
+    if sde_type not in types:
+        raise ValueError(f"SDE is of type {sde_type} but solver is for type {types[0]}")
+    if noise_type not in noises:
+        raise ValueError(f"SDE has noise type {noise_type} but solver only supports noise types {noises}")
+
+
+def _default_method(sde_type: str, noise_type: str) -> str:
+    if sde_type == "stratonovich":
+        return "midpoint"
+    # torchsde: "srk" (SRID2 for diagonal/scalar noise, not in torchnde: see the module docstring)
+    return {"diagonal": "milstein", "scalar": "milstein", "additive": "srk", "general": "euler"}[noise_type]
+
+
+def _default_adjoint_method(sde_type: str, noise_type: str, method: str) -> str:
+    if method == "reversible_heun":
+        return "adjoint_reversible_heun"
+    if sde_type == "stratonovich":
+        return "midpoint"
+    return "milstein" if noise_type == "diagonal" else "euler"
+
+
+class _StepDoubling(AbstractAdaptiveSolver):
+    """torchsde's error estimate for any method: one full step against two half steps (the
+    result of the two half steps is kept). Made per base solver by :func:`_step_doubling`."""
+
+    order = None
+    dense_order = 1
+    base: AbstractSolver
+
+    def init(self, term, t0, y0):
+        return self.base.init(term, t0, y0)
+
+    def step(self, term, t0, t1, y0, state):
+        y_full = self.base.step(term, t0, t1, y0, state)[0]
+        tm = t0 + 0.5 * (t1 - t0)
+        y_half, _, _, s_half, _ = self.base.step(term, t0, tm, y0, state)
+        y1, _, _, s1, result = self.base.step(term, tm, t1, y_half, s_half)
+        return y1, y1 - y_full, (y0, y1), s1, result
+
+    def dense_coeffs(self, term, dense_info):
+        return linear_coeffs(*dense_info)
+
+    def __repr__(self):
+        return f"StepDoubling({self.base!r})"
+
+    def __eq__(self, other):
+        return isinstance(other, _StepDoubling) and other.base == self.base
+
+    def __hash__(self):
+        return hash(("step_doubling", self.base))
+
+
+def _step_doubling(base: AbstractSolver) -> AbstractAdaptiveSolver:
+    cls = type(base)
+    orders = dict(cls.strong_order)
+    sub = type(
+        f"StepDoubling{cls.__name__}",
+        (_StepDoubling,),
+        {
+            "strong_order": orders,
+            "calculus": cls.calculus,
+            "levy_area": cls.levy_area,
+            # the local error of a strong-order-p scheme is O(h^(p + 1/2)); the controller's
+            # exponent is 1 / (error_order + 1)
+            "error_order": min(orders.values()) if orders else 0.5,
+        },
+    )
+    solver = sub()
+    solver.base = base
+    return solver
+
+
+# --------------------------------------------------------------------------------------------
+# Brownian motion
+
+
+class _BrownianBase(AbstractBrownianPath):
+    """A Brownian path usable by torchnde (``evaluate``/``increment``) and callable like
+    torchsde's Brownian motions."""
+
+    _levy_name: str
+    _w0 = None
+
+    @property
+    def levy_area_approximation(self) -> str:
+        return self._levy_name
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(self._size)
+
+    def size(self) -> torch.Size:
+        return self.shape
+
+    @property
+    def dtype(self):
+        return self._dtype
+
+    @property
+    def device(self):
+        return self._device
+
+    def _increment(self, s: float, t: float):
+        raise NotImplementedError  # pragma: no cover
+
+    def evaluate(self, s, t=None):
+        if t is None:
+            s, t = self.t0, s
+        s, t = _as_time(s), _as_time(t)
+        if s > t:
+            return -self._increment(t, s)[0]
+        return self._increment(s, t)[0]
+
+    def increment(self, s, t) -> BrownianIncrement:
+        s, t = _as_time(s), _as_time(t)
+        if s > t:
+            W, H = self._increment(t, s)
+            return BrownianIncrement(s - t, -W, H)
+        W, H = self._increment(s, t)
+        return BrownianIncrement(t - s, W, H)
+
+    def __call__(self, ta, tb=None, return_U=False, return_A=False):
+        """torchsde's query: ``W(tb) - W(ta)``, or with ``tb=None`` the value ``W(ta)`` (for
+        :class:`BrownianInterval` measured from its ``t0``; :class:`BrownianTree` and
+        :class:`BrownianPath` add ``w0``). ``return_U`` adds ``U = int_ta^tb (W(s) - W(ta)) ds``
+        (``None`` without a space-time Lévy area), ``return_A`` the Davie/Foster approximation of
+        the Lévy area (``None`` unless built with ``levy_area_approximation="davie"``/``"foster"``)."""
+        point = tb is None
+        if point:
+            ta, tb = self.t0, ta
+        ta, tb = _as_time(ta), _as_time(tb)
+        if ta > tb:
+            raise RuntimeError(f"Query times ta={ta:.3f} and tb={tb:.3f} must respect ta <= tb.")
+        W, H = self._increment(ta, tb)
+        if point and not return_U and not return_A and self._w0 is not None:
+            return W + self._w0
+        h = tb - ta
+        out = [W]
+        if return_U:
+            out.append(None if H is None else h * (0.5 * W + H))
+        if return_A:
+            out.append(self._levy_A(W, H, ta, tb))
+        return out[0] if len(out) == 1 else tuple(out)
+
+    def _levy_A(self, W, H, ta, tb):
+        """Davie's approximation of the Lévy area from the space-time Lévy area, with Foster's
+        correction of the variance for ``"foster"`` (Davie 2014, "KMT theory applied to
+        approximations of SDE"; Foster 2020, "Numerical approximations for stochastic differential
+        equations", thesis, Oxford). The Gaussian part is drawn from a generator seeded by
+        ``(entropy, ta, tb)``: the same query gives the same value."""
+        if self._levy_name not in ("davie", "foster"):
+            return None
+        if W.dim() in (0, 1):
+            return torch.zeros_like(W)
+        h = tb - ta
+        A = H.unsqueeze(-1) * W.unsqueeze(-2) - W.unsqueeze(-1) * H.unsqueeze(-2)
+        gen = torch.Generator().manual_seed(hash((self.entropy, ta, tb)) & 0x7FFF_FFFF_FFFF_FFFF)
+        noise = torch.randn((*W.shape, W.shape[-1]), generator=gen, dtype=torch.float64)
+        noise = (noise - noise.transpose(-1, -2)).to(dtype=W.dtype, device=W.device)
+        if self._levy_name == "foster":
+            H2 = H**2
+            std = (0.1 * h * (0.1 * h + H2.unsqueeze(-1) + H2.unsqueeze(-2))).sqrt()
+        else:
+            std = math.sqrt(h * h / 12)
+        return A + std * noise
+
+    def __repr__(self):
+        return (
+            f"{type(self).__name__}(t0={self.t0:.3f}, t1={self.t1:.3f}, shape={tuple(self._size)}, "
+            f"dtype={self._dtype}, device={self._device}, entropy={self.entropy}, "
+            f"levy_area_approximation={self._levy_name!r})"
+        )
+
+
+def _as_time(t) -> float:
+    if isinstance(t, torch.Tensor):
+        if t.numel() != 1:
+            raise ValueError(f"a time must be a scalar, got a tensor of shape {tuple(t.shape)}")
+        return float(t.detach())
+    return float(t)
+
+
+def _random_entropy() -> int:
+    return int(torch.randint(0, 2**31 - 1, ()))
+
+
+class _TreeBrownian(_BrownianBase):
+    """Shared construction: a :class:`~torchnde.VirtualBrownianTree` over ``[t0, t1]``."""
+
+    def _build(self, t0, t1, size, dtype, device, entropy, tol, levy):
+        t0, t1 = _as_time(t0), _as_time(t1)
+        if t0 > t1:
+            raise ValueError(f"Initial time {t0} should be less than terminal time {t1}.")
+        if levy not in _LEVY:
+            raise ValueError(f"`levy_area_approximation` must be one of {list(_LEVY)}, but got '{levy}'.")
+        if size is None:
+            size = ()
+        size = tuple(int(s) for s in (size if isinstance(size, (tuple, list, torch.Size)) else (size,)))
+        dtype = torch.get_default_dtype() if dtype is None else dtype
+        device = torch.device("cpu") if device is None else torch.device(device)
+        self.entropy = _random_entropy() if entropy is None else int(entropy)
+        self.t0, self.t1 = t0, t1
+        self._size, self._dtype, self._device = size, dtype, device
+        self._levy_name = levy
+        self.levy_area = None if levy == "none" else "space-time"
+        from ..paths._brownian import VirtualBrownianTree
+
+        kw = {} if tol is None or tol <= 0 else {"tol": float(tol)}
+        self._tree = VirtualBrownianTree(
+            t0, t1, size, levy_area=self.levy_area, seed=self.entropy, dtype=dtype, device=device, **kw
+        )
+
+    def _increment(self, s, t):
+        if self.levy_area is None:
+            return self._tree.evaluate(s, t), None
+        inc = self._tree.increment(s, t)
+        return inc.W, inc.H
+
+    def evaluate(self, s, t=None):
+        return self._tree.evaluate(s, t)
+
+    def increment(self, s, t) -> BrownianIncrement:
+        return self._tree.increment(s, t)
+
+
+def _reject(kwargs: dict, where: str, valid):
+    if kwargs:
+        raise TypeError(
+            f"{where} got unexpected keyword argument(s) {', '.join(map(repr, kwargs))}; supported: {', '.join(valid)}"
+        )
+
+
+def _unsupported_value(name, value, where, hint):
+    if value is not None:
+        raise NotImplementedError(f"{where}({name}=...) is not supported by torchnde: {hint}")
+
+
+class BrownianInterval(_TreeBrownian):
+    """torchsde's ``BrownianInterval``, as a :class:`~torchnde.VirtualBrownianTree`.
+
+    ``entropy`` is the tree's seed (``None``: drawn from torch's global generator);
+    ``levy_area_approximation="space-time"`` builds the tree with the space-time Lévy area
+    (needed by ``method="srk"``), ``"davie"``/``"foster"`` also give Davie's / Foster's
+    approximation of the Lévy area through ``return_A=True``. ``tol > 0`` is the tree's
+    resolution in time. ``dt``, ``pool_size``, ``cache_size`` and ``halfway_tree`` tune torchsde's
+    data structure and are accepted without effect (the tree is always query-order independent,
+    like torchsde's ``halfway_tree=True``). ``W``/``H`` (the end values) are not supported.
+
+    Example:
+        >>> bm = BrownianInterval(t0=0.0, t1=1.0, size=(4, 1), entropy=0)
+        >>> bm(0.0, 0.5).shape
+        torch.Size([4, 1])
+    """
+
+    _VALID = (
+        "t0", "t1", "size", "dtype", "device", "entropy", "dt", "tol", "pool_size", "cache_size",
+        "halfway_tree", "levy_area_approximation", "W", "H",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        t0=0.0,
+        t1=1.0,
+        size=None,
+        dtype=None,
+        device=None,
+        entropy=None,
+        dt=None,
+        tol=0.0,
+        pool_size=8,
+        cache_size=45,
+        halfway_tree=False,
+        levy_area_approximation="none",
+        W=None,
+        H=None,
+        **kwargs,
+    ):
+        _reject(kwargs, "BrownianInterval()", self._VALID)
+        _unsupported_value("W", W, "BrownianInterval", "a Brownian motion conditioned on its end value")
+        _unsupported_value("H", H, "BrownianInterval", "a Brownian motion conditioned on its Lévy area")
+        if tol < 0:
+            raise ValueError("`tol` should be non-negative.")
+        self._build(t0, t1, size, dtype, device, entropy, tol, levy_area_approximation)
+
+
+class BrownianTree(_TreeBrownian):
+    """torchsde's ``BrownianTree(t0, w0, t1=None, w1=None, entropy=None, tol=1e-6, ...)``: a
+    Brownian motion of ``w0``'s shape, dtype and device with ``W(t0) = w0``, over ``[t0, t1]``
+    (``t1`` defaults to ``t0 + 1``). ``pool_size``, ``cache_depth`` and ``safety`` are accepted
+    without effect; ``w1`` is not supported."""
+
+    _VALID = ("t0", "w0", "t1", "w1", "entropy", "tol", "pool_size", "cache_depth", "safety")
+
+    def __init__(
+        self, t0, w0, t1=None, w1=None, entropy=None, tol=1e-6, pool_size=24, cache_depth=9, safety=None, **kwargs
+    ):
+        _reject(kwargs, "BrownianTree()", self._VALID)
+        _unsupported_value("w1", w1, "BrownianTree", "a Brownian motion conditioned on its end value")
+        if not isinstance(w0, torch.Tensor):
+            raise TypeError(f"w0 must be a tensor, got {type(w0).__name__}")
+        t1 = _as_time(t0) + 1 if t1 is None else t1
+        self._build(t0, t1, w0.shape, w0.dtype, w0.device, entropy, tol, "none")
+        self._w0 = w0
+
+
+class BrownianPath(_TreeBrownian):
+    """torchsde's ``BrownianPath(t0, w0, window_size=8)``: a Brownian motion of ``w0``'s shape,
+    dtype and device with ``W(t0) = w0`` over ``[t0, t0 + 1]`` (as in torchsde).
+    ``window_size`` is accepted without effect."""
+
+    _VALID = ("t0", "w0", "window_size")
+
+    def __init__(self, t0, w0, window_size=8, **kwargs):
+        _reject(kwargs, "BrownianPath()", self._VALID)
+        if not isinstance(w0, torch.Tensor):
+            raise TypeError(f"w0 must be a tensor, got {type(w0).__name__}")
+        self._build(t0, _as_time(t0) + 1, w0.shape, w0.dtype, w0.device, None, 0.0, "none")
+        self._w0 = w0
+
+
+class _CallablePath(AbstractBrownianPath):
+    """Any torchsde-style Brownian motion (``bm(ta, tb, return_U=...)``, ``bm.shape``,
+    ``bm.levy_area_approximation``), e.g. torchsde's own ``BrownianInterval``, as a torchnde path."""
+
+    def __init__(self, bm, t0: float, t1: float):
+        self.bm = bm
+        self.t0, self.t1 = t0, t1
+        self.shape = torch.Size(bm.shape)
+        self.levy_area = "space-time" if bm.levy_area_approximation in ("space-time", "davie", "foster") else None
+
+    def _query(self, s, t):
+        if self.levy_area is None:
+            return self.bm(s, t), None
+        W, U = self.bm(s, t, return_U=True)
+        h = t - s
+        return W, U / h - 0.5 * W
+
+    def evaluate(self, s, t=None):
+        if t is None:
+            s, t = self.t0, s
+        s, t = _as_time(s), _as_time(t)
+        return -self.bm(t, s) if s > t else self.bm(s, t)
+
+    def increment(self, s, t):
+        s, t = _as_time(s), _as_time(t)
+        if s > t:
+            W, H = self._query(t, s)
+            return BrownianIncrement(s - t, -W, H)
+        W, H = self._query(s, t)
+        return BrownianIncrement(t - s, W, H)
+
+    def __repr__(self):
+        return f"torchsde-style {type(self.bm).__name__}"
+
+
+# --------------------------------------------------------------------------------------------
+# the SDE object
+
+
+class _Fields:
+    """torchnde's drift and diffusion ``(t, y, args)`` from a torchsde SDE object."""
+
+    def __init__(self, sde, names, logqp, time_dtype, device):
+        names = dict(names or {})
+        unknown = [k for k in names if k not in _NAMES]
+        if unknown:
+            raise TypeError(f"unknown names key(s) {', '.join(map(repr, unknown))}; valid keys are {', '.join(_NAMES)}")
+        self.sde = sde
+        self.lookup = {std: names.get(key, std) for key, std in _NAMES.items()}
+        self.noise_type = sde.noise_type
+        self.logqp = logqp
+        self.time_dtype, self.device = time_dtype, device
+        self._f = self._method("f")
+        self._g = self._method("g")
+        self._h = self._method("h")
+        fg = self._method("f_and_g")
+        if self._f is None and fg is not None:
+            self._f = lambda t, y: fg(t, y)[0]
+        if self._g is None and fg is not None:
+            self._g = lambda t, y: fg(t, y)[1]
+        if self._f is None:
+            if self._method("f_and_g_prod") is not None:
+                raise NotImplementedError(
+                    "the sde defines only f_and_g_prod; torchnde needs the drift f(t, y) and the diffusion matrix "
+                    "g(t, y): define f and g (or f_and_g)"
+                )
+            raise ValueError(
+                "sde must define at least one of `f`, `f_and_g`, or `f_and_g_prod`. (Or possibly more depending "
+                "on the method chosen.)"
+            )
+        if self._g is None:
+            if self._method("g_prod") is not None or self._method("f_and_g_prod") is not None:
+                raise NotImplementedError(
+                    "the sde defines only a diffusion-vector product (g_prod); torchnde needs the diffusion matrix: "
+                    "define g(t, y) (or f_and_g)"
+                )
+            raise ValueError(
+                "sde must define at least one of `g`, `f_and_g`, `g_prod` or `f_and_g_prod`. (Or possibly more "
+                "depending on the method chosen.)"
+            )
+        if logqp and (self._method("f") is None or self._method("g") is None or self._h is None):
+            raise AttributeError("If using logqp then drift, diffusion and prior drift must all be specified.")
+        self.__name__ = type(sde).__name__
+
+    def _method(self, std):
+        fn = getattr(self.sde, self.lookup.get(std, std), None)
+        return fn if callable(fn) else None
+
+    def time(self, t):
+        return torch.tensor(t, dtype=self.time_dtype, device=self.device)
+
+    def _u(self, f, g, h):
+        """``u`` with ``g u = f - h`` (torchsde's ``logqp``)."""
+        if self.noise_type == "diagonal":
+            eps = 1e-7
+            g = torch.where(g.abs().detach() > eps, g, torch.full_like(g, eps) * g.sign())
+            return (f - h) / g
+        return (torch.linalg.pinv(g) @ (f - h).unsqueeze(-1)).squeeze(-1)
+
+    def drift(self, t, y, args):
+        t = self.time(t)
+        if not self.logqp:
+            return self._f(t, y)
+        x = y[:, :-1]
+        f, g, h = self._f(t, x), self._g(t, x), self._h(t, x)
+        u = self._u(f, g, h)
+        return torch.cat([f, 0.5 * (u**2).sum(dim=1, keepdim=True)], dim=1)
+
+    def diffusion(self, t, y, args):
+        t = self.time(t)
+        x = y[:, :-1] if self.logqp else y
+        g = self._g(t, x)
+        if self.logqp:
+            pad = g.new_zeros((g.shape[0], 1, *g.shape[2:]))
+            g = torch.cat([g, pad], dim=1)
+        if self.noise_type == "scalar":
+            g = g.squeeze(-1)
+        return g
+
+    def raw_g(self, t, y):
+        return self._g(t, y)
+
+    def raw_f(self, t, y):
+        return self._f(t, y)
+
+
+# --------------------------------------------------------------------------------------------
+# planning one call
+
+
+class _Grid(ConstantStepSize):
+    """torchsde's fixed steps: ``dt0`` with every step ending on the given grid."""
+
+    jump_ts = None
+
+    def __init__(self, grid: list):
+        self.step_ts = torch.tensor(grid, dtype=torch.float64)
+
+    def __repr__(self):
+        return f"torchsde grid ({len(self.step_ts) + 1} steps)"
+
+
+def _torchsde_grid(t0, t_end, dt, dtype) -> list:
+    """The step ends of torchsde's fixed-step loop: ``t <- min(t + dt, t_end)`` accumulated in the
+    dtype of ``ts`` (as torchsde does), excluding ``t0`` and ``t_end``."""
+    out = []
+    if dtype == torch.float64:
+        t = t0
+        while True:
+            t = min(t + dt, t_end)
+            if t >= t_end:
+                return out
+            out.append(t)
+    t = torch.tensor(t0, dtype=dtype)
+    end = torch.tensor(t_end, dtype=dtype)
+    while True:
+        t = torch.minimum(t + dt, end)
+        if t >= end:
+            return out
+        out.append(float(t))
+
+
+class _Plan:
+    pass
+
+
+def _check_sde(sde, y0, ts, logqp):
+    if not hasattr(sde, "noise_type"):
+        raise ValueError("sde does not have the attribute noise_type.")
+    if sde.noise_type not in _NOISE_TYPES:
+        raise ValueError(f"Expected noise type in {sorted(_NOISE_TYPES)}, but found {sde.noise_type}.")
+    if not hasattr(sde, "sde_type"):
+        raise ValueError("sde does not have the attribute sde_type.")
+    if sde.sde_type not in _SDE_TYPES:
+        raise ValueError(f"Expected sde type in {sorted(_SDE_TYPES)}, but found {sde.sde_type}.")
+    if not torch.is_tensor(y0):
+        raise ValueError("`y0` must be a torch.Tensor.")
+    if y0.dim() != 2:
+        raise ValueError("`y0` must be a 2-dimensional tensor of shape (batch, channels).")
+    if not torch.is_tensor(ts):
+        if not isinstance(ts, (tuple, list)) or not all(isinstance(t, numbers.Real) for t in ts):
+            raise ValueError("Evaluation times `ts` must be a 1-D Tensor or list/tuple of floats.")
+        ts = torch.tensor(ts, dtype=y0.dtype, device=y0.device)
+    if ts.dim() != 1 or len(ts) == 0:
+        raise ValueError("Evaluation times `ts` must be a 1-D Tensor or list/tuple of floats.")
+    if ts.requires_grad:
+        raise ValueError("Gradients with respect to `ts` are not supported; pass ts.detach().")
+    tl = ts.detach().cpu().to(torch.float64).tolist()
+    if any(b <= a for a, b in zip(tl[:-1], tl[1:])):
+        raise ValueError("Evaluation times `ts` must be strictly increasing.")
+    return ts, tl
+
+
+def _check_options(options, method):
+    options = dict(options or {})
+    valid = ("grad_free",) if method == "milstein" else ()
+    unknown = [k for k in options if k not in valid]
+    if unknown:
+        raise TypeError(
+            f"unknown option(s) {', '.join(map(repr, unknown))} for method={method!r}; "
+            + (f"valid options are: {', '.join(valid)}" if valid else "this method takes no options")
+        )
+    return options
+
+
+def _prepare(sde, y0, ts, bm, method, dt, adaptive, rtol, atol, dt_min, options, names, logqp, where):
+    for name, v in (("dt", dt), ("rtol", rtol), ("atol", atol), ("dt_min", dt_min)):
+        if isinstance(v, torch.Tensor) and v.requires_grad:
+            raise ValueError(f"Argument {name} must not require gradient.")
+    ts, tl = _check_sde(sde, y0, ts, logqp)
+    p = _Plan()
+    p.sde_type, p.noise_type = sde.sde_type, sde.noise_type
+    p.method = _default_method(p.sde_type, p.noise_type) if method is None else method
+    _check_method(p.method, p.sde_type, p.noise_type)
+    if p.method == "adjoint_reversible_heun":
+        raise ValueError("adjoint_reversible_heun can only be used for adjoint_method.")
+    opts = _check_options(options, p.method)
+    p.fields = _Fields(sde, names, logqp, ts.dtype, y0.device)
+    # shapes (torchsde's contract)
+    t0 = p.fields.time(tl[0])
+    fy = p.fields.raw_f(t0, y0)
+    gy = p.fields.raw_g(t0, y0)
+    B, d = y0.shape
+    if tuple(fy.shape) != (B, d):
+        raise ValueError(f"Drift must be of shape (batch, state_channels) = {(B, d)}, but got {tuple(fy.shape)}.")
+    if p.noise_type == "diagonal":
+        if tuple(gy.shape) != (B, d):
+            raise ValueError(
+                f"Diffusion must be of shape (batch, state_channels) = {(B, d)}, but got {tuple(gy.shape)}."
+            )
+        m = d
+    else:
+        if gy.dim() != 3 or tuple(gy.shape[:2]) != (B, d):
+            raise ValueError(
+                f"Diffusion must be of shape (batch, state_channels, noise_channels) = {(B, d, 'm')}, but got "
+                f"{tuple(gy.shape)}."
+            )
+        m = gy.shape[2]
+    if p.noise_type == "scalar" and m != 1:
+        raise ValueError(f"Scalar noise must have only one channel; the diffusion has {m} noise channels.")
+    p.y0 = y0
+    if logqp:
+        p.y0 = torch.cat((y0, y0.new_zeros((B, 1))), dim=1)
+        if p.noise_type == "diagonal":
+            m = d + 1
+    p.solver = _solver_for(p.method, p.sde_type, p.noise_type, opts)
+    p.ts, p.tl = ts, tl
+    p.dt = float(dt)
+    if not p.dt > 0:
+        raise ValueError(f"dt must be > 0, got {dt}")
+    p.adaptive = bool(adaptive)
+    if p.adaptive:
+        if p.method == "euler" and p.noise_type != "additive":
+            warnings.warn(
+                "Numerical solution is not guaranteed to converge to the correct solution when using adaptive "
+                "time-stepping with the Euler--Maruyama method with non-additive noise.",
+                stacklevel=3,
+            )
+        p.controller = PIDController(rtol=float(rtol), atol=float(atol), dtmin=float(dt_min), force_dtmin=True)
+        if not isinstance(p.solver, AbstractAdaptiveSolver):
+            p.solver = _step_doubling(p.solver)
+    else:
+        p.controller = _Grid(_torchsde_grid(tl[0], tl[-1], p.dt, ts.dtype)) if len(tl) > 1 else None
+    # the Brownian motion
+    if bm is None:
+        if len(tl) > 1:
+            levy = "space-time" if p.solver.levy_area is not None else "none"
+            bm = BrownianInterval(
+                t0=tl[0], t1=tl[-1], size=(B, m), dtype=y0.dtype, device=y0.device, levy_area_approximation=levy
+            )
+    else:
+        shape = tuple(getattr(bm, "shape", ()))
+        if len(shape) != 2:
+            raise ValueError("`bm` must be of shape (batch, noise_channels).")
+        if shape[0] != B:
+            raise ValueError("Batch sizes not consistent.")
+        if shape[1] != m:
+            raise ValueError("Noise sizes not consistent.")
+        if not isinstance(bm, AbstractBrownianPath):
+            if not callable(bm) or not hasattr(bm, "levy_area_approximation"):
+                raise TypeError(
+                    "bm must be a Brownian motion: torchnde.compat.torchsde.BrownianInterval/BrownianTree/"
+                    f"BrownianPath, a torchnde Brownian path, or a torchsde Brownian motion; got {type(bm).__name__}"
+                )
+            bm = _CallablePath(bm, tl[0], tl[-1])
+    p.bm = bm
+    p.noise = {"diagonal": "diagonal", "scalar": "scalar"}.get(p.noise_type, "general")
+    p.logqp = logqp
+    return p
+
+
+def _run(p: _Plan, adjoint):
+    if len(p.tl) == 1:
+        return p.y0.unsqueeze(0).clone()
+    control = ControlTerm(
+        p.fields.diffusion,
+        p.bm,
+        noise=p.noise,
+        additive=p.noise_type == "additive",
+        calculus=p.sde_type,
+    )
+    terms = MultiTerm(ODETerm(p.fields.drift), control)
+    interp = None
+    save = p.tl
+    if not p.adaptive:
+        # torchsde's steps do not land on ts: keep the steps around each output time and
+        # interpolate linearly between them, as torchsde does
+        nodes = [p.tl[0], *p.controller.step_ts.tolist(), p.tl[-1]]
+        interp = _interpolation(nodes, p.tl, p.ts)
+        save = [nodes[k] for k in interp[0]]
+    sol = solve(
+        terms,
+        p.solver,
+        p.tl[0],
+        p.tl[-1],
+        p.y0,
+        dt0=p.dt,
+        saveat=SaveAt(ts=save),
+        controller=p.controller,
+        adjoint=adjoint,
+        max_steps=None,
+    )
+    if interp is None:
+        return sol.ys
+    _, prev, curr, w0, w1 = interp
+    ys = sol.ys
+    out = w0.view(-1, 1, 1) * ys[prev] + w1.view(-1, 1, 1) * ys[curr]
+    return torch.cat([ys[:1], out])
+
+
+def _interpolation(nodes: list, tl: list, ts: torch.Tensor):
+    """Which step of torchsde's loop each output time falls in, and its linear weights.
+
+    Returns ``(kept, prev, curr, w0, w1)``: the indices of the grid nodes to save (the first is
+    ``t0``), and for ``ts[1:]`` the positions in ``kept`` of the step's ends and the weights
+    ``(t1 - t) / (t1 - t0)``, ``(t - t0) / (t1 - t0)`` computed in ``ts``'s dtype (torchsde's formula).
+    """
+    pairs = []
+    i = 0
+    for out_t in tl[1:]:
+        while nodes[i] < out_t:
+            i += 1
+        pairs.append((i - 1, i))
+    kept = sorted({0, *(k for pair in pairs for k in pair)})
+    pos = {k: j for j, k in enumerate(kept)}
+    prev = [pos[a] for a, _ in pairs]
+    curr = [pos[b] for _, b in pairs]
+    grid = torch.tensor(nodes, dtype=torch.float64).to(ts.dtype)
+    tp = grid[[a for a, _ in pairs]]
+    tc = grid[[b for _, b in pairs]]
+    to = ts.detach().cpu()[1:]
+    w0 = ((tc - to) / (tc - tp)).to(ts.device)
+    w1 = ((to - tp) / (tc - tp)).to(ts.device)
+    return kept, prev, curr, w0, w1
+
+
+def _parse_return(p: _Plan, ys, extra: bool):
+    outs = []
+    if p.logqp:
+        ys, log_ratio = ys[..., :-1], ys[..., -1]
+        outs = [ys, log_ratio[1:] - log_ratio[:-1]]
+    else:
+        outs = [ys]
+    if extra:
+        outs.append(())
+    return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+def _check_extra(p: _Plan, extra, extra_solver_state):
+    if p.method == "reversible_heun" and (extra or extra_solver_state is not None):
+        raise NotImplementedError(
+            "extra=True / extra_solver_state with method='reversible_heun' is not supported by torchnde (its second "
+            "state is internal); drop them, or continue a solve from its last value with a new call"
+        )
+
+
+_SDEINT_ARGS = (
+    "sde", "y0", "ts", "bm", "method", "dt", "adaptive", "rtol", "atol", "dt_min", "options", "names", "logqp",
+    "extra", "extra_solver_state",
+)  # fmt: skip
+
+
+def sdeint(
+    sde,
+    y0,
+    ts,
+    bm=None,
+    method=None,
+    dt=1e-3,
+    adaptive=False,
+    rtol=1e-5,
+    atol=1e-4,
+    dt_min=1e-5,
+    options=None,
+    names=None,
+    logqp=False,
+    extra=False,
+    extra_solver_state=None,
+    **unused_kwargs,
+):
+    """Integrate an SDE: torchsde's ``sdeint``, computed by :func:`torchnde.solve`.
+
+    Args:
+        sde: an object with ``f(t, y)`` (drift, ``(batch, d)``) and ``g(t, y)`` (diffusion:
+            ``(batch, d)`` for diagonal noise, ``(batch, d, m)`` otherwise; ``m = 1`` for scalar
+            noise), or ``f_and_g``; ``h(t, y)`` (prior drift) for ``logqp``; attributes
+            ``noise_type`` (``"diagonal"``, ``"additive"``, ``"scalar"``, ``"general"``) and
+            ``sde_type`` (``"ito"``, ``"stratonovich"``).
+        y0: ``(batch, d)`` initial state at ``ts[0]``.
+        ts: strictly increasing output times (tensor or list of floats).
+        bm: the Brownian motion, of shape ``(batch, m)``: :class:`BrownianInterval`,
+            :class:`BrownianTree`, :class:`BrownianPath`, any torchnde Brownian path, or a
+            torchsde Brownian motion. Default: a new :class:`BrownianInterval` over
+            ``[ts[0], ts[-1]]`` (with the space-time Lévy area if the method needs it).
+        method: ``"euler"``, ``"milstein"``, ``"srk"`` (additive noise), ``"midpoint"``,
+            ``"heun"``, ``"euler_heun"``, ``"reversible_heun"``. Default: ``"midpoint"`` for
+            Stratonovich SDEs; for Itô SDEs ``"srk"`` (additive), ``"milstein"`` (diagonal,
+            scalar; torchsde: ``"srk"``), ``"euler"`` (general).
+        dt: the step size (fixed steps) or the initial step size (``adaptive=True``).
+        adaptive, rtol, atol, dt_min: adaptive stepping (see the module docstring).
+        options: ``{"grad_free": bool}`` for ``"milstein"``; no other options.
+        names: rename the methods of ``sde``: keys ``"drift"``, ``"diffusion"``,
+            ``"prior_drift"``, ``"drift_and_diffusion"``, ``"drift_and_diffusion_prod"``.
+        logqp: also return the increments of the log-ratio penalty
+            :math:`\\int \\tfrac12 |u|^2 dt` with :math:`g u = f - h` between output times,
+            ``(len(ts) - 1, batch)``.
+        extra: also return the solver's extra state (``()``: no method here carries any that is
+            exposed; not supported for ``"reversible_heun"``).
+        extra_solver_state: ignored by the stateless methods, as in torchsde; not supported for
+            ``"reversible_heun"``.
+
+    Returns:
+        ``ys`` of shape ``(len(ts), batch, d)``; with ``logqp`` also the log-ratio increments; with
+        ``extra`` also the extra solver state.
+
+    Example:
+        >>> import torch
+        >>> from torchnde.compat.torchsde import sdeint
+        >>> class SDE(torch.nn.Module):
+        ...     noise_type, sde_type = "diagonal", "ito"
+        ...     def f(self, t, y): return -y
+        ...     def g(self, t, y): return 0.1 * torch.ones_like(y)
+        >>> sdeint(SDE(), torch.ones(3, 2), torch.linspace(0, 1, 5), method="euler", dt=0.01).shape
+        torch.Size([5, 3, 2])
+    """
+    _reject(unused_kwargs, "sdeint()", _SDEINT_ARGS)
+    p = _prepare(sde, y0, ts, bm, method, dt, adaptive, rtol, atol, dt_min, options, names, logqp, "sdeint")
+    _check_extra(p, extra, extra_solver_state)
+    return _parse_return(p, _run(p, DirectAdjoint()), extra)
+
+
+_ADJOINT_ARGS = (
+    "sde", "y0", "ts", "bm", "method", "adjoint_method", "dt", "adaptive", "adjoint_adaptive", "rtol",
+    "adjoint_rtol", "atol", "adjoint_atol", "dt_min", "options", "adjoint_options", "adjoint_params", "names",
+    "logqp", "extra", "extra_solver_state",
+)  # fmt: skip
+
+
+def sdeint_adjoint(
+    sde,
+    y0,
+    ts,
+    bm=None,
+    method=None,
+    adjoint_method=None,
+    dt=1e-3,
+    adaptive=False,
+    adjoint_adaptive=False,
+    rtol=1e-5,
+    adjoint_rtol=1e-5,
+    atol=1e-4,
+    adjoint_atol=1e-4,
+    dt_min=1e-5,
+    options=None,
+    adjoint_options=None,
+    adjoint_params=None,
+    names=None,
+    logqp=False,
+    extra=False,
+    extra_solver_state=None,
+    **unused_kwargs,
+):
+    """:func:`sdeint` with gradients from the stochastic adjoint: torchsde's ``sdeint_adjoint``.
+
+    ``method="reversible_heun"`` (with ``adjoint_method=None`` or ``"adjoint_reversible_heun"``)
+    uses :class:`~torchnde.ReversibleAdjoint`: exact gradients of the computed solution in constant
+    memory. Every other method uses :class:`~torchnde.BacksolveAdjoint`, solving the adjoint SDE
+    backwards on the same Brownian path with ``adjoint_method`` (default as in torchsde:
+    ``"midpoint"`` for Stratonovich SDEs; ``"milstein"``/``"euler"`` for Itô SDEs), with fixed
+    steps ``dt`` or, with ``adjoint_adaptive=True``, ``adjoint_rtol``/``adjoint_atol``.
+
+    ``adjoint_params``: as in torchsde, ``sde`` must be an ``nn.Module`` unless it is given. Every
+    tensor ``f`` and ``g`` use that requires gradients receives them (torchnde finds them by
+    walking the autograd graph), listed or not.
+    """
+    _reject(unused_kwargs, "sdeint_adjoint()", _ADJOINT_ARGS)
+    if adjoint_params is None and not isinstance(sde, nn.Module):
+        raise ValueError(
+            "`sde` must be an instance of nn.Module to specify the adjoint parameters; alternatively they can be "
+            "specified explicitly via the `adjoint_params` argument. If there are no parameters then it is "
+            "allowable to set `adjoint_params=()`."
+        )
+    for x in adjoint_params or ():
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"adjoint_params must be tensors, got {type(x).__name__}")
+    for name, v in (("adjoint_rtol", adjoint_rtol), ("adjoint_atol", adjoint_atol)):
+        if isinstance(v, torch.Tensor) and v.requires_grad:
+            raise ValueError(f"Argument {name} must not require gradient.")
+    p = _prepare(sde, y0, ts, bm, method, dt, adaptive, rtol, atol, dt_min, options, names, logqp, "sdeint_adjoint")
+    _check_extra(p, extra, extra_solver_state)
+    adj_method = (
+        _default_adjoint_method(p.sde_type, p.noise_type, p.method) if adjoint_method is None else adjoint_method
+    )
+    if adj_method == "adjoint_reversible_heun" and p.method != "reversible_heun":
+        raise ValueError("adjoint_method='adjoint_reversible_heun' can only be used with method='reversible_heun'.")
+    if p.method == "reversible_heun" and adj_method == "adjoint_reversible_heun":
+        if adjoint_options:
+            _check_options(adjoint_options, adj_method)
+        if adaptive or adjoint_adaptive:
+            raise NotImplementedError(
+                "method='reversible_heun' with adaptive or adjoint_adaptive is not supported by torchnde's "
+                "ReversibleAdjoint; use fixed steps (dt=...)"
+            )
+        return _parse_return(p, _run(p, ReversibleAdjoint()), extra)
+    if p.method == "reversible_heun":
+        warnings.warn(
+            f"method='reversible_heun', but adjoint_method!='adjoint_reversible_heun' ({adj_method!r}).", stacklevel=2
+        )
+    if adj_method not in _METHODS:
+        raise ValueError(f"Expected adjoint_method in {sorted(_METHODS)}, but found {adj_method}.")
+    # the adjoint SDE has general noise; its method must solve the SDE's calculus
+    types, _ = _METHODS[adj_method]
+    if p.sde_type not in types:
+        raise ValueError(f"SDE is of type {p.sde_type} but adjoint solver is for type {types[0]}")
+    adj_opts = _check_options(adjoint_options, adj_method)
+    back = _solver_for(adj_method, p.sde_type, p.noise_type, adj_opts, what="adjoint_method")
+    if adjoint_adaptive:
+        controller = PIDController(
+            rtol=float(adjoint_rtol), atol=float(adjoint_atol), dtmin=float(dt_min), force_dtmin=True
+        )
+        if not isinstance(back, AbstractAdaptiveSolver):
+            back = _step_doubling(back)
+    else:
+        # fixed steps of dt backwards (through the forward grid when the forward solve was fixed-step)
+        controller = p.controller if not p.adaptive else ConstantStepSize()
+    adjoint = BacksolveAdjoint(solver=back, controller=controller)
+    return _parse_return(p, _run(p, adjoint), extra)

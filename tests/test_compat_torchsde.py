@@ -1,0 +1,316 @@
+"""torchnde.compat.torchsde against torchsde itself: the same SDE, the same Brownian path."""
+
+import warnings
+
+import pytest
+import torch
+
+from torchnde.compat import torchsde as ts
+
+torchsde = pytest.importorskip("torchsde")
+
+B, D, M = 3, 2, 3
+F64 = torch.float64
+
+
+class SDE(torch.nn.Module):
+    """A nonlinear test SDE of each noise type. ``g`` does not depend on time (torchnde's
+    EulerHeun evaluates its second diffusion at ``t_n`` where torchsde uses ``t_{n+1}``), and the
+    additive ``g`` is constant (SRA1's stages: same remark)."""
+
+    def __init__(self, noise_type, sde_type, dtype=F64):
+        super().__init__()
+        self.noise_type, self.sde_type = noise_type, sde_type
+        gen = torch.Generator().manual_seed(1)
+        self.a = torch.nn.Parameter(torch.tensor(0.5, dtype=dtype))
+        self.b = torch.nn.Parameter(torch.tensor(0.3, dtype=dtype))
+        self.G = torch.randn(B, D, M, generator=gen, dtype=dtype) * 0.2
+        self.Wm = torch.randn(D, D * M, generator=gen, dtype=dtype) * 0.3
+
+    def f(self, t, y):
+        return -self.a * y + torch.sin(t) + 0.1 * y**2
+
+    def g(self, t, y):
+        if self.noise_type == "diagonal":
+            return self.b * torch.cos(y)
+        if self.noise_type == "scalar":
+            return (self.b * torch.sin(y) + 0.1).unsqueeze(-1)
+        if self.noise_type == "additive":
+            return self.b * self.G
+        return self.b * torch.tanh(y @ self.Wm).view(B, D, M)
+
+    def h(self, t, y):
+        return -y
+
+
+def noise_dim(noise):
+    return {"diagonal": D, "scalar": 1}.get(noise, M)
+
+
+def bm_for(noise, entropy=3, levy="space-time", dtype=F64, t1=1.0):
+    return ts.BrownianInterval(0.0, t1, size=(B, noise_dim(noise)), dtype=dtype, entropy=entropy,
+                               levy_area_approximation=levy)  # fmt: skip
+
+
+CASES = [
+    ("ito", noise, method)
+    for method, noises in (
+        ("euler", ("diagonal", "scalar", "additive", "general")),
+        ("milstein", ("diagonal", "scalar", "additive")),
+        ("srk", ("additive",)),
+    )
+    for noise in noises
+] + [
+    ("stratonovich", noise, method)
+    for method, noises in (
+        ("midpoint", ("diagonal", "scalar", "additive", "general")),
+        ("heun", ("diagonal", "scalar", "additive", "general")),
+        ("euler_heun", ("diagonal", "scalar", "additive", "general")),
+        ("reversible_heun", ("diagonal", "scalar", "additive", "general")),
+        ("milstein", ("diagonal", "scalar", "additive")),
+    )
+    for noise in noises
+]
+
+
+@pytest.mark.parametrize("sde_type,noise,method", CASES)
+def test_pathwise_equal_to_torchsde(sde_type, noise, method):
+    """torchsde driven by our Brownian path: every fixed-step method agrees to rounding error,
+    also at output times between steps (dt does not divide the output spacing)."""
+    sde = SDE(noise, sde_type)
+    y0 = torch.full((B, D), 0.7, dtype=F64)
+    tt = torch.linspace(0, 1, 7, dtype=F64)
+    bm = bm_for(noise)
+    ref = torchsde.sdeint(sde, y0, tt, bm=bm, method=method, dt=0.05)
+    ours = ts.sdeint(sde, y0, tt, bm=bm, method=method, dt=0.05)
+    assert ours.shape == (7, B, D)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+
+
+def test_torchsde_brownian_motion_as_bm():
+    """A torchsde BrownianInterval (with space-time Lévy area) drives our sdeint too."""
+    sde = SDE("additive", "ito")
+    y0 = torch.full((B, D), 0.7, dtype=F64)
+    tt = torch.linspace(0, 1, 4, dtype=F64)
+    for method in ("euler", "srk"):
+        # a torchsde BrownianInterval's values depend on the order of its queries: a fresh one for each
+        bms = [torchsde.BrownianInterval(0.0, 1.0, size=(B, M), dtype=F64, entropy=5,
+                                         levy_area_approximation="space-time") for _ in range(2)]  # fmt: skip
+        # dt = 1/8: no last step of 1e-16 (where U / h loses all digits, differently in each library)
+        ref = torchsde.sdeint(sde, y0, tt, bm=bms[0], method=method, dt=0.125)
+        ours = ts.sdeint(sde, y0, tt, bm=bms[1], method=method, dt=0.125)
+        torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+
+
+def test_float32_and_time_dtype():
+    sde = SDE("diagonal", "stratonovich", dtype=torch.float32)
+    y0 = torch.full((B, D), 0.7)
+    tt = torch.linspace(0, 1, 5)
+    bm = bm_for("diagonal", dtype=torch.float32)
+    seen = []
+    f = sde.f
+    sde.f = lambda t, y: seen.append(t) or f(t, y)
+    ref = torchsde.sdeint(sde, y0, tt, bm=bm, method="midpoint", dt=0.03)
+    seen.clear()
+    ours = ts.sdeint(sde, y0, tt, bm=bm, method="midpoint", dt=0.03)
+    assert ours.dtype == torch.float32
+    assert isinstance(seen[0], torch.Tensor) and seen[0].dim() == 0 and seen[0].dtype == torch.float32
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+
+
+def test_logqp_matches_torchsde():
+    for noise in ("diagonal", "general"):
+        sde = SDE(noise, "stratonovich")
+        y0 = torch.full((B, D), 0.7, dtype=F64)
+        tt = torch.linspace(0, 1, 5, dtype=F64)
+        # torchsde's logqp augments the state by one component; diagonal noise then has D + 1 channels
+        bm = ts.BrownianInterval(0.0, 1.0, size=(B, D + 1 if noise == "diagonal" else M), dtype=F64, entropy=2)
+        ys_ref, lr_ref = torchsde.sdeint(sde, y0, tt, bm=bm, method="midpoint", dt=0.02, logqp=True)
+        ys, lr = ts.sdeint(sde, y0, tt, bm=bm, method="midpoint", dt=0.02, logqp=True)
+        assert ys.shape == (5, B, D) and lr.shape == (4, B)
+        torch.testing.assert_close(ys, ys_ref, rtol=0, atol=1e-12)
+        torch.testing.assert_close(lr, lr_ref, rtol=0, atol=1e-12)
+
+
+def test_names_extra_and_shapes():
+    class Renamed:
+        noise_type, sde_type = "diagonal", "ito"
+
+        def drift(self, t, y):
+            return -y
+
+        def diff(self, t, y):
+            return 0.2 * torch.ones_like(y)
+
+    y0 = torch.ones(B, D, dtype=F64)
+    tt = [0.0, 0.5, 1.0]
+    ys, extra = ts.sdeint(Renamed(), y0, tt, method="euler", dt=0.1, names={"drift": "drift", "diffusion": "diff"},
+                          extra=True)  # fmt: skip
+    assert ys.shape == (3, B, D) and extra == ()
+    assert ts.sdeint(Renamed(), y0, [0.0], names={"drift": "drift", "diffusion": "diff"}).shape == (1, B, D)
+    # default method (milstein for Itô diagonal noise here) and default Brownian motion
+    ys = ts.sdeint(SDE("diagonal", "ito"), y0, torch.linspace(0, 1, 3, dtype=F64), dt=0.05)
+    assert ys.shape == (3, B, D) and torch.isfinite(ys).all()
+
+    # f_and_g only
+    class FG:
+        noise_type, sde_type = "general", "stratonovich"
+
+        def f_and_g(self, t, y):
+            return -y, 0.1 * torch.ones(*y.shape, 4, dtype=y.dtype)
+
+    assert ts.sdeint(FG(), y0, [0.0, 1.0], dt=0.1).shape == (2, B, D)
+
+
+def test_ito_mean_statistically():
+    """Default Brownian motion: E[y(1)] of dy = mu y dt + sigma y dW (Itô) is y0 exp(mu)."""
+
+    class GBM:
+        noise_type, sde_type = "diagonal", "ito"
+
+        def f(self, t, y):
+            return 0.5 * y
+
+        def g(self, t, y):
+            return 0.4 * y
+
+    torch.manual_seed(0)
+    n = 2000
+    ys = ts.sdeint(GBM(), torch.ones(n, 1, dtype=F64), [0.0, 1.0], method="euler", dt=0.05)
+    mean = ys[-1].mean()
+    se = ys[-1].std() / n**0.5
+    assert abs(mean - torch.exp(torch.tensor(0.5, dtype=F64))) < 4 * se
+
+
+def test_adaptive():
+    sde = SDE("diagonal", "stratonovich")
+    y0 = torch.full((B, D), 0.7, dtype=F64)
+    tt = torch.linspace(0, 1, 5, dtype=F64)
+    bm = bm_for("diagonal")
+    ref = ts.sdeint(sde, y0, tt, bm=bm, method="midpoint", dt=2e-3)
+    for method in ("heun", "midpoint", "reversible_heun"):  # embedded estimate / step doubling
+        ys = ts.sdeint(sde, y0, tt, bm=bm, method=method, adaptive=True, dt=0.05, rtol=1e-3, atol=1e-4)
+        assert (ys - ref).abs().max() < 5e-3, method
+    with pytest.warns(UserWarning, match="Euler--Maruyama"):
+        ts.sdeint(SDE("diagonal", "ito"), y0, tt, bm=bm, method="euler", adaptive=True, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("method", ["midpoint", "reversible_heun"])
+def test_adjoint_gradients(method):
+    """reversible_heun: ReversibleAdjoint gives sdeint's gradients exactly; midpoint: the
+    continuous adjoint agrees with torchsde's sdeint_adjoint and, to O(dt), with sdeint's."""
+    sde = SDE("diagonal", "stratonovich")
+    y0 = torch.full((B, D), 0.7, dtype=F64)
+    tt = torch.linspace(0, 1, 5, dtype=F64)
+    bm = bm_for("diagonal", levy="none")
+    params = list(sde.parameters())
+    ys = ts.sdeint(sde, y0, tt, bm=bm, method=method, dt=0.01)
+    g_direct = torch.autograd.grad(ys.sum(), params)
+    ys_adj = ts.sdeint_adjoint(sde, y0, tt, bm=bm, method=method, dt=0.01)
+    torch.testing.assert_close(ys_adj, ys, rtol=0, atol=1e-12)
+    g_adj = torch.autograd.grad(ys_adj.sum(), params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        g_ref = torch.autograd.grad(torchsde.sdeint_adjoint(sde, y0, tt, bm=bm, method=method, dt=0.01).sum(), params)
+    if method == "reversible_heun":
+        for a, b in zip(g_adj, g_direct):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    else:
+        for a, b, c in zip(g_adj, g_direct, g_ref):
+            torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(a, b, rtol=5e-3, atol=1e-4)
+
+
+def test_adjoint_y0_gradient_and_params_check():
+    sde = SDE("diagonal", "stratonovich")
+    y0 = torch.full((B, D), 0.7, dtype=F64, requires_grad=True)
+    tt = torch.linspace(0, 1, 3, dtype=F64)
+    bm = bm_for("diagonal")
+    (ga,) = torch.autograd.grad(ts.sdeint_adjoint(sde, y0, tt, bm=bm, method="reversible_heun", dt=0.02).sum(), y0)
+    (gd,) = torch.autograd.grad(ts.sdeint(sde, y0, tt, bm=bm, method="reversible_heun", dt=0.02).sum(), y0)
+    torch.testing.assert_close(ga, gd, rtol=1e-10, atol=1e-10)
+
+    class Plain:
+        noise_type, sde_type = "diagonal", "stratonovich"
+        f = sde.f
+        g = sde.g
+
+    with pytest.raises(ValueError, match="adjoint_params"):
+        ts.sdeint_adjoint(Plain(), y0, tt)
+
+
+def test_errors():
+    y0 = torch.ones(B, D, dtype=F64)
+    tt = [0.0, 1.0]
+    ito, strat = SDE("diagonal", "ito"), SDE("diagonal", "stratonovich")
+    with pytest.raises(NotImplementedError, match="midpoint"):
+        ts.sdeint(strat, y0, tt, method="log_ode")
+    with pytest.raises(NotImplementedError, match="milstein"):
+        ts.sdeint(ito, y0, tt, method="srk")
+    with pytest.raises(ValueError, match="stratonovich"):
+        ts.sdeint(ito, y0, tt, method="midpoint")
+    with pytest.raises(ValueError, match="noise type general"):
+        ts.sdeint(SDE("general", "ito"), y0, tt, method="milstein")
+    with pytest.raises(ValueError, match="Expected method"):
+        ts.sdeint(ito, y0, tt, method="rk4")
+    with pytest.raises(ValueError, match="adjoint_method"):
+        ts.sdeint(strat, y0, tt, method="adjoint_reversible_heun")
+    with pytest.raises(TypeError, match="step_size"):
+        ts.sdeint(ito, y0, tt, step_size=0.1)
+    with pytest.raises(TypeError, match="options"):
+        ts.sdeint(ito, y0, tt, method="euler", options={"grad_free": True})
+    ts.sdeint(ito, y0, tt, method="milstein", options={"grad_free": True}, dt=0.1)  # accepted
+    with pytest.raises(TypeError, match="names"):
+        ts.sdeint(ito, y0, tt, names={"drfit": "f"})
+    with pytest.raises(ValueError, match="2-dimensional"):
+        ts.sdeint(ito, torch.ones(D, dtype=F64), tt)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        ts.sdeint(ito, y0, [0.0, 1.0, 0.5])
+    with pytest.raises(ValueError, match="Noise sizes"):
+        ts.sdeint(ito, y0, tt, bm=ts.BrownianInterval(0.0, 1.0, size=(B, 5), dtype=F64))
+    with pytest.raises(NotImplementedError, match="reversible_heun"):
+        ts.sdeint(strat, y0, tt, method="reversible_heun", extra=True)
+
+    class GProdOnly:
+        noise_type, sde_type = "diagonal", "ito"
+
+        def f(self, t, y):
+            return y
+
+        def g_prod(self, t, y, v):
+            return v
+
+    with pytest.raises(NotImplementedError, match="define g"):
+        ts.sdeint(GProdOnly(), y0, tt)
+
+
+def test_brownian_wrappers():
+    bm = ts.BrownianInterval(0.0, 2.0, size=(2000, 2), dtype=F64, entropy=7, levy_area_approximation="davie")
+    assert bm.shape == (2000, 2) and bm.levy_area_approximation == "davie" and bm.dtype == F64
+    torch.testing.assert_close(bm(0.0, 0.7) + bm(0.7, 1.3), bm(0.0, 1.3))
+    torch.testing.assert_close(bm(1.3), bm(0.0, 1.3))
+    assert abs(bm(0.5, 1.5).var() - 1.0) < 0.1  # variance h
+    W, U = bm(0.5, 1.5, return_U=True)
+    inc = bm.increment(0.5, 1.5)
+    torch.testing.assert_close(U, 1.0 * (0.5 * W + inc.H))
+    W, U, A = bm(0.5, 1.5, return_U=True, return_A=True)
+    assert A.shape == (2000, 2, 2)
+    torch.testing.assert_close(A, -A.transpose(-1, -2))
+    torch.testing.assert_close(A, bm(0.5, 1.5, return_A=True)[1])  # same query, same value
+    assert ts.BrownianInterval(0.0, 1.0, size=(2, 2))(0.0, 1.0, return_U=True)[1] is None
+
+    w0 = torch.full((4, 3), 2.0)
+    tree = ts.BrownianTree(0.0, w0, t1=1.0, entropy=1)
+    torch.testing.assert_close(tree(0.0), w0)
+    torch.testing.assert_close(tree(0.4) - w0, tree(0.0, 0.4))
+    path = ts.BrownianPath(0.0, w0)
+    assert path(0.5).shape == (4, 3)
+
+    with pytest.raises(TypeError, match="supported"):
+        ts.BrownianInterval(0.0, 1.0, size=(2, 2), bogus=1)
+    with pytest.raises(NotImplementedError):
+        ts.BrownianInterval(0.0, 1.0, size=(2, 2), W=torch.zeros(2, 2))
+    with pytest.raises(NotImplementedError):
+        ts.BrownianTree(0.0, w0, w1=w0)
+    with pytest.raises(ValueError, match="levy_area_approximation"):
+        ts.BrownianInterval(0.0, 1.0, size=(2, 2), levy_area_approximation="nope")
