@@ -67,15 +67,15 @@ def default_brownian(t0: float, t1: float, shape, *, seed: int, dtype, device, l
 
 
 def constant_step_grid(t0: float, t1: float, dt: float, stops) -> list[float]:
-    """The step times of a constant-step solve on ``[t0, t1]`` that also lands on ``stops``: the
-    sorted union of ``t0 + k dt`` and the stops (points closer than ``1e-9 dt`` merged)."""
-    n = max(1, math.ceil((t1 - t0) / dt - 1e-9))
-    pts = sorted({t0 + k * (t1 - t0) / n for k in range(n + 1)} | {float(s) for s in stops})
-    out = [pts[0]]
-    for p in pts[1:]:
-        if p - out[-1] > 1e-9 * dt:
-            out.append(p)
-    out[-1] = t1
+    """The step times of a constant-step solve on ``[t0, t1]`` that lands on ``stops``: each
+    interval between consecutive stops is cut into the fewest equal steps of at most ``dt``
+    (no sliver steps next to a stop)."""
+    knots = sorted({float(t0), float(t1)} | {float(s) for s in stops if t0 < s < t1})
+    out = [knots[0]]
+    for a, b in zip(knots, knots[1:]):
+        n = max(1, math.ceil((b - a) / dt - 1e-9))
+        out.extend(a + (b - a) * k / n for k in range(1, n))
+        out.append(b)
     return out
 
 
@@ -130,8 +130,8 @@ class NeuralSDE(nn.Module):
             :class:`~torchnde.AbstractBrownianPath` (``grid`` is the list of step times when
             they are known in advance, else ``None``).
         solver: default ``Euler()`` (Euler--Maruyama, Itô).
-        dt0: the largest step with constant steps: ``[ts[0], ts[-1]]`` is cut into equal steps of
-            at most ``dt0``, and the save times are added to the grid. Needed unless an adaptive
+        dt0: the largest step with constant steps: each interval between consecutive save times
+            is cut into the fewest equal steps of at most ``dt0``. Needed unless an adaptive
             ``controller`` is given (then it is the first step; ``None`` picks it).
         controller: ``None`` (constant steps of ``dt0``) or ``PIDController(...)`` with an adaptive
             SDE solver (e.g. ``Heun()``).
@@ -192,9 +192,7 @@ class NeuralSDE(nn.Module):
                 f"NeuralSDE expects a solver instance, got the class {solver.__name__}; use {solver.__name__}()"
             )
         if not isinstance(solver, AbstractSolver) or not solver.strong_order:
-            raise TypeError(
-                f"NeuralSDE(solver=...) must be an SDE solver such as Euler() or Heun(), got {solver!r}"
-            )
+            raise TypeError(f"NeuralSDE(solver=...) must be an SDE solver such as Euler() or Heun(), got {solver!r}")
         if controller is not None and not isinstance(controller, AbstractController):
             raise TypeError(
                 f"NeuralSDE(controller=...) must be ConstantStepSize() or PIDController(...), got {type(controller).__name__}"
@@ -267,7 +265,7 @@ class NeuralSDE(nn.Module):
         grid = None
         if isinstance(controller, ConstantStepSize):
             stops = [] if controller.step_ts is None else controller.step_ts.tolist()
-            grid = constant_step_grid(t0, t1, self.dt0, [s for s in stops if t0 < s < t1])
+            grid = constant_step_grid(t0, t1, self.dt0, stops)
             # land on every grid time: the steps are then exactly the grid's intervals
             controller.step_ts = torch.tensor(grid[1:-1], dtype=torch.float64)
         return ts, t0, t1, controller, grid
@@ -348,4 +346,3 @@ class NeuralSDE(nn.Module):
         if self.controller is not None:
             parts.append(f"controller={self.controller!r}")
         return ", ".join(parts)
-

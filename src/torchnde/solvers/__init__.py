@@ -6,16 +6,32 @@ from .bosh3 import Bosh3
 from .dopri5 import Dopri5
 from .dopri8 import Dopri8
 from .euler import Euler
+from .euler_heun import EulerHeun
 from .heun import Heun
 from .midpoint import Midpoint
+from .milstein import ItoMilstein, StratonovichMilstein
 from .ralston import Ralston
 from .reversible_heun import AbstractReversibleSolver, ReversibleHeun
 from .rk4 import RK4
+from .shark import ShARK
+from .spark import SPaRK
+from .sra1 import SRA1
 from .tsit5 import Tsit5
 
 SOLVERS = (Euler, Heun, Midpoint, Ralston, RK4, Bosh3, Dopri5, Tsit5, Dopri8)
 #: every solver of SDEs (each declares ``strong_order``, ``calculus`` and ``levy_area``)
-SDE_SOLVERS = (Euler, Heun, Midpoint, ReversibleHeun)
+SDE_SOLVERS = (
+    Euler,
+    Heun,
+    Midpoint,
+    ReversibleHeun,
+    EulerHeun,
+    ItoMilstein,
+    StratonovichMilstein,
+    SRA1,
+    ShARK,
+    SPaRK,
+)
 
 __all__ = [
     "AbstractSolver",
@@ -36,4 +52,10 @@ __all__ = [
     "SDE_SOLVERS",
     "AbstractReversibleSolver",
     "ReversibleHeun",
+    "EulerHeun",
+    "ItoMilstein",
+    "StratonovichMilstein",
+    "SRA1",
+    "ShARK",
+    "SPaRK",
 ]

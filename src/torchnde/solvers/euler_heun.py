@@ -48,6 +48,14 @@ class EulerHeun(AbstractSolver):
     def step(self, term, t0, t1, y0, state):
         dt = _dt_column(t0, t1)
         w = term.noise(t0, t1)
+        if getattr(term, "custom", False):
+            # a term that only forms K = f dt + g dW itself (the stochastic adjoint of
+            # BacksolveAdjoint): the same method through K, which is linear in (dt, dW)
+            k = term.vf_prod(t0, y0, (dt, w))
+            gw0 = term.vf_prod(t0, y0, (0.0, w))
+            gw1 = term.vf_prod(t0, y0 + gw0, (0.0, w))
+            y1 = y0 + k + 0.5 * (gw1 - gw0)
+            return y1, None, (y0, y1), None, None
         gw0 = term.gprod(term.diffusion(t0, y0), w)
         gw1 = term.gprod(term.diffusion(t0, y0 + gw0), w)
         inc = _add_drift(0.5 * (gw0 + gw1), term, t0, y0, dt)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .._tree import tree_leaves, tree_map
@@ -11,11 +13,23 @@ from .euler_heun import _add_drift
 __all__ = ["ItoMilstein", "StratonovichMilstein"]
 
 
+_JVP_LOADED = False
+
+
 def _jvp(fn, y, v):
     """``(fn(y), d fn(y)[v])`` by forward-mode AD. Differentiable by ordinary autograd (with
     respect to ``y``, ``v`` and anything ``fn`` closes over), which is what
     :class:`~torchnde.DirectAdjoint` needs."""
-    return torch.func.jvp(fn, (y,), (v,))
+    global _JVP_LOADED
+    if _JVP_LOADED:
+        return torch.func.jvp(fn, (y,), (v,))
+    # torch's first forward-mode call loads its jvp decompositions through the deprecated
+    # torch.jit.script: a DeprecationWarning about torch internals that users cannot act on
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=DeprecationWarning)
+        out = torch.func.jvp(fn, (y,), (v,))
+    _JVP_LOADED = True
+    return out
 
 
 def _one_hot(w, j: int):
@@ -66,6 +80,15 @@ def _milstein_increment(term, t0, t1, y0, ito: bool):
     return inc
 
 
+def _no_custom(term, name):
+    if getattr(term, "custom", False):
+        raise NotImplementedError(
+            f"{name} needs the diffusion itself, which the stochastic adjoint of BacksolveAdjoint does not "
+            "provide; use BacksolveAdjoint(solver=EulerHeun()) (or Heun(), SPaRK()) for the backward solve, or "
+            "adjoint=DirectAdjoint() / CheckpointAdjoint()"
+        )
+
+
 class _Milstein(AbstractSolver):
     order = None
     dense_order = 1
@@ -76,6 +99,7 @@ class _Milstein(AbstractSolver):
         return None
 
     def step(self, term, t0, t1, y0, state):
+        _no_custom(term, type(self).__name__)
         inc = _milstein_increment(term, t0, t1, y0, self._ito)
         y1 = y0 + _add_drift(inc, term, t0, y0, _dt_column(t0, t1))
         return y1, None, (y0, y1), None, None

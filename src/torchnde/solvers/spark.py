@@ -70,20 +70,26 @@ class SPaRK(AbstractAdaptiveSolver):
             err = (_X1 - 0.5) * (k1 + k3) + _X2 * k2
             return y1, err, (y0, y1), None, None
         w, hh = _levy(term, t0, t1, "SPaRK")
-        has_drift = term.sde.drift is not None
+        if getattr(term, "custom", False):
+            # a term that only forms K = f dt + g dW itself (the stochastic adjoint of
+            # BacksolveAdjoint): K is linear in (dt, dW), so g H is K with control (0, H)
+            def stage(t, z, levy):
+                k = term.vf_prod(t, z, (dt, w))
+                return k, (term.vf_prod(t, z, (0.0, hh)) if levy else None)
+        else:
+            has_drift = term.sde.drift is not None
 
-        def stage(t, z):
-            g = term.diffusion(t, z)
-            k = term.gprod(g, w)
-            if has_drift:
-                k = _axpy(k, term.vf(t, z), dt)
-            return k, g
+            def stage(t, z, levy):
+                g = term.diffusion(t, z)
+                k = term.gprod(g, w)
+                if has_drift:
+                    k = _axpy(k, term.vf(t, z), dt)
+                return k, (term.gprod(g, hh) if levy else None)
 
-        k1, g1 = stage(t0, y0)
-        gh1 = term.gprod(g1, hh)
-        k2, _ = stage(t_mid, torch.add(y0 + 0.5 * k1, gh1, alpha=_SQRT3))
-        k3, g3 = stage(t1, y0 + k2)
-        dh = gh1 - term.gprod(g3, hh)
+        k1, gh1 = stage(t0, y0, True)
+        k2, _ = stage(t_mid, torch.add(y0 + 0.5 * k1, gh1, alpha=_SQRT3), False)
+        k3, gh3 = stage(t1, y0 + k2, True)
+        dh = gh1 - gh3
         k13 = k1 + k3
         y1 = y0 + (_X1 * k13 + _X2 * k2 + dh)
         err = (_X1 - 0.5) * k13 + _X2 * k2 + dh

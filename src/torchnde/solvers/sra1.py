@@ -56,6 +56,12 @@ class _AdditiveSRK(AbstractSolver):
         return None
 
     def step(self, term, t0, t1, y0, state):
+        if getattr(term, "custom", False):
+            raise NotImplementedError(
+                f"{type(self).__name__} needs additive noise, but the stochastic adjoint of BacksolveAdjoint has "
+                "state-dependent noise; use BacksolveAdjoint(solver=EulerHeun()) (or Heun(), SPaRK()), or "
+                "adjoint=DirectAdjoint() / CheckpointAdjoint()"
+            )
         w, hh = _levy(term, t0, t1, type(self).__name__)
         dt = _dt_column(t0, t1)
         g0 = term.diffusion(t0, y0)
@@ -115,4 +121,3 @@ class SRA1(_AdditiveSRK):
     b = (1.0 / 3.0, 2.0 / 3.0)
     aw = (0.0, 0.75)
     ah = (0.0, 1.5)
-
