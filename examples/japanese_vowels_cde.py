@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 import torchnde as tn
-from torchnde.nn._neural_cde import NeuralCDE
-from torchnde.paths._interp import HermiteCubic, pad_sequences
+from torchnde.nn import NeuralCDE
+from torchnde.paths import HermiteCubic, pad_sequences
 
 
 def load(split: str):

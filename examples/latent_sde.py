@@ -23,8 +23,7 @@ import time
 import torch
 from torch import nn
 
-from torchnde.nn._latent_sde import LatentSDE
-from torchnde.nn._neural_sde import NeuralSDE
+from torchnde.nn import LatentSDE, NeuralSDE
 
 OMEGA, GAMMA, SIGMA, OBS_STD = 2.0, 0.3, 0.5, 0.05
 
