@@ -28,6 +28,9 @@ $(VENV)/.bench: $(VENV)/.installed
 
 bench: $(VENV)/.bench
 	$(PY) benchmarks/run.py
+	$(PY) benchmarks/adjoints.py
+	$(PY) benchmarks/sde.py
+	$(PY) benchmarks/cde.py
 
 lint: venv
 	$(PY) -m ruff check src tests benchmarks examples

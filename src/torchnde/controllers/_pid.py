@@ -166,7 +166,7 @@ class PIDController(AbstractController):
         h1 = ops.where(
             tiny,
             ops.maximum(ops.full(1e-6), h0 * 1e-3),
-            (0.01 / ops.where(tiny, ops.full(1.0), dmax)) ** (1.0 / (solver.order + 1)),
+            (0.01 / ops.where(tiny, ops.full(1.0), dmax)) ** (1.0 / ((solver.order or solver.error_order) + 1)),
         )
         dt = ops.minimum(100 * h0, h1)
         if self.dtmax is not None:
