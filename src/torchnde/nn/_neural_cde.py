@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import numbers
-
 from torch import nn
 
 from .._saveat import SaveAt
 from .._solution import Solution
 from .._solve import solve
 from .._terms import ControlTerm, ODETerm
-from ..adjoints import AbstractAdjoint, DirectAdjoint
+from ..adjoints import AbstractAdjoint
 from ..controllers import AbstractController, PIDController
 from ..paths import AbstractPath
 from ..paths._interp import _PiecewisePolynomial
 from ..solvers import AbstractAdaptiveSolver, AbstractSolver, Tsit5
-from ._neural_ode import _unwrap, _vector_field_arity
+from ._neural_ode import _check_adjoint_and_max_steps, _unwrap, _vector_field_arity
 
 __all__ = ["NeuralCDE"]
 
@@ -139,14 +137,7 @@ class NeuralCDE(nn.Module):
             raise TypeError(
                 f"NeuralCDE(controller=...) must be ConstantStepSize() or PIDController(...), got {type(controller).__name__}"
             )
-        if adjoint is None:
-            adjoint = DirectAdjoint()
-        if not isinstance(adjoint, AbstractAdjoint):
-            raise TypeError(
-                f"NeuralCDE(adjoint=...) must be an adjoint such as DirectAdjoint(), got {type(adjoint).__name__}"
-            )
-        if max_steps is not None and (not isinstance(max_steps, numbers.Integral) or max_steps < 1):
-            raise ValueError(f"NeuralCDE(max_steps=...) must be a positive int or None, got {max_steps!r}")
+        adjoint = _check_adjoint_and_max_steps("NeuralCDE", adjoint, max_steps)
         self.vector_field = vector_field
         self.initial = initial
         self.readout = readout

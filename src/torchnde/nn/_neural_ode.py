@@ -33,6 +33,20 @@ def _unwrap(module: nn.Module) -> nn.Module:
     return module
 
 
+def _check_adjoint_and_max_steps(owner: str, adjoint, max_steps):
+    """The checks every module here makes of ``adjoint`` and ``max_steps``; returns the adjoint
+    (``DirectAdjoint()`` for ``None``)."""
+    if adjoint is None:
+        adjoint = DirectAdjoint()
+    if not isinstance(adjoint, AbstractAdjoint):
+        raise TypeError(
+            f"{owner}(adjoint=...) must be an adjoint such as DirectAdjoint(), got {type(adjoint).__name__}"
+        )
+    if max_steps is not None and (not isinstance(max_steps, numbers.Integral) or max_steps < 1):
+        raise ValueError(f"{owner}(max_steps=...) must be a positive int or None, got {max_steps!r}")
+    return adjoint
+
+
 def _check_module(vector_field):
     if not isinstance(vector_field, nn.Module):
         kind = "a function" if callable(vector_field) else type(vector_field).__name__
@@ -154,18 +168,11 @@ class NeuralODE(nn.Module):
                 f"{type(solver).__name__}() has no error estimate, so it cannot be used with PIDController; "
                 "pass dt0=... for constant steps or use an adaptive solver such as Tsit5()"
             )
-        if adjoint is None:
-            adjoint = DirectAdjoint()
-        if not isinstance(adjoint, AbstractAdjoint):
-            raise TypeError(
-                f"NeuralODE(adjoint=...) must be an adjoint such as DirectAdjoint(), got {type(adjoint).__name__}"
-            )
+        adjoint = _check_adjoint_and_max_steps("NeuralODE", adjoint, max_steps)
         if saveat is None:
             saveat = SaveAt(t1=True)
         if not isinstance(saveat, SaveAt):
             raise TypeError(f"NeuralODE(saveat=...) must be a SaveAt(...), got {type(saveat).__name__}")
-        if max_steps is not None and (not isinstance(max_steps, numbers.Integral) or max_steps < 1):
-            raise ValueError(f"NeuralODE(max_steps=...) must be a positive int or None, got {max_steps!r}")
         self.vector_field = vector_field
         self.solver = solver
         self.controller = controller

@@ -14,11 +14,11 @@ from .._saveat import SaveAt
 from .._solution import Solution
 from .._solve import solve
 from .._terms import NOISE_TYPES, ControlTerm, MultiTerm, ODETerm
-from ..adjoints import AbstractAdjoint, DirectAdjoint
+from ..adjoints import AbstractAdjoint
 from ..controllers import AbstractController, ConstantStepSize, PIDController
 from ..paths import AbstractBrownianPath
 from ..solvers import AbstractAdaptiveSolver, AbstractSolver, Euler
-from ._neural_ode import _vector_field_arity
+from ._neural_ode import _check_adjoint_and_max_steps, _vector_field_arity
 
 __all__ = ["NeuralSDE", "brownian_shape", "default_brownian"]
 
@@ -206,16 +206,9 @@ class NeuralSDE(nn.Module):
             raise ValueError("NeuralSDE needs dt0=... (constant steps) or controller=PIDController(...)")
         if dt0 is not None and not (isinstance(dt0, numbers.Real) and dt0 > 0 and math.isfinite(dt0)):
             raise ValueError(f"NeuralSDE(dt0=...) must be a positive float, got {dt0!r}")
-        if adjoint is None:
-            adjoint = DirectAdjoint()
-        if not isinstance(adjoint, AbstractAdjoint):
-            raise TypeError(
-                f"NeuralSDE(adjoint=...) must be an adjoint such as DirectAdjoint(), got {type(adjoint).__name__}"
-            )
+        adjoint = _check_adjoint_and_max_steps("NeuralSDE", adjoint, max_steps)
         if brownian is not None and not callable(brownian):
             raise TypeError(f"NeuralSDE(brownian=...) must be None or a callable making a path, got {brownian!r}")
-        if max_steps is not None and (not isinstance(max_steps, numbers.Integral) or max_steps < 1):
-            raise ValueError(f"NeuralSDE(max_steps=...) must be a positive int or None, got {max_steps!r}")
         self.drift = drift
         self.diffusion = diffusion
         self.noise = noise
