@@ -21,7 +21,7 @@ def _ks_normal(x: torch.Tensor, var: float) -> float:
 # ------------------------------------------------------------------------------------------ RNG
 def test_rng_normal_and_independent():
     ek = _rng.element_keys(7, 20000)
-    z = _rng.normals(ek, [_rng.key(1, n) for n in range(4)])
+    z = _rng.normals(ek, _rng.node_keys(1, np.arange(4)))
     assert z.dtype == F64 and z.shape == (4, 20000)
     for row in z:
         assert _ks_normal(row, 1.0) > P_MIN
@@ -30,10 +30,10 @@ def test_rng_normal_and_independent():
     # neighbouring elements are independent too
     assert abs(np.corrcoef(z[0, :-1].numpy(), z[0, 1:].numpy())[0, 1]) < 0.03
     # pure function of the keys; per-row seeds reproduce single seeds
-    assert torch.equal(z, _rng.normals(_rng.element_keys(7, 20000), [_rng.key(1, n) for n in range(4)]))
+    assert torch.equal(z, _rng.normals(_rng.element_keys(7, 20000), _rng.node_keys(1, np.arange(4))))
     rows = _rng.element_keys(torch.tensor([7, 9]), 100).view(2, 100)
     assert torch.equal(rows[1], _rng.element_keys(9, 100))
-    assert _rng.normals(ek[:10], [_rng.key(1, 0)], dtype=torch.float32).dtype == torch.float32
+    assert _rng.normals(ek[:10], _rng.node_keys(1, [0]), dtype=torch.float32).dtype == torch.float32
 
 
 # ------------------------------------------------------------------------------------ the laws
@@ -187,3 +187,58 @@ def test_errors():
         path.evaluate(-0.1)
     with pytest.raises(ValueError, match="increasing"):
         BrownianGrid([0.0, 0.5, 0.5], (2,))
+
+
+# ------------------------------------------------------------------ speculation, vectorisation
+@pytest.mark.parametrize("levy", [None, "space-time-time"])
+@pytest.mark.parametrize("direction", [1, -1])
+def test_speculative_blocks_equal_direct_queries(levy, direction):
+    # a solver-like loop (t_{n+1} = t_n + dt, the last step clipped to the end) triggers the
+    # speculative block path; the same intervals asked of a fresh tree in a shuffled order (no
+    # speculation: no two consecutive queries are adjacent) must give the same bits
+    n, dt = 57, 1.0 / 50
+    spec = VirtualBrownianTree(0.0, 1.1, (3, 2), levy_area=levy, seed=9, dtype=F64)
+    t, times = (0.0, [0.0]) if direction > 0 else (1.1, [1.1])
+    for _ in range(n):
+        t = min(t + dt, 1.1) if direction > 0 else max(t - dt, 0.0)
+        times.append(t)
+    seq = [spec.increment(a, b) for a, b in zip(times, times[1:])]
+    assert len(spec._block) > 8  # the blocks were used
+    direct = VirtualBrownianTree(0.0, 1.1, (3, 2), levy_area=levy, seed=9, dtype=F64)
+    for i in np.random.default_rng(1).permutation(n):
+        one = direct.increment(times[i], times[i + 1])
+        assert torch.equal(one.W, seq[i].W)
+        if levy is not None:
+            assert torch.equal(one.H, seq[i].H) and torch.equal(one.K, seq[i].K)
+    # and the steps add up to the whole
+    whole = direct.increment(times[0], times[-1]).W
+    assert torch.allclose(sum(x.W for x in seq), whole, atol=1e-12)
+
+
+def test_per_sample_times_vectorised_equal_single_trees():
+    seeds = torch.tensor([4, 17, 4, 2, 99])
+    batched = VirtualBrownianTree(0.0, 2.0, (5, 3), seed=seeds, levy_area="space-time-time", dtype=F64)
+    rng = np.random.default_rng(3)
+    s = torch.tensor(rng.uniform(0, 2, 5))
+    t = torch.tensor(rng.uniform(0, 2, 5))
+    t[1] = s[1]  # an empty interval
+    inc = batched.increment(s, t)
+    assert inc.W.shape == (5, 3) and torch.equal(inc.dt, t - s)
+    for b in range(5):
+        single = VirtualBrownianTree(0.0, 2.0, (3,), seed=int(seeds[b]), levy_area="space-time-time", dtype=F64)
+        one = single.increment(float(s[b]), float(t[b]))
+        for x, y in ((inc.W, one.W), (inc.H, one.H), (inc.K, one.K)):
+            assert torch.allclose(x[b], y, rtol=0, atol=1e-14)
+    assert torch.equal(inc.W[1], torch.zeros(3, dtype=F64))
+
+
+def test_short_interval_levy_area_against_float64_reference():
+    # local assembly (no differences of large prefix integrals) keeps H of a short interval
+    # accurate to float64 rounding: it matches the exact combination of its two parts
+    p = VirtualBrownianTree(0.0, 1.0, (2000,), levy_area="space-time", seed=6, dtype=F64)
+    s, h1, h2 = 0.73 - 0.73 % 2.0**-30, 14 * 2.0**-24, 29 * 2.0**-24  # a few leaves, on the time lattice
+    h = h1 + h2
+    whole = p.increment(s, s + h)
+    a, b = p.increment(s, s + h1), p.increment(s + h1, s + h)
+    ih = h1 * (a.H + a.W / 2) + h2 * (b.H + b.W / 2) + h2 * a.W
+    assert torch.allclose(ih / h - whole.W / 2, whole.H, rtol=0, atol=1e-9 * h**0.5)

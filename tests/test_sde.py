@@ -10,7 +10,15 @@ import torch
 import torchnde as tn
 from torchnde.paths import VirtualBrownianTree
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """float64 in this module only (the default dtype is global state)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 B, D = 4, 3
 

@@ -30,6 +30,7 @@ common ancestor of ``s`` and ``t`` (no cancellation between large prefix integra
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 
 import numpy as np
@@ -42,6 +43,8 @@ __all__ = ["VirtualBrownianTree", "BrownianGrid"]
 
 _LEVY = {None: 1, "space-time": 2, "space-time-time": 3}
 _STREAM_ROOT, _STREAM_SPLIT, _STREAM_LEAF, _STREAM_GRID = 11, 12, 13, 14
+# speculative blocks of consecutive steps: first size, largest size, cap on intervals*(depth+4)*d*elements
+_BLOCK_MIN, _BLOCK_MAX, _BLOCK_ELEMENTS = 8, 256, 1 << 20
 
 
 # ----------------------------------------------------------------------------------- shapes, seeds
@@ -190,30 +193,6 @@ def _uncombine_scaled(r: float, length: float, d: int, a: np.ndarray, b: np.ndar
     return c2i @ (np.eye(d) - c1 @ a), -c2i @ c1 @ b
 
 
-def _combine(x1: torch.Tensor, x2: torch.Tensor, l1: float, l2: float) -> torch.Tensor:
-    """Stats of the union of adjacent intervals ``[.. l1 ..][.. l2 ..]`` (rows W, I, J)."""
-    out = x1 + x2
-    d = x1.shape[0]
-    if d >= 2:
-        out[1].add_(x1[0], alpha=l2)
-    if d >= 3:
-        el = l1 + l2
-        out[2].add_(x1[0], alpha=(el * el - l1 * l1) / 2).add_(x2[1], alpha=l1)
-    return out
-
-
-def _uncombine(x: torch.Tensor, x1: torch.Tensor, l1: float, l2: float) -> torch.Tensor:
-    """Stats of the right part ``[.. l2 ..]`` given the whole and the left part ``[.. l1 ..]``."""
-    out = x - x1
-    d = x.shape[0]
-    if d >= 2:
-        out[1].add_(x1[0], alpha=-l2)
-    if d >= 3:
-        el = l1 + l2
-        out[2].add_(x1[0], alpha=-(el * el - l1 * l1) / 2).add_(out[1], alpha=-l1)
-    return out
-
-
 def _to_levy(x: torch.Tensor, h: float, d: int, sign: float, dtype, layout: _Layout) -> BrownianIncrement:
     """Local stats over an interval of length ``h > 0`` -> (W, H, K), reversed if ``sign < 0``."""
     w = x[0] if sign > 0 else -x[0]
@@ -360,6 +339,91 @@ def _row_shape(tree):
 
 
 # -------------------------------------------------------------------------- virtual Brownian tree
+def _cov_many(lengths: np.ndarray, d: int) -> np.ndarray:
+    """:func:`_cov` for an array of lengths: ``(P, d, d)``."""
+    el = np.asarray(lengths, dtype=np.float64)
+    c = np.empty((el.shape[0], 3, 3))
+    c[:, 0, 0] = el
+    c[:, 0, 1] = c[:, 1, 0] = el**2 / 2
+    c[:, 0, 2] = c[:, 2, 0] = c[:, 1, 1] = el**3 / 3
+    c[:, 1, 2] = c[:, 2, 1] = 5 * el**4 / 24
+    c[:, 2, 2] = 2 * el**5 / 15
+    return c[:, :d, :d]
+
+
+def _combine_many(l1: np.ndarray, l2: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_combine_mats` for arrays of lengths: ``X = C1 X1 + C2 X2``, each ``(P, d, d)``."""
+    n = l1.shape[0]
+    c1 = np.zeros((n, 3, 3))
+    c2 = np.zeros((n, 3, 3))
+    c1[:, [0, 1, 2], [0, 1, 2]] = 1.0
+    c2[:, [0, 1, 2], [0, 1, 2]] = 1.0
+    c1[:, 1, 0] = l2
+    c1[:, 2, 0] = ((l1 + l2) ** 2 - l1 * l1) / 2
+    c2[:, 2, 1] = l1
+    return c1[:, :d, :d], c2[:, :d, :d]
+
+
+def _split_many(r: np.ndarray, length: float, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stats of ``[a, a + r l]`` inside an interval ``[a, a + l]`` with stats ``X``: ``A X + B z``
+    with ``z ~ N(0, I)``, exact Gaussian conditioning; ``A, B`` of shape ``(P, d, d)``."""
+    r = np.asarray(r, dtype=np.float64)
+    n = r.shape[0]
+    if d == 1:
+        a = r.reshape(n, 1, 1)
+        b = np.sqrt(np.clip(r * (1 - r), 0.0, None) * length).reshape(n, 1, 1)
+        return a, b
+    inside = (r > 0) & (r < 1)
+    ru = np.where(inside, r, 0.5)  # unit-interval coordinates, then scaled by powers of length
+    c1, _ = _combine_many(ru, 1 - ru, d)
+    s11 = _cov_many(ru, d)
+    cross = s11 @ np.swapaxes(c1, 1, 2)  # Cov(X1, X)
+    a = np.swapaxes(np.linalg.solve(_cov(1.0, d), np.swapaxes(cross, 1, 2)), 1, 2)
+    cond = s11 - a @ np.swapaxes(cross, 1, 2)
+    w, v = np.linalg.eigh((cond + np.swapaxes(cond, 1, 2)) / 2)
+    b = v * np.sqrt(np.clip(w, 0.0, None))[:, None, :]
+    a[~inside] = 0.0
+    b[~inside] = 0.0
+    a[r >= 1] = np.eye(d)
+    s = _scale(length, d)
+    return s[None, :, None] * a / s[None, None, :], s[None, :, None] * b
+
+
+def _position_maps(start: np.ndarray, end: np.ndarray, h: np.ndarray, d: int) -> np.ndarray:
+    """How a piece ``[start, end]`` (relative to the start of an interval of length ``h``) enters
+    the interval's stats: ``W += W_j``, ``I += I_j + (h - end) W_j``,
+    ``J += J_j + start I_j + (h^2 - end^2)/2 W_j`` (exact combination; ``(P, d, d)``)."""
+    m = np.zeros((start.shape[0], 3, 3))
+    m[:, [0, 1, 2], [0, 1, 2]] = 1.0
+    m[:, 1, 0] = h - end
+    m[:, 2, 0] = (h * h - end * end) / 2
+    m[:, 2, 1] = start
+    return m[:, :d, :d]
+
+
+def _levy_rows(x: torch.Tensor, h: np.ndarray, sign: np.ndarray, dtype):
+    """Local stats ``(Q, d, C)`` over intervals of lengths ``h`` -> ``(W, H, K)``, each ``(Q, C)`` in
+    ``dtype`` (or None), reversed where ``sign < 0`` (``W -> -W``, ``H -> H``, ``K -> -K``)."""
+    d = x.shape[1]
+    w = x[:, 0]
+    flip = bool((sign < 0).any())
+    sg = torch.as_tensor(sign, dtype=x.dtype, device=x.device).view(-1, 1) if flip else None
+    hh = kk = None
+    if d >= 2:
+        pos = h > 0
+        hq = torch.as_tensor(np.where(pos, h, 1.0), dtype=x.dtype, device=x.device).view(-1, 1)
+        inv = torch.as_tensor(np.where(pos, 1.0 / np.where(pos, h, 1.0), 0.0), dtype=x.dtype, device=x.device)
+        inv = inv.view(-1, 1)
+        hh = (x[:, 1] - x[:, 0] * (hq / 2)) * inv
+        if d >= 3:
+            kk = (x[:, 0] + x[:, 1] * (6.0 * inv) - x[:, 2] * (12.0 * inv * inv)) * (inv * hq / 12)
+            if flip:
+                kk = kk * sg
+    if flip:
+        w = w * sg
+    return tuple(None if v is None else v.to(dtype) for v in (w, hh, kk))
+
+
 class VirtualBrownianTree(_PathBase):
     """Brownian motion on ``[t0, t1]`` queried at any times, in any order, in O(1) memory.
 
@@ -381,7 +445,25 @@ class VirtualBrownianTree(_PathBase):
     is ``W(s)`` with ``W(t0) = 0``; ``increment(s, t)`` also gives ``H`` (and ``K``). For a
     reversed interval (``s > t``) ``H`` and ``K`` are those of the literal definitions with signed
     ``h = t - s``, i.e. of the time-reversed Brownian motion: ``W -> -W``, ``H -> H``, ``K -> -K``
-    relative to the forward interval ``[t, s]``.
+    relative to the forward interval ``[t, s]``. With per-sample seeds, ``s`` and ``t`` may also be
+    ``(B,)`` tensors (one interval per sample), answered in one vectorised descent.
+
+    Algorithm. Query times are first snapped to a lattice of ``2**(depth + extra)`` cells on
+    ``[t0, t1]`` (spacing at most ``(t1 - t0) * 2**-36``, and at least 256 cells per leaf), so every
+    value is a pure function of ``(seed, lattice time)`` computed with exact integer node
+    arithmetic. A batch of intervals is answered by one *vectorised descent*
+    (:meth:`_compute`): per level, all distinct nodes the batch needs are split at once (the normals
+    of all levels come from one call of the counter RNG), then each interval ``[s, t]`` is
+    assembled as an exact weighted sum of interval-local pieces below the lowest common ancestor
+    of ``s`` and ``t`` (the tail of ``s``'s leaf, the right siblings on ``s``'s path, the left
+    siblings on ``t``'s path, the head of ``t``'s leaf): no cancellation between large prefix
+    integrals, so short intervals keep full float64 accuracy. Solvers with constant steps query
+    ``[t_n, t_n + h]`` back to back; once two consecutive queries share an endpoint and a length,
+    the next ``K`` steps (``K`` doubling from 8 up to a memory cap while the guesses are used) are
+    computed in one descent and cached, and later queries are a dictionary lookup. A guessed time
+    that differs from the solver's only by rounding snaps to the same lattice point; a query the
+    guess missed is simply computed. Since a cached answer is the same function of the lattice
+    times as a direct one, values do not depend on query order or on the speculation.
     """
 
     def __init__(self, t0, t1, shape, *, tol=None, levy_area=None, seed=0, dtype=torch.float32, device=None):
@@ -395,32 +477,40 @@ class VirtualBrownianTree(_PathBase):
         self.tol = tol
         self._depth = max(0, min(52, math.ceil(math.log2(span / tol) - 1e-12)))
         self._span = span
-        self._seed_tensor = seed if isinstance(seed, torch.Tensor) else None
+        # lattice: 2**extra cells per leaf, 2**bits on [t0, t1]
+        self._extra = max(8, 36 - self._depth)
+        self._bits = self._depth + self._extra
+        self._cells = float(2**self._bits)
+        self._q = span / self._cells
         self._ekeys = _rng.element_keys(seed, self._layout.cols, device=self.device)
-        self._last_key = None
-        self._last = None
         self._rows_cache = None
         d, idt, dev = self._d, self._idt, self.device
-        # halving matrices per level: both children (2d rows) = AA @ parent + BB @ z
-        aa, bb = [], []
+        # halving matrices per level: both children (2d rows) = [AA | BB] @ [parent; z]
+        mats = []
         for lev in range(self._depth):
             length = span * 2.0**-lev
             a, b = _split_scaled(0.5, length, d)
             ar, br = _uncombine_scaled(0.5, length, d, a, b)
-            aa.append(np.concatenate([a, ar]))
-            bb.append(np.concatenate([b, br]))
-        shape_ab = (max(self._depth, 1), 2 * d, d)
-        self._aa = torch.tensor(np.array(aa).reshape(-1), dtype=idt, device=dev).reshape(shape_ab)[: self._depth]
-        self._bb = torch.tensor(np.array(bb).reshape(-1), dtype=idt, device=dev).reshape(shape_ab)[: self._depth]
+            mats.append(np.block([[a, b], [ar, br]]))
+        ab = torch.tensor(np.array(mats).reshape(-1, 2 * d, 2 * d), dtype=idt, device=dev)
+        self._ab_cols = ab.transpose(1, 2).reshape(-1, 2 * d, 1, 2 * d, 1)  # [lev, j] = column j
         root_sqrt = _psd_sqrt(_cov(span, d))
-        z = _rng.normals(self._ekeys, [_rng.key(_STREAM_ROOT, 1, j) for j in range(d)], dtype=idt)
+        z = _rng.normals(
+            self._ekeys, np.concatenate([_rng.node_keys(_STREAM_ROOT, [1], j) for j in range(d)]), dtype=idt
+        )
         self._root = torch.tensor(root_sqrt, dtype=idt, device=dev) @ z  # (d, M)
-        # cached descent: node index, stats and children per level; leaf bridge normals
-        self._ks: list[int] = [0]
-        self._nodes: list[torch.Tensor] = [self._root]
-        self._children: list[torch.Tensor] = []
-        self._leafz: torch.Tensor | None = None
-        self._leafz_k = -1
+        # answers cache: a speculative block of consecutive steps, and the last direct query
+        self._block: dict = {}
+        self._block_vals = None
+        self._block_last = None
+        self._block_size = _BLOCK_MIN
+        self._block_cap = max(
+            2,
+            min(_BLOCK_MAX, _BLOCK_ELEMENTS // ((self._depth + 4) * d * max(1, self._layout.cols * self._layout.rows))),
+        )
+        self._prev = None
+        self._last_key = None
+        self._last = None
 
     def __repr__(self):
         seed = f"tensor{tuple(self.seed.shape)}" if isinstance(self.seed, torch.Tensor) else self.seed
@@ -442,92 +532,232 @@ class VirtualBrownianTree(_PathBase):
             device=self.device,
         )
 
-    # descent --------------------------------------------------------------------------------
-    def _locate(self, t: float) -> tuple[list[int], float]:
-        """Node index at every level 0..depth of the leaf containing ``t``, and ``t``'s fraction
-        in that leaf."""
-        x = (t - self.t0) / self._span
-        x = min(max(x, 0.0), 1.0)
-        n = 1 << self._depth
-        y = x * n
-        k = min(int(y), n - 1)
-        r = min(max(y - k, 0.0), 1.0)
-        return [k >> (self._depth - lev) for lev in range(self._depth + 1)], r
+    # front end ------------------------------------------------------------------------------
+    def _lattice(self, t: float) -> int:
+        """The lattice point of a (clamped) time: ``round((t - t0) / (t1 - t0) * 2**bits)``."""
+        return min(max(round((t - self.t0) / self._span * self._cells), 0), 1 << self._bits)
 
-    def _descend(self, ks: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-        """Node stats and children along the path ``ks``, reusing the cached prefix."""
-        depth = self._depth
-        cached = self._ks
-        lev0 = 0
-        while lev0 < len(cached) and cached[lev0] == ks[lev0]:
-            lev0 += 1
-        # nodes at levels < lev0 are shared, and so are their children
-        nodes = self._nodes[:lev0]
-        children = self._children[:lev0]
-        if len(children) == lev0 and lev0 <= depth:
-            nodes.append(children[-1][self._d :] if ks[lev0] & 1 else children[-1][: self._d])
-        start = len(children)  # first level whose children must be computed
-        d = self._d
-        keys = [_rng.key(_STREAM_SPLIT, (1 << lev) + ks[lev], j) for lev in range(start, depth) for j in range(d)]
-        need_leaf = self._leafz_k != ks[depth]
-        if need_leaf:
-            keys += [_rng.key(_STREAM_LEAF, (1 << depth) + ks[depth], j) for j in range(d)]
-        if keys:
-            z = _rng.normals(self._ekeys, keys, dtype=self._idt)
-            m = depth - start
-            if m > 0:
-                bz = torch.bmm(self._bb[start:depth], z[: m * d].view(m, d, -1))
-                for i, lev in enumerate(range(start, depth)):
-                    ch = torch.addmm(bz[i], self._aa[lev], nodes[lev])
-                    children.append(ch)
-                    nodes.append(ch[d:] if ks[lev + 1] & 1 else ch[:d])
-            if need_leaf:
-                self._leafz = z[-d:]
-                self._leafz_k = ks[depth]
-        self._ks, self._nodes, self._children = ks, nodes, children
-        return nodes, children, self._leafz
+    def _lattice_array(self, t: np.ndarray) -> np.ndarray:
+        """:meth:`_lattice` for an array of times (the same float operations, so the same points)."""
+        return np.clip(np.rint((t - self.t0) / self._span * self._cells), 0, self._cells).astype(np.int64)
 
-    def _leaf_split(self, node: torch.Tensor, leafz: torch.Tensor, r: float) -> torch.Tensor:
-        """Stats of ``[leaf start, leaf start + r * leaf length]`` (the leaf's bridge)."""
-        length = self._span * 2.0**-self._depth
-        if self._d == 1:
-            return torch.add(node * r, leafz, alpha=math.sqrt(max(r * (1 - r), 0.0) * length))
-        a, b = _split_scaled(r, length, self._d)
-        ab = torch.tensor(np.concatenate([a, b], axis=1), dtype=self._idt, device=self.device)
-        return torch.addmm(ab[:, self._d :] @ leafz, ab[:, : self._d], node)
+    def increment(self, s, t) -> BrownianIncrement:
+        s_ = self._time(s, "s")
+        t_ = self._time(t, "t")
+        if isinstance(s_, list) or isinstance(t_, list):
+            return self._per_sample_times(s_, t_, s, t)
+        ns, nt = self._lattice(s_), self._lattice(t_)
+        lo, hi, sign = (ns, nt, 1.0) if ns <= nt else (nt, ns, -1.0)
+        prev, self._prev = self._prev, (ns, nt, s_, t_)
+        row = self._block.get((lo, hi))
+        if row is not None:
+            if row == len(self._block) - 1:
+                self._block_last = True
+            return self._answer(self._block_vals, row, sign, t - s)
+        key = (ns, nt)
+        if self._last_key == key:
+            return self._last._replace(dt=t - s)
+        if (
+            prev is not None
+            and ns == prev[1]
+            and ns != nt
+            and abs((t_ - s_) - (prev[3] - prev[2])) <= 1e-9 * abs(t_ - s_)
+        ):
+            # consecutive equal steps: speculate the next ones
+            self._block_size = min(2 * self._block_size, self._block_cap) if self._block_last else _BLOCK_MIN
+            self._speculate(s_, t_ - s_)
+            self._block_last = False
+            return self._answer(self._block_vals, self._block[(lo, hi)], sign, t - s)
+        vals = self._levy_of(np.array([lo]), np.array([hi]), None)
+        out = self._answer(vals, 0, sign, t - s)
+        self._last_key, self._last = key, out
+        return out
 
-    def _stats(self, s: float, t: float) -> torch.Tensor:
-        """Local stats (W, I, J) of ``[s, t]``, ``s <= t``, float64 ``(d, M)``."""
-        depth = self._depth
-        leaf_len = self._span * 2.0**-depth
-        ks_s, rs = self._locate(s)
-        ks_t, rt = self._locate(t)
-        # path of s first (usually the cached previous end), keep its tensors, then t
-        nodes_s, ch_s, leafz_s = self._descend(ks_s)
-        pre_s = self._leaf_split(nodes_s[depth], leafz_s, rs)
-        if ks_s[depth] == ks_t[depth]:
-            pre_t = self._leaf_split(nodes_s[depth], leafz_s, rt)
-            return _uncombine(pre_t, pre_s, rs * leaf_len, (rt - rs) * leaf_len)
-        nodes_t, ch_t, leafz_t = self._descend(ks_t)
-        lam = 0
-        while ks_s[lam + 1] == ks_t[lam + 1]:
-            lam += 1
-        # suffix of s up to the end of its node at level lam + 1
-        suf = _uncombine(nodes_s[depth], pre_s, rs * leaf_len, (1 - rs) * leaf_len)
-        suf_len = (1 - rs) * leaf_len
-        for lev in range(depth - 1, lam, -1):
-            if not ks_s[lev + 1] & 1:  # s went left: the right sibling follows
-                sib_len = self._span * 2.0 ** -(lev + 1)
-                suf = _combine(suf, ch_s[lev][self._d :], suf_len, sib_len)
-                suf_len += sib_len
-        pre = self._leaf_split(nodes_t[depth], leafz_t, rt)
-        pre_len = rt * leaf_len
-        for lev in range(depth - 1, lam, -1):
-            if ks_t[lev + 1] & 1:  # t went right: the left sibling precedes
-                sib_len = self._span * 2.0 ** -(lev + 1)
-                pre = _combine(ch_t[lev][: self._d], pre, sib_len, pre_len)
-                pre_len += sib_len
-        return _combine(suf, pre, suf_len, pre_len)
+    def _speculate(self, s: float, h: float) -> None:
+        """Compute and cache the steps ``[s + k h, s + (k + 1) h]``, ``k < K`` (clipped at the ends)."""
+        end = self.t1 if h > 0 else self.t0
+        pts = [self._lattice(s)]
+        for k in range(1, self._block_size + 1):
+            tk = s + k * h
+            if (end - tk) * math.copysign(1.0, h) <= self._slack:
+                pts.append(self._lattice(end))
+                break
+            pts.append(self._lattice(tk))
+        n = np.array(pts, dtype=np.int64)
+        lo, hi = np.minimum(n[:-1], n[1:]), np.maximum(n[:-1], n[1:])
+        self._block_vals = self._levy_of(lo, hi, None)
+        self._block = {(int(a), int(b)): i for i, (a, b) in enumerate(zip(lo.tolist(), hi.tolist()))}
+
+    def _levy_of(self, lo: np.ndarray, hi: np.ndarray, rows):
+        x = self._compute(lo, hi, rows)
+        return _levy_rows(x, (hi - lo) * self._q, np.ones(lo.shape[0]), self.dtype)
+
+    def _answer(self, vals, row: int, sign: float, dt) -> BrownianIncrement:
+        split = self._layout.split
+        w, hh, kk = (None if v is None else v[row] for v in vals)
+        if sign < 0:
+            w = -w
+            kk = None if kk is None else -kk
+        return BrownianIncrement(
+            dt=dt, W=split(w), H=None if hh is None else split(hh), K=None if kk is None else split(kk)
+        )
+
+    def _per_sample_times(self, s_, t_, s, t) -> BrownianIncrement:
+        """(B,) query times: one interval per sample, all answered by one vectorised descent over
+        the forest of per-sample trees (sample ``b`` uses only its own element keys)."""
+        if not self._layout.per_sample:
+            raise ValueError("(B,) query times need per-sample seeds (an int64 tensor seed of shape (B,))")
+        rows = self._layout.rows
+        ns = self._lattice_array(np.broadcast_to(np.asarray(s_, dtype=np.float64), (rows,)))
+        nt = self._lattice_array(np.broadcast_to(np.asarray(t_, dtype=np.float64), (rows,)))
+        lo, hi = np.minimum(ns, nt), np.maximum(ns, nt)
+        sign = np.where(ns <= nt, 1.0, -1.0)
+        x = self._compute(lo, hi, np.arange(rows))
+        vals = _levy_rows(x, (hi - lo) * self._q, sign, self.dtype)
+        outs = [None if v is None else self._layout.split(v.reshape(-1)) for v in vals]
+        dt = (t if isinstance(t, torch.Tensor) else torch.as_tensor(t)) - (
+            s if isinstance(s, torch.Tensor) else torch.as_tensor(s)
+        )
+        return BrownianIncrement(dt=dt, W=outs[0], H=outs[1], K=outs[2])
+
+    # vectorised descent ---------------------------------------------------------------------
+    def _compute(self, lo: np.ndarray, hi: np.ndarray, rows) -> torch.Tensor:
+        """Local stats ``(Q, d, C)`` (float64) of the intervals ``[lo[q], hi[q]]`` (lattice points,
+        ``lo <= hi``).
+
+        ``rows=None``: all elements share the query times (``C`` = all elements). Otherwise
+        ``rows[q]`` is the sample of interval ``q`` and ``C`` its elements (per-sample times).
+
+        1. Leaves: point ``n`` lies in leaf ``k = n >> extra`` at fraction ``r``.
+        2. Units: at every level, the distinct ``(sample, node)`` pairs on the points' paths,
+           found as runs in the points sorted by ``(sample, leaf)``.
+        3. One RNG call for the normals of every unit (split keys) and every leaf (bridge keys).
+        4. Per level, one batched op: both children of every unit ``= [AA | BB] [parent; z]``.
+        5. Pieces (numpy): for each interval, the sibling nodes and the two leaf parts between
+           its ends, each with the ``d x d`` matrix by which it enters the interval's stats
+           (:func:`_position_maps`; leaf parts are linear in the leaf's stats and normals,
+           :func:`_split_many`), then one gather and one ``index_add_``.
+        """
+        D, E, T, d = self._depth, self._extra, self._bits, self._d
+        idt, dev = self._idt, self.device
+        as_t = functools.partial(torch.as_tensor, device=dev)
+        q = lo.shape[0]
+        per_sample = rows is not None
+        if per_sample:
+            cols = self._layout.cols
+            ekeys = self._ekeys.view(self._layout.rows, cols)
+            root = self._root.view(d, self._layout.rows, cols)
+            prow = np.concatenate([rows, rows]).astype(np.int64)
+        else:
+            cols = self._ekeys.shape[0]
+            ekeys = self._ekeys
+            root = self._root.view(d, 1, cols)
+            prow = np.zeros(2 * q, dtype=np.int64)
+        pts = np.concatenate([lo, hi])
+        leaf = np.minimum(pts >> E, (1 << D) - 1)
+        frac = (pts - (leaf << E)) / float(1 << E)
+        order = np.lexsort((leaf, prow))
+        inv = np.empty_like(order)
+        inv[order] = np.arange(order.shape[0])
+        sleaf, srow = leaf[order], prow[order]
+        row_change = np.empty(order.shape[0], dtype=bool)
+        row_change[0] = True
+        row_change[1:] = srow[1:] != srow[:-1]
+        # units per level, as positions in the sorted points
+        uid, first, nodes = [], [], []
+        for lev in range(D + 1):
+            node = sleaf >> (D - lev)
+            new = row_change.copy()
+            new[1:] |= node[1:] != node[:-1]
+            uid.append(np.cumsum(new) - 1)
+            f = np.flatnonzero(new)
+            first.append(f)
+            nodes.append(node[f])
+        counts = [f.shape[0] for f in first]
+        # 3. normals: split keys of levels 0..D-1 then leaf keys, all units x components
+        lev_of = np.repeat(np.arange(D + 1), counts)
+        heap = np.concatenate(nodes) + (np.int64(1) << lev_of)
+        stream = np.where(lev_of == D, _STREAM_LEAF, _STREAM_SPLIT)
+        keys = _rng.node_keys(stream[:, None], heap[:, None], np.arange(d)[None, :]).reshape(-1)
+        rsel = as_t(np.repeat(srow[np.concatenate(first)], d)) if per_sample else None
+        z = _rng.normals(ekeys, keys, dtype=idt, rows=rsel).view(-1, d, cols)
+        # 4. pieces (numpy), each tagged with its source: -1 = a level-0 unit, lev in [0, D) =
+        # the children of the units of level lev, D = the leaf normals
+        ia, ib = inv[:q], inv[q:]  # sorted positions of the interval ends
+        ka, kb = leaf[:q], leaf[q:]
+        ell = self._span * 2.0**-D
+        h = (hi - lo) * self._q
+        qi = np.arange(q)
+        same = ka == kb
+        diff = ~same
+        nd = int(diff.sum())
+        # leaf parts: [ra, rb] of a shared leaf, else the tail of a's leaf and the head of b's
+        ra, rb = frac[:q], frac[q:]
+        r_from = np.concatenate([ra[same], ra[diff], np.zeros(nd)])
+        r_to = np.concatenate([rb[same], np.ones(nd), rb[diff]])
+        lq = np.concatenate([qi[same], qi[diff], qi[diff]])
+        lpos = np.concatenate([ia[same], ia[diff], ib[diff]])
+        start = np.concatenate([np.zeros(q), ((kb << E) - lo)[diff] * self._q])
+        end = np.concatenate([h[same], (((ka + 1) << E) - lo)[diff] * self._q, h[diff]])
+        a_from, b_from = _split_many(r_from, ell, d)
+        a_to, b_to = _split_many(r_to, ell, d)
+        c1, c2 = _combine_many(r_from * ell, (r_to - r_from) * ell, d)
+        c2i = np.linalg.inv(c2) if d > 1 else c2
+        pm = _position_maps(start, end, h[lq], d)
+        leaf_tag = np.full(lq.shape[0], D - 1)
+        leaf_idx = uid[0][lpos] if D == 0 else 2 * uid[D - 1][lpos] + (sleaf[lpos] & 1)
+        p_q, p_tag, p_idx = [lq, lq], [leaf_tag, np.full(lq.shape[0], D)], [leaf_idx, uid[D][lpos]]
+        p_g = [pm @ c2i @ (a_to - c1 @ a_from), pm @ c2i @ (b_to - c1 @ b_from)]
+        # sibling nodes between the two leaves, below the lowest common ancestor
+        below = np.zeros(q, dtype=bool)  # the ends are in different nodes one level up
+        for lev in range(1, D + 1):
+            na, nb = ka >> (D - lev), kb >> (D - lev)
+            for is_a, node, pos in ((True, na, ia), (False, nb, ib)):
+                take = below & ((node & 1) == (0 if is_a else 1))
+                if not take.any():
+                    continue
+                sib = node[take] + (1 if is_a else -1)
+                p_q.append(qi[take])
+                p_tag.append(np.full(sib.shape[0], lev - 1))
+                p_idx.append(2 * uid[lev - 1][pos[take]] + (sib & 1))
+                s0 = ((sib << (T - lev)) - lo[take]) * self._q
+                s1 = (((sib + 1) << (T - lev)) - lo[take]) * self._q
+                p_g.append(_position_maps(s0, s1, h[take], d))
+            below |= na != nb
+        tag = np.concatenate(p_tag)
+        by_src = np.argsort(tag, kind="stable")  # gather source by source; per-interval order kept
+        tag, idx = tag[by_src], np.concatenate(p_idx)[by_src]
+        bounds = np.searchsorted(tag, np.arange(-1, D + 2))
+        # 5. descent: per level, both children of every unit = [AA | BB] [parent; z], as
+        # elementwise ops (the same float operations whatever the batch, so cached and direct
+        # answers agree to the last bit); the pieces are gathered as their source appears
+        stats = root.index_select(1, as_t(srow[first[0]])).transpose(0, 1)
+        parts = [stats.index_select(0, as_t(idx[bounds[0] : bounds[1]]))]
+        zoff = 0
+        for lev in range(D):
+            n = counts[lev]
+            x = torch.cat([stats, z[zoff : zoff + n]], 1)
+            zoff += n
+            cols_ab = self._ab_cols[lev]
+            ch = x[:, :1] * cols_ab[0]
+            for j in range(1, 2 * d):
+                ch = ch + x[:, j : j + 1] * cols_ab[j]
+            ch = ch.view(2 * n, d, cols)
+            parts.append(ch.index_select(0, as_t(idx[bounds[lev + 1] : bounds[lev + 2]])))
+            stats = ch.index_select(0, as_t(2 * uid[lev][first[lev + 1]] + (nodes[lev + 1] & 1)))
+        parts.append(z[zoff:].index_select(0, as_t(idx[bounds[D + 1] : bounds[D + 2]])))
+        parts = torch.cat(parts)
+        g = torch.as_tensor(np.concatenate(p_g)[by_src], dtype=idt, device=dev)
+        if d == 1:
+            parts = parts * g.view(-1, 1, 1)
+        else:
+            g = g.transpose(1, 2).unsqueeze(-1)  # g[:, j] = column j, (P, d, 1)
+            out = parts[:, :1] * g[:, 0]
+            for j in range(1, d):
+                out = out + parts[:, j : j + 1] * g[:, j]
+            parts = out
+        pq = as_t(np.concatenate(p_q)[by_src])
+        return torch.zeros(q, d, cols, dtype=idt, device=dev).index_add_(0, pq, parts)
 
 
 # ---------------------------------------------------------------------------- fixed-grid Brownian
@@ -559,7 +789,9 @@ class BrownianGrid(_PathBase):
         self._lengths = lengths.tolist()
         ekeys = _rng.element_keys(seed, self._layout.cols, device=dev)
         n = len(lengths)
-        z = _rng.normals(ekeys, [_rng.key(_STREAM_GRID, c, j) for c in range(n) for j in range(d)], dtype=idt)
+        z = _rng.normals(
+            ekeys, np.stack([_rng.node_keys(_STREAM_GRID, np.arange(n), j) for j in range(d)], 1).reshape(-1), dtype=idt
+        )
         z = z.view(n, d, -1)
         sq = np.stack([_psd_sqrt(_cov(el, d)) for el in lengths])  # (n, d, d)
         self._cells = torch.bmm(torch.tensor(sq, dtype=idt, device=dev), z)  # (n, d, M) local stats

@@ -5,24 +5,30 @@ generator state, so a value never depends on which other values were drawn, or i
 This is what lets a virtual Brownian tree regenerate any node on demand (Salmon et al. 2011,
 "Parallel random numbers: as easy as 1, 2, 3", for the counter-based idea).
 
-Bits: a key is mixed with the splitmix64 finaliser (Steele, Lea & Flood 2014, "Fast splittable
-pseudorandom number generators"; the constants are the published ones of Stafford's "Mix13")
-implemented with int64 tensor ops. Integer arithmetic wraps modulo 2**64 on every backend, and
-torch's ``>>`` on int64 is arithmetic, so every right shift is masked to make it logical. The bits
-are therefore identical on any device.
+Bits: per-element keys are 64-bit, made once per path with the splitmix64 finaliser (Steele, Lea
+& Flood 2014, "Fast splittable pseudorandom number generators"; constants of Stafford's "Mix13") on
+int64 tensors. The per-value work is 32-bit, which is several times cheaper on CPU: a node's
+32-bit key (:func:`node_keys`, a bijective mix of the packed ``(stream, component, node)``) is
+added to the element key's top 32 bits and mixed by ``lowbias32`` (Wellons 2018, "Hash function
+prospector"; two multiply-xorshift rounds) on int32 tensors. Integer arithmetic wraps on every
+backend and every right shift is masked to act as a logical shift, so the bits are identical on
+any device.
 
-Normals: the top 53 bits give a uniform ``u`` in ``(0, 1)`` (never 0 or 1); ``z = sqrt(2)
-erfinv(2u - 1)`` is computed in float64 (inverse-CDF sampling; tails reach about 8.2 sigma) and
-cast to the requested dtype. The float64 erfinv may differ in the last ulp between backends.
+Normals: the 32 bits give ``v = (2x + 1) 2**-32`` in ``(-1, 1)`` (never +-1) and ``z = sqrt(2)
+erfinv(v)`` is computed in float64 (inverse-CDF sampling; tails reach about 6.2 sigma) and cast
+to the requested dtype. The float64 erfinv may differ in the last ulp between backends. Two
+``(node, element)`` pairs give the same normal only by a 32-bit coincidence (probability
+``2**-32`` per pair); for one element, distinct nodes below ``2**28`` never share a key.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
-__all__ = ["mix64", "key", "mix_tensor", "element_keys", "normals"]
+__all__ = ["mix64", "mix_tensor", "mix32_tensor", "node_keys", "element_keys", "normals"]
 
 _MASK64 = (1 << 64) - 1
 _C1 = 0xBF58476D1CE4E5B9
@@ -39,6 +45,9 @@ def _signed(x: int) -> int:
 _C1S = _signed(_C1)
 _C2S = _signed(_C2)
 _GOLDENS = _signed(_GOLDEN)
+# lowbias32 (C. Wellons, "Hash function prospector", 2018): a 32-bit bijective mixer
+_M1, _M2 = 0x7FEB352D, 0x846CA68B
+_M1S, _M2S = _M1, _M2 - (1 << 32)
 
 
 def mix64(x: int) -> int:
@@ -57,6 +66,45 @@ def key(stream: int, node: int, component: int = 0) -> int:
     packed injectively into 64 bits and mixed once."""
     packed = (stream << 56) | (component << 54) | node
     return _signed(mix64(packed * _GOLDEN + 0x243F6A8885A308D3))
+
+
+def node_keys(stream, nodes, component=0) -> np.ndarray:
+    """32-bit keys (an ``int32`` array) for node numbers ``nodes`` of a stream (``stream % 4`` is
+    used) and a component ``< 4``: ``(stream, component, node)`` is packed into 32 bits and mixed by
+    a bijection, so distinct nodes below ``2**28`` get distinct keys (larger node numbers are
+    folded first and may share keys). ``stream`` and ``component`` may be int arrays that
+    broadcast against ``nodes``."""
+    n = np.asarray(nodes, dtype=np.uint64)
+    low = n & np.uint64((1 << 28) - 1)
+    with np.errstate(over="ignore"):
+        folded = (low ^ ((n >> np.uint64(28)) * np.uint64(0x9E3779B1))) & np.uint64((1 << 28) - 1)
+    tags = ((np.asarray(stream, dtype=np.uint64) & np.uint64(3)) << np.uint64(30)) | (
+        (np.asarray(component, dtype=np.uint64) & np.uint64(3)) << np.uint64(28)
+    )
+    packed = (folded | tags).astype(np.uint32)
+    return _mix32_np(packed).view(np.int32)
+
+
+def _mix32_np(x: np.ndarray) -> np.ndarray:
+    """The ``lowbias32`` mixer on a ``uint32`` array (wrapping arithmetic)."""
+    with np.errstate(over="ignore"):
+        x = x ^ (x >> np.uint32(16))
+        x = x * np.uint32(_M1)
+        x = x ^ (x >> np.uint32(15))
+        x = x * np.uint32(_M2)
+        x = x ^ (x >> np.uint32(16))
+    return x
+
+
+def mix32_tensor(x: torch.Tensor) -> torch.Tensor:
+    """The ``lowbias32`` mixer on an int32 tensor, in place (returns ``x``); shifts are masked so
+    they act as logical shifts, and int32 multiplication wraps modulo ``2**32``."""
+    x.bitwise_xor_((x >> 16).bitwise_and_(0xFFFF))
+    x.mul_(_M1S)
+    x.bitwise_xor_((x >> 15).bitwise_and_(0x1FFFF))
+    x.mul_(_M2S)
+    x.bitwise_xor_((x >> 16).bitwise_and_(0xFFFF))
+    return x
 
 
 def mix_tensor(x: torch.Tensor) -> torch.Tensor:
@@ -82,14 +130,21 @@ def element_keys(seed, num_elements: int, device=None) -> torch.Tensor:
     return mix_tensor(s + idx).reshape(-1)
 
 
-def normals(elem_keys: torch.Tensor, node_keys, dtype=torch.float64) -> torch.Tensor:
-    """Standard normals ``(len(node_keys), len(elem_keys))``: row ``i`` element ``j`` is a pure
-    function of ``(node_keys[i], elem_keys[j])``. ``node_keys`` is a list of signed 64-bit ints (see
-    :func:`key`) or an int64 tensor (one key per row)."""
-    if not isinstance(node_keys, torch.Tensor):
-        node_keys = torch.tensor(node_keys, dtype=torch.int64, device=elem_keys.device)
-    x = mix_tensor(node_keys.reshape(-1, 1) + elem_keys.reshape(1, -1))
-    m = (x >> 11).bitwise_and_((1 << 53) - 1)
-    v = m.to(torch.float64).mul_(2.0**-52).add_(2.0**-53 - 1.0)  # (m + 1/2) 2**-52 - 1 in (-1, 1)
-    z = v.erfinv_().mul_(math.sqrt(2.0))
+def normals(elem_keys: torch.Tensor, node_keys, dtype=torch.float64, rows=None) -> torch.Tensor:
+    """Standard normals ``(len(node_keys), C)``: row ``i`` element ``j`` is a pure function of
+    ``(node_keys[i], elem_keys[j])``. ``node_keys``: 32-bit keys from :func:`node_keys` (an int32
+    array or tensor, one per row). ``elem_keys``: from :func:`element_keys`.
+
+    With ``rows`` (an int64 tensor, one entry per node key), ``elem_keys`` is a ``(R, C)`` table and
+    row ``i`` uses the element keys ``elem_keys[rows[i]]`` (per-sample trees); otherwise
+    ``elem_keys`` is a ``(C,)`` vector shared by all rows.
+
+    Bits: ``lowbias32(node_key + element_key)`` in int32 arithmetic (the top 32 bits of the 64-bit
+    element key). Normal: the 32 bits as a uniform ``v = (2x + 1) 2**-32`` in ``(-1, 1)`` and
+    ``z = sqrt(2) erfinv(v)`` in float64 (tails to about 6.2 sigma)."""
+    nk = torch.as_tensor(np.asarray(node_keys, dtype=np.int32), device=elem_keys.device)
+    ek = (elem_keys >> 32).to(torch.int32)
+    ek = ek.reshape(1, -1) if rows is None else ek.index_select(0, rows)
+    x = mix32_tensor(nk.reshape(-1, 1) + ek)
+    z = x.to(torch.float64).mul_(2.0**-31).add_(2.0**-32).erfinv_().mul_(math.sqrt(2.0))
     return z if dtype == torch.float64 else z.to(dtype)
