@@ -11,7 +11,6 @@ import torchnde as tn
 from torchnde.paths import VirtualBrownianTree
 
 
-
 @pytest.fixture(autouse=True)
 def _float64():
     """float64 in this module only (the default dtype is global state)."""
@@ -19,6 +18,7 @@ def _float64():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(old)
+
 
 B, D = 4, 3
 

@@ -561,6 +561,11 @@ def test_milstein_gradients_match_finite_differences(cls, name):
     y0 = p.y0(batch).requires_grad_()
     theta = torch.tensor(0.9, dtype=F64, requires_grad=True)
     gy, gt = torch.autograd.grad(run(y0, theta), (y0, theta))
+    # the parameter alone requiring grad (y0 constant) must reach it the same way
+    (gt_alone,) = torch.autograd.grad(run(y0.detach(), theta), (theta,))
+    torch.testing.assert_close(gt_alone, gt, rtol=1e-12, atol=0)
+    # and with nothing requiring grad, no graph is built
+    assert not run(y0.detach(), theta.detach()).requires_grad
     eps = 1e-6
     fd_t = (run(y0.detach(), theta.detach() + eps) - run(y0.detach(), theta.detach() - eps)) / (2 * eps)
     torch.testing.assert_close(gt, fd_t, rtol=1e-6, atol=1e-8)

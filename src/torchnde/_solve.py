@@ -563,6 +563,8 @@ def _where_state(ops, accept, a, b):
 
     if isinstance(a, torch.Tensor):
         return pick(a, b)
+    if not isinstance(a, (tuple, list)):
+        return a  # a Python value that does not change between steps
     return type(a)(pick(x, y) if isinstance(x, torch.Tensor) else x for x, y in zip(a, b))
 
 

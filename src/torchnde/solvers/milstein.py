@@ -32,6 +32,24 @@ def _jvp(fn, y, v):
     return out
 
 
+def _diagonal_derivative(term, t0, y0, params_grad: bool):
+    """``g(t0, y0)`` and ``(∂g/∂y)^T g`` (flat) for diagonal noise, by one vector-Jacobian product.
+    Keeps a graph (for gradients through the step) exactly when autograd records and something
+    needs it: ``y0`` or, ``params_grad``, the diffusion's own parameters."""
+    flat = term.flat
+    record = torch.is_grad_enabled() and (y0.requires_grad or params_grad)
+    with torch.enable_grad():
+        y = y0 if (record and y0.requires_grad) else y0.detach().requires_grad_()
+        g = term.diffusion(t0, y)
+        gflat = flat.tree_to_state(g)
+        (d,) = torch.autograd.grad(gflat, y, grad_outputs=gflat, create_graph=record, allow_unused=True)
+    if d is None:  # g does not depend on y
+        d = torch.zeros_like(y0)
+    if not record:
+        g, d = tree_map(torch.Tensor.detach, g), d.detach()
+    return g, d
+
+
 def _one_hot(w, j: int):
     """The tree of ``w``'s shapes with ones in column ``j`` of the last (noise) dimension."""
 
@@ -44,18 +62,23 @@ def _one_hot(w, j: int):
     return tree_map(leaf, w)
 
 
-def _milstein_increment(term, t0, t1, y0, ito: bool):
+def _milstein_increment(term, t0, t1, y0, ito: bool, params_grad: bool):
     r"""``g dW + ½ Σ_jk L^j g^k (ΔW_j ΔW_k - [Itô] δ_jk h)``, flat, with ``L^j = g^j · ∇_y``."""
     h = _dt_column(t0, t1)
     w = term.noise(t0, t1)
-    g0 = term.diffusion(t0, y0)
     flat = term.flat
+    g0 = None if term.noise_type == "diagonal" else term.diffusion(t0, y0)
     if term.noise_type in ("diagonal", "scalar"):
         # commutativity means g_i depends on y only through the components driven by the same
-        # Brownian motion, so one jvp d = (∂g/∂y) g gives every L^j g^j; the double integrals are
-        # then elementwise: ½ d ΔW² (Stratonovich) or ½ d (ΔW² - h) (Itô)
-        gflat = flat.tree_to_state(g0)
-        _, d = _jvp(lambda y: flat.tree_to_state(term.diffusion(t0, y)), y0, gflat)
+        # Brownian motion, so d = (∂g/∂y) g gives every L^j g^j; the double integrals are then
+        # elementwise: ½ d ΔW² (Stratonovich) or ½ d (ΔW² - h) (Itô)
+        if term.noise_type == "diagonal":
+            # ∂g/∂y is diagonal, so (∂g/∂y) g = (∂g/∂y)^T g: one reverse-mode product, several
+            # times cheaper than forward mode (and g comes with it)
+            g0, d = _diagonal_derivative(term, t0, y0, params_grad)
+        else:
+            gflat = flat.tree_to_state(g0)
+            _, d = _jvp(lambda y: flat.tree_to_state(term.diffusion(t0, y)), y0, gflat)
         d_tree = flat.state_to_tree(d)
         w2 = tree_map(lambda x: x * x, w)
         extra = term.gprod(d_tree, w2)
@@ -96,13 +119,18 @@ class _Milstein(AbstractSolver):
     _ito: bool
 
     def init(self, term, t0, y0):
-        return None
+        # the state records whether the diffusion has parameters that require grad (checked once,
+        # on a detached y0), so that steps build a graph for the derivative term only when needed
+        if not torch.is_grad_enabled() or not term.rough or term.noise_type != "diagonal":
+            return False
+        g = term.diffusion(t0, y0.detach())
+        return any(x.requires_grad for x in tree_leaves(g))
 
     def step(self, term, t0, t1, y0, state):
         _no_custom(term, type(self).__name__)
-        inc = _milstein_increment(term, t0, t1, y0, self._ito)
+        inc = _milstein_increment(term, t0, t1, y0, self._ito, bool(state))
         y1 = y0 + _add_drift(inc, term, t0, y0, _dt_column(t0, t1))
-        return y1, None, (y0, y1), None, None
+        return y1, None, (y0, y1), state, None
 
     def dense_coeffs(self, term, dense_info):
         return linear_coeffs(*dense_info)
@@ -121,9 +149,10 @@ class ItoMilstein(_Milstein):
     same Brownian motion), and general noise declared ``commutative=True``
     (:math:`L^j g^k = L^k g^j`); additive noise is a special case. No Lévy area is needed.
 
-    The derivative terms come from forward-mode AD (:func:`torch.func.jvp`) of the diffusion,
-    so the diffusion must be differentiable in ``y``: diagonal/scalar noise costs one jvp per
-    step, general noise ``1 + m`` jvps for ``m`` Brownian dimensions. Gradients of the solution
+    The derivative terms come from automatic differentiation of the diffusion, so it must be
+    differentiable in ``y``: diagonal noise costs one vector-Jacobian product per step (its
+    Jacobian is diagonal), scalar noise one forward-mode :func:`torch.func.jvp`, general noise
+    ``1 + m`` jvps for ``m`` Brownian dimensions. Gradients of the solution
     flow through the jvps (``DirectAdjoint``, ``CheckpointAdjoint``). Constant steps (``dt0``),
     linear dense output; not an ODE solver.
     """
