@@ -174,6 +174,11 @@ def _split_mats(r: float, d: int) -> tuple[np.ndarray, np.ndarray]:
     return a, _psd_sqrt(cond)
 
 
+def _scale_rows(lengths: np.ndarray, d: int) -> np.ndarray:
+    """:func:`_scale` of many lengths at once, ``(n, d)``."""
+    return np.asarray(lengths, dtype=np.float64)[:, None] ** np.array([0.5, 1.5, 2.5])[:d]
+
+
 def _scale(length: float, d: int) -> np.ndarray:
     return np.array([length**0.5, length**1.5, length**2.5])[:d]
 
@@ -793,7 +798,8 @@ class BrownianGrid(_PathBase):
             ekeys, np.stack([_rng.node_keys(_STREAM_GRID, np.arange(n), j) for j in range(d)], 1).reshape(-1), dtype=idt
         )
         z = z.view(n, d, -1)
-        sq = np.stack([_psd_sqrt(_cov(el, d)) for el in lengths])  # (n, d, d)
+        # Cov(cell of length l) = S C(1) S with S = diag(l^0.5, l^1.5, l^2.5): one square root
+        sq = _scale_rows(lengths, d)[:, :, None] * _psd_sqrt(_cov(1.0, d))[None]  # (n, d, d)
         self._cells = torch.bmm(torch.tensor(sq, dtype=idt, device=dev), z)  # (n, d, M) local stats
         # one-cell answers, precomputed in the output dtype
         self._w1 = self._cells[:, 0].to(dtype)

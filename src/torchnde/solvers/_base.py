@@ -153,7 +153,8 @@ class AbstractERK(AbstractSolver):
         for i in range(1, tab.num_stages):
             yi = _lincomb(y0, 1.0, ks, a_t[i], a_f[i])
             ks.append(term.vf_prod(_node(t0, h, c[i]), yi, control))
-        y1 = _lincomb(y0, 1.0, ks, coef["b"], coef["b_f"])
+        # Euler-Maruyama: y0 + (f dt + g dW), one op
+        y1 = y0 + ks[0] if tab.num_stages == 1 else _lincomb(y0, 1.0, ks, coef["b"], coef["b_f"])
         y_error = None
         if coef["b_error"] is not None:
             y_error = _lincomb(None, 1.0, ks, coef["b_error"], coef["b_error_f"])
