@@ -163,3 +163,35 @@ def test_cdeint_errors_and_defaults():
     p.prod = lambda t, z, dXdt: (p(t, z) @ dXdt.unsqueeze(-1)).squeeze(-1) * 0
     assert tcde.cdeint(X, p, z0 + 1, t, adjoint=False).sub(1).abs().max() == 0
     assert doubled.shape == (3, len(t), 4)
+
+
+def test_linear_cdeint_with_jump_t_steps_like_the_native_solve():
+    """Regression: the time passed to the control must not be rounded to the state's float32
+    dtype, or a step landing just before a knot reads the next piece's derivative and the
+    controller keeps rejecting (10x the evaluations)."""
+    import torchnde as tn
+    from torchnde.compat import torchcde as tc
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 32, 3).cumsum(1) * 0.1
+    X = tc.LinearInterpolation(tc.linear_interpolation_coeffs(x))
+    W = torch.randn(16, 16 * 3) * 0.1
+    calls = [0]
+
+    class F(torch.nn.Module):
+        def forward(self, t, z):
+            calls[0] += 1
+            return torch.tanh(z @ W).view(*z.shape, 3)
+
+    z0 = torch.zeros(8, 16)
+    tc.cdeint(X, F(), z0, X.interval, adjoint=False, method="dopri5", options=dict(jump_t=X.grid_points))
+    path = tn.LinearInterpolation(torch.arange(32.0), x)
+    native = tn.solve(
+        tn.ControlTerm(lambda t, z, a: torch.tanh(z @ W).view(*z.shape, 3), path),
+        tn.Dopri5(),
+        0.0,
+        31.0,
+        z0,
+        controller=tn.PIDController(rtol=1e-4, atol=1e-6, jump_ts=path.ts),
+    )
+    assert calls[0] <= 1.5 * native.stats["nfe"] + 20, (calls[0], native.stats["nfe"])

@@ -258,11 +258,15 @@ class _VectorField(nn.Module):
         self.func = func
         self.is_prod = callable(getattr(func, "prod", None))
 
+    takes_float_time = True  # see compat.torchdiffeq._TimeAsTensor
+
     def forward(self, t, z):
         if isinstance(self.X, InterpolationBase):
             dX = self.X.path.derivative(_as_time(t, self.X._t))
         else:
-            dX = self.X.derivative(t)
+            dX = self.X.derivative(torch.tensor(t, dtype=z.dtype, device=z.device) if isinstance(t, float) else t)
+        if isinstance(t, float):
+            t = torch.tensor(t, dtype=z.dtype, device=z.device)  # torchcde's func(t, z) takes a tensor
         if self.is_prod:
             return self.func.prod(t, z, dX)
         return (self.func(t, z) @ dX.unsqueeze(-1)).squeeze(-1)

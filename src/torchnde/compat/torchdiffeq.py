@@ -311,8 +311,13 @@ class _TimeAsTensor:
     def __init__(self, func, dtype, device):
         self.func, self.dtype, self.device = func, dtype, device
         self.__name__ = getattr(func, "__name__", type(func).__name__)
+        # our own wrappers (torchnde.compat.torchcde) take the exact float time: rounding it to a
+        # float32 tensor would move a step that ends just before a knot onto the knot
+        self.exact = getattr(func, "takes_float_time", False)
 
     def __call__(self, t, y, args):
+        if self.exact:
+            return self.func(t, y)
         return self.func(torch.tensor(t, dtype=self.dtype, device=self.device), y)
 
 
