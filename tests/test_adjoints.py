@@ -249,7 +249,7 @@ def test_reversible_equals_direct_on_same_discretisation(solver, saveat):
 @pytest.mark.parametrize("solver", [tn.RK4, tn.Tsit5], ids=lambda s: s.__name__)
 def test_reversible_reconstruction_is_exact_to_round_off(solver):
     """Step forward with the reversible scheme, then invert: the states come back."""
-    from torchnde._solve import _FlatTerm
+    from torchnde._flat import _FlatTerm
     from torchnde._tree import Flattener
     from torchnde.adjoints._reversible import _Reversible
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import torchnde as tn
-from torchnde._solve import _FlatTerm
+from torchnde._flat import _FlatTerm
 from torchnde._tree import Flattener
 
 

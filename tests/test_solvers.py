@@ -176,7 +176,7 @@ def test_error_estimate_order(solver):
     shrinks like h^(error_order + 1)."""
     f, y0, exact, _ = logistic_problem()
     term = tn.ODETerm(f)
-    from torchnde._solve import _FlatTerm
+    from torchnde._flat import _FlatTerm
     from torchnde._tree import Flattener
 
     t0 = 0.3

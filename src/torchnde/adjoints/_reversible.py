@@ -189,7 +189,7 @@ class _ReversibleFn(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_ys):
-        from .._solve import flat_term
+        from .._flat import flat_term
 
         params = list(ctx.saved_tensors)
         problem, flat, internal = ctx.problem, ctx.flat, ctx.internal
