@@ -14,6 +14,17 @@ How to implement a new solver
 4. For an explicit Runge--Kutta method all of this is done by :class:`AbstractERK`: write the
    :class:`~torchnde.solvers.ButcherTableau` in a file of its own and add the class to
    ``torchnde.solvers.SOLVERS``; the generic tests then check its tableau, order and dense output.
+
+SDE solvers
+-----------
+An SDE reaches ``step`` as a term with ``term.rough`` True (``torchnde._flat._FlatSDE``):
+``term.vf(t, y)`` is the drift on the flat state, ``term.diffusion(t, y)`` the diffusion in the
+user's shapes, ``term.noise(t0, t1)`` / ``term.levy(t0, t1)`` the Brownian increment (and Lévy
+areas), ``term.gprod(g, dW)`` their product as a flat increment, and ``term.vf_prod(t, y,
+term.contr(t0, t1))`` the whole ``f dt + g dW`` (what Runge--Kutta stages use). Declare
+``strong_order`` (by noise class), ``calculus`` and ``levy_area``, add the class to
+``torchnde.solvers.SDE_SOLVERS``, and the SDE tests check its strong order on every noise class
+it claims.
 """
 
 from __future__ import annotations
