@@ -1,0 +1,142 @@
+r"""What a denoising model predicts, and conversions between the choices.
+
+With the marginal :math:`x_t = \alpha x_0 + m + \sigma\varepsilon` of a forward process (see
+:mod:`torchnde.generative.processes`; write :math:`y = x_t - m`), a model may predict
+
+* ``"eps"``: the noise :math:`\varepsilon` (Ho et al. 2020, DDPM);
+* ``"x0"``: the clean data :math:`x_0`;
+* ``"v"``: :math:`v = \alpha\varepsilon - \sigma x_0` (Salimans & Ho 2022, "Progressive
+  distillation for fast sampling of diffusion models"; for VP processes it is the velocity of the
+  angle :math:`\phi` with :math:`\alpha = \cos\phi`, :math:`\sigma = \sin\phi`);
+* ``"score"``: :math:`\nabla_x\log p_t(x) = -\varepsilon/\sigma` (Song et al. 2021);
+* ``"velocity"``: the probability-flow drift :math:`f(t, x) - \tfrac12 g^2\nabla\log p_t`
+  (what flow-matching models learn; Lipman et al. 2023).
+
+Each is an invertible affine function of :math:`\varepsilon` given :math:`(t, x_t)`, so any of
+them converts to any other (:class:`Parameterisation`), and every sampler works with every
+parameterisation. The conversions use the *predicted* quantities, e.g. ``x0`` from ``eps`` is
+Tweedie's estimate :math:`(y - \sigma\hat\varepsilon)/\alpha`.
+"""
+
+from __future__ import annotations
+
+from .processes import DiffusionProcess, _batch_time, expand_time
+
+__all__ = ["Parameterisation", "KINDS"]
+
+#: the quantities a model may predict
+KINDS = ("eps", "x0", "v", "score", "velocity")
+
+
+class Parameterisation:
+    """Conversions for a model that predicts ``kind`` under ``process``.
+
+    Every method takes the time ``t`` (float or ``(B,)`` tensor), the noisy state ``x`` and the
+    model's output ``out`` (a prediction of ``kind``) and returns the prediction of another kind.
+    ``as_score(model)`` / ``as_kind(model, kind)`` wrap a model ``model(t, x)`` so that it returns
+    the score (or another kind); the wrapper calls the model with ``t`` as a ``(B,)`` tensor in
+    ``x``'s dtype (what networks take), and counts its calls in ``.calls``.
+
+    Args:
+        kind: one of ``"eps"``, ``"x0"``, ``"v"``, ``"score"``, ``"velocity"``.
+        process: the forward process (a :class:`~torchnde.generative.processes.DiffusionProcess`).
+    """
+
+    def __init__(self, kind: str, process: DiffusionProcess):
+        if kind not in KINDS:
+            raise ValueError(f"unknown parameterisation {kind!r}; choose one of {KINDS}")
+        if not isinstance(process, DiffusionProcess):
+            raise TypeError(f"process must be a DiffusionProcess such as VP(), got {type(process).__name__}")
+        self.kind = kind
+        self.process = process
+
+    def __repr__(self):
+        return f"Parameterisation({self.kind!r}, {self.process!r})"
+
+    # -- the hub: everything goes through eps --------------------------------------------------
+    def _coeffs(self, t, x):
+        a, s = self.process.marginal(t)
+        return expand_time(a, x), expand_time(s, x), x - self.process.mean_offset(t, x)
+
+    def _eps_from(self, kind, t, x, out):
+        if kind == "eps":
+            return out
+        a, s, y = self._coeffs(t, x)
+        if kind == "x0":
+            return (y - a * out) / s
+        if kind == "score":
+            return -s * out
+        if kind == "v":
+            return (s * y + a * out) / (a * a + s * s)
+        # velocity = f - 1/2 g^2 score = f + g^2 eps / (2 sigma)
+        g2 = expand_time(self.process.diffusion2(t), x)
+        return (out - self.process.drift(t, x)) * (2 * s / g2)
+
+    def _from_eps(self, kind, t, x, eps):
+        if kind == "eps":
+            return eps
+        a, s, y = self._coeffs(t, x)
+        if kind == "x0":
+            return (y - s * eps) / a
+        if kind == "score":
+            return -eps / s
+        if kind == "v":
+            x0 = (y - s * eps) / a
+            return a * eps - s * x0
+        g2 = expand_time(self.process.diffusion2(t), x)
+        return self.process.drift(t, x) + (0.5 * g2 / s) * eps
+
+    def convert(self, to: str, t, x, out):
+        """The model output ``out`` (of this parameterisation's kind) as a prediction of ``to``."""
+        if to not in KINDS:
+            raise ValueError(f"unknown parameterisation {to!r}; choose one of {KINDS}")
+        if to == self.kind:
+            return out
+        if to == "x0" and self.kind == "v":  # direct, better conditioned than via eps
+            a, s, y = self._coeffs(t, x)
+            return (a * y - s * out) / (a * a + s * s)
+        return self._from_eps(to, t, x, self._eps_from(self.kind, t, x, out))
+
+    def to_eps(self, t, x, out):
+        return self.convert("eps", t, x, out)
+
+    def to_x0(self, t, x, out):
+        return self.convert("x0", t, x, out)
+
+    def to_v(self, t, x, out):
+        return self.convert("v", t, x, out)
+
+    def to_score(self, t, x, out):
+        return self.convert("score", t, x, out)
+
+    def to_velocity(self, t, x, out):
+        return self.convert("velocity", t, x, out)
+
+    def as_kind(self, model, kind: str) -> _Converted:
+        """``model(t, x)`` (predicting this parameterisation's kind) as a function ``(t, x)`` that
+        predicts ``kind``."""
+        if kind not in KINDS:
+            raise ValueError(f"unknown parameterisation {kind!r}; choose one of {KINDS}")
+        return _Converted(self, model, kind)
+
+    def as_score(self, model) -> _Converted:
+        """``model(t, x)`` as a score function ``score(t, x)``."""
+        return self.as_kind(model, "score")
+
+
+class _Converted:
+    """A model seen through a conversion; ``calls`` counts the model's evaluations."""
+
+    def __init__(self, param: Parameterisation, model, kind: str):
+        if not callable(model):
+            raise TypeError(f"the model must be callable as model(t, x); got {type(model).__name__}")
+        self.param, self.model, self.kind = param, model, kind
+        self.calls = 0
+
+    def __call__(self, t, x):
+        self.calls += 1
+        out = self.model(_batch_time(t, x), x)
+        return self.param.convert(self.kind, t, x, out)
+
+    def __repr__(self):
+        return f"{self.param!r}.as_kind({getattr(self.model, '__name__', type(self.model).__name__)}, {self.kind!r})"

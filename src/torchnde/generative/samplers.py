@@ -1,0 +1,296 @@
+r"""Samplers of diffusion models: thin presets over :func:`torchnde.solve`.
+
+Each sampler builds a term from a process (:meth:`~DiffusionProcess.reverse_sde` or
+:meth:`~DiffusionProcess.probability_flow`), picks a solver and a step policy, and calls
+``solve`` once from ``t1`` down to ``t0``; none has a loop of its own. One signature serves all::
+
+    out = sample(model, process, (2000, 2), nfe=100, sampler="euler_maruyama",
+                 parameterisation="eps", seed=0)
+    out.x, out.nfe
+
+=====================  ================================================================  ============
+``sampler``            method                                                            steps
+=====================  ================================================================  ============
+``"euler_maruyama"``   reverse-time SDE, Euler–Maruyama (Song et al. 2021)               ``nfe``
+``"pc"``               predictor–corrector: Euler–Maruyama + Langevin corrector with a  ``nfe // (1 + n_corrector)``
+                       signal-to-noise ratio ``snr`` (Song et al. 2021, Alg. 4–5)
+``"pf_euler"``         probability-flow ODE, Euler                                       ``nfe``
+``"pf_heun"``          probability-flow ODE, Heun (2 evaluations per step)               ``(nfe - 1) // 2``
+``"pf_adaptive"``      probability-flow ODE, ``Tsit5`` + ``PIDController(rtol, atol)``   adaptive
+=====================  ================================================================  ============
+
+Fixed-step samplers step along the process's time grid :meth:`~DiffusionProcess.times` (uniform
+in ``t``, Karras et al.'s :math:`\rho`-schedule for :class:`EDM`) or a grid you pass as
+``times``. ``nfe`` is the budget of model evaluations; the result reports the evaluations
+actually made (``SampleResult.nfe``).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from .._saveat import SaveAt
+from .._solution import Solution
+from .._solve import solve
+from ..controllers import ConstantStepSize, PIDController
+from ..paths import BrownianGrid, VirtualBrownianTree
+from ..solvers import Euler, Heun, Tsit5
+from ..solvers._base import AbstractSolver, linear_coeffs
+from .parameterisation import Parameterisation
+from .processes import DiffusionProcess
+
+__all__ = ["sample", "SampleResult", "SAMPLERS", "LangevinCorrector"]
+
+
+@dataclass
+class SampleResult:
+    """What :func:`sample` returns.
+
+    Attributes:
+        x: the samples, shape ``shape``.
+        nfe: model evaluations made (the corrector's included).
+        num_steps: solver steps taken (accepted + rejected).
+        solution: the :class:`~torchnde.Solution` of the solve.
+    """
+
+    x: torch.Tensor
+    nfe: int
+    num_steps: Any
+    solution: Solution
+
+
+# ------------------------------------------------------------------------- Langevin corrector
+class LangevinCorrector(AbstractSolver):
+    r"""Predictor–corrector step for a reverse-time SDE (Song et al. 2021, Algorithms 4 and 5).
+
+    At the start of each step, ``n_corrector`` Langevin MCMC steps at the current time
+    :math:`x \leftarrow x + \epsilon\,s(x) + \sqrt{2\epsilon}\,z` with the step size
+    :math:`\epsilon = 2 (r\,\overline{\|z\|} / \overline{\|s(x)\|})^2` set by the signal-to-noise
+    ratio ``snr`` = r, with the norms averaged over the batch as in Song et al.'s code (per-sample
+    norms make the step explode where the score vanishes; so here a sample's corrector step size
+    depends on the rest of the batch), then one
+    Euler–Maruyama step of the reverse SDE (the predictor). The corrector's normals come from
+    ``noise``, a Brownian path of shape ``(n_corrector, *shape)`` independent of the SDE's path
+    (each increment over the step, normalised).
+
+    A solver object built per sampling call (it holds the score function); fixed steps only, not
+    per-sample.
+    """
+
+    order: ClassVar = None
+    dense_order: ClassVar = 1
+    strong_order: ClassVar = {"additive": 0.5}
+    calculus: ClassVar = "ito"
+
+    def __init__(self, score_fn: Callable, noise, *, snr: float = 0.16, n_corrector: int = 1):
+        if not snr > 0:
+            raise ValueError(f"snr must be > 0, got {snr}")
+        if isinstance(n_corrector, bool) or not isinstance(n_corrector, numbers.Integral) or n_corrector < 1:
+            raise ValueError(f"n_corrector must be an int >= 1, got {n_corrector!r}")
+        self.score_fn, self.noise, self.snr, self.n_corrector = score_fn, noise, float(snr), int(n_corrector)
+
+    def __repr__(self):
+        return f"LangevinCorrector(snr={self.snr}, n_corrector={self.n_corrector})"
+
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
+
+    def init(self, term, t0, y0):
+        return None
+
+    def step(self, term, t0, t1, y0, state):
+        if not isinstance(t0, float):
+            raise NotImplementedError("the predictor-corrector sampler does not support per_sample=True")
+        sign = term.sign
+        s, t = sign * t0, sign * t1
+        x = term.flat.state_to_tree(y0)
+        zs = self.noise.evaluate(min(s, t), max(s, t)) / math.sqrt(abs(t - s))
+        for j in range(self.n_corrector):
+            z = zs[j]
+            grad = self.score_fn(s, x)
+            b = x.shape[0]
+            gn = grad.reshape(b, -1).norm(dim=-1).mean()
+            zn = z.reshape(b, -1).norm(dim=-1).mean()
+            eps = 2 * (self.snr * zn / gn.clamp(min=torch.finfo(x.dtype).tiny)) ** 2
+            x = x + eps * grad + torch.sqrt(2 * eps) * z
+        y = term.flat.tree_to_state(x)
+        y1 = y + term.vf_prod(t0, y, term.contr(t0, t1))
+        return y1, None, (y0, y1), None, None
+
+    def dense_coeffs(self, term, dense_info):
+        return linear_coeffs(*dense_info)
+
+
+# ---------------------------------------------------------------------------------- sample()
+SAMPLERS = ("euler_maruyama", "pc", "pf_euler", "pf_heun", "pf_adaptive")
+
+
+def _steps_for(sampler: str, nfe: int, n_corrector: int) -> int:
+    if sampler == "pf_heun":
+        n = (nfe - 1) // 2
+    elif sampler == "pc":
+        n = nfe // (1 + n_corrector)
+    else:
+        n = nfe
+    if n < 1:
+        raise ValueError(f"nfe={nfe} is too small for sampler {sampler!r} (it leaves no step)")
+    return n
+
+
+def _fixed_grid(controller_grid: torch.Tensor):
+    controller = ConstantStepSize()
+    # steps land on every time of the grid (the loop's stop times); dt0 spans the whole interval
+    controller.step_ts = controller_grid.detach().to(torch.float64).cpu()
+    return controller
+
+
+def sample(
+    model: Callable,
+    process: DiffusionProcess,
+    shape,
+    *,
+    nfe: int | None = None,
+    sampler: str = "euler_maruyama",
+    parameterisation: str = "score",
+    seed: int | None = None,
+    callback: Callable | None = None,
+    x_init: torch.Tensor | None = None,
+    times=None,
+    t_start: float | None = None,
+    t_end: float | None = None,
+    dtype: torch.dtype = torch.float32,
+    device=None,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    snr: float = 0.16,
+    n_corrector: int = 1,
+    solver: AbstractSolver | None = None,
+    per_sample: bool = False,
+    max_steps: int | None = None,
+    progress=None,
+) -> SampleResult:
+    """Draw samples from a diffusion model by solving its reverse SDE or probability-flow ODE.
+
+    Args:
+        model: ``model(t, x)`` predicting ``parameterisation`` (``t`` a ``(B,)`` tensor in ``x``'s
+            dtype); an exact oracle's ``score_fn`` / ``model`` works too.
+        process: the forward process the model was trained on.
+        shape: of the samples (batch first).
+        nfe: budget of model evaluations (fixed-step samplers; required). The adaptive sampler
+            ignores it (its cost is set by ``rtol``/``atol``) and reports what it used.
+        sampler: one of :data:`SAMPLERS`.
+        parameterisation: what the model predicts: ``"eps"``, ``"x0"``, ``"v"``, ``"score"`` or
+            ``"velocity"``.
+        seed: seeds the prior draw and the Brownian path (``None``: drawn from torch's global
+            generator, so ``torch.manual_seed`` makes runs repeatable).
+        callback: ``callback(i, t, x)`` for every accepted step ``i = 0, 1, ...`` with the step's
+            end time and state, called in order after the solve (the states are saved with
+            ``SaveAt(steps=True)``).
+        x_init: the starting state at ``t_start`` instead of a prior draw.
+        times: a decreasing grid of step times from ``t_start`` to ``t_end`` (fixed-step samplers;
+            overrides ``nfe``'s grid).
+        t_start, t_end: the interval (default ``process.t1`` and ``process.t0``).
+        dtype, device: of the samples (ignored with ``x_init``).
+        rtol, atol: tolerances of ``"pf_adaptive"``.
+        snr, n_corrector: the Langevin corrector of ``"pc"``.
+        solver: override the sampler's solver (e.g. ``RK4()`` for a fixed-step PF-ODE, ``SRA1()``
+            is not supported here since it needs a Lévy-area path).
+        per_sample: per-sample adaptive steps (``"pf_adaptive"``).
+        max_steps: passed to ``solve`` (default: enough for the grid, 4096 for adaptive).
+        progress: passed to ``solve``.
+
+    Returns:
+        :class:`SampleResult`.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+    if not isinstance(process, DiffusionProcess):
+        raise TypeError(f"process must be a DiffusionProcess such as VP(), got {type(process).__name__}")
+    t_start = process.t1 if t_start is None else float(t_start)
+    t_end = process.t0 if t_end is None else float(t_end)
+    if not t_start > t_end:
+        raise ValueError(f"sampling runs backwards in time: need t_start > t_end, got {t_start}, {t_end}")
+    fixed = sampler != "pf_adaptive"
+    if fixed and times is None:
+        if nfe is None:
+            raise ValueError(f"sampler {sampler!r} needs nfe=... (the number of model evaluations)")
+        if isinstance(nfe, bool) or not isinstance(nfe, numbers.Integral) or nfe < 1:
+            raise ValueError(f"nfe must be an int >= 1, got {nfe!r}")
+        n = _steps_for(sampler, int(nfe), n_corrector)
+        if t_start == process.t1 and t_end == process.t0:
+            grid = process.times(n)
+        else:
+            grid = torch.linspace(t_start, t_end, n + 1, dtype=torch.float64)
+    elif fixed:
+        grid = torch.as_tensor(times, dtype=torch.float64).detach().cpu().reshape(-1)
+        if grid.numel() < 2 or not (grid[1:] < grid[:-1]).all():
+            raise ValueError("times must be a strictly decreasing grid of at least two times")
+        t_start, t_end = float(grid[0]), float(grid[-1])
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, ()))
+    if x_init is None:
+        dev = torch.device(device) if device is not None else torch.get_default_device()
+        gen = torch.Generator(device=dev).manual_seed(int(seed))
+        x = process.prior_sample(tuple(shape), generator=gen, dtype=dtype, device=dev)
+    else:
+        x = x_init
+        if tuple(x.shape) != tuple(shape):
+            raise ValueError(f"x_init has shape {tuple(x.shape)}, expected {tuple(shape)}")
+    score = Parameterisation(parameterisation, process).as_score(model)
+
+    def brownian(s, extra=()):
+        kw = dict(seed=s, dtype=x.dtype, device=x.device)
+        if fixed:  # increments of the grid's cells, sampled up front
+            return BrownianGrid(grid.flip(0), (*extra, *x.shape), **kw)
+        return VirtualBrownianTree(t_end, t_start, (*extra, *x.shape), **kw)
+
+    if sampler in ("euler_maruyama", "pc"):
+        terms = process.reverse_sde(score, x.shape, path=brownian(int(seed)))
+        if sampler == "pc":
+            corrector_noise = brownian(int(seed) + 1, (n_corrector,))
+            step = LangevinCorrector(score, corrector_noise, snr=snr, n_corrector=n_corrector)
+        else:
+            step = solver or Euler()
+    else:
+        terms = process.probability_flow(score)
+        step = solver or {"pf_euler": Euler(), "pf_heun": Heun(), "pf_adaptive": Tsit5()}[sampler]
+    if fixed:
+        controller, dt0 = _fixed_grid(grid), t_end - t_start
+        steps = max_steps if max_steps is not None else grid.numel() + 8
+    else:
+        controller, dt0 = PIDController(rtol=rtol, atol=atol), None
+        steps = max_steps if max_steps is not None else 4096
+    saveat = SaveAt(steps=True) if callback is not None else SaveAt(t1=True)
+    sol = solve(
+        terms,
+        step,
+        t_start,
+        t_end,
+        x,
+        dt0=dt0,
+        controller=controller,
+        saveat=saveat,
+        max_steps=steps,
+        per_sample=per_sample,
+        progress=progress,
+    )
+    if callback is not None:
+        ts, ys = sol.ts, sol.ys
+        for i in range(ys.shape[1] if per_sample else ys.shape[0]):
+            if per_sample:
+                callback(i, ts[:, i], ys[:, i])
+            else:
+                callback(i, float(ts[i]), ys[i])
+        out = ys[:, -1] if per_sample else ys[-1]
+        if per_sample:  # rows are padded past each sample's last step: take the last finite one
+            last = torch.isfinite(ts).sum(-1) - 1
+            out = ys[torch.arange(ys.shape[0], device=ys.device), last]
+    else:
+        out = sol.ys[-1] if not per_sample else sol.ys[:, -1]
+    return SampleResult(x=out, nfe=score.calls, num_steps=sol.stats["num_steps"], solution=sol)

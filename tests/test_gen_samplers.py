@@ -1,0 +1,176 @@
+"""Samplers of torchnde.generative against the analytic oracles (exact scores of Gaussian and
+Gaussian-mixture data): the samples converge to the marginal p_{t0} as the NFE grows."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from torchnde.generative.oracles import GaussianData, GaussianMixtureData
+from torchnde.generative.parameterisation import KINDS
+from torchnde.generative.processes import EDM, VE, VP, MeanReverting, SubVP
+from torchnde.generative.samplers import SAMPLERS, sample
+
+D = torch.float64
+PROCS = {"vp": VP, "ve": VE, "subvp": SubVP, "edm": EDM}
+GAUSS = GaussianData([1.0, -0.5], [[1.0, 0.3], [0.3, 0.5]])
+MIX = GaussianMixtureData([0.3, 0.7], [[-2.0, 0.0], [2.0, 1.0]], [[0.5, 0.3], [0.4, 0.6]])
+
+
+def _start(oracle, p, n, seed=1):
+    """Exact draws of p_{t1} (so only the sampler's discretisation error remains)."""
+    return oracle.marginal_sample(p, p.t1, n, generator=torch.Generator().manual_seed(seed))
+
+
+def _gauss_error(x, p):
+    """Relative error of the sample mean and covariance against the exact moments of p_{t0}."""
+    mean, cov = GAUSS.marginal_moments(p, p.t0)
+    return float(((x.mean(0) - mean).norm() + (torch.cov(x.T) - cov).norm()) / cov.norm())
+
+
+def _w2(a, b):
+    c = torch.cdist(a, b).pow(2).numpy()
+    r, k = linear_sum_assignment(c)
+    return float(np.sqrt(c[r, k].mean()))
+
+
+N = 4000
+# with N = 4000 the Monte-Carlo error of the relative mean + covariance error is about 0.03
+MC_TOL = 0.08
+
+
+@pytest.mark.parametrize("sampler", ["euler_maruyama", "pf_euler", "pf_heun"])
+@pytest.mark.parametrize("name", PROCS)
+def test_fixed_step_samplers_converge_on_gaussian_data(name, sampler):
+    p = PROCS[name]()
+    xT = _start(GAUSS, p, N)
+    errs = []
+    # Euler on VE's probability flow converges slowly on the uniform-t grid (sigma is geometric in t)
+    for nfe in (6, 800 if (name, sampler) == ("ve", "pf_euler") else 200):
+        out = sample(GAUSS.score_fn(p), p, xT.shape, nfe=nfe, sampler=sampler, seed=0, x_init=xT)
+        assert out.nfe <= nfe + 1
+        errs.append(_gauss_error(out.x, p))
+    assert errs[1] < errs[0]
+    assert errs[1] < MC_TOL, errs
+
+
+@pytest.mark.parametrize("name", PROCS)
+def test_adaptive_probability_flow(name):
+    p = PROCS[name]()
+    xT = _start(GAUSS, p, N)
+    out = sample(GAUSS.score_fn(p), p, xT.shape, sampler="pf_adaptive", rtol=1e-5, atol=1e-5, x_init=xT)
+    assert _gauss_error(out.x, p) < MC_TOL
+    # NFE as counted on the model equals the solver's count (Tsit5: 6 per step + the first)
+    assert out.nfe == out.solution.stats["nfe"] > 6
+    # the probability-flow map is deterministic: the same start gives the same samples
+    again = sample(GAUSS.score_fn(p), p, xT.shape, sampler="pf_adaptive", rtol=1e-5, atol=1e-5, x_init=xT)
+    torch.testing.assert_close(again.x, out.x, rtol=0, atol=0)
+
+
+def test_adaptive_per_sample_matches_shared():
+    p = VP()
+    xT = _start(GAUSS, p, 64)
+    a = sample(GAUSS.score_fn(p), p, xT.shape, sampler="pf_adaptive", rtol=1e-7, atol=1e-7, x_init=xT)
+    b = sample(GAUSS.score_fn(p), p, xT.shape, sampler="pf_adaptive", rtol=1e-7, atol=1e-7, x_init=xT, per_sample=True)
+    torch.testing.assert_close(a.x, b.x, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["vp", "ve"])
+def test_predictor_corrector(name):
+    p = PROCS[name]()
+    xT = _start(GAUSS, p, N)
+    errs = [
+        _gauss_error(sample(GAUSS.score_fn(p), p, xT.shape, nfe=nfe, sampler="pc", seed=0, x_init=xT).x, p)
+        for nfe in (8, 200)
+    ]
+    assert errs[1] < errs[0] and errs[1] < MC_TOL, errs
+
+
+@pytest.mark.parametrize(("name", "sampler"), [("vp", "euler_maruyama"), ("edm", "pf_heun")])
+def test_samplers_converge_on_a_gaussian_mixture(name, sampler):
+    """Mode weights (binomial test), the mean exact log-density and exact W2 against an
+    independent draw of p_{t0}."""
+    p = PROCS[name]()
+    n = 1500
+    xT = _start(MIX, p, n)
+    ref = MIX.marginal_sample(p, p.t0, n, generator=torch.Generator().manual_seed(7))
+    ref2 = MIX.marginal_sample(p, p.t0, n, generator=torch.Generator().manual_seed(8))
+    floor = _w2(ref, ref2)  # W2 between two exact draws: the Monte-Carlo floor
+    w2s = []
+    for nfe in (5, 101):
+        x = sample(MIX.score_fn(p), p, xT.shape, nfe=nfe, sampler=sampler, seed=0, x_init=xT).x
+        w2s.append(_w2(x, ref))
+    assert w2s[1] < w2s[0] and w2s[1] < 1.5 * floor, (w2s, floor)
+    frac = float((x[:, 0] > 0).double().mean())
+    assert abs(frac - 0.7) < 5 * math.sqrt(0.7 * 0.3 / n)
+    lp, lp_ref = MIX.log_prob(p, p.t0, x), MIX.log_prob(p, p.t0, ref)
+    assert abs(lp.mean() - lp_ref.mean()) < 5 * math.sqrt((lp.var() + lp_ref.var()) / n)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_parameterisation_gives_the_same_samples(kind):
+    p = VP()
+    xT = _start(MIX, p, 256)
+    ref = sample(MIX.score_fn(p), p, xT.shape, nfe=20, sampler="pf_heun", x_init=xT).x
+    out = sample(MIX.model(p, kind), p, xT.shape, nfe=20, sampler="pf_heun", x_init=xT, parameterisation=kind).x
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
+    sde = sample(MIX.model(p, kind), p, xT.shape, nfe=20, seed=3, x_init=xT, parameterisation=kind).x
+    sde_ref = sample(MIX.score_fn(p), p, xT.shape, nfe=20, seed=3, x_init=xT).x
+    torch.testing.assert_close(sde, sde_ref, rtol=1e-9, atol=1e-9)
+
+
+def test_from_the_prior_float32_and_seeds():
+    p = VP()
+    a = sample(GAUSS.score_fn(p), p, (N, 2), nfe=200, seed=5)
+    assert a.x.dtype == torch.float32 and _gauss_error(a.x.double(), p) < MC_TOL
+    b = sample(GAUSS.score_fn(p), p, (N, 2), nfe=200, seed=5)
+    torch.testing.assert_close(a.x, b.x, rtol=0, atol=0)
+    c = sample(GAUSS.score_fn(p), p, (8, 2), nfe=10, seed=6)
+    assert not torch.equal(a.x[:8], c.x)
+
+
+def test_mean_reverting_restoration():
+    """Per-sample means mu (the "degraded inputs"): the reverse process of the OU towards mu
+    recovers the data's marginal at t0, whose mean still carries (1 - alpha(t0)) mu."""
+    mu = torch.tensor([[3.0, -2.0]], dtype=D).expand(N, 2)
+    p = MeanReverting(theta=4.0, mean=mu, sigma=1.0)
+    xT = _start(GAUSS, p, N)
+    for sampler in ("euler_maruyama", "pf_heun"):
+        out = sample(GAUSS.score_fn(p), p, xT.shape, nfe=200, sampler=sampler, seed=0, x_init=xT)
+        a, s = p.marginal(p.t0)
+        mean = a * GAUSS.mean + (1 - a) * mu[0]
+        cov = a * a * GAUSS.cov + s * s * torch.eye(2, dtype=D)
+        err = float(((out.x.mean(0) - mean).norm() + (torch.cov(out.x.T) - cov).norm()) / cov.norm())
+        assert err < MC_TOL
+
+
+def test_callback_and_custom_grid():
+    p = EDM()
+    xT = _start(GAUSS, p, 16)
+    calls = []
+    grid = torch.tensor([80.0, 10.0, 1.0, 0.1, 0.002], dtype=D)
+    out = sample(
+        GAUSS.score_fn(p), p, xT.shape, sampler="pf_euler", times=grid, x_init=xT, callback=lambda *a: calls.append(a)
+    )
+    assert [i for i, _, _ in calls] == [0, 1, 2, 3]
+    assert [t for _, t, _ in calls] == pytest.approx(grid[1:].tolist())
+    torch.testing.assert_close(calls[-1][2], out.x)
+    assert out.nfe == 5  # Euler: one evaluation per step (+ the end point's derivative)
+
+
+def test_errors():
+    p = VP()
+    f = GAUSS.score_fn(p)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        sample(f, p, (4, 2), nfe=4, sampler="ddim")
+    with pytest.raises(ValueError, match="needs nfe"):
+        sample(f, p, (4, 2))
+    with pytest.raises(ValueError, match="nfe must be"):
+        sample(f, p, (4, 2), nfe=0)
+    with pytest.raises(ValueError, match="too small"):
+        sample(f, p, (4, 2), nfe=2, sampler="pf_heun")
+    with pytest.raises(ValueError, match="unknown parameterisation"):
+        sample(f, p, (4, 2), nfe=4, parameterisation="noise")
+    assert set(SAMPLERS) == {"euler_maruyama", "pc", "pf_euler", "pf_heun", "pf_adaptive"}
