@@ -1,16 +1,30 @@
 """Continuous-time generative models on the solver core (in progress: issue 5).
 
-Score-based diffusion processes, parameterisations, analytic oracles and samplers, each a term
-plus a solver for :func:`torchnde.solve` (no integration loop of its own). Likelihoods, continuous
-normalizing flows and the flow-matching family are being added.
+Score-based diffusion processes, parameterisations, analytic oracles and samplers; likelihoods
+through the instantaneous change of variables and continuous normalizing flows; the
+flow-matching family; built-in data and metrics. Each model is a term plus a solver for
+:func:`torchnde.solve` (no integration loop of its own). ``data``, ``metrics`` and
+``flow_matching`` are used as modules (``torchnde.generative.data.sample("moons", n)``).
 """
 
+from . import data, flow_matching, metrics
+from .cnf import CNF, REGULARISERS
+from .likelihood import TRACES, bits_per_dim, dequantize, log_prob
 from .oracles import GaussianData, GaussianMixtureData
 from .parameterisation import KINDS, Parameterisation
 from .processes import EDM, PROCESSES, VE, VP, DiffusionProcess, MeanReverting, SubVP
 from .samplers import SAMPLERS, LangevinCorrector, SampleResult, sample
 
 __all__ = [
+    "data",
+    "metrics",
+    "flow_matching",
+    "log_prob",
+    "TRACES",
+    "dequantize",
+    "bits_per_dim",
+    "CNF",
+    "REGULARISERS",
     "DiffusionProcess",
     "VP",
     "VE",
