@@ -7,6 +7,7 @@ import pytest
 import torch
 from scipy import stats
 
+from torchnde.paths import _brownian as brownian
 from torchnde.paths import _rng
 from torchnde.paths._brownian import BrownianGrid, VirtualBrownianTree
 
@@ -192,10 +193,14 @@ def test_errors():
 # ------------------------------------------------------------------ speculation, vectorisation
 @pytest.mark.parametrize("levy", [None, "space-time-time"])
 @pytest.mark.parametrize("direction", [1, -1])
-def test_speculative_blocks_equal_direct_queries(levy, direction):
+@pytest.mark.parametrize("per_level", [False, True])
+def test_speculative_blocks_equal_direct_queries(levy, direction, per_level, monkeypatch):
     # a solver-like loop (t_{n+1} = t_n + dt, the last step clipped to the end) triggers the
     # speculative block path; the same intervals asked of a fresh tree in a shuffled order (no
-    # speculation: no two consecutive queries are adjacent) must give the same bits
+    # speculation: no two consecutive queries are adjacent) must give the same bits.
+    # per_level: pieces accumulated level by level (the large-shape mode) instead of at once
+    if per_level:
+        monkeypatch.setattr(brownian, "_BATCH_ELEMENTS", 0)
     n, dt = 57, 1.0 / 50
     spec = VirtualBrownianTree(0.0, 1.1, (3, 2), levy_area=levy, seed=9, dtype=F64)
     t, times = (0.0, [0.0]) if direction > 0 else (1.1, [1.1])
@@ -242,3 +247,18 @@ def test_short_interval_levy_area_against_float64_reference():
     a, b = p.increment(s, s + h1), p.increment(s + h1, s + h)
     ih = h1 * (a.H + a.W / 2) + h2 * (b.H + b.W / 2) + h2 * a.W
     assert torch.allclose(ih / h - whole.W / 2, whole.H, rtol=0, atol=1e-9 * h**0.5)
+
+
+@pytest.mark.parametrize("levy", [None, "space-time"])
+def test_kept_chain_and_blocks_equal_fresh_trees(levy):
+    # the tree keeps the root-to-leaf chain of the last point between calls and computes
+    # constant steps in blocks; every answer must equal a fresh tree's (no chain, no block)
+    kw = dict(levy_area=levy, seed=21, dtype=F64)
+    path = VirtualBrownianTree(0.0, 1.0, (40,), **kw)
+    times = [k / 300 for k in range(41)] + [0.5, 0.2, 0.2 + 1e-6, 0.9]  # steps, then jumps
+    got = [path.increment(a, b) for a, b in zip(times, times[1:])]
+    for i in (0, 7, 8, 23, 39, 40, 41, 42, 43):
+        fresh = VirtualBrownianTree(0.0, 1.0, (40,), **kw).increment(times[i], times[i + 1])
+        assert torch.equal(got[i].W, fresh.W)
+        if levy is not None:
+            assert torch.equal(got[i].H, fresh.H)

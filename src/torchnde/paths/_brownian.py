@@ -30,7 +30,6 @@ common ancestor of ``s`` and ``t`` (no cancellation between large prefix integra
 from __future__ import annotations
 
 import bisect
-import functools
 import math
 
 import numpy as np
@@ -43,8 +42,15 @@ __all__ = ["VirtualBrownianTree", "BrownianGrid"]
 
 _LEVY = {None: 1, "space-time": 2, "space-time-time": 3}
 _STREAM_ROOT, _STREAM_SPLIT, _STREAM_LEAF, _STREAM_GRID = 11, 12, 13, 14
-# speculative blocks of consecutive steps: first size, largest size, cap on intervals*(depth+4)*d*elements
-_BLOCK_MIN, _BLOCK_MAX, _BLOCK_ELEMENTS = 8, 256, 1 << 20
+# speculative blocks of consecutive steps: first size, largest size, and a cap on steps * d * elements
+# (a level of a block's descent then stays near the CPU's L2 cache; measured at (256, 16))
+_BLOCK_MIN, _BLOCK_MAX, _BLOCK_ELEMENTS = 8, 256, 1 << 16
+# normals are drawn a group of levels at a time, about this many values per group
+_RNG_CHUNK = 1 << 17
+# pieces are gathered into one buffer and added at once below this many values, else per level
+_BATCH_ELEMENTS = 1 << 17
+# scratch buffers (and the kept chain) are kept between calls up to this size
+_KEEP_BYTES = 64 << 20
 
 
 # ----------------------------------------------------------------------------------- shapes, seeds
@@ -406,27 +412,63 @@ def _position_maps(start: np.ndarray, end: np.ndarray, h: np.ndarray, d: int) ->
     return m[:, :d, :d]
 
 
-def _levy_rows(x: torch.Tensor, h: np.ndarray, sign: np.ndarray, dtype):
+def _levy_rows(x: torch.Tensor, h: np.ndarray, sign: np.ndarray, dtype, work=None):
     """Local stats ``(Q, d, C)`` over intervals of lengths ``h`` -> ``(W, H, K)``, each ``(Q, C)`` in
-    ``dtype`` (or None), reversed where ``sign < 0`` (``W -> -W``, ``H -> H``, ``K -> -K``)."""
-    d = x.shape[1]
+    ``dtype`` (or None), reversed where ``sign < 0`` (``W -> -W``, ``H -> H``, ``K -> -K``). The
+    results never share memory with ``x``; intermediates go to ``work`` (a :class:`_Work`)."""
+    q, d, c = x.shape
+    dev = x.device
+
+    def buf(name):
+        if work is None:
+            return torch.empty(q, c, dtype=x.dtype, device=dev)
+        return work.get(name, q * c, x.dtype).view(q, c)
+
     w = x[:, 0]
     flip = bool((sign < 0).any())
-    sg = torch.as_tensor(sign, dtype=x.dtype, device=x.device).view(-1, 1) if flip else None
+    sg = torch.as_tensor(sign, dtype=x.dtype, device=dev).view(-1, 1) if flip else None
     hh = kk = None
     if d >= 2:
         pos = h > 0
-        hq = torch.as_tensor(np.where(pos, h, 1.0), dtype=x.dtype, device=x.device).view(-1, 1)
-        inv = torch.as_tensor(np.where(pos, 1.0 / np.where(pos, h, 1.0), 0.0), dtype=x.dtype, device=x.device)
+        hq = torch.as_tensor(np.where(pos, h, 1.0), dtype=x.dtype, device=dev).view(-1, 1)
+        inv = torch.as_tensor(np.where(pos, 1.0 / np.where(pos, h, 1.0), 0.0), dtype=x.dtype, device=dev)
         inv = inv.view(-1, 1)
-        hh = (x[:, 1] - x[:, 0] * (hq / 2)) * inv
+        # H = (I - W h/2) / h
+        hh = torch.mul(x[:, 0], hq / 2, out=buf("levy_h"))
+        hh = torch.sub(x[:, 1], hh, out=hh).mul_(inv)
         if d >= 3:
-            kk = (x[:, 0] + x[:, 1] * (6.0 * inv) - x[:, 2] * (12.0 * inv * inv)) * (inv * hq / 12)
+            # K = (W + 6 I / h - 12 J / h^2) / 12
+            kk = torch.mul(x[:, 1], 6.0 * inv, out=buf("levy_k"))
+            kk = torch.add(x[:, 0], kk, out=kk)
+            kk.sub_(torch.mul(x[:, 2], 12.0 * inv * inv, out=buf("levy_tmp"))).mul_(inv * hq / 12)
             if flip:
-                kk = kk * sg
+                kk.mul_(sg)
     if flip:
-        w = w * sg
-    return tuple(None if v is None else v.to(dtype) for v in (w, hh, kk))
+        w = torch.mul(w, sg, out=buf("levy_w"))
+    return tuple(None if v is None else v.to(dtype, copy=True) for v in (w, hh, kk))
+
+
+class _Work:
+    """Grow-only scratch buffers, reused across calls: fresh multi-megabyte temporaries cost page
+    faults on every call, which at large shapes was most of the time of a query. Buffers are
+    dropped after a call if together they exceed ``_KEEP_BYTES`` (huge shapes then allocate per
+    call, as any temporary would)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.bufs: dict = {}
+
+    def trim(self) -> None:
+        if sum(b.numel() * b.element_size() for b in self.bufs.values()) > _KEEP_BYTES:
+            self.bufs.clear()
+
+    def get(self, name: str, n: int, dtype) -> torch.Tensor:
+        """A flat buffer of ``n`` values (a view of a kept buffer of at least that size)."""
+        b = self.bufs.get(name)
+        if b is None or b.numel() < n or b.dtype != dtype:
+            size = max(n, int(1.25 * b.numel()) if b is not None and b.dtype == dtype else 0)
+            b = self.bufs[name] = torch.empty(size, dtype=dtype, device=self.device)
+        return b[:n]
 
 
 class VirtualBrownianTree(_PathBase):
@@ -457,18 +499,21 @@ class VirtualBrownianTree(_PathBase):
     ``[t0, t1]`` (spacing at most ``(t1 - t0) * 2**-36``, and at least 256 cells per leaf), so every
     value is a pure function of ``(seed, lattice time)`` computed with exact integer node
     arithmetic. A batch of intervals is answered by one *vectorised descent*
-    (:meth:`_compute`): per level, all distinct nodes the batch needs are split at once (the normals
-    of all levels come from one call of the counter RNG), then each interval ``[s, t]`` is
-    assembled as an exact weighted sum of interval-local pieces below the lowest common ancestor
-    of ``s`` and ``t`` (the tail of ``s``'s leaf, the right siblings on ``s``'s path, the left
-    siblings on ``t``'s path, the head of ``t``'s leaf): no cancellation between large prefix
+    (:meth:`_compute`): per level, all distinct nodes the batch needs are split at once (their
+    normals drawn from the counter RNG a group of levels at a time), and each interval ``[s, t]``
+    is assembled as an exact weighted sum of interval-local pieces below the lowest common
+    ancestor of ``s`` and ``t`` (the tail of ``s``'s leaf, the right siblings on ``s``'s path, the
+    left siblings on ``t``'s path, the head of ``t``'s leaf): no cancellation between large prefix
     integrals, so short intervals keep full float64 accuracy. Solvers with constant steps query
     ``[t_n, t_n + h]`` back to back; once two consecutive queries share an endpoint and a length,
-    the next ``K`` steps (``K`` doubling from 8 up to a memory cap while the guesses are used) are
-    computed in one descent and cached, and later queries are a dictionary lookup. A guessed time
-    that differs from the solver's only by rounding snaps to the same lattice point; a query the
-    guess missed is simply computed. Since a cached answer is the same function of the lattice
-    times as a direct one, values do not depend on query order or on the speculation.
+    the next ``K`` steps (``K`` doubling from 8 up to a cache-sized cap while the guesses are
+    used) are computed in one descent and cached, and later queries are a dictionary lookup. A
+    guessed time that differs from the solver's only by rounding snaps to the same lattice point;
+    a query the guess missed is simply computed. Since a cached answer is the same function of the
+    lattice times as a direct one, values do not depend on query order or on the speculation.
+    Between calls the tree keeps the root-to-leaf chain of the last point (the next block starts
+    there, and shares its top levels) and its scratch buffers; both are caches that change no
+    value.
     """
 
     def __init__(self, t0, t1, shape, *, tol=None, levy_area=None, seed=0, dtype=torch.float32, device=None):
@@ -488,8 +533,13 @@ class VirtualBrownianTree(_PathBase):
         self._cells = float(2**self._bits)
         self._q = span / self._cells
         self._ekeys = _rng.element_keys(seed, self._layout.cols, device=self.device)
+        self._ek32 = _rng.element_keys32(self._ekeys)
         self._rows_cache = None
         d, idt, dev = self._d, self._idt, self.device
+        # reused scratch buffers, and the kept root-to-leaf chain of the last call (see _compute)
+        self._work = _Work(dev)
+        self._chain = None
+        self._chain_buf = None
         # halving matrices per level: both children (2d rows) = [AA | BB] @ [parent; z]
         mats = []
         for lev in range(self._depth):
@@ -497,7 +547,14 @@ class VirtualBrownianTree(_PathBase):
             a, b = _split_scaled(0.5, length, d)
             ar, br = _uncombine_scaled(0.5, length, d, a, b)
             mats.append(np.block([[a, b], [ar, br]]))
-        ab = torch.tensor(np.array(mats).reshape(-1, 2 * d, 2 * d), dtype=idt, device=dev)
+        mats = np.array(mats).reshape(-1, 2 * d, 2 * d)
+        ab = torch.tensor(mats, dtype=idt, device=dev)
+        # d = 1: the children are a W + b z and a W - b z (exactly these products), two products
+        # and two sums instead of four and two
+        self._split1 = [
+            (float(m[0, 0]), float(m[0, 1])) if d == 1 and m[1, 0] == m[0, 0] and m[1, 1] == -m[0, 1] else None
+            for m in mats
+        ]
         self._ab_cols = ab.transpose(1, 2).reshape(-1, 2 * d, 1, 2 * d, 1)  # [lev, j] = column j
         root_sqrt = _psd_sqrt(_cov(span, d))
         z = _rng.normals(
@@ -510,8 +567,7 @@ class VirtualBrownianTree(_PathBase):
         self._block_last = None
         self._block_size = _BLOCK_MIN
         self._block_cap = max(
-            2,
-            min(_BLOCK_MAX, _BLOCK_ELEMENTS // ((self._depth + 4) * d * max(1, self._layout.cols * self._layout.rows))),
+            2, min(_BLOCK_MAX, _BLOCK_ELEMENTS // (d * max(1, self._layout.cols * self._layout.rows)))
         )
         self._prev = None
         self._last_key = None
@@ -573,7 +629,7 @@ class VirtualBrownianTree(_PathBase):
             self._speculate(s_, t_ - s_)
             self._block_last = False
             return self._answer(self._block_vals, self._block[(lo, hi)], sign, t - s)
-        vals = self._levy_of(np.array([lo]), np.array([hi]), None)
+        vals = self._levy_of(np.array([lo]), np.array([hi]), None, keep=nt)
         out = self._answer(vals, 0, sign, t - s)
         self._last_key, self._last = key, out
         return out
@@ -590,12 +646,20 @@ class VirtualBrownianTree(_PathBase):
             pts.append(self._lattice(tk))
         n = np.array(pts, dtype=np.int64)
         lo, hi = np.minimum(n[:-1], n[1:]), np.maximum(n[:-1], n[1:])
-        self._block_vals = self._levy_of(lo, hi, None)
+        self._block_vals = self._levy_of(lo, hi, None, keep=pts[-1])
         self._block = {(int(a), int(b)): i for i, (a, b) in enumerate(zip(lo.tolist(), hi.tolist()))}
 
-    def _levy_of(self, lo: np.ndarray, hi: np.ndarray, rows):
-        x = self._compute(lo, hi, rows)
-        return _levy_rows(x, (hi - lo) * self._q, np.ones(lo.shape[0]), self.dtype)
+    def _levy_of(self, lo: np.ndarray, hi: np.ndarray, rows, keep=None):
+        x = self._compute(lo, hi, rows, keep)
+        out = _levy_rows(x, (hi - lo) * self._q, np.ones(lo.shape[0]), self.dtype, self._work)
+        self._work.trim()
+        return out
+
+    def __getstate__(self):
+        # scratch buffers and the kept chain are caches: not copied or pickled
+        state = dict(self.__dict__)
+        state.update(_work=_Work(self.device), _chain=None, _chain_buf=None)
+        return state
 
     def _answer(self, vals, row: int, sign: float, dt) -> BrownianIncrement:
         split = self._layout.split
@@ -618,7 +682,8 @@ class VirtualBrownianTree(_PathBase):
         lo, hi = np.minimum(ns, nt), np.maximum(ns, nt)
         sign = np.where(ns <= nt, 1.0, -1.0)
         x = self._compute(lo, hi, np.arange(rows))
-        vals = _levy_rows(x, (hi - lo) * self._q, sign, self.dtype)
+        vals = _levy_rows(x, (hi - lo) * self._q, sign, self.dtype, self._work)
+        self._work.trim()
         outs = [None if v is None else self._layout.split(v.reshape(-1)) for v in vals]
         dt = (t if isinstance(t, torch.Tensor) else torch.as_tensor(t)) - (
             s if isinstance(s, torch.Tensor) else torch.as_tensor(s)
@@ -626,68 +691,124 @@ class VirtualBrownianTree(_PathBase):
         return BrownianIncrement(dt=dt, W=outs[0], H=outs[1], K=outs[2])
 
     # vectorised descent ---------------------------------------------------------------------
-    def _compute(self, lo: np.ndarray, hi: np.ndarray, rows) -> torch.Tensor:
+    def _compute(self, lo: np.ndarray, hi: np.ndarray, rows, keep=None) -> torch.Tensor:
         """Local stats ``(Q, d, C)`` (float64) of the intervals ``[lo[q], hi[q]]`` (lattice points,
         ``lo <= hi``).
 
         ``rows=None``: all elements share the query times (``C`` = all elements). Otherwise
         ``rows[q]`` is the sample of interval ``q`` and ``C`` its elements (per-sample times).
+        ``keep``: a lattice point among ``lo``/``hi`` whose root-to-leaf chain is kept for the next
+        call (shared times only).
 
         1. Leaves: point ``n`` lies in leaf ``k = n >> extra`` at fraction ``r``.
         2. Units: at every level, the distinct ``(sample, node)`` pairs on the points' paths,
-           found as runs in the points sorted by ``(sample, leaf)``.
-        3. One RNG call for the normals of every unit (split keys) and every leaf (bridge keys).
-        4. Per level, one batched op: both children of every unit ``= [AA | BB] [parent; z]``.
-        5. Pieces (numpy): for each interval, the sibling nodes and the two leaf parts between
-           its ends, each with the ``d x d`` matrix by which it enters the interval's stats
-           (:func:`_position_maps`; leaf parts are linear in the leaf's stats and normals,
-           :func:`_split_many`), then one gather and one ``index_add_``.
+           found as runs in the points sorted by ``(sample, leaf)``. A point shared by two
+           intervals (the steps of a block) is one point, so each node is split once per call.
+        3. The kept chain: the children of every node on the path of the previous call's
+           ``keep`` point, and its leaf normals. Units on that path (the root, the top levels a
+           block shares with the previous block, the block's first point) are not recomputed.
+        4. Normals of the other units (split keys, then the leaves' bridge keys) from the counter
+           RNG, a group of levels at a time, into reused buffers.
+        5. Per level, one batched op: both children of every unit ``= [AA | BB] [parent; z]``.
+        6. Pieces (planned in numpy): for each interval, the sibling nodes and the two leaf parts
+           between its ends, each with the ``d x d`` matrix by which it enters the interval's
+           stats (:func:`_position_maps`; leaf parts are linear in the leaf's stats and normals,
+           :func:`_split_many`). They are gathered as their source level is computed, weighted
+           and ``index_add_``-ed (level by level at large sizes, so no big intermediate).
+
+        Each node is computed by the same float operations whatever the batch, and each interval
+        adds its pieces in the same order (by source level), so an interval's stats are the same
+        function of its lattice times whether it is asked alone or in a block, bit for bit.
         """
         D, E, T, d = self._depth, self._extra, self._bits, self._d
         idt, dev = self._idt, self.device
-        as_t = functools.partial(torch.as_tensor, device=dev)
         q = lo.shape[0]
         per_sample = rows is not None
         if per_sample:
             cols = self._layout.cols
-            ekeys = self._ekeys.view(self._layout.rows, cols)
+            ek32 = self._ek32.view(self._layout.rows, cols)
             root = self._root.view(d, self._layout.rows, cols)
             prow = np.concatenate([rows, rows]).astype(np.int64)
         else:
-            cols = self._ekeys.shape[0]
-            ekeys = self._ekeys
+            cols = self._ek32.shape[0]
+            ek32 = self._ek32
             root = self._root.view(d, 1, cols)
             prow = np.zeros(2 * q, dtype=np.int64)
         pts = np.concatenate([lo, hi])
+        npt = pts.shape[0]
         leaf = np.minimum(pts >> E, (1 << D) - 1)
         frac = (pts - (leaf << E)) / float(1 << E)
-        order = np.lexsort((leaf, prow))
+        order = np.lexsort((leaf, prow)) if per_sample else np.argsort(leaf, kind="stable")
         inv = np.empty_like(order)
-        inv[order] = np.arange(order.shape[0])
+        inv[order] = np.arange(npt)
         sleaf, srow = leaf[order], prow[order]
-        row_change = np.empty(order.shape[0], dtype=bool)
-        row_change[0] = True
-        row_change[1:] = srow[1:] != srow[:-1]
-        # units per level, as positions in the sorted points
-        uid, first, nodes = [], [], []
-        for lev in range(D + 1):
-            node = sleaf >> (D - lev)
-            new = row_change.copy()
-            new[1:] |= node[1:] != node[:-1]
-            uid.append(np.cumsum(new) - 1)
-            f = np.flatnonzero(new)
-            first.append(f)
-            nodes.append(node[f])
-        counts = [f.shape[0] for f in first]
-        # 3. normals: split keys of levels 0..D-1 then leaf keys, all units x components
-        lev_of = np.repeat(np.arange(D + 1), counts)
-        heap = np.concatenate(nodes) + (np.int64(1) << lev_of)
-        stream = np.where(lev_of == D, _STREAM_LEAF, _STREAM_SPLIT)
+        levs = np.arange(D + 1)
+        # 2. units of all levels at once: unit g (level-major, sorted within a level) is at level
+        # u_lev[g], first sorted point u_first[g], node u_node[g]; uid[lev, p] = its rank in the level
+        node_m = sleaf[None, :] >> (D - levs)[:, None]
+        new_m = np.ones((D + 1, npt), dtype=bool)
+        new_m[:, 1:] = node_m[:, 1:] != node_m[:, :-1]
+        if per_sample:
+            new_m[:, 1:] |= (srow[1:] != srow[:-1])[None, :]
+        uid = np.cumsum(new_m, axis=1) - 1
+        counts = uid[:, -1] + 1
+        u_lev, u_first = np.nonzero(new_m)
+        u_node = node_m[u_lev, u_first]
+        uoff = np.concatenate([[0], np.cumsum(counts)])
+        u_loc = np.arange(u_lev.shape[0]) - uoff[u_lev]
+        # 3. the kept chain: cpos[lev] = rank of its unit at level lev (-1: none). Buffer layout
+        # of a level: the computed units in order, then the kept one; base[g] = row of unit g
+        cpos = np.full(D + 1, -1)
+        chain = None if per_sample else self._chain
+        if chain is not None:
+            hit = np.flatnonzero(u_node == (chain[0] >> (D - u_lev)))
+            cpos[u_lev[hit]] = u_loc[hit]
+        cached = u_loc == cpos[u_lev]
+        base = u_loc - ((cpos[u_lev] >= 0) & (u_loc > cpos[u_lev]))
+        base[cached] = counts[u_lev[cached]] - 1
+        ncomp = counts - (cpos >= 0)
+        comp = np.flatnonzero(~cached)  # computed units, level-major
+        c_lev = u_lev[comp]
+        # 4. node keys of the computed units (split keys, then the leaves' bridge keys)
+        stream = np.where(c_lev == D, _STREAM_LEAF, _STREAM_SPLIT)
+        heap = u_node[comp] + (np.int64(1) << c_lev)
         keys = _rng.node_keys(stream[:, None], heap[:, None], np.arange(d)[None, :]).reshape(-1)
-        rsel = as_t(np.repeat(srow[np.concatenate(first)], d)) if per_sample else None
-        z = _rng.normals(ekeys, keys, dtype=idt, rows=rsel).view(-1, d, cols)
-        # 4. pieces (numpy), each tagged with its source: -1 = a level-0 unit, lev in [0, D) =
-        # the children of the units of level lev, D = the leaf normals
+        koff = np.concatenate([[0], np.cumsum(ncomp * d)]).tolist()
+        groups, acc, start = [], 0, 0  # RNG groups of consecutive levels, ~_RNG_CHUNK values each
+        for lev in range(D + 1):
+            acc += int(ncomp[lev]) * d * cols
+            if acc >= _RNG_CHUNK or lev == D:
+                groups.append((start, lev))
+                start, acc = lev + 1, 0
+        # rows of the parents' children that are the computed units of levels >= 1
+        cp = comp[c_lev > 0]
+        pg = uoff[u_lev[cp] - 1] + uid[u_lev[cp] - 1, u_first[cp]]  # their parents (unit ids)
+        # Path levels (d = 1): every computed unit has exactly one computed child unit (below the
+        # top of a block, the points' paths are disjoint). The children are then written as
+        # [path children | siblings] (a W + s b z, a W - s b z with s = +-1 picking the side), so
+        # the next level's parents are a contiguous view, not a gather. Other levels store the
+        # children of unit u at rows 2u, 2u + 1. The kept unit's children come last (2m, 2m + 1).
+        path = np.zeros(D + 1, dtype=bool)
+        pbit = np.zeros(u_lev.shape[0], dtype=np.int64)  # the path child's side, per unit
+        if d == 1 and D > 0:
+            coff = np.concatenate([[0], np.cumsum(ncomp)])
+            for lev in range(D - 1):
+                a0, a1, b0 = coff[lev], coff[lev + 1], coff[lev + 1] - ncomp[0]
+                if self._split1[lev] is not None and ncomp[lev] == ncomp[lev + 1] > 0:
+                    path[lev] = np.array_equal(pg[b0 : b0 + ncomp[lev]], comp[a0:a1])
+            on = path[u_lev[pg]]
+            pbit[pg[on]] = u_node[cp[on]] & 1
+        m_of = ncomp[u_lev]
+
+        def child_row(g, bit):
+            """Row of child ``bit`` of unit ``g`` in its level's children buffer."""
+            flat = 2 * base[g] + bit
+            side = base[g] + m_of[g] * (bit != pbit[g])
+            return np.where(path[u_lev[g]] & ~cached[g], side, flat)
+
+        parent = child_row(pg, u_node[cp] & 1)
+        # 6. pieces, each tagged with its source: -1 = a level-0 unit (depth 0 only), lev in
+        # [0, D) = the children of the units of level lev, D = the leaves' normals
         ia, ib = inv[:q], inv[q:]  # sorted positions of the interval ends
         ka, kb = leaf[:q], leaf[q:]
         ell = self._span * 2.0**-D
@@ -709,60 +830,192 @@ class VirtualBrownianTree(_PathBase):
         c1, c2 = _combine_many(r_from * ell, (r_to - r_from) * ell, d)
         c2i = np.linalg.inv(c2) if d > 1 else c2
         pm = _position_maps(start, end, h[lq], d)
-        leaf_tag = np.full(lq.shape[0], D - 1)
-        leaf_idx = uid[0][lpos] if D == 0 else 2 * uid[D - 1][lpos] + (sleaf[lpos] & 1)
-        p_q, p_tag, p_idx = [lq, lq], [leaf_tag, np.full(lq.shape[0], D)], [leaf_idx, uid[D][lpos]]
-        p_g = [pm @ c2i @ (a_to - c1 @ a_from), pm @ c2i @ (b_to - c1 @ b_from)]
-        # sibling nodes between the two leaves, below the lowest common ancestor
-        below = np.zeros(q, dtype=bool)  # the ends are in different nodes one level up
-        for lev in range(1, D + 1):
-            na, nb = ka >> (D - lev), kb >> (D - lev)
-            for is_a, node, pos in ((True, na, ia), (False, nb, ib)):
-                take = below & ((node & 1) == (0 if is_a else 1))
-                if not take.any():
-                    continue
-                sib = node[take] + (1 if is_a else -1)
-                p_q.append(qi[take])
-                p_tag.append(np.full(sib.shape[0], lev - 1))
-                p_idx.append(2 * uid[lev - 1][pos[take]] + (sib & 1))
-                s0 = ((sib << (T - lev)) - lo[take]) * self._q
-                s1 = (((sib + 1) << (T - lev)) - lo[take]) * self._q
-                p_g.append(_position_maps(s0, s1, h[take], d))
-            below |= na != nb
-        tag = np.concatenate(p_tag)
-        by_src = np.argsort(tag, kind="stable")  # gather source by source; per-interval order kept
-        tag, idx = tag[by_src], np.concatenate(p_idx)[by_src]
-        bounds = np.searchsorted(tag, np.arange(-1, D + 2))
-        # 5. descent: per level, both children of every unit = [AA | BB] [parent; z], as
-        # elementwise ops (the same float operations whatever the batch, so cached and direct
-        # answers agree to the last bit); the pieces are gathered as their source appears
-        stats = root.index_select(1, as_t(srow[first[0]])).transpose(0, 1)
-        parts = [stats.index_select(0, as_t(idx[bounds[0] : bounds[1]]))]
-        zoff = 0
-        for lev in range(D):
-            n = counts[lev]
-            x = torch.cat([stats, z[zoff : zoff + n]], 1)
-            zoff += n
-            cols_ab = self._ab_cols[lev]
-            ch = x[:, :1] * cols_ab[0]
-            for j in range(1, 2 * d):
-                ch = ch + x[:, j : j + 1] * cols_ab[j]
-            ch = ch.view(2 * n, d, cols)
-            parts.append(ch.index_select(0, as_t(idx[bounds[lev + 1] : bounds[lev + 2]])))
-            stats = ch.index_select(0, as_t(2 * uid[lev][first[lev + 1]] + (nodes[lev + 1] & 1)))
-        parts.append(z[zoff:].index_select(0, as_t(idx[bounds[D + 1] : bounds[D + 2]])))
-        parts = torch.cat(parts)
-        g = torch.as_tensor(np.concatenate(p_g)[by_src], dtype=idt, device=dev)
-        if d == 1:
-            parts = parts * g.view(-1, 1, 1)
+        if D == 0:
+            leaf_idx = base[uid[0, lpos]]
         else:
-            g = g.transpose(1, 2).unsqueeze(-1)  # g[:, j] = column j, (P, d, 1)
-            out = parts[:, :1] * g[:, 0]
+            leaf_idx = child_row(uoff[D - 1] + uid[D - 1, lpos], sleaf[lpos] & 1)
+        nl = lq.shape[0]
+        p_tag = [np.full(nl, D - 1), np.full(nl, D)]
+        p_idx = [leaf_idx, base[uoff[D] + uid[D, lpos]]]
+        p_q = [lq, lq]
+        p_g = [pm @ c2i @ (a_to - c1 @ a_from), pm @ c2i @ (b_to - c1 @ b_from)]
+        if D > 0:
+            # sibling nodes between the two leaves, below the lowest common ancestor: at level
+            # lev, right siblings of a's path and left siblings of b's path
+            na, nb = ka[None, :] >> (D - levs)[:, None], kb[None, :] >> (D - levs)[:, None]
+            below = na[:-1] != nb[:-1]
+            ai, aq = np.nonzero(below & ((na[1:] & 1) == 0))
+            bi, bq = np.nonzero(below & ((nb[1:] & 1) == 1))
+            s_i, s_q = np.concatenate([ai, bi]), np.concatenate([aq, bq])
+            sib = np.concatenate([na[ai + 1, aq] + 1, nb[bi + 1, bq] - 1])
+            spos = np.concatenate([ia[aq], ib[bq]])
+            shift = T - 1 - s_i
+            p_tag.append(s_i)
+            p_idx.append(child_row(uoff[s_i] + uid[s_i, spos], sib & 1))
+            p_q.append(s_q)
+            s0 = ((sib << shift) - lo[s_q]) * self._q
+            s1 = (((sib + 1) << shift) - lo[s_q]) * self._q
+            p_g.append(_position_maps(s0, s1, h[s_q], d))
+        tag = np.concatenate(p_tag)
+        by_src = np.argsort(tag, kind="stable")  # pieces source by source; per-interval order kept
+        npc = by_src.shape[0]
+        bounds = np.searchsorted(tag[by_src], np.arange(-1, D + 2)).tolist()
+        g_np = np.concatenate(p_g)[by_src]
+        src_np = np.concatenate(p_idx)[by_src]
+        # levels whose kept unit's children are read (by a piece, or as a computed unit's parent)
+        ts = tag[by_src]
+        use_kept = np.zeros(D + 2, dtype=bool)
+        kl = ts[(ts >= 0) & (ts < D)]
+        use_kept[kl[src_np[(ts >= 0) & (ts < D)] >= 2 * ncomp[kl]]] = True
+        pl = u_lev[cp] - 1
+        use_kept[pl[parent >= 2 * ncomp[pl]]] = True
+        # the chain kept for the next call: the units on keep's path, and their children's rows
+        save = None
+        krows = np.zeros(0, dtype=np.int64)
+        if keep is not None and not per_sample and (D + 1) * 2 * d * cols * 8 <= _KEEP_BYTES:
+            kidx = int(np.flatnonzero(pts == keep)[0])
+            kunit = uoff[:-1] + uid[:, int(inv[kidx])]
+            ku = kunit[:D]
+            krows = np.stack([child_row(ku, np.zeros_like(ku)), child_row(ku, np.ones_like(ku))], 1).reshape(-1)
+            buf = self._chain_buf
+            if buf is None or buf.shape != (D + 1, 2 * d, cols):
+                buf = self._chain_buf = torch.empty(D + 1, 2 * d, cols, dtype=idt, device=dev)
+            save = (int(leaf[kidx]), buf)
+            self._chain = None  # until it is complete
+        # one index tensor: piece sources, piece targets, parents, kept rows
+        index = torch.as_tensor(np.concatenate([src_np, np.concatenate(p_q)[by_src], parent, krows]), device=dev)
+        idx_src, idx_q = index[:npc], index[npc : 2 * npc]
+        poff = np.concatenate([[0], np.cumsum(ncomp[1:])]).tolist()
+        idx_par = index[2 * npc : 2 * npc + parent.shape[0]]
+        idx_keep = index[2 * npc + parent.shape[0] :]
+        if path.any():  # b times the side of the path child, per computed unit of a path level
+            on = path[c_lev]
+            bs = np.array([self._split1[lev][1] if path[lev] else 0.0 for lev in range(D + 1)])[c_lev[on]]
+            bsign = torch.as_tensor(bs * (1 - 2 * pbit[comp[on]]), dtype=idt, device=dev).view(-1, 1, 1)
+            bsoff = np.concatenate([[0], np.cumsum(np.where(path, ncomp, 0))]).tolist()
+        g_all = torch.as_tensor(g_np, dtype=idt, device=dev)
+        if d > 1:
+            g_all = g_all.transpose(1, 2).unsqueeze(-1)  # g[:, j] = column j, (P, d, 1)
+            unit_g = [False] * (D + 2)
+        else:
+            notone = np.concatenate([[0], np.cumsum(g_np.reshape(-1) != 1.0)])
+            unit_g = [notone[bounds[t + 2]] == notone[bounds[t + 1]] for t in range(-1, D + 1)]
+        work = self._work
+        out = work.get("out", q * d * cols, idt).view(q, d, cols).zero_()
+        batch = npc * d * cols <= _BATCH_ELEMENTS
+        parts = work.get("pieces", npc * d * cols, idt).view(npc, d, cols) if batch else None
+
+        def weigh(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+            if d == 1:
+                return p.mul_(g.view(-1, 1, 1))
+            w = work.get("weighted", p.numel(), idt).view(p.shape)
+            tmp = work.get("weighted_tmp", p.numel(), idt).view(p.shape)
+            torch.mul(p[:, :1], g[:, 0], out=w)
             for j in range(1, d):
-                out = out + parts[:, j : j + 1] * g[:, j]
-            parts = out
-        pq = as_t(np.concatenate(p_q)[by_src])
-        return torch.zeros(q, d, cols, dtype=idt, device=dev).index_add_(0, pq, parts)
+                w.add_(torch.mul(p[:, j : j + 1], g[:, j], out=tmp))
+            return w
+
+        def add_pieces(t: int, src: torch.Tensor) -> None:
+            a, b = bounds[t + 1], bounds[t + 2]
+            if a == b:
+                return
+            if batch:
+                torch.index_select(src, 0, idx_src[a:b], out=parts[a:b])
+                return
+            p = torch.index_select(
+                src, 0, idx_src[a:b], out=work.get("pieces", (b - a) * d * cols, idt).view(-1, d, cols)
+            )
+            if not unit_g[t + 1]:
+                p = weigh(p, g_all[a:b])
+            out.index_add_(0, idx_q[a:b], p)
+
+        # 5. the descent
+        units0 = root.index_select(1, torch.as_tensor(srow[u_first[: counts[0]]], device=dev)).transpose(0, 1)
+        add_pieces(-1, units0)
+        stats = units0
+        width = int(counts[:D].max()) if D > 0 else 0
+        chbufs = [work.get(f"children{i}", 2 * width * d * cols, idt) for i in range(2)]
+        tmpbuf = work.get("children_tmp", 2 * width * d * cols, idt)
+        zbuf, zoff, gi = None, 0, 0
+        for lev in range(D + 1):
+            if gi < len(groups) and groups[gi][0] == lev:
+                ga, gb = groups[gi]
+                gi += 1
+                nrow = koff[gb + 1] - koff[ga]
+                zbuf = work.get("z", (nrow + d) * cols, idt).view(nrow + d, cols)  # + a kept leaf
+                if nrow:
+                    direct = idt == torch.float64
+                    zn = zbuf[:nrow] if direct else work.get("z64", nrow * cols, torch.float64).view(nrow, cols)
+                    _rng.normals_into(
+                        zn,
+                        ek32,
+                        torch.as_tensor(keys[koff[ga] : koff[gb + 1]], device=dev),
+                        work.get("bits", nrow * cols, torch.int32).view(nrow, cols),
+                        work.get("bits_tmp", nrow * cols, torch.int32).view(nrow, cols),
+                        rows=None
+                        if not per_sample
+                        else torch.as_tensor(
+                            np.repeat(srow[u_first[comp[koff[ga] // d : koff[gb + 1] // d]]], d), device=dev
+                        ),
+                    )
+                    if not direct:
+                        zbuf[:nrow].copy_(zn)
+                zoff = 0
+            n, c, m = int(counts[lev]), int(cpos[lev]), int(ncomp[lev])
+            zl = zbuf[zoff : zoff + m * d].view(m, d, cols)
+            zoff += m * d
+            ksave = save is not None and not cached[kunit[lev]]
+            if lev == D:  # the leaves: their bridge normals
+                if c >= 0:
+                    zbuf[zoff : zoff + d].copy_(chain[1][D, :d])
+                src = zbuf[zoff - m * d : zoff + (d if c >= 0 else 0)].view(-1, d, cols)
+                add_pieces(D, src)
+                if ksave:
+                    save[1][D, :d].copy_(src[int(base[kunit[D]])])
+                break
+            nxt = int(ncomp[lev + 1])
+            if m == 0 and bounds[lev + 1] == bounds[lev + 2] and nxt == 0:
+                continue  # a kept unit nobody needs at this level (the shared top of the path)
+            ch = chbufs[lev & 1][: 2 * n * d * cols].view(2 * n, d, cols)
+            if m:
+                dst = ch[: 2 * m].view(m, 2 * d, cols)
+                split = self._split1[lev]
+                if split is not None:  # d = 1: children a W +- b z (in place: W, z are not needed again)
+                    sa = (
+                        stats.mul_(split[0])
+                        if lev
+                        else torch.mul(stats, split[0], out=tmpbuf[: m * cols].view(m, 1, cols))
+                    )
+                    if path[lev]:  # [a W + s b z | a W - s b z]: the path children, then their siblings
+                        zb = zl.mul_(bsign[bsoff[lev] : bsoff[lev + 1]])
+                        torch.add(sa, zb, out=ch[:m])
+                        torch.sub(sa, zb, out=ch[m : 2 * m])
+                    else:
+                        zb = zl.mul_(split[1])
+                        torch.add(sa, zb, out=dst[:, :1])
+                        torch.sub(sa, zb, out=dst[:, 1:])
+                else:
+                    cab = self._ab_cols[lev]
+                    tmp = tmpbuf[: 2 * m * d * cols].view(m, 2 * d, cols)
+                    torch.mul(stats[:, :1], cab[0], out=dst)
+                    for j in range(1, 2 * d):
+                        x = stats[:, j : j + 1] if j < d else zl[:, j - d : j - d + 1]
+                        dst.add_(torch.mul(x, cab[j], out=tmp))
+            if c >= 0 and use_kept[lev]:
+                ch[2 * m :].view(2 * d, cols).copy_(chain[1][lev])
+            if ksave:
+                torch.index_select(ch, 0, idx_keep[2 * lev : 2 * lev + 2], out=save[1][lev].view(2, d, cols))
+            add_pieces(lev, ch)
+            if path[lev]:
+                stats = ch[:m]
+            elif nxt:
+                sel = work.get("stats", nxt * d * cols, idt).view(nxt, d, cols)
+                stats = torch.index_select(ch, 0, idx_par[poff[lev] : poff[lev + 1]], out=sel)
+        if batch and npc:
+            out.index_add_(0, idx_q, weigh(parts, g_all))
+        if save is not None:
+            self._chain = save
+        return out
 
 
 # ---------------------------------------------------------------------------- fixed-grid Brownian

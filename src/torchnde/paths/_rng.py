@@ -28,7 +28,16 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["mix64", "mix_tensor", "mix32_tensor", "node_keys", "element_keys", "normals"]
+__all__ = [
+    "mix64",
+    "mix_tensor",
+    "mix32_tensor",
+    "node_keys",
+    "element_keys",
+    "element_keys32",
+    "normals",
+    "normals_into",
+]
 
 _MASK64 = (1 << 64) - 1
 _C1 = 0xBF58476D1CE4E5B9
@@ -96,14 +105,17 @@ def _mix32_np(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def mix32_tensor(x: torch.Tensor) -> torch.Tensor:
+def mix32_tensor(x: torch.Tensor, tmp: torch.Tensor | None = None) -> torch.Tensor:
     """The ``lowbias32`` mixer on an int32 tensor, in place (returns ``x``); shifts are masked so
-    they act as logical shifts, and int32 multiplication wraps modulo ``2**32``."""
-    x.bitwise_xor_((x >> 16).bitwise_and_(0xFFFF))
-    x.mul_(_M1S)
-    x.bitwise_xor_((x >> 15).bitwise_and_(0x1FFFF))
-    x.mul_(_M2S)
-    x.bitwise_xor_((x >> 16).bitwise_and_(0xFFFF))
+    they act as logical shifts, and int32 multiplication wraps modulo ``2**32``. ``tmp``: an
+    optional int32 scratch tensor of ``x``'s shape (saves three temporaries)."""
+    if tmp is None:
+        tmp = torch.empty_like(x)
+    for shift, mask, mult in ((16, 0xFFFF, _M1S), (15, 0x1FFFF, _M2S), (16, 0xFFFF, None)):
+        torch.bitwise_right_shift(x, shift, out=tmp)
+        x.bitwise_xor_(tmp.bitwise_and_(mask))
+        if mult is not None:
+            x.mul_(mult)
     return x
 
 
@@ -130,6 +142,29 @@ def element_keys(seed, num_elements: int, device=None) -> torch.Tensor:
     return mix_tensor(s + idx).reshape(-1)
 
 
+def element_keys32(elem_keys: torch.Tensor) -> torch.Tensor:
+    """The 32 bits of each element key that :func:`normals` uses (an int32 tensor)."""
+    return (elem_keys >> 32).to(torch.int32)
+
+
+def normals_into(
+    out: torch.Tensor, ek32: torch.Tensor, node_keys: torch.Tensor, bits: torch.Tensor, tmp: torch.Tensor, rows=None
+) -> torch.Tensor:
+    """:func:`normals` without temporaries: writes the float64 normals ``(R, C)`` into ``out``.
+
+    ``ek32``: :func:`element_keys32`, ``(C,)`` (or ``(rows, C)`` with ``rows`` an int64 tensor of
+    ``R`` row numbers); ``node_keys``: an int32 tensor ``(R,)``; ``bits``, ``tmp``: int32 scratch
+    tensors ``(R, C)``. Same values as :func:`normals`, bit for bit."""
+    nk = node_keys.view(-1, 1)
+    if rows is None:
+        torch.add(nk, ek32.view(1, -1), out=bits)
+    else:
+        torch.index_select(ek32, 0, rows, out=bits).add_(nk)
+    mix32_tensor(bits, tmp)
+    # v = (2x + 1) 2**-32 = (x + 1/2) 2**-31, exact in float64
+    return out.copy_(bits).add_(0.5).mul_(2.0**-31).erfinv_().mul_(math.sqrt(2.0))
+
+
 def normals(elem_keys: torch.Tensor, node_keys, dtype=torch.float64, rows=None) -> torch.Tensor:
     """Standard normals ``(len(node_keys), C)``: row ``i`` element ``j`` is a pure function of
     ``(node_keys[i], elem_keys[j])``. ``node_keys``: 32-bit keys from :func:`node_keys` (an int32
@@ -142,9 +177,12 @@ def normals(elem_keys: torch.Tensor, node_keys, dtype=torch.float64, rows=None) 
     Bits: ``lowbias32(node_key + element_key)`` in int32 arithmetic (the top 32 bits of the 64-bit
     element key). Normal: the 32 bits as a uniform ``v = (2x + 1) 2**-32`` in ``(-1, 1)`` and
     ``z = sqrt(2) erfinv(v)`` in float64 (tails to about 6.2 sigma)."""
-    nk = torch.as_tensor(np.asarray(node_keys, dtype=np.int32), device=elem_keys.device)
-    ek = (elem_keys >> 32).to(torch.int32)
-    ek = ek.reshape(1, -1) if rows is None else ek.index_select(0, rows)
-    x = mix32_tensor(nk.reshape(-1, 1) + ek)
-    z = x.to(torch.float64).mul_(2.0**-31).add_(2.0**-32).erfinv_().mul_(math.sqrt(2.0))
+    dev = elem_keys.device
+    nk = torch.as_tensor(np.asarray(node_keys, dtype=np.int32), device=dev).reshape(-1)
+    ek = element_keys32(elem_keys)
+    cols = ek.shape[-1]
+    shape = (nk.shape[0], cols)
+    bits = torch.empty(shape, dtype=torch.int32, device=dev)
+    z = torch.empty(shape, dtype=torch.float64, device=dev)
+    normals_into(z, ek, nk, bits, torch.empty_like(bits), rows=rows)
     return z if dtype == torch.float64 else z.to(dtype)
