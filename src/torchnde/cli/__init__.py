@@ -27,6 +27,9 @@ __all__ = ["COMMANDS", "build_parser", "main"]
 #: Subcommand name -> module (relative to this package) implementing it.
 COMMANDS: dict[str, str] = {
     "demo": ".demo",
+    "train": ".train",
+    "sample": ".sample",
+    "evaluate": ".evaluate",
 }
 
 PROG = "torchnde"
