@@ -7,13 +7,15 @@ flow-matching family; built-in data and metrics. Each model is a term plus a sol
 ``flow_matching`` are used as modules (``torchnde.generative.data.sample("moons", n)``).
 """
 
-from . import data, flow_matching, metrics
+from . import conditional, data, fast_samplers, flow_matching, metrics
 from .cnf import CNF, REGULARISERS
+from .conditional import ClassifierFreeGuidance, Inpaint, inpaint
+from .fast_samplers import FAST_SAMPLERS, DPMSolver, EDMHeun, logsnr_times
 from .likelihood import TRACES, bits_per_dim, dequantize, log_prob
 from .oracles import GaussianData, GaussianMixtureData
 from .parameterisation import KINDS, Parameterisation
 from .processes import EDM, PROCESSES, VE, VP, DiffusionProcess, MeanReverting, SubVP
-from .samplers import SAMPLERS, LangevinCorrector, SampleResult, sample
+from .samplers import ALL_SAMPLERS, SAMPLERS, LangevinCorrector, SampleResult, sample
 
 __all__ = [
     "data",
@@ -40,4 +42,14 @@ __all__ = [
     "SampleResult",
     "SAMPLERS",
     "LangevinCorrector",
+    "ALL_SAMPLERS",
+    "DPMSolver",
+    "EDMHeun",
+    "logsnr_times",
+    "FAST_SAMPLERS",
+    "Inpaint",
+    "inpaint",
+    "ClassifierFreeGuidance",
+    "conditional",
+    "fast_samplers",
 ]

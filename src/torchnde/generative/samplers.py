@@ -17,11 +17,22 @@ Each sampler builds a term from a process (:meth:`~DiffusionProcess.reverse_sde`
 ``"pf_euler"``         probability-flow ODE, Euler                                       ``nfe``
 ``"pf_heun"``          probability-flow ODE, Heun (2 evaluations per step)               ``(nfe - 1) // 2``
 ``"pf_adaptive"``      probability-flow ODE, ``Tsit5`` + ``PIDController(rtol, atol)``   adaptive
+``"dpm_1"`` ...        DPM-Solver (noise prediction) / DPM-Solver++ (``"dpmpp_*"``, data  ``nfe // k`` (``*s``),
+``"dpmpp_3m"``         prediction), order ``k``, singlestep ``*ks`` or multistep ``*km``   ``nfe`` (``*m``)
+                       (:class:`~torchnde.generative.fast_samplers.DPMSolver`)
+``"edm_heun"``         EDM Heun, Karras et al. 2022 Alg. 1                               ``nfe // 2``
+``"edm_heun_sde"``     EDM Heun with churn (``s_churn``, ``s_tmin``, ``s_tmax``,          ``nfe // 2``
+                       ``s_noise``), Alg. 2
+``"sde_adaptive"``     reverse SDE, ``SPaRK`` + ``PIDController(rtol, atol)`` on a        adaptive
+                       ``VirtualBrownianTree`` (rejected steps re-query the same path)
 =====================  ================================================================  ============
+
+:data:`SAMPLERS` lists the first five, :data:`ALL_SAMPLERS` every name.
 
 Fixed-step samplers step along the process's time grid :meth:`~DiffusionProcess.times` (uniform
 in ``t``, Karras et al.'s :math:`\rho`-schedule for :class:`EDM`) or a grid you pass as
-``times``. ``nfe`` is the budget of model evaluations; the result reports the evaluations
+``times``; the DPM-Solver presets default to a grid uniform in log-SNR
+(:func:`~torchnde.generative.fast_samplers.logsnr_times`) except on :class:`EDM`. ``nfe`` is the budget of model evaluations; the result reports the evaluations
 actually made (``SampleResult.nfe``).
 """
 
@@ -38,14 +49,16 @@ import torch
 from .._saveat import SaveAt
 from .._solution import Solution
 from .._solve import solve
+from .._terms import ODETerm
 from ..controllers import ConstantStepSize, PIDController
 from ..paths import BrownianGrid, VirtualBrownianTree
-from ..solvers import Euler, Heun, Tsit5
+from ..solvers import Euler, Heun, SPaRK, Tsit5
 from ..solvers._base import AbstractSolver, linear_coeffs
+from .fast_samplers import DPM_SAMPLERS, FAST_SAMPLERS, DPMSolver, EDMHeun, logsnr_times
 from .parameterisation import Parameterisation
-from .processes import DiffusionProcess
+from .processes import EDM, DiffusionProcess
 
-__all__ = ["sample", "SampleResult", "SAMPLERS", "LangevinCorrector"]
+__all__ = ["sample", "SampleResult", "SAMPLERS", "ALL_SAMPLERS", "LangevinCorrector"]
 
 
 @dataclass
@@ -128,7 +141,22 @@ class LangevinCorrector(AbstractSolver):
 
 
 # ---------------------------------------------------------------------------------- sample()
+class _Prediction:
+    """A model's prediction ``f(t, x)`` as the vector field of an ``ODETerm``."""
+
+    __name__ = "prediction"
+
+    def __init__(self, f):
+        self.f = f
+
+    def __call__(self, t, x, args=None):
+        return self.f(t, x)
+
+
 SAMPLERS = ("euler_maruyama", "pc", "pf_euler", "pf_heun", "pf_adaptive")
+#: every sampler name: :data:`SAMPLERS` and those of :mod:`~torchnde.generative.fast_samplers`
+ALL_SAMPLERS = SAMPLERS + FAST_SAMPLERS
+_ADAPTIVE = ("pf_adaptive", "sde_adaptive")
 
 
 def _steps_for(sampler: str, nfe: int, n_corrector: int) -> int:
@@ -136,6 +164,11 @@ def _steps_for(sampler: str, nfe: int, n_corrector: int) -> int:
         n = (nfe - 1) // 2
     elif sampler == "pc":
         n = nfe // (1 + n_corrector)
+    elif sampler in DPM_SAMPLERS:
+        order, multistep, _ = DPM_SAMPLERS[sampler]
+        n = nfe if multistep else nfe // order
+    elif sampler in ("edm_heun", "edm_heun_sde"):
+        n = nfe // 2
     else:
         n = nfe
     if n < 1:
@@ -174,6 +207,11 @@ def sample(
     per_sample: bool = False,
     max_steps: int | None = None,
     progress=None,
+    s_churn: float | None = None,
+    s_tmin: float = 0.0,
+    s_tmax: float = math.inf,
+    s_noise: float = 1.0,
+    wrap_solver: Callable | None = None,
 ) -> SampleResult:
     """Draw samples from a diffusion model by solving its reverse SDE or probability-flow ODE.
 
@@ -197,33 +235,39 @@ def sample(
             overrides ``nfe``'s grid).
         t_start, t_end: the interval (default ``process.t1`` and ``process.t0``).
         dtype, device: of the samples (ignored with ``x_init``).
-        rtol, atol: tolerances of ``"pf_adaptive"``.
+        rtol, atol: tolerances of ``"pf_adaptive"`` and ``"sde_adaptive"``.
         snr, n_corrector: the Langevin corrector of ``"pc"``.
         solver: override the sampler's solver (e.g. ``RK4()`` for a fixed-step PF-ODE, ``SRA1()``
             is not supported here since it needs a Lévy-area path).
         per_sample: per-sample adaptive steps (``"pf_adaptive"``).
         max_steps: passed to ``solve`` (default: enough for the grid, 4096 for adaptive).
         progress: passed to ``solve``.
+        s_churn, s_tmin, s_tmax, s_noise: the churn of ``"edm_heun_sde"`` (Karras et al. 2022,
+            Alg. 2; ``s_churn`` defaults to 10 there, and is 0 for ``"edm_heun"``).
+        wrap_solver: ``wrap_solver(solver) -> solver`` applied to the sampler's solver, e.g.
+            :class:`~torchnde.generative.conditional.Inpaint` (conditioning on any sampler).
 
     Returns:
         :class:`SampleResult`.
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+    if sampler not in ALL_SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {ALL_SAMPLERS}")
     if not isinstance(process, DiffusionProcess):
         raise TypeError(f"process must be a DiffusionProcess such as VP(), got {type(process).__name__}")
     t_start = process.t1 if t_start is None else float(t_start)
     t_end = process.t0 if t_end is None else float(t_end)
     if not t_start > t_end:
         raise ValueError(f"sampling runs backwards in time: need t_start > t_end, got {t_start}, {t_end}")
-    fixed = sampler != "pf_adaptive"
+    fixed = sampler not in _ADAPTIVE
     if fixed and times is None:
         if nfe is None:
             raise ValueError(f"sampler {sampler!r} needs nfe=... (the number of model evaluations)")
         if isinstance(nfe, bool) or not isinstance(nfe, numbers.Integral) or nfe < 1:
             raise ValueError(f"nfe must be an int >= 1, got {nfe!r}")
         n = _steps_for(sampler, int(nfe), n_corrector)
-        if t_start == process.t1 and t_end == process.t0:
+        if sampler in DPM_SAMPLERS and not isinstance(process, EDM):
+            grid = logsnr_times(process, n, t_start=t_start, t_end=t_end)
+        elif t_start == process.t1 and t_end == process.t0:
             grid = process.times(n)
         else:
             grid = torch.linspace(t_start, t_end, n + 1, dtype=torch.float64)
@@ -244,13 +288,36 @@ def sample(
             raise ValueError(f"x_init has shape {tuple(x.shape)}, expected {tuple(shape)}")
     score = Parameterisation(parameterisation, process).as_score(model)
 
-    def brownian(s, extra=()):
+    def brownian(s, extra=(), levy_area=None):
         kw = dict(seed=s, dtype=x.dtype, device=x.device)
         if fixed:  # increments of the grid's cells, sampled up front
             return BrownianGrid(grid.flip(0), (*extra, *x.shape), **kw)
-        return VirtualBrownianTree(t_end, t_start, (*extra, *x.shape), **kw)
+        return VirtualBrownianTree(t_end, t_start, (*extra, *x.shape), levy_area=levy_area, **kw)
 
-    if sampler in ("euler_maruyama", "pc"):
+    if sampler == "sde_adaptive":
+        step = solver or SPaRK()
+        path = brownian(int(seed), levy_area=getattr(step, "levy_area", None))
+        terms = process.reverse_sde(score, x.shape, path=path)
+    elif sampler in DPM_SAMPLERS:
+        order, multistep, prediction = DPM_SAMPLERS[sampler]
+        predict = Parameterisation(parameterisation, process).as_kind(model, prediction)
+        score = predict  # counts the model's evaluations
+        terms = ODETerm(_Prediction(predict))
+        step = solver or DPMSolver(process, order, multistep=multistep, prediction=prediction, term_kind=prediction)
+    elif sampler in ("edm_heun", "edm_heun_sde"):
+        terms = process.probability_flow(score)
+        churn = 0.0 if sampler == "edm_heun" else (10.0 if s_churn is None else float(s_churn))
+        noise = brownian(int(seed) + 1) if churn > 0 else None
+        step = solver or EDMHeun(
+            process,
+            s_churn=churn,
+            s_tmin=s_tmin,
+            s_tmax=s_tmax,
+            s_noise=s_noise,
+            num_steps=grid.numel() - 1,
+            noise=noise,
+        )
+    elif sampler in ("euler_maruyama", "pc"):
         terms = process.reverse_sde(score, x.shape, path=brownian(int(seed)))
         if sampler == "pc":
             corrector_noise = brownian(int(seed) + 1, (n_corrector,))
@@ -260,6 +327,8 @@ def sample(
     else:
         terms = process.probability_flow(score)
         step = solver or {"pf_euler": Euler(), "pf_heun": Heun(), "pf_adaptive": Tsit5()}[sampler]
+    if wrap_solver is not None:
+        step = wrap_solver(step)
     if fixed:
         controller, dt0 = _fixed_grid(grid), t_end - t_start
         steps = max_steps if max_steps is not None else grid.numel() + 8
