@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 from types import ModuleType
 
@@ -24,3 +25,14 @@ def require(module: str, purpose: str) -> ModuleType:
             f"{purpose} needs {top}, which is not installed ({e}).\n"
             f"Install the command-line extras with:  {INSTALL_HINT}"
         ) from e
+
+
+def positive_int(s: str) -> int:
+    """An argparse type: an int >= 1."""
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
+    return v

@@ -28,6 +28,7 @@ from torch import nn
 
 import torchnde as tn
 
+from ._deps import positive_int as _positive_int
 from ._deps import require
 from .demo_generative import GenerativeDemoConfig, report_markdown, run_generative_demo
 
@@ -292,16 +293,6 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike | None = "out", progress: b
         wall_time=wall,
         png=png,
     )
-
-
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
-    return v
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -25,6 +25,7 @@ import torch
 
 from ._checkpoint import CheckpointError, load_checkpoint
 from ._config import check
+from ._deps import positive_int as _positive_int
 from ._models import DIM, MODELS, Runtime, chunked, derive_seed, runtime
 
 __all__ = ["HELP", "DESCRIPTION", "add_arguments", "run", "load_trained", "draw_samples", "Samples", "write_samples"]
@@ -116,16 +117,6 @@ def write_samples(path: str | Path, x: torch.Tensor) -> Path:
     else:
         raise ValueError(f"unknown output format {suffix!r}; use .pt, .npy or .csv")
     return path
-
-
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
-    return v
 
 
 def _positive_float(s: str) -> float:

@@ -33,6 +33,7 @@ from torch import nn
 
 from ._checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ._config import SCHEMA, ConfigError, check, resolve
+from ._deps import positive_int as _positive_int
 from ._deps import require
 from ._models import MODELS, Runtime, runtime, shard
 
@@ -236,16 +237,6 @@ def _version() -> str:
     from torchnde import __version__
 
     return __version__
-
-
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
-    return v
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
