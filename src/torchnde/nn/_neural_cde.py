@@ -13,7 +13,7 @@ from ..controllers import AbstractController, PIDController
 from ..paths import AbstractPath
 from ..paths._interp import _PiecewisePolynomial
 from ..solvers import AbstractAdaptiveSolver, AbstractSolver, Tsit5
-from ._neural_ode import _check_adjoint_and_max_steps, _unwrap, _vector_field_arity
+from ._neural_ode import _check_adjoint_and_max_steps, _FieldModule, _unwrap
 
 __all__ = ["NeuralCDE"]
 
@@ -47,7 +47,7 @@ class _CDEField:
         return (self.vf(t, z, user_args) @ dX.unsqueeze(-1)).squeeze(-1)
 
 
-class NeuralCDE(nn.Module):
+class NeuralCDE(_FieldModule):
     r"""A neural controlled differential equation (Kidger, Morrill, Foster & Lyons 2020).
 
     .. math::
@@ -147,19 +147,13 @@ class NeuralCDE(nn.Module):
         self.dt0 = dt0
         self.max_steps = max_steps
 
-    def __setattr__(self, name, value):
-        if name == "vector_field":
-            _check(value, "the vector field")
-            arity = _vector_field_arity(value)
-            super().__setattr__(name, value)
-            object.__setattr__(self, "_vf_arity", arity)
-        else:
-            super().__setattr__(name, value)
+    _fields = ("vector_field",)
+
+    def _check_field(self, name, value):
+        _check(value, "the vector field")
 
     def _vf(self, t, z, args):
-        if self._vf_arity == 2:
-            return self.vector_field(t, z)
-        return self.vector_field(t, z, args)
+        return self._call("vector_field", t, z, args)
 
     def _controller(self, path):
         if self.controller is not None:
@@ -175,7 +169,7 @@ class NeuralCDE(nn.Module):
                 "NeuralCDE needs an interpolation of the data as its path, e.g. HermiteCubic(ts, xs); got "
                 f"{type(path).__name__}"
             )
-        if args is not None and self._vf_arity == 2:
+        if args is not None and self._vector_field_arity == 2:
             raise TypeError(
                 f"args=... was given but the vector field {type(_unwrap(self.vector_field)).__name__}.forward takes "
                 "(t, z) and would ignore it; give it a third parameter, forward(self, t, z, args)"

@@ -81,7 +81,31 @@ def _vector_field_arity(module: nn.Module) -> int:
     return 3 if (var_positional or len(positional) >= 3) else 2
 
 
-class NeuralODE(nn.Module):
+class _FieldModule(nn.Module):
+    """Base of the modules here: the attributes named in ``_fields`` hold vector-field modules,
+    each checked by :meth:`_check_field` and with its calling convention, ``(t, y)`` or
+    ``(t, y, args)``, read once whenever it is (re)set."""
+
+    _fields: tuple = ()
+
+    def _check_field(self, name: str, value) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def __setattr__(self, name, value):
+        if name in self._fields:
+            self._check_field(name, value)
+            arity = _vector_field_arity(value)
+            super().__setattr__(name, value)
+            object.__setattr__(self, f"_{name}_arity", arity)
+        else:
+            super().__setattr__(name, value)
+
+    def _call(self, name: str, t, y, args):
+        field = getattr(self, name)
+        return field(t, y) if getattr(self, f"_{name}_arity") == 2 else field(t, y, args)
+
+
+class NeuralODE(_FieldModule):
     r"""A neural ODE :math:`\dot y = f_\theta(t, y)` as an ``nn.Module``.
 
     ``NeuralODE(f)(y0, t0, t1)`` solves the ODE from ``y0`` with :func:`torchnde.solve` and
@@ -181,20 +205,13 @@ class NeuralODE(nn.Module):
         self.dt0 = dt0
         self.max_steps = max_steps
 
-    def __setattr__(self, name, value):
-        if name == "vector_field":
-            # read the calling convention once, whenever the vector field is (re)set
-            _check_module(value)
-            arity = _vector_field_arity(value)
-            super().__setattr__(name, value)
-            object.__setattr__(self, "_vf_arity", arity)
-        else:
-            super().__setattr__(name, value)
+    _fields = ("vector_field",)
+
+    def _check_field(self, name, value):
+        _check_module(value)
 
     def _vf(self, t, y, args):
-        if self._vf_arity == 2:
-            return self.vector_field(t, y)
-        return self.vector_field(t, y, args)
+        return self._call("vector_field", t, y, args)
 
     def forward(self, y0, t0=0.0, t1=1.0, args=None, saveat: SaveAt | None = None) -> Solution:
         """Solve from ``y0`` at ``t0`` to ``t1``.
@@ -211,7 +228,7 @@ class NeuralODE(nn.Module):
             The :class:`~torchnde.Solution`: ``.ys`` holds the saved states (``(T, *y0.shape)``),
             ``.ts`` the saved times, ``.stats`` and ``.result`` what happened.
         """
-        if args is not None and self._vf_arity == 2:
+        if args is not None and self._vector_field_arity == 2:
             raise TypeError(
                 f"args=... was given but the vector field {type(_unwrap(self.vector_field)).__name__}.forward takes "
                 "(t, y) and would ignore it; give it a third parameter, forward(self, t, y, args)"

@@ -18,7 +18,7 @@ from ..adjoints import AbstractAdjoint
 from ..controllers import AbstractController, ConstantStepSize, PIDController
 from ..paths import AbstractBrownianPath
 from ..solvers import AbstractAdaptiveSolver, AbstractSolver, Euler
-from ._neural_ode import _check_adjoint_and_max_steps, _vector_field_arity
+from ._neural_ode import _check_adjoint_and_max_steps, _FieldModule
 
 __all__ = ["NeuralSDE", "brownian_shape", "default_brownian"]
 
@@ -85,7 +85,7 @@ def _seed_from_global_rng() -> int:
     return int(torch.randint(0, 2**62, (1,)).item())
 
 
-class NeuralSDE(nn.Module):
+class NeuralSDE(_FieldModule):
     r"""A neural SDE :math:`dy = f_\theta(t, y)\,dt + g_\theta(t, y)\circ dW(t)` as an ``nn.Module``.
 
     ``NeuralSDE(f, g, dt0=0.01)(y0, ts)`` solves
@@ -221,20 +221,16 @@ class NeuralSDE(nn.Module):
         self.adjoint = adjoint
         self.max_steps = max_steps
 
-    def __setattr__(self, name, value):
-        if name in ("drift", "diffusion"):
-            _check_module(value, name)
-            arity = _vector_field_arity(value)
-            super().__setattr__(name, value)
-            object.__setattr__(self, f"_{name}_arity", arity)
-        else:
-            super().__setattr__(name, value)
+    _fields = ("drift", "diffusion")
+
+    def _check_field(self, name, value):
+        _check_module(value, name)
 
     def _f(self, t, y, args):
-        return self.drift(t, y) if self._drift_arity == 2 else self.drift(t, y, args)
+        return self._call("drift", t, y, args)
 
     def _g(self, t, y, args):
-        return self.diffusion(t, y) if self._diffusion_arity == 2 else self.diffusion(t, y, args)
+        return self._call("diffusion", t, y, args)
 
     # ------------------------------------------------------------------------------------------
 
