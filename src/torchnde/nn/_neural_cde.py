@@ -13,7 +13,7 @@ from ..controllers import AbstractController, PIDController
 from ..paths import AbstractPath
 from ..paths._interp import _PiecewisePolynomial
 from ..solvers import AbstractAdaptiveSolver, AbstractSolver, Tsit5
-from ._neural_ode import _check_adjoint_and_max_steps, _FieldModule, _unwrap
+from ._neural_ode import _check_adjoint_and_max_steps, _check_controller, _check_solver_class, _FieldModule, _unwrap
 
 __all__ = ["NeuralCDE"]
 
@@ -121,10 +121,7 @@ class NeuralCDE(_FieldModule):
         _check(readout, "readout", optional=True)
         if solver is None:
             solver = Tsit5()
-        if isinstance(solver, type):
-            raise TypeError(
-                f"NeuralCDE expects a solver instance, got the class {solver.__name__}; use {solver.__name__}()"
-            )
+        _check_solver_class("NeuralCDE", solver)
         if not isinstance(solver, AbstractSolver):
             raise TypeError(f"NeuralCDE(solver=...) must be a solver such as Tsit5(), got {type(solver).__name__}")
         adaptive = isinstance(solver, AbstractAdaptiveSolver)
@@ -133,10 +130,7 @@ class NeuralCDE(_FieldModule):
                 f"{type(solver).__name__}() has no error estimate, so NeuralCDE needs dt0=... (constant steps); "
                 "or use an adaptive solver such as Tsit5()"
             )
-        if controller is not None and not isinstance(controller, AbstractController):
-            raise TypeError(
-                f"NeuralCDE(controller=...) must be ConstantStepSize() or PIDController(...), got {type(controller).__name__}"
-            )
+        _check_controller("NeuralCDE", controller)
         adjoint = _check_adjoint_and_max_steps("NeuralCDE", adjoint, max_steps)
         self.vector_field = vector_field
         self.initial = initial

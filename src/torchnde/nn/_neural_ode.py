@@ -33,6 +33,19 @@ def _unwrap(module: nn.Module) -> nn.Module:
     return module
 
 
+def _check_solver_class(owner: str, solver) -> None:
+    """A solver class given instead of an instance gets a message saying so."""
+    if isinstance(solver, type):
+        raise TypeError(f"{owner} expects a solver instance, got the class {solver.__name__}; use {solver.__name__}()")
+
+
+def _check_controller(owner: str, controller) -> None:
+    if controller is not None and not isinstance(controller, AbstractController):
+        raise TypeError(
+            f"{owner}(controller=...) must be ConstantStepSize() or PIDController(...), got {type(controller).__name__}"
+        )
+
+
 def _check_adjoint_and_max_steps(owner: str, adjoint, max_steps):
     """The checks every module here makes of ``adjoint`` and ``max_steps``; returns the adjoint
     (``DirectAdjoint()`` for ``None``)."""
@@ -169,10 +182,7 @@ class NeuralODE(_FieldModule):
         _check_module(vector_field)
         if solver is None:
             solver = Tsit5()
-        if isinstance(solver, type):
-            raise TypeError(
-                f"NeuralODE expects a solver instance, got the class {solver.__name__}; use {solver.__name__}()"
-            )
+        _check_solver_class("NeuralODE", solver)
         if not isinstance(solver, AbstractSolver):
             raise TypeError(f"NeuralODE(solver=...) must be a solver such as Tsit5(), got {type(solver).__name__}")
         adaptive = isinstance(solver, AbstractAdaptiveSolver)
@@ -183,10 +193,7 @@ class NeuralODE(_FieldModule):
                 f"{type(solver).__name__}() has no error estimate, so NeuralODE needs dt0=... (constant steps); "
                 "or use an adaptive solver such as Tsit5()"
             )
-        if controller is not None and not isinstance(controller, AbstractController):
-            raise TypeError(
-                f"NeuralODE(controller=...) must be ConstantStepSize() or PIDController(...), got {type(controller).__name__}"
-            )
+        _check_controller("NeuralODE", controller)
         if isinstance(controller, PIDController) and not adaptive:
             raise TypeError(
                 f"{type(solver).__name__}() has no error estimate, so it cannot be used with PIDController; "

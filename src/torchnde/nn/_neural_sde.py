@@ -18,7 +18,7 @@ from ..adjoints import AbstractAdjoint
 from ..controllers import AbstractController, ConstantStepSize, PIDController
 from ..paths import AbstractBrownianPath
 from ..solvers import AbstractAdaptiveSolver, AbstractSolver, Euler
-from ._neural_ode import _check_adjoint_and_max_steps, _FieldModule
+from ._neural_ode import _check_adjoint_and_max_steps, _check_controller, _check_solver_class, _FieldModule
 
 __all__ = ["NeuralSDE", "brownian_shape", "default_brownian"]
 
@@ -187,16 +187,10 @@ class NeuralSDE(_FieldModule):
             )
         if solver is None:
             solver = Euler()
-        if isinstance(solver, type):
-            raise TypeError(
-                f"NeuralSDE expects a solver instance, got the class {solver.__name__}; use {solver.__name__}()"
-            )
+        _check_solver_class("NeuralSDE", solver)
         if not isinstance(solver, AbstractSolver) or not solver.strong_order:
             raise TypeError(f"NeuralSDE(solver=...) must be an SDE solver such as Euler() or Heun(), got {solver!r}")
-        if controller is not None and not isinstance(controller, AbstractController):
-            raise TypeError(
-                f"NeuralSDE(controller=...) must be ConstantStepSize() or PIDController(...), got {type(controller).__name__}"
-            )
+        _check_controller("NeuralSDE", controller)
         if isinstance(controller, PIDController) and not isinstance(solver, AbstractAdaptiveSolver):
             raise TypeError(
                 f"{type(solver).__name__}() has no error estimate, so it cannot be used with PIDController; "
