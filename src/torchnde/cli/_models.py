@@ -175,8 +175,9 @@ def _vp_batch(cfg, step):
 def _vp_loss(model, batch, cfg):
     # denoising score matching in its eps form (Ho et al. 2020; Song et al. 2021, Eq. (7) with
     # lambda(t) = sigma(t)^2): || eps_theta(t, alpha x0 + sigma eps) - eps ||^2
-    x_t = _process(cfg).marginal_sample(batch["t"], batch["x0"], batch["eps"])
-    return (model(batch["t"], x_t) - batch["eps"]).square().mean()
+    from ..generative.objectives import dsm_loss
+
+    return dsm_loss(model, _process(cfg), batch["x0"], t=batch["t"], eps=batch["eps"])
 
 
 def _vp_sample(model, cfg, n, sampler, nfe, seed, dtype, device, rtol, atol):

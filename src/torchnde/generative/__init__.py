@@ -7,11 +7,12 @@ flow-matching family; built-in data and metrics. Each model is a term plus a sol
 ``flow_matching`` are used as modules (``torchnde.generative.data.sample("moons", n)``).
 """
 
-from . import conditional, data, fast_samplers, flow_matching, metrics
+from . import conditional, data, fast_samplers, flow_matching, metrics, objectives
 from .cnf import CNF, REGULARISERS
 from .conditional import ClassifierFreeGuidance, Inpaint, inpaint
 from .fast_samplers import FAST_SAMPLERS, DPMSolver, EDMHeun, logsnr_times
 from .likelihood import TRACES, bits_per_dim, dequantize, log_prob
+from .objectives import dsm_loss, nll_bound, training_times
 from .oracles import GaussianData, GaussianMixtureData
 from .parameterisation import KINDS, Parameterisation
 from .processes import EDM, PROCESSES, VE, VP, DiffusionProcess, MeanReverting, SubVP
@@ -52,4 +53,8 @@ __all__ = [
     "ClassifierFreeGuidance",
     "conditional",
     "fast_samplers",
+    "objectives",
+    "dsm_loss",
+    "nll_bound",
+    "training_times",
 ]
