@@ -290,3 +290,30 @@ def test_module_parameters_receive_gradients():
     sol = tn.solve(tn.ODETerm(lambda t, y, a: net(y)), tn.Tsit5(), 0.0, 1.0, y0, controller=pid(1e-4))
     sol.ys.pow(2).sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+
+
+def test_step_to_lands_on_every_grid_time_forwards_backwards_and_per_sample():
+    def f(t, y, args):
+        return -y * (1 + torch.as_tensor(t, dtype=y.dtype)).reshape(-1, 1)
+
+    y0 = torch.ones(3, 2, dtype=torch.float64)
+    for grid in ([0.0, 0.3, 0.35, 0.8, 1.0], [1.0, 0.7, 0.4, 0.35, 0.0]):
+        y = y0.clone()
+        for a, b in zip(grid[:-1], grid[1:]):
+            y = y + (b - a) * f(a, y, None)
+        sol = tn.solve(
+            tn.ODETerm(f), tn.Euler(), grid[0], grid[-1], y0, controller=tn.StepTo(grid), saveat=tn.SaveAt(steps=True)
+        )
+        assert sol.ts.tolist() == pytest.approx(grid[1:], abs=1e-15)
+        assert sol.stats["nfe"] == len(grid) - 1
+        torch.testing.assert_close(sol.ys[-1], y, rtol=1e-14, atol=1e-14)
+        per = tn.solve(tn.ODETerm(f), tn.Euler(), grid[0], grid[-1], y0, controller=tn.StepTo(grid), per_sample=True)
+        torch.testing.assert_close(per.ys[:, -1], y, rtol=1e-14, atol=1e-14)
+    # a grid that does not reach t1: the last step goes from the last grid time to t1
+    sol = tn.solve(tn.ODETerm(f), tn.Euler(), 0.0, 1.0, y0, controller=tn.StepTo([0.5]), saveat=tn.SaveAt(steps=True))
+    assert sol.ts.tolist() == [0.5, 1.0]
+    assert "StepTo(1 times)" == repr(tn.StepTo([0.5]))
+    with pytest.raises(ValueError, match="strictly increasing or strictly decreasing"):
+        tn.StepTo([0.0, 0.5, 0.2])
+    with pytest.raises(ValueError, match="at least one finite time"):
+        tn.StepTo([])

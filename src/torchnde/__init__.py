@@ -17,7 +17,7 @@ from .adjoints import (
     ReversibleAdjoint,
     ReversibleHeun,
 )
-from .controllers import AbstractController, ConstantStepSize, PIDController
+from .controllers import AbstractController, ConstantStepSize, PIDController, StepTo
 from .paths import (
     AbstractBrownianPath,
     AbstractPath,
@@ -95,6 +95,7 @@ __all__ = [
     "SPaRK",
     "AbstractController",
     "ConstantStepSize",
+    "StepTo",
     "PIDController",
     "AbstractAdjoint",
     "DirectAdjoint",

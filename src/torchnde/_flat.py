@@ -82,15 +82,19 @@ class _FlatSDE:
             return self.vf_prod(t, y, (1.0, zero))
         if self.sde.drift is None:
             return torch.zeros_like(y)
+        out = self._user_drift(t, y)
+        return -out if self.sign < 0 else out
+
+    drift = vf
+
+    def _user_drift(self, t, y):
+        """The drift on the flat state in the user's time direction (not negated)."""
         self.nfe += 1
         out = self.sde.drift.vf(-t if self.sign < 0 else t, self.flat.state_to_tree(y), self.args)
         if not self.checked:
             self.flat.check_output(out, f"the drift of {self.sde!r}")
             self.checked = True
-        out = self.flat.tree_to_state(out)
-        return -out if self.sign < 0 else out
-
-    drift = vf
+        return self.flat.tree_to_state(out)
 
     def diffusion(self, t, y):
         """``g(t, y)`` in the user's shapes (see :class:`~torchnde.ControlTerm`)."""
@@ -130,6 +134,11 @@ class _FlatSDE:
             s = self.sign
             out = self.sde.vf_prod(s * t, self.flat.state_to_tree(y), self.args, (s * dt, w))
             return self.flat.tree_to_state(out)
+        dt = control[0]
+        if self.sign < 0 and self.sde.drift is not None and isinstance(dt, float):
+            # backwards in time: the drift's sign flip goes into the scalar (one op fewer, same values)
+            f = self._user_drift(t, y)
+            return torch.add(self.gprod(self.diffusion(t, y), control[1]), f, alpha=-dt)
         return self.prod(self.vf_pair(t, y), control)
 
     def gprod(self, g, w):

@@ -23,6 +23,7 @@ from .adjoints import AbstractAdjoint, DirectAdjoint
 from .controllers import AbstractController, ConstantStepSize, PIDController
 from .controllers._base import with_step_ts
 from .solvers import AbstractAdaptiveSolver, AbstractSolver
+from .solvers._base import LazyDerivative
 
 __all__ = ["solve"]
 
@@ -449,8 +450,10 @@ def _integrate(p: _Problem) -> Solution:
     solver, controller = p.solver, p.controller
 
     sstate = solver.init(term, tau0, y)
-    dt, cstate = controller.init(term, solver, tau0, tau1, y, solver.initial_derivative(sstate), dt0, ops)
     adaptive = isinstance(controller, PIDController)
+    if adaptive and dt0 is None and isinstance(sstate, LazyDerivative):
+        sstate.get()  # the automatic initial step needs f(t0, y0); the first step then reuses it
+    dt, cstate = controller.init(term, solver, tau0, tau1, y, solver.initial_derivative(sstate), dt0, ops)
     error_order = getattr(solver, "error_order", None) if adaptive else None
 
     # stop times (step_ts / jump_ts) in internal time, strictly inside (t0, t1)

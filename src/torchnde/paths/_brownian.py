@@ -163,6 +163,17 @@ def _psd_sqrt(c: np.ndarray) -> np.ndarray:
     return v * np.sqrt(np.clip(w, 0.0, None))
 
 
+_UNIT_SQRT: dict = {}
+
+
+def _unit_sqrt(d: int) -> np.ndarray:
+    """``_psd_sqrt(_cov(1.0, d))``, computed once per ``d`` (a constant)."""
+    out = _UNIT_SQRT.get(d)
+    if out is None:
+        out = _UNIT_SQRT[d] = _psd_sqrt(_cov(1.0, d))
+    return out
+
+
 def _split_mats(r: float, d: int) -> tuple[np.ndarray, np.ndarray]:
     """Left part ``[0, r]`` of a unit interval given the whole: ``X1 = A X + B z``, ``z ~ N(0, I)``
     (in the normalised coordinates of the unit interval)."""
@@ -1052,15 +1063,33 @@ class BrownianGrid(_PathBase):
         )
         z = z.view(n, d, -1)
         # Cov(cell of length l) = S C(1) S with S = diag(l^0.5, l^1.5, l^2.5): one square root
-        sq = _scale_rows(lengths, d)[:, :, None] * _psd_sqrt(_cov(1.0, d))[None]  # (n, d, d)
-        self._cells = torch.bmm(torch.tensor(sq, dtype=idt, device=dev), z)  # (n, d, M) local stats
+        sq = torch.tensor(_scale_rows(lengths, d)[:, :, None] * _unit_sqrt(d)[None], dtype=idt, device=dev)
+        # (n, d, M) local stats; without Levy areas the (1, 1) factors make it a plain product
+        self._cells = sq * z if d == 1 else torch.bmm(sq, z)
         # one-cell answers, precomputed in the output dtype
         self._w1 = self._cells[:, 0].to(dtype)
-        h = torch.tensor(lengths, dtype=idt, device=dev).view(n, 1)
-        c = self._cells
-        self._h1 = (c[:, 1] / h - c[:, 0] / 2).to(dtype) if d >= 2 else None
-        self._k1 = (c[:, 1] / (2 * h) - c[:, 2] / h**2 + c[:, 0] / 12).to(dtype) if d >= 3 else None
+        self._h1 = self._k1 = None
+        if d >= 2:
+            h = torch.tensor(lengths, dtype=idt, device=dev).view(n, 1)
+            c = self._cells
+            self._h1 = (c[:, 1] / h - c[:, 0] / 2).to(dtype)
+            self._k1 = (c[:, 1] / (2 * h) - c[:, 2] / h**2 + c[:, 0] / 12).to(dtype) if d >= 3 else None
         self._tol = 1e-9 * (self.t1 - self.t0) + self._slack
+        # fast path of evaluate(): one-cell increments between exact grid times, in the leaf's shape
+        self._pos = {v: i for i, v in enumerate(grid)}
+        leaves = self._layout.leaves
+        one = self._layout.single and len(leaves) == 1 and self._w1[0].numel() == math.prod(leaves[0])
+        self._w_shaped = self._w1.view(n, *leaves[0]) if one else None
+
+    def evaluate(self, s, t=None):
+        if t is not None and self._w_shaped is not None and type(s) is float and type(t) is float:
+            i, j = self._pos.get(s), self._pos.get(t)
+            if i is not None and j is not None:
+                if j == i + 1:
+                    return self._w_shaped[i]
+                if i == j + 1:
+                    return -self._w_shaped[j]
+        return super().evaluate(s, t)
 
     @classmethod
     def uniform(cls, t0, t1, num_steps: int, shape, **kwargs) -> BrownianGrid:

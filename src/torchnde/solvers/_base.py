@@ -35,7 +35,14 @@ import torch
 
 from ._tableau import ButcherTableau
 
-__all__ = ["AbstractSolver", "AbstractAdaptiveSolver", "AbstractERK", "AbstractAdaptiveERK", "linear_coeffs"]
+__all__ = [
+    "AbstractSolver",
+    "AbstractAdaptiveSolver",
+    "AbstractERK",
+    "AbstractAdaptiveERK",
+    "LazyDerivative",
+    "linear_coeffs",
+]
 
 
 class AbstractSolver:
@@ -105,6 +112,8 @@ def _lincomb(base, scale, ks: list, ct: torch.Tensor, cf: tuple):
     float (one step size) or a ``(batch, 1)`` tensor (per-sample).
     """
     scalar = isinstance(scale, float)
+    if len(ks) == 1 and cf[0] == 1.0 and base is not None:  # e.g. Euler: one fused op, same result
+        return torch.add(base, ks[0], alpha=scale) if scalar else torch.addcmul(base, scale, ks[0])
     if len(ks) > 1 and ks[0].numel() <= _STACK_MAX_NUMEL:
         # the coefficients are shared by the whole (flattened) state, per sample or not; the
         # increment is summed first and added to the state once (float32 precision)
@@ -129,6 +138,31 @@ def _node(t0, h, c: float):
     return t0 + c * h if isinstance(h, float) else torch.add(t0, h, alpha=c)
 
 
+class LazyDerivative:
+    """The vector field at ``(t, y)``, evaluated on first use and then kept.
+
+    What a non-FSAL Runge--Kutta method carries between steps in shared-time mode: the next step
+    evaluates it as its first stage, dense output evaluates it at the end of the step, and
+    whichever comes first pays. So a fixed-step solve costs exactly ``steps * stages``
+    evaluations (the derivative at the end of the last step is only made if dense output asks
+    for it), and a rejected adaptive step keeps its first stage for the retry.
+    """
+
+    __slots__ = ("term", "t", "y", "f")
+
+    def __init__(self, term, t, y):
+        self.term, self.t, self.y, self.f = term, t, y, None
+
+    def get(self) -> torch.Tensor:
+        if self.f is None:
+            self.f = self.term.vf(self.t, self.y)
+        return self.f
+
+
+def _resolve(f):
+    return f.get() if isinstance(f, LazyDerivative) else f
+
+
 def _dt_column(t0, t1):
     dt = t1 - t0
     return dt if isinstance(dt, float) else dt.unsqueeze(-1)
@@ -137,18 +171,25 @@ def _dt_column(t0, t1):
 class AbstractERK(AbstractSolver):
     """An explicit Runge--Kutta method defined by its :class:`ButcherTableau`.
 
-    FSAL tableaus reuse their last stage as the next step's first; others reuse the derivative at
-    the end of the step, so a step costs ``s`` vector-field evaluations either way. Dense output
-    uses the method's own interpolant where the tableau has one, cubic Hermite otherwise.
+    FSAL tableaus reuse their last stage as the next step's first (one evaluation at the start,
+    then ``s - 1`` a step); others carry the derivative at the end of the step as a
+    :class:`LazyDerivative` (evaluated by the next step or by dense output, whichever needs it
+    first), so a fixed-step solve costs exactly ``s`` evaluations a step. Per-sample solves
+    evaluate it eagerly (their state is a tensor selected per sample). Dense output uses the
+    method's own interpolant where the tableau has one, cubic Hermite otherwise.
     """
 
     tableau: ClassVar[ButcherTableau]
 
     def init(self, term, t0, y0):
-        return None if term.rough else term.vf(t0, y0)
+        if term.rough:
+            return None
+        if self.tableau.fsal or getattr(term, "batched", True):
+            return term.vf(t0, y0)
+        return LazyDerivative(term, t0, y0)
 
     def initial_derivative(self, state):
-        return state
+        return state.f if isinstance(state, LazyDerivative) else state
 
     def _sde_step(self, term, t0, t1, y0):
         """The method on an SDE: every stage is an increment ``f dt + g dW`` over the whole step
@@ -184,6 +225,7 @@ class AbstractERK(AbstractSolver):
     def step(self, term, t0, t1, y0, f0):
         if term.rough:
             return self._sde_step(term, t0, t1, y0)
+        f0 = _resolve(f0)
         tab = self.tableau
         coef = tab.tensors(y0.dtype, y0.device)
         dt = _dt_column(t0, t1)
@@ -192,7 +234,7 @@ class AbstractERK(AbstractSolver):
             y1, f1 = yi, ks[-1]
         else:
             y1 = _lincomb(y0, dt, ks, coef["b"], coef["b_f"])
-            f1 = term.vf(t1, y1)
+            f1 = term.vf(t1, y1) if getattr(term, "batched", True) else LazyDerivative(term, t1, y1)
         y_error = None
         if coef["b_error"] is not None:
             y_error = _lincomb(None, dt, ks, coef["b_error"], coef["b_error_f"])
@@ -205,6 +247,7 @@ class AbstractERK(AbstractSolver):
         :class:`~torchnde.ReversibleAdjoint`.
         """
         tab = self.tableau
+        f0 = _resolve(f0)
         coef = tab.tensors(y0.dtype, y0.device)
         dt = _dt_column(t0, t1)
         # an FSAL last stage only feeds the error estimate (its weight in b is zero)
@@ -218,6 +261,7 @@ class AbstractERK(AbstractSolver):
         if len(dense_info) == 2:
             return linear_coeffs(*dense_info)
         t0, t1, y0, y1, f0, f1, ks = dense_info
+        f1 = _resolve(f1)
         tab = self.tableau
         coef = tab.tensors(y0.dtype, y0.device)
         dt = _dt_column(t0, t1)
