@@ -3,6 +3,7 @@
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 from scipy.stats import multivariate_normal
@@ -232,3 +233,46 @@ def test_reverse_sde_and_probability_flow_are_terms():
     pf = p.probability_flow(score)
     assert isinstance(pf, tn.ODETerm)
     torch.testing.assert_close(pf.vf(0.5, x, None), p.drift(0.5, x) - 0.5 * p.diffusion2(0.5) * score(0.5, x))
+
+
+@pytest.mark.parametrize("name", PROCS)
+def test_float_fast_paths_match_the_tensor_formulas(name):
+    """Float times use math-module formulas (no tensors per call); they agree with the tensor
+    formulas at per-sample times to float64 rounding, and so do the samplers' drifts built on
+    them (including the folded score scale of eps and score models)."""
+    p = PROCS[name]()
+    t = _mid_times(p)
+    x = torch.randn(5, 2, dtype=D, generator=torch.Generator().manual_seed(0))
+    eps_model = MIX_DIAG.model(p, "eps")
+    score = Parameterisation("eps", p).as_score(eps_model)
+    generic = Parameterisation("x0", p).as_score(MIX_DIAG.model(p, "x0"))  # no folded scale
+    for i in range(5):
+        ti, xi = float(t[i]), x[i : i + 1]
+        assert math.isclose(p.diffusion2(ti), float(p.diffusion2(t)[i]), rel_tol=1e-12)
+        for fn in (p.reverse_drift, p.pf_drift):
+            want = fn(score, t, x)[i : i + 1]
+            torch.testing.assert_close(fn(score, ti, xi), want, rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(fn(generic, ti, xi), want, rtol=1e-8, atol=1e-8)
+    calls = score.calls
+    p.pf_drift(score, 0.5 * (p.t0 + p.t1), x)
+    assert score.calls == calls + 1  # the folded path still counts the model's evaluation
+
+
+def test_float_fallback_for_processes_without_float_formulas():
+    class Linear(VP):
+        """A process that defines only the tensor formulas (the base class's float hooks)."""
+
+        _coeffs_f = tn.generative.processes.DiffusionProcess._coeffs_f
+        _drift_coeff_f = tn.generative.processes.DiffusionProcess._drift_coeff_f
+        _g2_f = tn.generative.processes.DiffusionProcess._g2_f
+
+    p, q = Linear(), VP()
+    x = torch.randn(3, 2, dtype=D)
+    for t in (0.3, 1, np.float32(0.7)):  # float, int, numpy scalar
+        a, s = p.marginal(t)
+        assert isinstance(a, float) and math.isclose(a, q.marginal(t)[0], rel_tol=1e-14)
+        assert math.isclose(s, q.marginal(t)[1], rel_tol=1e-14)
+        assert math.isclose(p.diffusion(t), q.diffusion(t), rel_tol=1e-14)
+        torch.testing.assert_close(p.drift(t, x), q.drift(t, x), rtol=1e-14, atol=0)
+    with pytest.raises(TypeError, match="a time must be"):
+        p.marginal("0.5")

@@ -50,7 +50,7 @@ def test_fixed_step_samplers_converge_on_gaussian_data(name, sampler):
     # Euler on VE's probability flow converges slowly on the uniform-t grid (sigma is geometric in t)
     for nfe in (6, 800 if (name, sampler) == ("ve", "pf_euler") else 200):
         out = sample(GAUSS.score_fn(p), p, xT.shape, nfe=nfe, sampler=sampler, seed=0, x_init=xT)
-        assert out.nfe <= nfe + 1
+        assert out.nfe <= nfe
         errs.append(_gauss_error(out.x, p))
     assert errs[1] < errs[0]
     assert errs[1] < MC_TOL, errs
@@ -157,7 +157,7 @@ def test_callback_and_custom_grid():
     assert [i for i, _, _ in calls] == [0, 1, 2, 3]
     assert [t for _, t, _ in calls] == pytest.approx(grid[1:].tolist())
     torch.testing.assert_close(calls[-1][2], out.x)
-    assert out.nfe == 5  # Euler: one evaluation per step (+ the end point's derivative)
+    assert out.nfe == 4  # Euler: one evaluation per step
 
 
 def test_errors():
@@ -170,7 +170,44 @@ def test_errors():
     with pytest.raises(ValueError, match="nfe must be"):
         sample(f, p, (4, 2), nfe=0)
     with pytest.raises(ValueError, match="too small"):
-        sample(f, p, (4, 2), nfe=2, sampler="pf_heun")
+        sample(f, p, (4, 2), nfe=1, sampler="pf_heun")
     with pytest.raises(ValueError, match="unknown parameterisation"):
         sample(f, p, (4, 2), nfe=4, parameterisation="noise")
     assert set(SAMPLERS) == {"euler_maruyama", "pc", "pf_euler", "pf_heun", "pf_adaptive"}
+
+
+@pytest.mark.parametrize("nfe", [1, 2, 7, 20])
+@pytest.mark.parametrize("sampler", ["pf_euler", "pf_heun", "euler_maruyama"])
+def test_fixed_step_samplers_spend_exactly_their_budget(sampler, nfe):
+    """Euler makes one evaluation a step and Heun two, with none at the start or the end."""
+    p = VP()
+    if sampler == "pf_heun" and nfe < 2:
+        return
+    out = sample(GAUSS.score_fn(p), p, (8, 2), nfe=nfe, sampler=sampler, seed=0, dtype=D)
+    steps = nfe // 2 if sampler == "pf_heun" else nfe
+    assert out.num_steps == steps
+    assert out.nfe == out.solution.stats["nfe"] == steps * (2 if sampler == "pf_heun" else 1)
+    if sampler == "pf_euler":
+        assert sample(GAUSS.score_fn(p), p, (8, 2), nfe=20, sampler="pf_euler", seed=0, dtype=D).nfe == 20
+    # with a callback (every step saved) the count is the same
+    calls = []
+    again = sample(
+        GAUSS.score_fn(p), p, (8, 2), nfe=nfe, sampler=sampler, seed=0, dtype=D, callback=lambda *a: calls.append(a)
+    )
+    assert again.nfe == out.nfe and len(calls) == steps
+    torch.testing.assert_close(again.x, out.x, rtol=0, atol=0)
+
+
+def test_pf_euler_matches_a_hand_written_loop():
+    """The float fast paths of the process coefficients and the lazy first stage leave the result
+    that of the textbook Euler loop on the probability flow (to float64 rounding)."""
+    p = VP()
+    score = GAUSS.score_fn(p)
+    xT = _start(GAUSS, p, 64)
+    out = sample(score, p, xT.shape, nfe=30, sampler="pf_euler", x_init=xT)
+    ts = p.times(30).tolist()
+    x = xT
+    for t, t1 in zip(ts[:-1], ts[1:]):
+        beta = p.beta_min + (p.beta_max - p.beta_min) * t
+        x = x + (t1 - t) * (-0.5 * beta * x - 0.5 * beta * score(t, x))
+    torch.testing.assert_close(out.x, x, rtol=1e-12, atol=1e-12)

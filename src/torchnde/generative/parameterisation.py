@@ -20,12 +20,17 @@ Tweedie's estimate :math:`(y - \sigma\hat\varepsilon)/\alpha`.
 
 from __future__ import annotations
 
-from .processes import DiffusionProcess, _batch_time, expand_time
+from .processes import DiffusionProcess, _batch_time, _plus, expand_time
 
 __all__ = ["Parameterisation", "KINDS"]
 
 #: the quantities a model may predict
 KINDS = ("eps", "x0", "v", "score", "velocity")
+
+
+def _minus(x, offset):
+    """``x - offset``, skipping the no-op subtraction of the float ``0.0``."""
+    return _plus(x, -offset) if isinstance(offset, float) else x - offset
 
 
 class Parameterisation:
@@ -56,7 +61,7 @@ class Parameterisation:
     # -- the hub: everything goes through eps --------------------------------------------------
     def _coeffs(self, t, x):
         a, s = self.process.marginal(t)
-        return expand_time(a, x), expand_time(s, x), x - self.process.mean_offset(t, x)
+        return expand_time(a, x), expand_time(s, x), _minus(x, self.process.mean_offset(t, x))
 
     def _eps_from(self, kind, t, x, out):
         if kind == "eps":
@@ -65,7 +70,7 @@ class Parameterisation:
         if kind == "x0":
             return (y - a * out) / s
         if kind == "score":
-            return -s * out
+            return out * -s
         if kind == "v":
             return (s * y + a * out) / (a * a + s * s)
         # velocity = f - 1/2 g^2 score = f + g^2 eps / (2 sigma)
@@ -79,7 +84,7 @@ class Parameterisation:
         if kind == "x0":
             return (y - s * eps) / a
         if kind == "score":
-            return -eps / s
+            return eps / -s
         if kind == "v":
             x0 = (y - s * eps) / a
             return a * eps - s * x0
@@ -137,6 +142,18 @@ class _Converted:
         self.calls += 1
         out = self.model(_batch_time(t, x), x)
         return self.param.convert(self.kind, t, x, out)
+
+    def scaled_score(self, t: float, x):
+        """``(out, k)`` with the score ``k * out`` for a score wrapper of an ``"eps"`` or
+        ``"score"`` model at a float time (``out`` the model's output), so that a caller folds
+        ``k`` into its own coefficient and saves an op; ``None`` (and no model call) otherwise."""
+        if self.kind != "score" or self.param.kind not in ("eps", "score"):
+            return None
+        self.calls += 1
+        out = self.model(_batch_time(t, x), x)
+        if self.param.kind == "score":
+            return out, 1.0
+        return out, -1.0 / self.param.process.marginal(t)[1]
 
     def __repr__(self):
         return f"{self.param!r}.as_kind({getattr(self.model, '__name__', type(self.model).__name__)}, {self.kind!r})"

@@ -19,6 +19,9 @@ models"):
 Times are Python floats (one time for the batch) or ``(B,)`` tensors (per-sample mode, e.g.
 ``solve(..., per_sample=True)``); coefficients come back in the same form (floats, or tensors of
 the time's dtype) and are broadcast against the batch dimension of ``x`` where they meet it.
+Float times take a fast path: the built-in processes compute their coefficients with
+:mod:`math` in float64 (``_coeffs_f`` / ``_drift_coeff_f`` / ``_g2_f``), with no tensor made per
+call, since a sampler asks for them at every model evaluation.
 """
 
 from __future__ import annotations
@@ -44,17 +47,15 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------------- time helpers
-def _as_tensor(t) -> tuple[torch.Tensor, bool]:
-    """``(tensor, was_float)``: Python numbers become float64 0-d tensors (on the CPU)."""
+def _float_time(t) -> float | None:
+    """``t`` as a Python float if it is a number (not a tensor), else ``None``."""
+    if isinstance(t, float):
+        return t
     if isinstance(t, torch.Tensor):
-        return t, False
+        return None
     if isinstance(t, numbers.Real):
-        return torch.tensor(float(t), dtype=torch.float64), True
+        return float(t)
     raise TypeError(f"a time must be a Python float or a tensor, got {type(t).__name__}")
-
-
-def _back(v: torch.Tensor, was_float: bool):
-    return float(v) if was_float else v
 
 
 def expand_time(c, x: torch.Tensor):
@@ -78,6 +79,13 @@ def _batch_time(t, x: torch.Tensor) -> torch.Tensor:
         t = t.to(dtype=x.dtype, device=x.device)
         return t.expand(x.shape[0]) if t.dim() == 0 else t
     return torch.full((x.shape[0],), float(t), dtype=x.dtype, device=x.device)
+
+
+def _plus(v: torch.Tensor, offset):
+    """``v + offset``, skipping the no-op addition of the float ``0.0``."""
+    if isinstance(offset, float) and offset == 0.0:
+        return v
+    return v + offset
 
 
 def _reduce(v: torch.Tensor) -> torch.Tensor:
@@ -116,6 +124,17 @@ class DiffusionProcess:
         """Standard deviation of the (isotropic Gaussian) prior at ``t1``."""
         raise NotImplementedError
 
+    # float fast paths: the tensor versions on a float64 0-d tensor unless a subclass does better
+    def _coeffs_f(self, t: float) -> tuple[float, float]:
+        a, s = self._coeffs(torch.tensor(t, dtype=torch.float64))
+        return float(a), float(s)
+
+    def _drift_coeff_f(self, t: float) -> float:
+        return float(self._drift_coeff(torch.tensor(t, dtype=torch.float64)))
+
+    def _g2_f(self, t: float) -> float:
+        return float(self._g2(torch.tensor(t, dtype=torch.float64)))
+
     def prior_mean(self, x_like: torch.Tensor):
         """Mean of the prior (zero, or the chosen mean of :class:`MeanReverting`)."""
         return 0.0
@@ -123,9 +142,10 @@ class DiffusionProcess:
     # -- public ------------------------------------------------------------------------------
     def marginal(self, t):
         r"""``(alpha(t), sigma(t))`` with :math:`x_t = \alpha x_0 + m(t) + \sigma \varepsilon`."""
-        tt, f = _as_tensor(t)
-        a, s = self._coeffs(tt)
-        return _back(a, f), _back(s, f)
+        tf = _float_time(t)
+        if tf is not None:
+            return self._coeffs_f(tf)
+        return self._coeffs(t)
 
     def mean_offset(self, t, x: torch.Tensor):
         """:math:`m(t)`, the part of the marginal mean not proportional to the data (0 except
@@ -146,21 +166,22 @@ class DiffusionProcess:
 
     def drift(self, t, x: torch.Tensor) -> torch.Tensor:
         """The forward drift :math:`f(t, x)`."""
-        tt, f = _as_tensor(t)
-        return expand_time(_back(self._drift_coeff(tt), f), x) * x + self._drift_offset(t, x)
+        tf = _float_time(t)
+        a = self._drift_coeff_f(tf) if tf is not None else expand_time(self._drift_coeff(t), x)
+        return _plus(x * a, self._drift_offset(t, x))
 
     def _drift_offset(self, t, x):
         return 0.0
 
     def diffusion(self, t):
         """The scalar diffusion coefficient :math:`g(t)`."""
-        tt, f = _as_tensor(t)
-        return _back(torch.sqrt(self._g2(tt)), f)
+        tf = _float_time(t)
+        return math.sqrt(self._g2_f(tf)) if tf is not None else torch.sqrt(self._g2(t))
 
     def diffusion2(self, t):
         """:math:`g(t)^2`."""
-        tt, f = _as_tensor(t)
-        return _back(self._g2(tt), f)
+        tf = _float_time(t)
+        return self._g2_f(tf) if tf is not None else self._g2(t)
 
     def times(self, n: int, *, dtype=torch.float64, device=None) -> torch.Tensor:
         """``n + 1`` decreasing times from ``t1`` to ``t0``: the default grid of an ``n``-step
@@ -183,11 +204,23 @@ class DiffusionProcess:
 
     def reverse_drift(self, score_fn, t, x: torch.Tensor) -> torch.Tensor:
         r""":math:`f(t, x) - g(t)^2 \nabla\log p_t(x)`."""
-        return self.drift(t, x) - expand_time(self.diffusion2(t), x) * score_fn(t, x)
+        return self._drift_minus(score_fn, t, x, 1.0)
 
     def pf_drift(self, score_fn, t, x: torch.Tensor) -> torch.Tensor:
         r"""The probability-flow velocity :math:`f(t, x) - \tfrac12 g(t)^2 \nabla\log p_t(x)`."""
-        return self.drift(t, x) - 0.5 * expand_time(self.diffusion2(t), x) * score_fn(t, x)
+        return self._drift_minus(score_fn, t, x, 0.5)
+
+    def _drift_minus(self, score_fn, t, x, c: float) -> torch.Tensor:
+        r""":math:`f(t, x) - c\,g(t)^2 \nabla\log p_t(x)` (float times: one fused multiply-add)."""
+        tf = _float_time(t)
+        if tf is None:
+            return self.drift(t, x) - c * expand_time(self.diffusion2(t), x) * score_fn(t, x)
+        scaled = getattr(score_fn, "scaled_score", None)
+        pair = scaled(tf, x) if scaled is not None else None
+        if pair is None:
+            pair = (score_fn(tf, x), 1.0)
+        out, k = pair  # the score is k * out
+        return torch.add(self.drift(tf, x), out, alpha=-c * self._g2_f(tf) * k)
 
     def probability_flow(self, score_fn) -> ODETerm:
         """The probability-flow ODE as an :class:`~torchnde.ODETerm` (solve it from ``t1`` to ``t0``
@@ -266,8 +299,10 @@ class _Diffusion:
         self.process = process
 
     def __call__(self, t, x, args=None):
-        g = expand_time(self.process.diffusion(t), x)
-        return torch.ones_like(x) * g
+        g = self.process.diffusion(t)
+        if not isinstance(g, torch.Tensor):
+            return torch.full_like(x, g)
+        return torch.ones_like(x) * expand_time(g, x)
 
 
 # ---------------------------------------------------------------------------------- processes
@@ -300,6 +335,16 @@ class VP(DiffusionProcess):
     def _g2(self, t):
         return self._beta(t) + 0 * t
 
+    def _coeffs_f(self, t):
+        ib = self._int_beta(t)
+        return math.exp(-0.5 * ib), math.sqrt(-math.expm1(-ib))
+
+    def _drift_coeff_f(self, t):
+        return -0.5 * self._beta(t)
+
+    def _g2_f(self, t):
+        return self._beta(t)
+
     def prior_std(self):
         return 1.0
 
@@ -318,6 +363,13 @@ class SubVP(VP):
 
     def _g2(self, t):
         return self._beta(t) * -torch.expm1(-2 * self._int_beta(t))
+
+    def _coeffs_f(self, t):
+        ib = self._int_beta(t)
+        return math.exp(-0.5 * ib), -math.expm1(-ib)
+
+    def _g2_f(self, t):
+        return self._beta(t) * -math.expm1(-2 * self._int_beta(t))
 
     def __repr__(self):
         return f"SubVP(beta_min={self.beta_min}, beta_max={self.beta_max}, t0={self.t0}, t1={self.t1})"
@@ -346,6 +398,15 @@ class VE(DiffusionProcess):
 
     def _g2(self, t):
         return 2 * self._log_ratio * (self.sigma_min * torch.exp(self._log_ratio * t)) ** 2
+
+    def _coeffs_f(self, t):
+        return 1.0, self.sigma_min * math.exp(self._log_ratio * t)
+
+    def _drift_coeff_f(self, t):
+        return 0.0
+
+    def _g2_f(self, t):
+        return 2 * self._log_ratio * (self.sigma_min * math.exp(self._log_ratio * t)) ** 2
 
     def prior_std(self):
         return float(self._coeffs(torch.tensor(self.t1, dtype=torch.float64))[1])
@@ -378,6 +439,15 @@ class EDM(DiffusionProcess):
         return torch.zeros_like(t)
 
     def _g2(self, t):
+        return 2 * t
+
+    def _coeffs_f(self, t):
+        return 1.0, t + 0.0
+
+    def _drift_coeff_f(self, t):
+        return 0.0
+
+    def _g2_f(self, t):
         return 2 * t
 
     def prior_std(self):
@@ -428,6 +498,16 @@ class MeanReverting(DiffusionProcess):
 
     def _g2(self, t):
         return torch.full_like(t, self.sigma**2)
+
+    def _coeffs_f(self, t):
+        a = math.exp(-self.theta * t)
+        return a, self.sigma * math.sqrt(-math.expm1(-2 * self.theta * t) / (2 * self.theta))
+
+    def _drift_coeff_f(self, t):
+        return -self.theta
+
+    def _g2_f(self, t):
+        return self.sigma**2
 
     def mean_offset(self, t, x):
         a, _ = self.marginal(t)

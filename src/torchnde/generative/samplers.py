@@ -15,14 +15,15 @@ Each sampler builds a term from a process (:meth:`~DiffusionProcess.reverse_sde`
 ``"pc"``               predictor–corrector: Euler–Maruyama + Langevin corrector with a  ``nfe // (1 + n_corrector)``
                        signal-to-noise ratio ``snr`` (Song et al. 2021, Alg. 4–5)
 ``"pf_euler"``         probability-flow ODE, Euler                                       ``nfe``
-``"pf_heun"``          probability-flow ODE, Heun (2 evaluations per step)               ``(nfe - 1) // 2``
+``"pf_heun"``          probability-flow ODE, Heun (2 evaluations per step)               ``nfe // 2``
 ``"pf_adaptive"``      probability-flow ODE, ``Tsit5`` + ``PIDController(rtol, atol)``   adaptive
-``"dpm_1"`` ...        DPM-Solver (noise prediction) / DPM-Solver++ (``"dpmpp_*"``, data  ``nfe // k`` (``*s``),
-``"dpmpp_3m"``         prediction), order ``k``, singlestep ``*ks`` or multistep ``*km``   ``nfe`` (``*m``)
-                       (:class:`~torchnde.generative.fast_samplers.DPMSolver`)
-``"edm_heun"``         EDM Heun, Karras et al. 2022 Alg. 1                               ``nfe // 2``
-``"edm_heun_sde"``     EDM Heun with churn (``s_churn``, ``s_tmin``, ``s_tmax``,          ``nfe // 2``
-                       ``s_noise``), Alg. 2
+``"dpm_1"`` ...        DPM-Solver (noise prediction) / DPM-Solver++ (``"dpmpp_*"``, data  ``ceil(nfe / 2)``
+``"dpmpp_3m"``         prediction), order ``k``, singlestep ``*ks`` or multistep ``*km``   (``*2s``), ``nfe // 3
+                       (:class:`~torchnde.generative.fast_samplers.DPMSolver`); lower     + 1`` (``*3s``),
+                       orders at the start (multistep) and, below 15 steps, at the end    ``nfe`` (``*m``)
+``"edm_heun"``         EDM Heun, Karras et al. 2022 Alg. 1 (last step Euler on EDM)       ``nfe // 2``
+``"edm_heun_sde"``     EDM Heun with churn (``s_churn``, ``s_tmin``, ``s_tmax``,          (EDM: ``(nfe + 1)
+                       ``s_noise``), Alg. 2                                              // 2``)
 ``"sde_adaptive"``     reverse SDE, ``SPaRK`` + ``PIDController(rtol, atol)`` on a        adaptive
                        ``VirtualBrownianTree`` (rejected steps re-query the same path)
 =====================  ================================================================  ============
@@ -32,8 +33,12 @@ Each sampler builds a term from a process (:meth:`~DiffusionProcess.reverse_sde`
 Fixed-step samplers step along the process's time grid :meth:`~DiffusionProcess.times` (uniform
 in ``t``, Karras et al.'s :math:`\rho`-schedule for :class:`EDM`) or a grid you pass as
 ``times``; the DPM-Solver presets default to a grid uniform in log-SNR
-(:func:`~torchnde.generative.fast_samplers.logsnr_times`) except on :class:`EDM`. ``nfe`` is the budget of model evaluations; the result reports the evaluations
-actually made (``SampleResult.nfe``).
+(:func:`~torchnde.generative.fast_samplers.logsnr_times`) except on :class:`EDM`. ``nfe`` is the
+budget of model evaluations; the result reports the evaluations actually made
+(``SampleResult.nfe``). The fixed-step samplers spend it exactly when it divides into whole
+steps: e.g. ``pf_euler`` makes ``nfe`` evaluations and ``pf_heun`` ``2 * (nfe // 2)`` (explicit
+Runge--Kutta solvers without FSAL evaluate the derivative at a step's start lazily, so the end
+point of the last step is never evaluated).
 """
 
 from __future__ import annotations
@@ -50,11 +55,21 @@ from .._saveat import SaveAt
 from .._solution import Solution
 from .._solve import solve
 from .._terms import ODETerm
-from ..controllers import ConstantStepSize, PIDController
+from ..controllers import PIDController, StepTo
 from ..paths import BrownianGrid, VirtualBrownianTree
 from ..solvers import Euler, Heun, SPaRK, Tsit5
-from ..solvers._base import AbstractSolver, linear_coeffs
-from .fast_samplers import DPM_SAMPLERS, FAST_SAMPLERS, DPMSolver, EDMHeun, logsnr_times
+from ..solvers._base import AbstractERK, AbstractSolver, linear_coeffs
+from ..solvers._tableau import ButcherTableau
+from .fast_samplers import (
+    DPM_SAMPLERS,
+    FAST_SAMPLERS,
+    DPMSolver,
+    EDMHeun,
+    dpm_orders,
+    dpm_steps,
+    edm_heun_steps,
+    logsnr_times,
+)
 from .parameterisation import Parameterisation
 from .processes import EDM, DiffusionProcess
 
@@ -153,34 +168,38 @@ class _Prediction:
         return self.f(t, x)
 
 
+class _FixedHeun(AbstractERK):
+    """Heun's method without its embedded error estimate: on the fixed grid of ``"pf_heun"`` the
+    estimate would be computed at every step and never read (same steps as :class:`Heun`)."""
+
+    tableau = ButcherTableau(c=Heun.tableau.c, a=Heun.tableau.a, b=Heun.tableau.b)
+    order = Heun.order
+    dense_order = Heun.dense_order
+
+    def __repr__(self):
+        return "Heun()"
+
+
 SAMPLERS = ("euler_maruyama", "pc", "pf_euler", "pf_heun", "pf_adaptive")
 #: every sampler name: :data:`SAMPLERS` and those of :mod:`~torchnde.generative.fast_samplers`
 ALL_SAMPLERS = SAMPLERS + FAST_SAMPLERS
 _ADAPTIVE = ("pf_adaptive", "sde_adaptive")
 
 
-def _steps_for(sampler: str, nfe: int, n_corrector: int) -> int:
+def _steps_for(sampler: str, nfe: int, n_corrector: int, process: DiffusionProcess) -> int:
     if sampler == "pf_heun":
-        n = (nfe - 1) // 2
+        n = nfe // 2
     elif sampler == "pc":
         n = nfe // (1 + n_corrector)
     elif sampler in DPM_SAMPLERS:
-        order, multistep, _ = DPM_SAMPLERS[sampler]
-        n = nfe if multistep else nfe // order
+        n = dpm_steps(sampler, nfe)
     elif sampler in ("edm_heun", "edm_heun_sde"):
-        n = nfe // 2
+        n = edm_heun_steps(process, nfe)
     else:
         n = nfe
     if n < 1:
         raise ValueError(f"nfe={nfe} is too small for sampler {sampler!r} (it leaves no step)")
     return n
-
-
-def _fixed_grid(controller_grid: torch.Tensor):
-    controller = ConstantStepSize()
-    # steps land on every time of the grid (the loop's stop times); dt0 spans the whole interval
-    controller.step_ts = controller_grid.detach().to(torch.float64).cpu()
-    return controller
 
 
 def sample(
@@ -264,7 +283,7 @@ def sample(
             raise ValueError(f"sampler {sampler!r} needs nfe=... (the number of model evaluations)")
         if isinstance(nfe, bool) or not isinstance(nfe, numbers.Integral) or nfe < 1:
             raise ValueError(f"nfe must be an int >= 1, got {nfe!r}")
-        n = _steps_for(sampler, int(nfe), n_corrector)
+        n = _steps_for(sampler, int(nfe), n_corrector, process)
         if sampler in DPM_SAMPLERS and not isinstance(process, EDM):
             grid = logsnr_times(process, n, t_start=t_start, t_end=t_end)
         elif t_start == process.t1 and t_end == process.t0:
@@ -300,10 +319,19 @@ def sample(
         terms = process.reverse_sde(score, x.shape, path=path)
     elif sampler in DPM_SAMPLERS:
         order, multistep, prediction = DPM_SAMPLERS[sampler]
-        predict = Parameterisation(parameterisation, process).as_kind(model, prediction)
+        # the model's own output (counted); the solver converts it with cached coefficients
+        predict = Parameterisation(parameterisation, process).as_kind(model, parameterisation)
         score = predict  # counts the model's evaluations
         terms = ODETerm(_Prediction(predict))
-        step = solver or DPMSolver(process, order, multistep=multistep, prediction=prediction, term_kind=prediction)
+        step = solver or DPMSolver(
+            process,
+            order,
+            multistep=multistep,
+            prediction=prediction,
+            term_kind=parameterisation,
+            num_steps=grid.numel() - 1,
+            orders=dpm_orders(sampler, int(nfe)) if times is None else None,
+        )
     elif sampler in ("edm_heun", "edm_heun_sde"):
         terms = process.probability_flow(score)
         churn = 0.0 if sampler == "edm_heun" else (10.0 if s_churn is None else float(s_churn))
@@ -326,11 +354,11 @@ def sample(
             step = solver or Euler()
     else:
         terms = process.probability_flow(score)
-        step = solver or {"pf_euler": Euler(), "pf_heun": Heun(), "pf_adaptive": Tsit5()}[sampler]
+        step = solver or {"pf_euler": Euler(), "pf_heun": _FixedHeun(), "pf_adaptive": Tsit5()}[sampler]
     if wrap_solver is not None:
         step = wrap_solver(step)
     if fixed:
-        controller, dt0 = _fixed_grid(grid), t_end - t_start
+        controller, dt0 = StepTo(grid), None
         steps = max_steps if max_steps is not None else grid.numel() + 8
     else:
         controller, dt0 = PIDController(rtol=rtol, atol=atol), None
