@@ -17,7 +17,7 @@ from torchnde.cli._checkpoint import FORMAT, VERSION, CheckpointError, check_pla
 from torchnde.cli._config import ConfigError, resolve
 from torchnde.cli._models import MODELS
 from torchnde.cli.train import train
-from torchnde.generative.samplers import SAMPLERS
+from torchnde.generative.samplers import ALL_SAMPLERS
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "configs" / "moons_vp.toml"
@@ -259,7 +259,7 @@ def trained(tmp_path_factory):
 
 
 def test_sample_every_sampler(trained, tmp_path, capsys):
-    for model, samplers in (("vp", SAMPLERS), ("flow_matching", MODELS["flow_matching"].samplers)):
+    for model, samplers in (("vp", ALL_SAMPLERS), ("flow_matching", MODELS["flow_matching"].samplers)):
         for sampler in samplers:
             f = tmp_path / f"{model}-{sampler}.pt"
             assert main(["sample", trained[model], "--sampler", sampler, "--nfe", "9", "-n", "50", "--out", f]) == 0

@@ -243,7 +243,8 @@ def _fm_sample(model, cfg, n, sampler, nfe, seed, dtype, device, rtol, atol):
     f = _Counted(model)
     with torch.no_grad():
         if sampler == "adaptive":
-            x = sample_ode(f, x0, solver=Tsit5(), controller=PIDController(rtol=rtol, atol=atol), max_steps=4096)
+            tol = dict(rtol=1e-5 if rtol is None else rtol, atol=1e-5 if atol is None else atol)
+            x = sample_ode(f, x0, solver=Tsit5(), controller=PIDController(**tol), max_steps=4096)
         else:
             x = sample_ode(f, x0, nfe=int(nfe), solver=Euler() if sampler == "euler" else Heun())
     return x, f.calls
@@ -255,9 +256,9 @@ def _fm_velocity(model, cfg):
 
 
 def _score_samplers() -> tuple:
-    from ..generative.samplers import SAMPLERS
+    from ..generative.samplers import ALL_SAMPLERS
 
-    return tuple(SAMPLERS)
+    return tuple(ALL_SAMPLERS)
 
 
 #: ``model.type`` -> its :class:`ModelSpec`
@@ -268,7 +269,7 @@ MODELS: dict[str, ModelSpec] = {
         _score_samplers(),
         "euler_maruyama",
         200,
-        ("pf_adaptive",),
+        ("pf_adaptive", "sde_adaptive"),
         _vp_batch,
         _vp_loss,
         _vp_sample,

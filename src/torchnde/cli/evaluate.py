@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from .._results import SolveError
 from ._checkpoint import CheckpointError, load_checkpoint
 from ._config import check
 from ._models import Runtime, chunked, eval_data, runtime
@@ -42,7 +43,7 @@ DESCRIPTION = (
 
 def evaluate(
     path, rt: Runtime, *, n: int = 1000, nll_n: int = 500, sampler: str | None = None, nfe: int | None = None,
-    seed: int = 0, rtol: float = 1e-5, atol: float = 1e-5, chunk_size: int = 1000,
+    seed: int = 0, rtol: float | None = None, atol: float | None = None, chunk_size: int = 1000,
 ) -> dict:  # fmt: skip
     """The metrics of the checkpoint at ``path`` (a dict; see the module docstring)."""
     from ..generative import metrics
@@ -82,7 +83,9 @@ def evaluate(
 
         def one(c, start, size):
             x = xs[start : start + size].to(dtype=dtype, device=rt.device)
-            return spec.log_prob(model, cfg, x, rtol=rtol, atol=atol), 0.0
+            # the likelihood ODE's tolerances (1e-5 unless given; the sampler keeps its own default)
+            tol = dict(rtol=1e-5 if rtol is None else rtol, atol=1e-5 if atol is None else atol)
+            return spec.log_prob(model, cfg, x, **tol), 0.0
 
         lp, _ = chunked(rt, nll_n, chunk_size, one, 1)
         dims = xs.shape[1]
@@ -166,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
                 print(md.read_text(), end="")
                 print(f"wrote {js} and {md}")
             rt.barrier()
-    except CheckpointError as e:
+    except (CheckpointError, SolveError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
     except ValueError as e:

@@ -3,7 +3,8 @@
 ``torchnde sample CHECKPOINT [--sampler NAME] [--nfe N] [-n COUNT] [--out FILE]``
 
 Score models (``model.type = "vp"``) use the samplers of
-:data:`torchnde.generative.samplers.SAMPLERS`; flow-matching models use ``euler``, ``heun`` (fixed
+:data:`torchnde.generative.samplers.ALL_SAMPLERS` (DPM-Solver, EDM Heun and the adaptive SDE sampler
+included); flow-matching models use ``euler``, ``heun`` (fixed
 steps, ``nfe`` evaluations) or ``adaptive`` (``Tsit5`` with a PID controller, ``--rtol``/``--atol``).
 The ``COUNT`` samples are drawn in chunks of ``--chunk-size``, chunk ``c`` from its own seed (a
 function of ``--seed`` and ``c``), so the result does not depend on the number of processes: under
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._results import SolveError
 from ._checkpoint import CheckpointError, load_checkpoint
 from ._config import check
 from ._deps import positive_int as _positive_int
@@ -73,7 +75,7 @@ def load_trained(path, rt: Runtime | None = None, *, expect: str | None = None):
 
 def draw_samples(
     spec, model, cfg: dict, rt: Runtime, n: int, *, sampler: str, nfe: int | None, seed: int = 0,
-    rtol: float = 1e-5, atol: float = 1e-5, chunk_size: int = 1000,
+    rtol: float | None = None, atol: float | None = None, chunk_size: int = 1000,
 ) -> Samples:  # fmt: skip
     """``n`` samples in chunks shared out over the processes of ``rt`` (see the module docstring)."""
     if sampler not in spec.samplers:
@@ -139,8 +141,12 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, n_default: int) -> 
         "-n", metavar="COUNT", type=_positive_int, default=n_default, help=f"samples (default: {n_default})"
     )
     parser.add_argument("--seed", metavar="S", type=int, default=0, help="seed of the samples (default: 0)")
-    parser.add_argument("--rtol", type=_positive_float, default=1e-5, help="tolerance of adaptive solvers (1e-5)")
-    parser.add_argument("--atol", type=_positive_float, default=1e-5, help="tolerance of adaptive solvers (1e-5)")
+    parser.add_argument(
+        "--rtol", type=_positive_float, default=None, help="tolerance of adaptive samplers (1e-5; sde_adaptive 1e-2)"
+    )
+    parser.add_argument(
+        "--atol", type=_positive_float, default=None, help="tolerance of adaptive samplers (1e-5; sde_adaptive 1e-2)"
+    )
     parser.add_argument(
         "--chunk-size", metavar="K", type=_positive_int, default=1000, help="samples per solve (default: 1000)"
     )
@@ -185,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
                 rtol=args.rtol, atol=args.atol, chunk_size=args.chunk_size,
             )  # fmt: skip
             if rt.is_main:
-                tag = f"nfe{nfe}" if nfe is not None else f"rtol{args.rtol:g}"
+                tag = f"nfe{nfe}" if nfe is not None else (f"rtol{args.rtol:g}" if args.rtol else "adaptive")
                 out = Path(args.out) if args.out else Path(ck["path"]).parent / f"samples-{sampler}-{tag}.pt"
                 write_samples(out, res.x)
                 info = {
@@ -201,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
                 }
                 print(json.dumps(info))
             rt.barrier()
-    except CheckpointError as e:
+    except (CheckpointError, SolveError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
     except ValueError as e:

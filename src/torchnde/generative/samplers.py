@@ -184,6 +184,7 @@ SAMPLERS = ("euler_maruyama", "pc", "pf_euler", "pf_heun", "pf_adaptive")
 #: every sampler name: :data:`SAMPLERS` and those of :mod:`~torchnde.generative.fast_samplers`
 ALL_SAMPLERS = SAMPLERS + FAST_SAMPLERS
 _ADAPTIVE = ("pf_adaptive", "sde_adaptive")
+_DEFAULT_TOL = {"pf_adaptive": 1e-5, "sde_adaptive": 1e-2}
 
 
 def _steps_for(sampler: str, nfe: int, n_corrector: int, process: DiffusionProcess) -> int:
@@ -218,8 +219,8 @@ def sample(
     t_end: float | None = None,
     dtype: torch.dtype = torch.float32,
     device=None,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
+    rtol: float | None = None,
+    atol: float | None = None,
     snr: float = 0.16,
     n_corrector: int = 1,
     solver: AbstractSolver | None = None,
@@ -254,7 +255,9 @@ def sample(
             overrides ``nfe``'s grid).
         t_start, t_end: the interval (default ``process.t1`` and ``process.t0``).
         dtype, device: of the samples (ignored with ``x_init``).
-        rtol, atol: tolerances of ``"pf_adaptive"`` and ``"sde_adaptive"``.
+        rtol, atol: tolerances of ``"pf_adaptive"`` (default 1e-5) and ``"sde_adaptive"`` (default
+            1e-2: an SDE solver's error falls slowly with the step, so 1e-5 would take many
+            thousands of steps).
         snr, n_corrector: the Langevin corrector of ``"pc"``.
         solver: override the sampler's solver (e.g. ``RK4()`` for a fixed-step PF-ODE, ``SRA1()``
             is not supported here since it needs a Lévy-area path).
@@ -361,7 +364,9 @@ def sample(
         controller, dt0 = StepTo(grid), None
         steps = max_steps if max_steps is not None else grid.numel() + 8
     else:
-        controller, dt0 = PIDController(rtol=rtol, atol=atol), None
+        tol = _DEFAULT_TOL[sampler]
+        controller = PIDController(rtol=tol if rtol is None else rtol, atol=tol if atol is None else atol)
+        dt0 = None
         steps = max_steps if max_steps is not None else 4096
     saveat = SaveAt(steps=True) if callback is not None else SaveAt(t1=True)
     sol = solve(
