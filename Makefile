@@ -31,6 +31,8 @@ bench: $(VENV)/.bench
 	$(PY) benchmarks/adjoints.py
 	$(PY) benchmarks/sde.py
 	$(PY) benchmarks/cde.py
+	$(PY) benchmarks/generative.py
+	$(PY) benchmarks/generative_trained.py
 
 lint: venv
 	$(PY) -m ruff check src tests benchmarks examples
