@@ -1,4 +1,4 @@
-"""Continuous-time generative models on the solver core (in progress: issue 5).
+"""Continuous-time generative models on the solver core.
 
 Score-based diffusion processes, parameterisations, analytic oracles and samplers; likelihoods
 through the instantaneous change of variables and continuous normalizing flows; the
