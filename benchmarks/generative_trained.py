@@ -52,7 +52,6 @@ import argparse
 import contextlib
 import math
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -66,6 +65,9 @@ HERE = Path(__file__).resolve().parent
 torch.set_num_threads(1)
 with contextlib.suppress(RuntimeError):  # only settable before any inter-op work
     torch.set_num_interop_threads(1)
+
+# the sibling benchmark script (this folder is on sys.path when a script here runs)
+from generative import _f, machine_info  # noqa: E402
 
 import torchnde as tn  # noqa: E402
 from torchnde.cli._models import MODELS, derive_seed, eval_data  # noqa: E402
@@ -513,27 +515,6 @@ def part_b(args):
 
 # =============================================================================================
 # report
-
-
-def machine_info():
-    cpu = platform.processor() or "?"
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    return {
-        "CPU": f"{cpu} ({os.cpu_count()} logical cores)",
-        "torch": f"{torch.__version__} (threads: {torch.get_num_threads()} intra-op, "
-        f"{torch.get_num_interop_threads()} inter-op)",
-        "torchnde": getattr(tn, "__version__", "?"),
-        "Python": f"{platform.python_version()} ({platform.system()} {platform.release()})",
-    }
-
-
-def _f(v, spec=".3f"):
-    return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
 
 
 def _num(v, spec):

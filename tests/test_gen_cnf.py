@@ -14,13 +14,7 @@ F64 = torch.float64
 TIGHT = tn.PIDController(rtol=1e-10, atol=1e-10)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny networks: one thread is fastest and immune to oversubscribed CI machines
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Field(torch.nn.Module):

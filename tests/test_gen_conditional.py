@@ -17,12 +17,7 @@ G = GaussianData([1.0, -0.5], [[1.0, 0.6], [0.6, 0.5]])
 Y_KNOWN = 0.5  # the observed second coordinate
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _limit_law(p, sde: bool):

@@ -37,12 +37,7 @@ N = 4000
 MC_TOL = 0.08  # as in test_gen_samplers: the Monte-Carlo error of the relative error is ~0.03
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _start(oracle, p, n, seed=1):

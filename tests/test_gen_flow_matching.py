@@ -29,13 +29,12 @@ from torchnde.generative.flow_matching import (
 TIMES = {}
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small MLPs: one thread is fastest
+
+
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # small MLPs: one thread is fastest and deterministic
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _report_times():
     yield
-    torch.set_num_threads(threads)
     if TIMES:
         print("\n" + ", ".join(f"{k}: {v:.1f}s" for k, v in TIMES.items()))
 

@@ -17,13 +17,7 @@ from torchnde.generative.likelihood import (
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # small problems: one thread is fastest and immune to oversubscribed CI machines
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TIGHT = dict(controller=tn.PIDController(rtol=1e-10, atol=1e-10))
