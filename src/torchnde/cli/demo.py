@@ -54,7 +54,7 @@ HELP = (
 DESCRIPTION = (
     "Train a VP-SDE score model and a flow-matching model on a 2-D data set (moons by default), sample "
     "with every sampler at several NFE budgets (Euler-Maruyama, predictor-corrector, probability-flow "
-    "Euler/Heun/adaptive, DPM-Solver++ 2M/3M, EDM Heun, adaptive SDE; flow: Euler/Heun/adaptive), "
+    "Euler/Heun/adaptive, DPM-Solver 3M, DPM-Solver++ 2M/3M, EDM Heun, adaptive SDE; flow: Euler/Heun/adaptive), "
     "compute the exact W2 against fresh data and the NLL through each model's ODE, and write "
     "DIR/generative.png, DIR/report.md and DIR/results.json (about two minutes on a CPU; --quick: "
     "seconds). With --ode: the classic first neural ODE (Chen et al. 2018) instead: fit an MLP vector "

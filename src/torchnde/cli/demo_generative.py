@@ -12,7 +12,7 @@ The demo strings together what the library provides, with no integration loop of
    afterwards.
 2. **Sampling**: the score model with every sampler of :func:`torchnde.generative.samplers.sample`
    named in :attr:`GenerativeDemoConfig.vp_samplers` (reverse-SDE Euler–Maruyama,
-   predictor–corrector, probability-flow Euler/Heun, DPM-Solver++ 2M/3M (Lu et al. 2022), EDM Heun
+   predictor–corrector, probability-flow Euler/Heun, DPM-Solver 3M and DPM-Solver++ 2M/3M (Lu et al. 2022), EDM Heun
    (Karras et al. 2022), and the adaptive probability-flow and reverse-SDE samplers), the
    flow-matching model with Euler, Heun and an adaptive solver, each fixed-step sampler at every
    NFE budget and each adaptive one at every tolerance.
@@ -60,6 +60,7 @@ DEFAULT_VP_SAMPLERS = (
     "pc",
     "pf_euler",
     "pf_heun",
+    "dpm_3m",
     "dpmpp_2m",
     "dpmpp_3m",
     "edm_heun",
@@ -75,6 +76,7 @@ _LABELS = {
     "pc": "predictor–corrector (EM + Langevin)",
     "pf_euler": "probability flow, Euler",
     "pf_heun": "probability flow, Heun",
+    "dpm_3m": "DPM-Solver 3M",
     "dpmpp_2m": "DPM-Solver++ 2M",
     "dpmpp_3m": "DPM-Solver++ 3M",
     "edm_heun": "EDM Heun",
