@@ -211,3 +211,15 @@ def test_pf_euler_matches_a_hand_written_loop():
         beta = p.beta_min + (p.beta_max - p.beta_min) * t
         x = x + (t1 - t) * (-0.5 * beta * x - 0.5 * beta * score(t, x))
     torch.testing.assert_close(out.x, x, rtol=1e-12, atol=1e-12)
+
+
+def test_a_dpm_solver_passed_to_a_dpm_preset_must_read_the_model_output():
+    from torchnde.generative.fast_samplers import DPMSolver
+
+    p = VP()
+    with pytest.raises(ValueError, match="term_kind='eps'"):
+        sample(GAUSS.model(p, "eps"), p, (8, 2), nfe=10, sampler="dpm_2m", parameterisation="eps",
+               solver=DPMSolver(p, 2, multistep=True))  # fmt: skip
+    out = sample(GAUSS.model(p, "eps"), p, (8, 2), nfe=10, sampler="dpm_2m", parameterisation="eps",
+                 solver=DPMSolver(p, 2, multistep=True, term_kind="eps", num_steps=10))  # fmt: skip
+    assert out.nfe == 10 and torch.isfinite(out.x).all()

@@ -260,7 +260,9 @@ def sample(
             thousands of steps).
         snr, n_corrector: the Langevin corrector of ``"pc"``.
         solver: override the sampler's solver (e.g. ``RK4()`` for a fixed-step PF-ODE, ``SRA1()``
-            is not supported here since it needs a Lévy-area path).
+            is not supported here since it needs a Lévy-area path). A DPM preset's term returns
+            the model's own output, so a :class:`DPMSolver` passed to one needs
+            ``term_kind=parameterisation`` (checked).
         per_sample: per-sample adaptive steps (``"pf_adaptive"``).
         max_steps: passed to ``solve`` (default: enough for the grid, 4096 for adaptive).
         progress: passed to ``solve``.
@@ -326,6 +328,11 @@ def sample(
         predict = Parameterisation(parameterisation, process).as_kind(model, parameterisation)
         score = predict  # counts the model's evaluations
         terms = ODETerm(_Prediction(predict))
+        if isinstance(solver, DPMSolver) and solver.term_kind != parameterisation:
+            raise ValueError(
+                f"the {sampler!r} preset's term returns the model's own output ({parameterisation!r}); "
+                f"build the solver with DPMSolver(..., term_kind={parameterisation!r}), got {solver.term_kind!r}"
+            )
         step = solver or DPMSolver(
             process,
             order,
