@@ -19,14 +19,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import cProfile
 import ctypes
 import gc
-import io
 import json
 import math
 import os
-import pstats
 import statistics
 import subprocess
 import sys
@@ -38,12 +35,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import run as fwd  # noqa: E402  (the forward benchmark: one thread, the MLP, machine info, step counting)
+import run as fwd  # noqa: E402  (the forward benchmark: one thread, the MLP, step counting)
 import torch  # noqa: E402
 import torchdiffeq  # noqa: E402
 import torchdiffeq._impl.fixed_grid as _tdq_fixed  # noqa: E402
 import torchdiffeq._impl.rk_common as _tdq_rk  # noqa: E402
 import torchode as to  # noqa: E402
+from _common import log_profile, machine_info  # noqa: E402  (this folder, on sys.path)
 from torchode.interpolation import ThirdOrderPolynomialInterpolation  # noqa: E402
 from torchode.single_step_methods.runge_kutta import ButcherTableau as ToTableau  # noqa: E402
 from torchode.single_step_methods.runge_kutta import ExplicitRungeKutta  # noqa: E402
@@ -994,16 +992,8 @@ def profile_adjoints(log, n=100):
         if m.lib != "torchnde" and m.label != BASE:
             continue
         forward = m.make(ctx, case)
-        one_run(ctx, forward)
-        pr = cProfile.Profile()
-        pr.enable()
-        for _ in range(5):
-            one_run(ctx, forward)
-        pr.disable()
-        s = io.StringIO()
-        pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(18)
-        log(f"cProfile of 5 forward + backward runs, {m.label}, (16, 2, 32), RK4 {n} steps, by self time:")
-        log(s.getvalue())
+        title = f"cProfile of 5 forward + backward runs, {m.label}, (16, 2, 32), RK4 {n} steps"
+        log_profile(lambda i, forward=forward: one_run(ctx, forward), 5, title, log, limit=18)
 
 
 def main(argv=None):
@@ -1042,7 +1032,11 @@ def main(argv=None):
     if not meter.ok:
         log(f"warning: peak memory not measurable ({meter.problem}); memory columns will be NaN")
     timing["meter"] = meter
-    info = fwd.machine_info()
+    info = machine_info(
+        torchdiffeq=torchdiffeq.__version__,
+        torchode=to.__version__,
+        **{"scipy / numpy": f"{fwd.scipy.__version__} / {fwd.np.__version__}"},
+    )
     log("memory meter:")
     meter_checks = validate_meter(meter, log, meter_mib) if meter.ok else []
     ms = methods()

@@ -23,13 +23,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import cProfile
 import gc
-import io
 import math
 import os
-import platform
-import pstats
 import statistics
 import sys
 import tempfile
@@ -49,6 +45,7 @@ with contextlib.suppress(RuntimeError):  # only settable before any inter-op wor
 import adjoints  # noqa: E402,F401  (registers torchdiffeq method "rk4_classic": classical RK4, like torchnde's RK4)
 import torchcde  # noqa: E402
 import torchdiffeq  # noqa: E402
+from _common import log_profile, machine_info  # noqa: E402  (this folder, on sys.path)
 
 import torchnde as tn  # noqa: E402
 import torchnde.compat.torchcde as tn_cde  # noqa: E402
@@ -329,24 +326,6 @@ def run_case(s: Setup, case: Case, ref, timing, log):
 # report
 
 
-def machine_info():
-    cpu = platform.processor() or "?"
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    return {
-        "CPU": f"{cpu} ({os.cpu_count()} logical cores)",
-        "torch": f"{torch.__version__} (threads: {torch.get_num_threads()} intra-op, "
-        f"{torch.get_num_interop_threads()} inter-op)",
-        "torchcde / torchdiffeq": f"{getattr(torchcde, '__version__', '?')} / {torchdiffeq.__version__}",
-        "torchnde": getattr(tn, "__version__", "?"),
-        "Python": f"{platform.python_version()} ({platform.system()} {platform.release()})",
-    }
-
-
 def fmt_ms(s):
     if not math.isfinite(s):
         return "–"
@@ -480,16 +459,8 @@ def profile_case(s: Setup, case: Case, log, reps=10):
         ("torchnde", torchnde_make(model, path, ts, xs, case)),
         ("torchcde", torchcde_make(model, X_cde, ts, xs, case)),
     ):
-        one_run(model, forward)
-        pr = cProfile.Profile()
-        pr.enable()
-        for _ in range(reps):
-            one_run(model, forward)
-        pr.disable()
-        out = io.StringIO()
-        pstats.Stats(pr, stream=out).sort_stats("tottime").print_stats(20)
-        log(f"cProfile of {reps} forward + backward runs, {lib}, {case.label}, by self time:")
-        log(out.getvalue())
+        title = f"cProfile of {reps} forward + backward runs, {lib}, {case.label}"
+        log_profile(lambda i, forward=forward: one_run(model, forward), reps, title, log)
 
 
 def main(argv=None):
@@ -516,7 +487,9 @@ def main(argv=None):
         for mode in ("direct", "adjoint"):
             cases.append(Case(interp, "dopri5", mode, tol=tol))
             cases.append(Case(interp, "rk4", mode, step=step))
-    info = machine_info()
+    info = machine_info(
+        **{"torchcde / torchdiffeq": f"{getattr(torchcde, '__version__', '?')} / {torchdiffeq.__version__}"}
+    )
     rows, ref_notes = [], {}
     for interp in INTERPS:
         z, g, note = reference(s, interp, ref_tol, log)

@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import math
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -44,6 +43,8 @@ HERE = Path(__file__).resolve().parent
 torch.set_num_threads(1)
 with contextlib.suppress(RuntimeError):  # only settable before any inter-op work
     torch.set_num_interop_threads(1)
+
+from _common import machine_info  # noqa: E402  (this folder, on sys.path)
 
 import torchnde as tn  # noqa: E402
 from torchnde.controllers import PIDController  # noqa: E402
@@ -369,23 +370,6 @@ def timing(shapes, nfe, reps, log):
 
 # ---------------------------------------------------------------------------------------------
 # report
-
-
-def machine_info():
-    cpu = platform.processor() or "?"
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    return {
-        "CPU": f"{cpu} ({os.cpu_count()} logical cores)",
-        "torch": f"{torch.__version__} (threads: {torch.get_num_threads()} intra-op, "
-        f"{torch.get_num_interop_threads()} inter-op)",
-        "torchnde": getattr(tn, "__version__", "?"),
-        "Python": f"{platform.python_version()} ({platform.system()} {platform.release()})",
-    }
 
 
 def _f(v, spec=".3f"):

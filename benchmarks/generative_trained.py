@@ -67,7 +67,8 @@ with contextlib.suppress(RuntimeError):  # only settable before any inter-op wor
     torch.set_num_interop_threads(1)
 
 # the sibling benchmark script (this folder is on sys.path when a script here runs)
-from generative import _f, machine_info  # noqa: E402
+from _common import machine_info  # noqa: E402
+from generative import _f  # noqa: E402
 
 import torchnde as tn  # noqa: E402
 from torchnde.cli._models import MODELS, derive_seed, eval_data  # noqa: E402

@@ -20,7 +20,6 @@ import cProfile
 import io
 import math
 import os
-import platform
 import pstats
 import statistics
 import sys
@@ -44,6 +43,7 @@ import scipy.integrate  # noqa: E402
 import torchdiffeq  # noqa: E402
 import torchdiffeq._impl.rk_common as _tdq_rk  # noqa: E402
 import torchode as to  # noqa: E402
+from _common import machine_info  # noqa: E402  (this folder, on sys.path)
 
 import torchnde as tn  # noqa: E402
 
@@ -514,24 +514,6 @@ def equal_error_tables(points, targets):
 # report
 
 
-def machine_info():
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {
-        "CPU": f"{cpu} ({os.cpu_count()} logical cores)",
-        "torch": f"{torch.__version__} (threads: {torch.get_num_threads()} intra-op, {torch.get_num_interop_threads()} inter-op)",
-        "torchnde": getattr(tn, "__version__", "?"),
-        "torchdiffeq": torchdiffeq.__version__,
-        "torchode": to.__version__,
-        "scipy / numpy": f"{scipy.__version__} / {np.__version__}",
-        "Python": f"{platform.python_version()} ({platform.system()} {platform.release()})",
-    }
-
-
 def fmt_ms(s):
     return f"{s * 1e3:.2f}" if s < 10 else f"{s * 1e3:.0f}"
 
@@ -808,7 +790,11 @@ def main(argv=None):
         p2 = dict(min_reps=3, max_reps=15, budget=1.0)
     rtol1 = 1e-6
 
-    info = machine_info()
+    info = machine_info(
+        torchdiffeq=torchdiffeq.__version__,
+        torchode=to.__version__,
+        **{"scipy / numpy": f"{scipy.__version__} / {np.__version__}"},
+    )
     with torch.no_grad():
         log("part 1: neural-ODE forward solves")
         rows1 = part1(shapes, rtol1, rtol1, log=log, **p1)

@@ -21,13 +21,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import cProfile
 import gc
-import io
 import math
 import os
-import platform
-import pstats
 import statistics
 import tempfile
 import time
@@ -43,6 +39,7 @@ with contextlib.suppress(RuntimeError):  # only settable before any inter-op wor
     torch.set_num_interop_threads(1)
 
 import torchsde  # noqa: E402
+from _common import log_profile, machine_info  # noqa: E402  (this folder, on sys.path)
 
 import torchnde as tn  # noqa: E402
 from torchnde.paths import BrownianGrid, VirtualBrownianTree  # noqa: E402
@@ -506,24 +503,6 @@ def law_checks(ms, n_samples, n_steps, log):
 # report
 
 
-def machine_info():
-    cpu = platform.processor() or "?"
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    return {
-        "CPU": f"{cpu} ({os.cpu_count()} logical cores)",
-        "torch": f"{torch.__version__} (threads: {torch.get_num_threads()} intra-op, "
-        f"{torch.get_num_interop_threads()} inter-op)",
-        "torchsde": torchsde.__version__,
-        "torchnde": getattr(tn, "__version__", "?"),
-        "Python": f"{platform.python_version()} ({platform.system()} {platform.release()})",
-    }
-
-
 def fmt_ms(s):
     if not math.isfinite(s):
         return "–"
@@ -791,16 +770,8 @@ def profile_euler(log, shape=(16, 2, 32), n=100, reps=10):
     for key in ("tn_euler_tree", "tn_euler_grid"):
         m = next(m for m in methods() if m.key == key)
         run = m.make(prob, n)
-        time_fb(run, 0, prob.params)
-        pr = cProfile.Profile()
-        pr.enable()
-        for s in range(reps):
-            time_fb(run, s, prob.params)
-        pr.disable()
-        s = io.StringIO()
-        pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(22)
-        log(f"cProfile of {reps} forward + backward runs, {m.label}, {shape}, {n} steps, by self time:")
-        log(s.getvalue())
+        title = f"cProfile of {reps} forward + backward runs, {m.label}, {shape}, {n} steps"
+        log_profile(lambda i, run=run: time_fb(run, i, prob.params), reps, title, log, limit=22)
 
 
 def main(argv=None):
@@ -829,7 +800,7 @@ def main(argv=None):
     for m in ms:
         if m.missing:
             log(f"note: {m.label} skipped ({m.missing})")
-    info = machine_info()
+    info = machine_info(torchsde=torchsde.__version__)
     rows = []
     for shape, n, keys in plan:
         log(f"{shape}, {n} steps")
