@@ -3,12 +3,13 @@
 
 import math
 
-import numpy as np
 import pytest
 import torch
-from scipy.optimize import linear_sum_assignment
 
 import torchnde as tn
+from gen_oracles import GAUSS, MC_TOL, MIX, PROCS, N
+from gen_oracles import gauss_error as _gauss_error
+from gen_oracles import start as _start
 from torchnde.generative.fast_samplers import (
     DPM_SAMPLERS,
     FAST_SAMPLERS,
@@ -23,36 +24,16 @@ from torchnde.generative.fast_samplers import (
     multistep_orders,
     singlestep_orders,
 )
-from torchnde.generative.oracles import GaussianData, GaussianMixtureData
+from torchnde.generative.metrics import wasserstein2 as _w2
 from torchnde.generative.parameterisation import KINDS
 from torchnde.generative.processes import EDM, VE, VP, MeanReverting, SubVP
 from torchnde.generative.samplers import ALL_SAMPLERS, sample
 from torchnde.paths import VirtualBrownianTree
 
 D = torch.float64
-PROCS = {"vp": VP, "ve": VE, "subvp": SubVP, "edm": EDM}
-GAUSS = GaussianData([1.0, -0.5], [[1.0, 0.3], [0.3, 0.5]])
-MIX = GaussianMixtureData([0.3, 0.7], [[-2.0, 0.0], [2.0, 1.0]], [[0.5, 0.3], [0.4, 0.6]])
-N = 4000
-MC_TOL = 0.08  # as in test_gen_samplers: the Monte-Carlo error of the relative error is ~0.03
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _start(oracle, p, n, seed=1):
-    return oracle.marginal_sample(p, p.t1, n, generator=torch.Generator().manual_seed(seed))
-
-
-def _gauss_error(x, p):
-    mean, cov = GAUSS.marginal_moments(p, p.t0)
-    return float(((x.mean(0) - mean).norm() + (torch.cov(x.T) - cov).norm()) / cov.norm())
-
-
-def _w2(a, b):
-    c = torch.cdist(a, b).pow(2).numpy()
-    r, k = linear_sum_assignment(c)
-    return float(np.sqrt(c[r, k].mean()))
 
 
 def _exact_flow(p, xT):

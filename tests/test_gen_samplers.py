@@ -3,42 +3,18 @@ Gaussian-mixture data): the samples converge to the marginal p_{t0} as the NFE g
 
 import math
 
-import numpy as np
 import pytest
 import torch
-from scipy.optimize import linear_sum_assignment
 
-from torchnde.generative.oracles import GaussianData, GaussianMixtureData
+from gen_oracles import GAUSS, MC_TOL, MIX, PROCS, N
+from gen_oracles import gauss_error as _gauss_error
+from gen_oracles import start as _start
+from torchnde.generative.metrics import wasserstein2 as _w2
 from torchnde.generative.parameterisation import KINDS
-from torchnde.generative.processes import EDM, VE, VP, MeanReverting, SubVP
+from torchnde.generative.processes import EDM, VP, MeanReverting
 from torchnde.generative.samplers import SAMPLERS, sample
 
 D = torch.float64
-PROCS = {"vp": VP, "ve": VE, "subvp": SubVP, "edm": EDM}
-GAUSS = GaussianData([1.0, -0.5], [[1.0, 0.3], [0.3, 0.5]])
-MIX = GaussianMixtureData([0.3, 0.7], [[-2.0, 0.0], [2.0, 1.0]], [[0.5, 0.3], [0.4, 0.6]])
-
-
-def _start(oracle, p, n, seed=1):
-    """Exact draws of p_{t1} (so only the sampler's discretisation error remains)."""
-    return oracle.marginal_sample(p, p.t1, n, generator=torch.Generator().manual_seed(seed))
-
-
-def _gauss_error(x, p):
-    """Relative error of the sample mean and covariance against the exact moments of p_{t0}."""
-    mean, cov = GAUSS.marginal_moments(p, p.t0)
-    return float(((x.mean(0) - mean).norm() + (torch.cov(x.T) - cov).norm()) / cov.norm())
-
-
-def _w2(a, b):
-    c = torch.cdist(a, b).pow(2).numpy()
-    r, k = linear_sum_assignment(c)
-    return float(np.sqrt(c[r, k].mean()))
-
-
-N = 4000
-# with N = 4000 the Monte-Carlo error of the relative mean + covariance error is about 0.03
-MC_TOL = 0.08
 
 
 @pytest.mark.parametrize("sampler", ["euler_maruyama", "pf_euler", "pf_heun"])
