@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # A CPU build of this torch release lies on the machines we use; an unpinned torch pulls CUDA.
 TORCH := torch==2.13.0
 
-.PHONY: venv test test-fast demo bench lint clean
+.PHONY: venv test test-fast demo bench docs lint clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -34,9 +34,18 @@ bench: $(VENV)/.bench
 	$(PY) benchmarks/generative.py
 	$(PY) benchmarks/generative_trained.py
 
+$(VENV)/.docs: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[docs]"
+	touch $@
+
+# The documentation site (mkdocs.yml) into site/. --strict: a broken link, anchor or
+# cross-reference, or a docstring mkdocstrings cannot parse, fails the build.
+docs: $(VENV)/.docs
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
+
 lint: venv
 	$(PY) -m ruff check src tests benchmarks examples
 	$(PY) -m ruff format --check src tests benchmarks examples
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info
+	rm -rf $(VENV) build dist site src/*.egg-info
