@@ -14,6 +14,8 @@ broken link, or a file that is not part of the site, e.g. under src/).
 
 from __future__ import annotations
 
+import ast
+import logging
 import posixpath
 import re
 from pathlib import Path
@@ -21,6 +23,7 @@ from pathlib import Path
 from mkdocs.structure.files import File, Files
 
 ROOT = Path(__file__).resolve().parent.parent
+log = logging.getLogger("mkdocs.hooks.torchnde")
 
 # repository files added to the site as they are: repository path -> site path
 _EXTRA_FILES = {"README.md": "index.md", "CHANGELOG.md": "changelog.md"}
@@ -58,6 +61,7 @@ def _example_page(path: Path) -> str:
 
 
 def on_files(files: Files, config) -> Files:
+    _page_names.clear()
     _repo_to_site.clear()
     _site_to_repo.clear()
     for f in list(files):
@@ -87,13 +91,21 @@ _REFDEF = re.compile(r"^(\s{0,3}\[[^\]]+\]:\s*<?)(\S+?)(?=>?(\s|$))")
 _FENCE = re.compile(r"^\s*(`{3,}|~{3,})")
 
 
-def _rewrite(target: str, repo_dir: str, site_dir: str) -> str:
+def _rewrite(target: str, repo_dir: str, site_dir: str, page_uri: str) -> str:
     if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:", target) or target.startswith(("#", "/")):
         return target  # a URL, an anchor on the same page or an absolute path
     path, sep, fragment = target.partition("#")
     repo = posixpath.normpath(posixpath.join(repo_dir, path))
     site = _repo_to_site.get(repo)
     if site is None:
+        page_repo = _site_to_repo[page_uri]
+        if page_repo != f"docs/{page_uri}":  # name the file to fix in mkdocs's warning that follows
+            log.info(
+                "the site's %s is the repository's %s: its link %r is to no file of the site",
+                page_uri,
+                page_repo,
+                target,
+            )
         return target
     return posixpath.relpath(site, site_dir or ".") + sep + fragment
 
@@ -115,14 +127,60 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
             continue
         if fence is not None:
             continue
-        line = _INLINE.sub(lambda m: m.group(1) + _rewrite(m.group(2), repo_dir, site_dir), line)
-        lines[i] = _REFDEF.sub(lambda m: m.group(1) + _rewrite(m.group(2), repo_dir, site_dir), line)
+        line = _INLINE.sub(lambda m: m.group(1) + _rewrite(m.group(2), repo_dir, site_dir, page.file.src_uri), line)
+        lines[i] = _REFDEF.sub(lambda m: m.group(1) + _rewrite(m.group(2), repo_dir, site_dir, page.file.src_uri), line)
     return "\n".join(lines)
 
 
-# docstrings write maths as reST roles, :math:`x`, which Markdown renders as ":math:" and code.
+# The docstrings are written with reST roles, which Markdown renders as ":math:" or ":class:"
+# followed by code: maths becomes MathJax markup (as pymdownx.arithmatex writes it), and a role
+# naming an object becomes an optional cross-reference (resolved by mkdocs-autorefs where the API
+# reference documents that object, plain code where it does not).
 _MATH_ROLE = re.compile(r":math:<code>(.*?)</code>", re.S)
+# :role:`name`, :role:`~a.b.name` (shown as "name") or :role:`title <a.b.name>`
+_OBJECT_ROLE = re.compile(
+    r":(?:class|func|meth|attr|mod|data|obj|exc):<code>(?:([^<]*?) ?&lt;(?=[^<]*&gt;</code>))?(~?)([A-Za-z_][\w.]*)(?:&gt;)?</code>"
+)
+
+
+def _exports(module: str) -> list[str]:
+    """``module.__all__``, read from its source without importing it."""
+    base = ROOT / "src" / Path(*module.split("."))
+    path = base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):
+            return list(ast.literal_eval(node.value))
+    return []
+
+
+_page_names: dict[str, dict[str, str]] = {}  # API page -> short name -> the object's public path
+
+
+def _names_for(page_uri: str) -> dict[str, str]:
+    """The names the docstrings on an API page may use unqualified: the exports of the modules it
+    documents (its ``::: module`` lines), then those of ``torchnde``."""
+    if page_uri not in _page_names:
+        names: dict[str, str] = {}
+        text = (ROOT / "docs" / page_uri).read_text(encoding="utf-8")
+        for module in [*re.findall(r"^::: ([\w.]+)", text, re.M), "torchnde"]:
+            for name in _exports(module):
+                names.setdefault(name, f"{module}.{name}")
+        _page_names[page_uri] = names
+    return _page_names[page_uri]
+
+
+def _object_role(match: re.Match, names: dict[str, str]) -> str:
+    title, tilde, name = match.groups()
+    label = f"<code>{title or (name.rsplit('.', 1)[-1] if tilde else name)}</code>"
+    head, dot, rest = name.partition(".")
+    if head != "torchnde":
+        if head not in names:
+            return label  # e.g. a method of the class being documented: left as code
+        name = names[head] + dot + rest
+    return f'<autoref identifier="{name}" optional>{label}</autoref>'
 
 
 def on_page_content(html: str, page, config, files) -> str:
-    return _MATH_ROLE.sub(lambda m: f'<span class="arithmatex">\\({m.group(1)}\\)</span>', html)
+    html = _MATH_ROLE.sub(lambda m: f'<span class="arithmatex">\\({m.group(1)}\\)</span>', html)
+    names = _names_for(page.file.src_uri) if page.file.src_uri.startswith("api/") else {}
+    return _OBJECT_ROLE.sub(lambda m: _object_role(m, names), html)
