@@ -80,7 +80,11 @@ def on_files(files: Files, config) -> Files:
         site = f"{rel}.md"  # examples/spiral_neural_ode.py -> the page examples/spiral_neural_ode.py/
         files.append(File.generated(config, site, content=_example_page(path)))
         _register(rel, site)
-        index.append(f"- [`{rel}`]({posixpath.relpath(site, 'examples')})")
+        summary = ""
+        if path.suffix == ".py":
+            doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
+            summary = f": {doc.splitlines()[0]}" if doc else ""
+        index.append(f"- [`{rel}`]({posixpath.relpath(site, 'examples')}){summary}")
     files.append(File.generated(config, "examples/index.md", content="\n".join(index) + "\n"))
     return files
 
