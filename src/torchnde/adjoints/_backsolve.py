@@ -121,7 +121,12 @@ class _Backsolve(torch.autograd.Function):
                 y_ = y.detach().requires_grad_()
                 out = flat.flatten(term.vf(t, flat.unflatten(y_), args_proxy))
                 try:
-                    vjps = torch.autograd.grad(out, (y_, *wrt), grad_outputs=a, allow_unused=True)
+                    # a vector field of t alone (no y, no parameter) has no graph: every VJP is zero
+                    vjps = (
+                        torch.autograd.grad(out, (y_, *wrt), grad_outputs=a, allow_unused=True)
+                        if out.requires_grad
+                        else (None,) * (1 + len(wrt))
+                    )
                 except RuntimeError as e:
                     if "second time" in str(e):
                         raise RuntimeError(
@@ -133,7 +138,7 @@ class _Backsolve(torch.autograd.Function):
             for i, v in enumerate(vjps[1:]):
                 reached[i] = reached[i] or v is not None
             dy = out.detach()
-            da = -vjps[0]
+            da = torch.zeros_like(a) if vjps[0] is None else -vjps[0]
             dg = [torch.zeros_like(w, dtype=dtype) if v is None else -v.to(dtype) for w, v in zip(wrt, vjps[1:])]
             return (dy, da, *dg)
 

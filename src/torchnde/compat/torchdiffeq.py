@@ -41,15 +41,18 @@ and friends) are not called, so a ``func`` that defines them is rejected.
 
 from __future__ import annotations
 
+import bisect
+import copy
 import math
 import numbers
+import warnings
 from collections.abc import Callable
 from fractions import Fraction as F
 
 import torch
 from torch import nn
 
-from .._results import SolveError
+from .._results import SolveError as _SolveError
 from .._saveat import SaveAt
 from .._solve import solve
 from .._terms import ODETerm
@@ -57,9 +60,20 @@ from .._tree import Flattener
 from ..adjoints import BacksolveAdjoint, DirectAdjoint
 from ..controllers import AbstractController, ConstantStepSize, PIDController, rms_norm
 from ..controllers._grid import StepEnds
-from ..solvers import AbstractERK, Bosh3, ButcherTableau, Dopri5, Dopri8, Euler, Heun, Midpoint, Tsit5
+from ..solvers import (
+    AbstractAdaptiveERK,
+    AbstractERK,
+    Bosh3,
+    ButcherTableau,
+    Dopri5,
+    Dopri8,
+    Euler,
+    Heun,
+    Midpoint,
+    Tsit5,
+)
 
-__all__ = ["odeint", "odeint_adjoint", "SolveError"]
+__all__ = ["odeint", "odeint_adjoint", "odeint_dense", "odeint_event", "SolveError"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -90,14 +104,59 @@ class _Heun3(AbstractERK):
     dense_order = 3
 
 
-_ADAPTIVE = {"dopri5": Dopri5, "dopri8": Dopri8, "bosh3": Bosh3, "adaptive_heun": Heun, "tsit5": Tsit5}
+class _Fehlberg2(AbstractAdaptiveERK):
+    """Fehlberg's RK1(2) pair (E. Fehlberg, NASA TR R-315, 1969) as torchdiffeq's
+    ``method="fehlberg2"`` uses it: the order-2 solution is propagated and the difference to the
+    order-1 one is the error estimate.
+
+    Not in ``torchnde.solvers``: that estimate measures the order-1 solution, whose error
+    constant Fehlberg made tiny, so it understates the error of the propagated solution (about
+    300x the tolerance on a linear test problem), which the generic solver tests reject.
+    """
+
+    tableau = ButcherTableau(
+        c=(F(0), F(1, 2), F(1)),
+        a=((), (F(1, 2),), (F(1, 256), F(255, 256))),
+        b=(F(1, 512), F(255, 256), F(1, 512)),
+        b_error=(F(1, 512) - F(1, 256), F(0), F(1, 512)),
+    )
+    order = 2
+    error_order = 1
+    dense_order = 2
+
+
+_ADAPTIVE = {
+    "dopri5": Dopri5,
+    "dopri8": Dopri8,
+    "bosh3": Bosh3,
+    "fehlberg2": _Fehlberg2,
+    "adaptive_heun": Heun,
+    "tsit5": Tsit5,
+}
 _FIXED = {"euler": Euler, "midpoint": Midpoint, "rk4": _RK4ThreeEighths, "heun2": Heun, "heun3": _Heun3}
+_IMPLICIT_HINT = (
+    "implicit (stiff) methods are not in torchnde yet (they come with the stiff-solver issue); meanwhile use "
+    "'dopri5' with a small max_step, or torchdiffeq for stiff problems"
+)
 _UNSUPPORTED = {
-    "fehlberg2": "use 'adaptive_heun' (also an adaptive 2nd-order pair) or 'bosh3'",
     "explicit_adams": "multistep methods are not in torchnde; use 'rk4' (fixed steps) or 'dopri5'",
     "implicit_adams": "multistep methods are not in torchnde; use 'rk4' (fixed steps) or 'dopri5'",
     "fixed_adams": "multistep methods are not in torchnde; use 'rk4' (fixed steps) or 'dopri5'",
     "scipy_solver": "use 'dopri5'/'dopri8', or call scipy.integrate.solve_ivp yourself",
+    **{
+        m: _IMPLICIT_HINT
+        for m in (
+            "implicit_euler",
+            "implicit_midpoint",
+            "trapezoid",
+            "radauIIA3",
+            "gl4",
+            "radauIIA5",
+            "gl6",
+            "sdirk2",
+            "trbdf2",
+        )
+    },
 }
 _VALID_METHODS = (*_ADAPTIVE, *_FIXED)
 
@@ -116,14 +175,6 @@ _ADAPTIVE_OPTIONS = (
 )
 # "norm" is accepted and ignored by torchdiffeq's fixed-grid methods too (there is no error to measure)
 _FIXED_OPTIONS = ("step_size", "grid_constructor", "interp", "perturb", "norm")
-_CALLBACKS = (
-    "callback_step",
-    "callback_accept_step",
-    "callback_reject_step",
-    "callback_step_adjoint",
-    "callback_accept_step_adjoint",
-    "callback_reject_step_adjoint",
-)
 
 
 def _method_class(method, what="method"):
@@ -214,6 +265,8 @@ class _Plan:
 
     solver = controller = dt0 = max_steps = max_num_steps = None
     first_step = step_size = grid_constructor = None
+    perturb = False
+    jumps: tuple = ()
 
 
 def _check_options(method, adaptive, options, what):
@@ -271,12 +324,12 @@ def _plan_method(method, options, rtol, atol, flat, ts, sign, what):
         dtype = options.get("dtype", torch.float64)
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"{what}['dtype'] must be a floating-point torch.dtype, got {dtype!r}")
+        jump_t = options.get("jump_t")
+        if jump_t is not None:
+            p.jumps = tuple(torch.as_tensor(jump_t).detach().cpu().to(torch.float64).reshape(-1).tolist())
         return p
-    if "perturb" in options and options["perturb"]:
-        raise NotImplementedError(
-            f"{what}['perturb'] is not supported by torchnde; for a vector field with discontinuities use an "
-            "adaptive method with options=dict(jump_t=...)"
-        )
+    # torchdiffeq's perturb: func sees the start of each step nudged into the step and its end too
+    p.perturb = bool(options.get("perturb", False))
     step_size = options.get("step_size")
     grid_constructor = options.get("grid_constructor")
     if step_size is not None and grid_constructor is not None:
@@ -305,8 +358,21 @@ def _plan_method(method, options, rtol, atol, flat, ts, sign, what):
     return p
 
 
+class SolveError(_SolveError, AssertionError):
+    """A failed solve: torchnde's :class:`~torchnde.SolveError` that is also an ``AssertionError``,
+    the exception torchdiffeq raises (e.g. ``underflow in dt``), so that code written against
+    torchdiffeq catches it either way."""
+
+
 class _TimeAsTensor:
-    """``f(t, y, args)`` for torchnde from torchdiffeq's ``func(t, y)``: ``t`` becomes a 0-d tensor."""
+    """``f(t, y, args)`` for torchnde from torchdiffeq's ``func(t, y)``: ``t`` becomes a 0-d tensor
+    of y0's real dtype (as in torchdiffeq).
+
+    Rounding the exact (float64) time to a lower precision must not move it across a
+    discontinuity: with ``jump_t`` the rounded time stays on the side of each jump the exact time
+    is on (a step that ends just before a jump is evaluated before it), and with ``perturb`` the
+    start and end of each step are nudged into the step by one unit in the last place.
+    """
 
     def __init__(self, func, dtype, device):
         self.func, self.dtype, self.device = func, dtype, device
@@ -314,69 +380,199 @@ class _TimeAsTensor:
         # our own wrappers (torchnde.compat.torchcde) take the exact float time: rounding it to a
         # float32 tensor would move a step that ends just before a knot onto the knot
         self.exact = getattr(func, "takes_float_time", False)
+        self.jumps: tuple = ()  # user times, float64
+        self.perturb = False
+        self.step = None  # (internal t0, internal t1, sign) of the step being taken (perturb)
+
+    def time(self, t) -> torch.Tensor:
+        perturb = self.perturb and self.step is not None
+        if not perturb and not (self.jumps and self.dtype != torch.float64):
+            if isinstance(t, torch.Tensor):
+                return t.to(dtype=self.dtype, device=self.device)
+            return torch.tensor(t, dtype=self.dtype, device=self.device)
+        t = float(t)
+        bounds = []  # (b, d): the time passed must satisfy (time - b) * d > 0
+        for j in self.jumps:
+            if t != j:
+                bounds.append((j, 1.0 if t > j else -1.0))
+        if perturb:
+            t0, t1, sign = self.step
+            tol = 1e-12 * abs(t1 - t0)
+            if abs(t * sign - t0) <= tol:
+                bounds.append((t0 * sign, sign))
+            elif abs(t * sign - t1) <= tol:
+                bounds.append((t1 * sign, -sign))
+        r = torch.tensor(t, dtype=self.dtype)  # on the CPU: the checks below need no device sync
+        for b, d in bounds:
+            for _ in range(4):
+                if (float(r) - b) * d > 0:
+                    break
+                r = torch.nextafter(r, torch.tensor(d * math.inf, dtype=self.dtype))
+        return r.to(self.device)
 
     def __call__(self, t, y, args):
         if self.exact:
-            return self.func(t, y)
-        return self.func(torch.tensor(t, dtype=self.dtype, device=self.device), y)
+            return self.func(float(t), y)
+        return self.func(self.time(t), y)
 
 
-def _prepare(func, y0, t, rtol, atol, method, options, event_fn, fname):
-    if event_fn is not None:
-        raise NotImplementedError(
-            f"events are not supported yet by torchnde: {fname}(..., event_fn=...) must be None. "
-            "Use torchdiffeq for event handling, or solve to a fixed time."
-        )
-    if not callable(func):
-        raise TypeError(f"func must be callable as func(t, y), got {type(func).__name__}")
-    defined = [c for c in _CALLBACKS if callable(getattr(func, c, None))]
-    if defined:
-        raise NotImplementedError(
-            f"func defines {', '.join(defined)}, but torchnde does not call solver callbacks; remove them "
-            "(or use torchdiffeq)"
-        )
-    if isinstance(y0, torch.Tensor):
-        pass
-    elif isinstance(y0, tuple) and y0 and all(isinstance(x, torch.Tensor) for x in y0):
-        pass
-    else:
-        raise TypeError(f"y0 must be either a torch.Tensor or a tuple of tensors, got {type(y0).__name__}")
+def _term(vf: _TimeAsTensor) -> ODETerm:
+    """The ODETerm of ``vf``, which takes the loop's exact float time (it makes its own tensor)."""
+    try:
+        return ODETerm(vf, time_as_float=True)
+    except TypeError:  # an ODETerm that always passes the float time
+        return ODETerm(vf)
+
+
+def _tracking_solver(solver, vf: _TimeAsTensor, sign: float):
+    """``solver`` that tells ``vf`` which step it is taking (for ``perturb``)."""
+    cls = type(solver)
+
+    def init(self, term, t0, y0):
+        vf.step = (t0, t0, sign)  # a first-stage evaluation here is the start of the first step
+        return cls.init(self, term, t0, y0)
+
+    def step(self, term, t0, t1, y0, state):
+        vf.step = (t0, t1, sign)
+        return cls.step(self, term, t0, t1, y0, state)
+
+    tracked = copy.copy(solver)
+    tracked.__class__ = type(cls.__name__, (cls,), {"init": init, "step": step, "__module__": cls.__module__})
+    return tracked
+
+
+_FORWARD_CALLBACKS = ("callback_step", "callback_accept_step", "callback_reject_step")
+_ADJOINT_CALLBACKS = ("callback_step_adjoint", "callback_accept_step_adjoint", "callback_reject_step_adjoint")
+
+
+def _callbacks(func, names, adaptive: bool):
+    """torchdiffeq's step callbacks of ``func``; the fixed-grid methods call only the first."""
+    out = [getattr(func, n, None) for n in (names if adaptive else names[:1])]
+    return [c if callable(c) else None for c in out] + [None] * (3 - len(out))
+
+
+def _with_callbacks(controller, callbacks, sign: float, unflatten, dtype, device):
+    """``controller`` that calls torchdiffeq's ``callback_step(t0, y0, dt)`` after each step
+    (torchdiffeq: before it) and then ``callback_accept_step`` or ``callback_reject_step``."""
+    on_step, on_accept, on_reject = callbacks
+    if on_step is None and on_accept is None and on_reject is None:
+        return controller
+    adapt0 = controller.adapt
+
+    def adapt(t0, t1, y0, y1, y_error, error_order, cstate, ops):
+        out = adapt0(t0, t1, y0, y1, y_error, error_order, cstate, ops)
+        tt = torch.tensor(t0 * sign, dtype=dtype, device=device)
+        dt = torch.tensor((t1 - t0) * sign, dtype=dtype, device=device)
+        y = unflatten(y0)
+        if on_step is not None:
+            on_step(tt, y, dt)
+        done = on_accept if bool(out[0]) else on_reject
+        if done is not None:
+            done(tt, y, dt)
+        return out
+
+    wrapped = copy.copy(controller)
+    wrapped.adapt = adapt
+    return wrapped
+
+
+class _GridEnds(AbstractController):
+    """Steps ending at the given (internal, increasing) grid times, from wherever the solve starts:
+    the backward solve of ``odeint_adjoint`` with ``grid_constructor`` (one solve per interval)."""
+
+    def __init__(self, ends: list):
+        self.ends = ends
+
+    def _next(self, t):
+        i = bisect.bisect_right(self.ends, t + 1e-12 * max(1.0, abs(t)))
+        return self.ends[i] - t if i < len(self.ends) else math.inf
+
+    def init(self, term, solver, t0, t1, y0, f0, dt0, ops):
+        return min(self._next(t0), t1 - t0), None
+
+    def adapt(self, t0, t1, y0, y1, y_error, error_order, cstate, ops):
+        return True, self._next(t1), cstate, None
+
+
+def _check_t(t, fname):
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"t must be a torch.Tensor, got {type(t).__name__}")
+        raise TypeError(f"{fname}: t must be a torch.Tensor, got {type(t).__name__}")
     if not torch.is_floating_point(t):
         raise TypeError(f"`t` must be a floating point Tensor but is a {t.type()}")
     if t.dim() != 1:
         raise ValueError(f"t must be one dimensional, got shape {tuple(t.shape)}")
     if len(t) == 0:
         raise ValueError("t must hold at least one time")
-    if t.requires_grad and torch.is_grad_enabled():
-        raise NotImplementedError(
-            "gradients with respect to t are not supported by torchnde; pass t.detach() (the solution is "
-            "still differentiable with respect to y0 and the parameters)"
-        )
     ts = t.detach().cpu().to(torch.float64).tolist()
     if len(ts) > 1:
         d = [b - a for a, b in zip(ts[:-1], ts[1:])]
         if not (all(x > 0 for x in d) or all(x < 0 for x in d)):
             raise ValueError(f"t must be strictly increasing or decreasing, got {ts}")
+    return ts
+
+
+def _grid(grid_constructor, func, y0, t, sign, what):
+    """The grid of ``grid_constructor(func, y0, t)`` as internal times (``sign * t``)."""
+    ts = t.detach().cpu().to(torch.float64).tolist()
+    grid = grid_constructor(func, y0, t)
+    grid = torch.as_tensor(grid).detach().cpu().to(torch.float64).flatten().tolist()
+    if len(grid) < 2 or grid[0] != ts[0] or grid[-1] != ts[-1]:
+        raise ValueError(
+            f"{what}grid_constructor must return a grid from t[0] = {ts[0]} to t[-1] = {ts[-1]}; got "
+            f"{grid[:3]} ... {grid[-3:]}"
+        )
+    g = [sign * v for v in grid]
+    if not all(b > a for a, b in zip(g[:-1], g[1:])):
+        raise ValueError(f"{what}grid_constructor must return a strictly monotone grid in the direction of t")
+    return g
+
+
+def _prepare(func, y0, t, rtol, atol, method, options, event_fn, fname):
+    if event_fn is not None:
+        raise NotImplementedError(
+            f"events are not supported yet by torchnde: {fname}(..., event_fn=...) must be None (event "
+            "handling is planned: see odeint_event). Meanwhile use torchdiffeq for event handling, or solve "
+            "to a fixed time."
+        )
+    if not callable(func):
+        raise TypeError(f"func must be callable as func(t, y), got {type(func).__name__}")
+    if isinstance(y0, torch.Tensor):
+        pass
+    elif isinstance(y0, tuple) and y0 and all(isinstance(x, torch.Tensor) for x in y0):
+        pass
+    else:
+        raise TypeError(f"y0 must be either a torch.Tensor or a tuple of tensors, got {type(y0).__name__}")
+    ts = _check_t(t, fname)
     sign = 1.0 if len(ts) < 2 or ts[1] > ts[0] else -1.0
     flat = Flattener(y0, batch=False)
     plan = _plan_method(method, options, rtol, atol, flat, ts, sign, "options")
-    if not plan.adaptive and plan.grid_constructor is not None:
-        grid = plan.grid_constructor(func, y0, t)
-        grid = torch.as_tensor(grid).detach().cpu().to(torch.float64).flatten().tolist()
-        if len(grid) < 2 or grid[0] != ts[0] or grid[-1] != ts[-1]:
-            raise ValueError(
-                f"grid_constructor must return a grid from t[0] = {ts[0]} to t[-1] = {ts[-1]}; got "
-                f"{grid[:3]} ... {grid[-3:]}"
-            )
-        g = [sign * v for v in grid]
-        if not all(b > a for a, b in zip(g[:-1], g[1:])):
-            raise ValueError("grid_constructor must return a strictly monotone grid in the direction of t")
-        plan.controller = StepEnds(g[1:])
+    if not plan.adaptive and plan.grid_constructor is not None and len(ts) > 1:
+        plan.controller = StepEnds(_grid(plan.grid_constructor, func, y0, t, sign, "")[1:])
     # torchdiffeq casts the time it passes to func to y0's real dtype
     plan.vf = _TimeAsTensor(func, flat.dtype.to_real() if flat.dtype.is_complex else flat.dtype, flat.device)
+    plan.vf.jumps = plan.jumps
+    if plan.perturb:
+        plan.vf.perturb = True
+        plan.vf.step = (ts[0] * sign, ts[0] * sign, sign)  # (an evaluation before the first step)
+        plan.solver = _tracking_solver(plan.solver, plan.vf, sign)
+    if not plan.adaptive:
+        odd = [n for n in ("callback_accept_step", "callback_reject_step") if callable(getattr(func, n, None))]
+        if odd:
+            warnings.warn(
+                f"func defines {', '.join(odd)}, which the fixed-grid method {plan.name!r} never calls (it "
+                "accepts every step); only callback_step is called",
+                stacklevel=3,
+            )
+    plan.controller = _with_callbacks(
+        plan.controller,
+        _callbacks(func, _FORWARD_CALLBACKS, plan.adaptive),
+        sign,
+        flat.unflatten,
+        plan.vf.dtype,
+        flat.device,
+    )
     plan.ts = ts
+    plan.t = t
     plan.sign = sign
     plan.flat = flat
     if plan.max_num_steps is not None:
@@ -389,18 +585,30 @@ def _solve(plan, y0, adjoint):
         if isinstance(y0, torch.Tensor):
             return y0.unsqueeze(0).clone()
         return tuple(x.unsqueeze(0).clone() for x in y0)
-    sol = solve(
-        ODETerm(plan.vf),
-        plan.solver,
-        plan.ts[0],
-        plan.ts[-1],
-        y0,
-        dt0=plan.dt0,
-        saveat=SaveAt(ts=plan.ts),
-        controller=plan.controller,
-        adjoint=adjoint,
-        max_steps=plan.max_steps,
-    )
+    t = plan.t
+    if t.requires_grad and torch.is_grad_enabled():
+        # gradients with respect to the times: torchnde's d y(s)/ds = f(s, y(s)) (and the t0 shift)
+        t0, t1, ts = t[0], t[-1], t.to(plan.flat.device)
+        t0, t1 = t0.to(plan.flat.device), t1.to(plan.flat.device)
+    else:
+        t0, t1, ts = plan.ts[0], plan.ts[-1], plan.ts
+    try:
+        sol = solve(
+            _term(plan.vf),
+            plan.solver,
+            t0,
+            t1,
+            y0,
+            dt0=plan.dt0,
+            saveat=SaveAt(ts=ts),
+            controller=plan.controller,
+            adjoint=adjoint,
+            max_steps=plan.max_steps,
+        )
+    except _SolveError as e:
+        if isinstance(e, SolveError):
+            raise
+        raise SolveError(str(e), e.result, e.solution) from None
     return sol.ys
 
 
@@ -408,21 +616,26 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
     """Integrate ``dy/dt = func(t, y)`` from ``y(t[0]) = y0``, returning ``y`` at every time of ``t``.
 
     torchdiffeq's ``odeint``, computed by :func:`torchnde.solve`. Gradients are by
-    backpropagation through the solver's operations (:class:`~torchnde.DirectAdjoint`).
+    backpropagation through the solver's operations (:class:`~torchnde.DirectAdjoint`); a ``t``
+    that requires grad gets the gradient of the exact flow (``dy(t_i)/dt_i = func(t_i, y_i)``,
+    and the matching term for ``t[0]``), which costs one evaluation of ``func`` per output time.
 
     Args:
         func: ``func(t, y)`` returning ``dy/dt`` with the structure of ``y``; ``t`` is a 0-d tensor.
+            Optional methods ``func.callback_step(t0, y0, dt)`` (and, adaptive methods only,
+            ``callback_accept_step`` / ``callback_reject_step``) are called after each step.
         y0: the initial state: a tensor of any shape, or a tuple of tensors.
         t: 1-D tensor of output times, strictly increasing or decreasing; ``t[0]`` is the initial time.
         rtol, atol: relative and absolute tolerance of the adaptive methods (floats; a tensor or
             tuple only if all its values are equal).
-        method: ``"dopri5"`` (default), ``"dopri8"``, ``"bosh3"``, ``"adaptive_heun"``, ``"tsit5"``
-            (adaptive); ``"euler"``, ``"midpoint"``, ``"rk4"`` (3/8 rule), ``"heun2"``, ``"heun3"``
-            (fixed grid).
+        method: ``"dopri5"`` (default), ``"dopri8"``, ``"bosh3"``, ``"fehlberg2"``,
+            ``"adaptive_heun"``, ``"tsit5"`` (adaptive); ``"euler"``, ``"midpoint"``, ``"rk4"``
+            (3/8 rule), ``"heun2"``, ``"heun3"`` (fixed grid).
         options: adaptive methods: ``first_step``, ``min_step``, ``max_step``, ``step_t``,
             ``jump_t``, ``safety``, ``ifactor``, ``dfactor``, ``max_num_steps``, ``dtype``,
             ``norm``. Fixed-grid methods: ``step_size`` or ``grid_constructor`` (default: step
-            from one output time to the next), ``interp="cubic"``. Any other key raises ``TypeError``.
+            from one output time to the next), ``interp="cubic"``, ``perturb``. Any other key
+            raises ``TypeError``.
         event_fn: must be ``None`` (events are not supported yet).
 
     Returns:
@@ -431,7 +644,8 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
     Raises:
         ValueError: unknown method, invalid ``t``. TypeError: unknown option.
         NotImplementedError: a torchdiffeq feature torchnde does not have (see the module docstring).
-        torchnde.SolveError: the solve failed (e.g. the step size underflowed).
+        SolveError: the solve failed (e.g. the step size underflowed); both a
+            :class:`torchnde.SolveError` and an ``AssertionError``.
 
     Example:
         >>> import torch
@@ -443,6 +657,69 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
     """
     plan = _prepare(func, y0, t, rtol, atol, method, options, event_fn, "odeint")
     return _solve(plan, y0, DirectAdjoint())
+
+
+def odeint_dense(func, y0, t0, t1, *, rtol=1e-7, atol=1e-9, method=None, options=None):
+    """Solve from ``t0`` to ``t1`` and return the dense solution: a function ``y(t_eval)``.
+
+    torchdiffeq's ``odeint_dense``: ``t_eval`` is a time or a 1-D tensor of times in
+    ``[t0, t1]``; the values come from the method's dense output (torchnde's
+    :meth:`Solution.evaluate <torchnde.Solution.evaluate>`), differentiable with respect to
+    ``y0`` and the parameters. torchdiffeq only allows ``method="dopri5"`` and a tensor ``y0``;
+    here every method of :func:`odeint` and a tuple ``y0`` work.
+
+    Example:
+        >>> import torch
+        >>> from torchnde.compat.torchdiffeq import odeint_dense
+        >>> y = odeint_dense(lambda t, y: -y, torch.ones(2), torch.tensor(0.0), torch.tensor(1.0))
+        >>> torch.allclose(y(torch.tensor([0.5, 1.0])), torch.exp(-torch.tensor([[0.5], [1.0]])).expand(2, 2), atol=1e-6)
+        True
+    """
+    times = [torch.as_tensor(x).detach().reshape(()) for x in (t0, t1)]
+    if any(not torch.is_floating_point(x) for x in times):
+        raise TypeError(f"t0 and t1 must be floating-point times, got {t0!r} and {t1!r}")
+    t = torch.stack(times).to(torch.float64)
+    plan = _prepare(func, y0, t, rtol, atol, method, options, None, "odeint_dense")
+    if plan.ts[0] == plan.ts[-1]:
+        raise ValueError(f"odeint_dense needs t0 != t1, got t0 = t1 = {plan.ts[0]}")
+    try:
+        sol = solve(
+            _term(plan.vf),
+            plan.solver,
+            plan.ts[0],
+            plan.ts[-1],
+            y0,
+            dt0=plan.dt0,
+            saveat=SaveAt(t1=True, dense=True),
+            controller=plan.controller,
+            adjoint=DirectAdjoint(),
+            max_steps=plan.max_steps,
+        )
+    except _SolveError as e:
+        raise SolveError(str(e), e.result, e.solution) from None
+
+    def dense_output_fn(t_eval):
+        return sol.evaluate(t_eval)
+
+    return dense_output_fn
+
+
+def odeint_event(func, y0, t0, *, event_fn, reverse_time=False, odeint_interface=None, **kwargs):
+    """torchdiffeq's ``odeint_event`` (solve until ``event_fn(t, y)`` crosses zero): not available yet.
+
+    Raises:
+        NotImplementedError: always. Event handling (terminating events with gradients with
+            respect to the event time) is planned for torchnde's solver core; until it lands, use
+            torchdiffeq's ``odeint_event`` for such problems, or solve to a fixed time with
+            :func:`odeint` on a fine ``t`` and locate the first sign change of ``event_fn`` on
+            the result yourself.
+    """
+    raise NotImplementedError(
+        "odeint_event is not supported yet by torchnde: event handling (stopping when event_fn(t, y) "
+        "crosses zero, with gradients with respect to the event time) is planned but not built. "
+        "Meanwhile use torchdiffeq.odeint_event for this problem, or call odeint on a fine grid of t and "
+        "find the first sign change of event_fn on the result."
+    )
 
 
 class _DetachExcluded(nn.Module):
@@ -457,6 +734,21 @@ class _DetachExcluded(nn.Module):
     def forward(self, t, y):
         detached = {name: p.detach() for name, p in self.excluded}
         return torch.func.functional_call(self.func, detached, (t, y), strict=False)
+
+
+class _ZeroGrads(torch.autograd.Function):
+    """Identity on ``x`` that gives every listed tensor a zero gradient: as in torchdiffeq, each
+    of ``adjoint_params`` gets a gradient (zero if ``func`` does not use it), even when no other
+    input of the solve requires grad."""
+
+    @staticmethod
+    def forward(ctx, x, *params):
+        ctx.meta = [(p.shape, p.dtype, p.device) for p in params]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad, *(torch.zeros(s, dtype=d, device=dev) for s, d, dev in ctx.meta))
 
 
 def odeint_adjoint(
@@ -485,15 +777,17 @@ def odeint_adjoint(
     of the norms of the state, of the adjoint state and of the parameter gradients (torchdiffeq:
     the max of the RMS of each parameter's gradient; here: the RMS of all of them together), or
     without the last with ``adjoint_options=dict(norm="seminorm")``. A custom callable adjoint
-    norm is not supported.
+    norm is not supported. ``func.callback_step_adjoint`` (and ``callback_accept_step_adjoint``,
+    ``callback_reject_step_adjoint``) are called after each backward step with the augmented
+    state as one flat tensor (torchdiffeq: a tuple).
 
     ``adjoint_params``: as in torchdiffeq, ``func`` must be an ``nn.Module`` unless
     ``adjoint_params`` is given, and the default is ``func.parameters()``. Parameters of ``func``
     (an ``nn.Module``) that are *not* in ``adjoint_params`` are detached and get no gradient,
-    as in torchdiffeq. Other tensors that ``func`` uses and that require gradients (tensors a
-    closure captures) receive gradients whether or not they are listed (torchnde finds them by
-    walking the autograd graph of one evaluation), and a listed tensor that ``func`` does not use
-    gets no gradient (``.grad`` stays ``None``; torchdiffeq gives zeros).
+    and every tensor of ``adjoint_params`` that requires grad gets one (zero if ``func`` does
+    not use it), as in torchdiffeq. Other tensors that ``func`` uses and that require gradients
+    (tensors a closure captures) receive gradients whether or not they are listed (torchnde
+    finds them by walking the autograd graph of one evaluation).
 
     Example:
         >>> import torch
@@ -557,15 +851,35 @@ def odeint_adjoint(
         state_norm = _state_norm(plan.flat, (options or {}).get("norm"))
         back.controller.norm = _adjoint_norm(state_norm, plan.flat.size, seminorm=adjoint_norm == "seminorm")
     elif back.grid_constructor is not None:
-        raise NotImplementedError(
-            "grid_constructor for the backward solve of odeint_adjoint is not supported by torchnde; pass "
-            "adjoint_options=dict(step_size=...)"
-        )
+        # torchdiffeq asks for the grid of each output interval, from t[i] back to t[i - 1]
+        ends = []
+        for i in range(len(plan.ts) - 1, 0, -1):
+            ends += _grid(back.grid_constructor, func, y0, t[i - 1 : i + 1].flip(0), -plan.sign, "adjoint_options: ")[
+                1:
+            ]
+        back.controller = _GridEnds(sorted(set(ends)))
     elif back.step_size is not None:
         back.controller = _StepSize(back.step_size)
+    if back.perturb:
+        plan.vf.perturb = True
+        back.solver = _tracking_solver(back.solver, plan.vf, -plan.sign)
+    back.controller = _with_callbacks(
+        back.controller,
+        _callbacks(func, _ADJOINT_CALLBACKS, back.adaptive),
+        -plan.sign,
+        lambda x: x,
+        plan.vf.dtype,
+        plan.flat.device,
+    )
     # the norm (with or without the parameter gradients) is set above, so BacksolveAdjoint keeps it
     adjoint = BacksolveAdjoint(solver=back.solver, controller=back.controller, seminorm=False)
-    return _solve(plan, y0, adjoint)
+    ys = _solve(plan, y0, adjoint)
+    if adjoint_params and torch.is_grad_enabled():
+        if isinstance(ys, torch.Tensor):
+            ys = _ZeroGrads.apply(ys, *adjoint_params)
+        else:
+            ys = (_ZeroGrads.apply(ys[0], *adjoint_params), *ys[1:])
+    return ys
 
 
 def _adjoint_norm(state_norm, n: int, seminorm: bool):
