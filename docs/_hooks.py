@@ -67,6 +67,11 @@ def on_files(files: Files, config) -> Files:
     for f in list(files):
         _register(f"docs/{f.src_uri}", f.src_uri)
     for repo, site in _EXTRA_FILES.items():
+        if files.get_file_from_path(site) is not None:
+            log.warning(
+                "docs/%s would replace the site's %s, which is the repository's %s: remove it", site, site, repo
+            )
+            continue
         files.append(File.generated(config, site, abs_src_path=str(ROOT / repo)))
         _register(repo, site)
     for path in _tracked("benchmarks", _BENCHMARK_SUFFIXES):
