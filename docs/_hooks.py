@@ -82,7 +82,7 @@ def on_files(files: Files, config) -> Files:
     index = ["# Examples\n", "Runnable scripts and configuration files from the repository's `examples/` folder.\n"]
     for path in examples:
         rel = path.relative_to(ROOT).as_posix()
-        site = f"{rel}.md"  # examples/spiral_neural_ode.py -> the page examples/spiral_neural_ode.py/
+        site = f"{rel}.md"  # examples/spiral_neural_ode.py -> the page examples/spiral_neural_ode.py.html
         files.append(File.generated(config, site, content=_example_page(path)))
         _register(rel, site)
         summary = ""
