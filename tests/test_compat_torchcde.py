@@ -141,8 +141,16 @@ def test_cdeint_errors_and_defaults():
         tcde.cdeint(X, func, z0, t, stepsize=0.1)
     with pytest.raises(TypeError, match="adjoint=True"):
         tcde.cdeint(X, func, z0, t, adjoint=False, adjoint_rtol=1e-3)
-    with pytest.raises(NotImplementedError, match="torchsde"):
-        tcde.cdeint(X, func, z0, t, backend="torchsde")
+    with pytest.raises(ValueError, match="backend"):
+        tcde.cdeint(X, func, z0, t, backend="scipy")
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        tcde.cdeint(X, func, z0, t, backend="torchsde", step_size=0.1)
+    with pytest.raises(NotImplementedError, match="logqp"):
+        tcde.cdeint(X, func, z0, t, backend="torchsde", logqp=True)
+    with pytest.raises(ValueError, match="method"):
+        tcde.cdeint(X, func, z0, t, backend="torchsde", method="dopri5")
+    with pytest.raises(NotImplementedError, match="adaptive"):
+        tcde.cdeint(X, func, z0, t, backend="torchsde", method="midpoint", adaptive=True)
     with pytest.raises(NotImplementedError, match="tuple"):
         tcde.cdeint(X, func, (z0,), t)
     with pytest.raises(ValueError, match="hidden_channels"):
@@ -195,3 +203,130 @@ def test_linear_cdeint_with_jump_t_steps_like_the_native_solve():
         controller=tn.PIDController(rtol=1e-4, atol=1e-6, jump_ts=path.ts),
     )
     assert calls[0] <= 1.5 * native.stats["nfe"] + 20, (calls[0], native.stats["nfe"])
+
+
+@needs_torchcde
+@pytest.mark.parametrize("method", ["euler", "midpoint", "heun", "reversible_heun", "srk"])
+def test_backend_torchsde_matches_torchcde(method):
+    """backend="torchsde": torchsde's scheme on the CDE as a noise-free SDE, fixed steps dt, and
+    adjoint gradients (exact for reversible_heun) as torchcde's."""
+    torch.manual_seed(0)
+    t, x = _data(False)
+    x = x[0]
+    ti = torch.arange(len(t), dtype=F64)
+    coeffs = tcde.natural_cubic_coeffs(x, ti)
+    X, R = tcde.CubicSpline(coeffs, ti), torchcde.CubicSpline(coeffs, ti)
+    func = Func(4, 3).double()
+
+    class Typed(nn.Module):  # torchsde validates the method against these
+        sde_type = "ito" if method in ("euler", "srk") else "stratonovich"
+        noise_type = "additive"
+
+        def __init__(self):
+            super().__init__()
+            self.f = func
+
+        def forward(self, t, z):
+            return self.f(t, z)
+
+    f = Typed()
+    z0 = torch.randn(3, 4, dtype=F64, requires_grad=True)
+    kw = dict(method=method, dt=0.5)
+    if method != "reversible_heun":  # (torchsde refuses srk for the adjoint)
+        kw["adjoint_method"] = "euler" if method == "srk" else method
+    outs, grads = [], []
+    for lib, path in ((tcde, X), (torchcde, R)):
+        out = lib.cdeint(path, f, z0, ti[[0, 4, -1]], backend="torchsde", **kw)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out.square().sum(), [z0, *func.parameters()]))
+    assert outs[0].shape == outs[1].shape == (3, 3, 4)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-10, atol=1e-10)
+    # the backward solves differ in details (torchsde evaluates the control at the step's start
+    # with the other one-sided derivative); reversible_heun's gradients are exact in both
+    tol = dict(rtol=1e-9, atol=1e-9) if method == "reversible_heun" else dict(rtol=5e-2, atol=5e-2)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_backend_torchsde_equals_torchdiffeq_midpoint():
+    """torchcde's own test_backend: midpoint with dt=1 is the same solve in both backends, and a
+    plain function is accepted with adjoint=True (torchcde's default adjoint_params: those of
+    its vector-field module, i.e. none)."""
+    X = tcde.CubicSpline(tcde.natural_cubic_coeffs(torch.randn(1, 10, 2, dtype=F64)))
+    z0 = torch.randn(1, 3, dtype=F64)
+
+    def func(t, z):
+        return -z.unsqueeze(-1).expand(1, 3, 2)
+
+    a = tcde.cdeint(X, func, z0, X.interval, method="midpoint", options=dict(step_size=1.0))
+    b = tcde.cdeint(X, func, z0, X.interval, backend="torchsde", method="midpoint", dt=1.0)
+    torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize(
+    "backend, kind", [("torchdiffeq", "cubic"), ("torchsde", "cubic"), ("torchsde", "linear")]
+)  # (a linear path's kinks make the continuous adjoint converge only at first order in the step)
+def test_adjoint_gradients_reach_coefficients_computed_in_the_graph(backend, kind):
+    """Regression: coefficients computed from parameters inside the graph made BacksolveAdjoint
+    fail ("graph was freed"); now their gradient is the one backpropagation through the solver
+    gives, to the solver's tolerance (as in the SDE-GAN discriminator of torchsde's examples)."""
+    torch.manual_seed(0)
+    w = torch.randn(2, dtype=F64, requires_grad=True)
+    x = torch.randn(4, 8, 2, dtype=F64)
+    func = Func(3, 2).double()
+    coeff_fn, cls = {
+        "linear": (tcde.linear_interpolation_coeffs, tcde.LinearInterpolation),
+        "cubic": (tcde.natural_cubic_coeffs, tcde.CubicSpline),
+    }[kind]
+    if backend == "torchdiffeq":  # the continuous adjoint: equal as the steps shrink
+        kw, tol = dict(method="rk4", options=dict(step_size=0.05)), dict(rtol=2e-3, atol=2e-3)
+    else:  # the reversible Heun method's adjoint: the exact gradient of the computed solution
+        kw, tol = dict(method="reversible_heun", dt=0.25), dict(rtol=1e-9, atol=1e-9)
+    grads = []
+    for adjoint in (False, True):
+        coeffs = coeff_fn(x * w)
+        X = cls(coeffs)
+        z0 = torch.tanh(X.evaluate(X.interval[0]) @ torch.ones(2, 3, dtype=F64) * w.sum())
+        extra = dict(adjoint_params=(coeffs, *func.parameters())) if adjoint else {}
+        z = tcde.cdeint(X, func, z0, X.interval, adjoint=adjoint, backend=backend, **kw, **extra)
+        grads.append(torch.autograd.grad(z[..., -1, :].square().sum(), [w, *func.parameters()]))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, **tol)
+
+
+@needs_torchcde
+@pytest.mark.parametrize("coeff_fn, cls", PAIRS[:2] + PAIRS[3:])
+def test_evaluate_at_several_times_as_torchcde(coeff_fn, cls):
+    """A tensor of times (e.g. (n,), as sde_gan's plotting passes) gives (..., *t.shape, C), the
+    piece to the left of a knot, and extrapolation outside the interval, as torchcde."""
+    t, x = _data(False)
+    c = getattr(torchcde, coeff_fn)(x, t)
+    mine, ref = getattr(tcde, cls)(c, t), getattr(torchcde, cls)(c, t)
+    lo, hi = float(t[0]), float(t[-1])
+    for q in (torch.tensor([lo, 0.5 * (lo + hi), float(t[3]), hi, hi + 1, lo - 1], dtype=F64), t.view(3, 3)):
+        for m in ("evaluate", "derivative"):
+            a, b = getattr(mine, m)(q), getattr(ref, m)(q)
+            assert a.shape == b.shape == (2, 3, *q.shape, 3)
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_native_interpolations_keep_per_sample_times():
+    """The compat classes follow torchcde (several times); the native ones keep a (B,) t as one
+    time per sample."""
+    ts, x = torch.linspace(0, 1, 5, dtype=F64), torch.randn(3, 5, 2, dtype=F64)
+    native = _interp.LinearInterpolation(ts, x)
+    q = torch.tensor([0.1, 0.5, 0.9], dtype=F64)
+    assert native.evaluate(q).shape == (3, 2)
+    compat = tcde.LinearInterpolation(tcde.linear_interpolation_coeffs(x, ts), ts)
+    assert compat.evaluate(q).shape == (3, 3, 2)
+    torch.testing.assert_close(compat.evaluate(q)[torch.arange(3), torch.arange(3)], native.evaluate(q))
+
+
+def test_cdeint_warns_outside_the_interval_and_knot_time_gradients():
+    X = tcde.CubicSpline(tcde.natural_cubic_coeffs(torch.randn(2, 5, 2, dtype=F64)))
+    func = Func(3, 2).double()
+    with pytest.warns(UserWarning, match="outside the control's interval"):
+        tcde.cdeint(X, func, torch.zeros(2, 3, dtype=F64), torch.tensor([0.0, 6.0], dtype=F64), adjoint=False)
+    t = torch.arange(5.0, dtype=F64, requires_grad=True)
+    with pytest.warns(UserWarning, match="observation times"):
+        tcde.natural_cubic_coeffs(torch.randn(5, 2, dtype=F64), t)

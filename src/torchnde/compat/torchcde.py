@@ -38,6 +38,11 @@ their gradient anyway (torchnde finds every tensor the vector field uses).
 
 from __future__ import annotations
 
+import bisect
+import math
+import warnings
+from fractions import Fraction
+
 import torch
 from torch import nn
 
@@ -53,6 +58,7 @@ from ..paths._interp import (
     _fill_linear,
     _PiecewisePolynomial,
 )
+from ..solvers import AbstractAdaptiveSolver, AbstractERK, ButcherTableau, Euler, Heun, Midpoint, ReversibleHeun
 from . import torchdiffeq as _td
 
 __all__ = [
@@ -65,6 +71,8 @@ __all__ = [
     "LinearInterpolation",
     "CubicSpline",
     "InterpolationBase",
+    "logsig_windows",
+    "logsignature_windows",
 ]
 
 _SOLVE_KWARGS = ("rtol", "atol", "method", "options")
@@ -81,6 +89,12 @@ def _prepare(x, t, name):
     if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() >= 2 and t is None:
         t = torch.arange(x.shape[-2], dtype=x.dtype, device=x.device)
     if isinstance(t, torch.Tensor) and t.requires_grad:
+        if torch.is_grad_enabled():
+            warnings.warn(
+                f"{name}: t requires grad, but gradients with respect to the observation times are not supported "
+                "by torchnde (torchcde computes them): t is detached. Pass t.detach() to silence this.",
+                stacklevel=3,
+            )
         t = t.detach()
     t, x = _check_data(t, x, name)
     nan = torch.isnan(x)
@@ -157,6 +171,74 @@ def hermite_cubic_coefficients_with_backward_differences(x, t=None):
 
 
 # --------------------------------------------------------------------------------------------
+# the log-ODE method
+
+
+def _logsig_windows(x, depth, window_length, t, scaled: bool):
+    from ..paths._logsig import _check_depth, logsignature, logsignature_channels
+
+    _check_depth(depth)
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2:
+        raise ValueError(
+            f"x must be a floating-point tensor of shape (..., length, channels), got {getattr(x, 'shape', x)}"
+        )
+    if t is None:
+        t = torch.arange(x.shape[-2], dtype=x.dtype, device=x.device)
+    t, _ = _check_data(t.detach() if isinstance(t, torch.Tensor) else t, x, "logsig_windows")
+    window_length = float(window_length)
+    if not window_length > 0:
+        raise ValueError(f"window_length must be > 0, got {window_length}")
+    times = t.tolist()  # preprocessing: one host copy per call
+    pieces = max(math.ceil((times[-1] - times[0]) / window_length), 1)
+    ends = [min(times[0] + i * window_length, times[-1]) for i in range(pieces + 1)]
+    # the window ends join the observation times (values missing there: filled linearly below)
+    grid, rows, index = list(times), list(range(len(times))), []
+    for e in ends:
+        j = bisect.bisect_left(grid, e)
+        close = [k for k in (j - 1, j) if 0 <= k < len(grid) and math.isclose(grid[k], e, rel_tol=1e-5, abs_tol=1e-8)]
+        if close:
+            index.append(close[0])
+            continue
+        grid.insert(j, e)
+        rows.insert(j, -1)
+        index = [k + 1 if k >= j else k for k in index]
+        index.append(j)
+    if len(grid) > len(times):
+        nan = torch.full_like(x[..., :1, :], math.nan)
+        x = torch.cat([x, nan], -2)[..., torch.tensor(rows, device=x.device), :]
+    tg = torch.tensor(grid, dtype=x.dtype, device=x.device)
+    x = linear_interpolation_coeffs(x, tg)
+    C = x.shape[-1]
+    first = torch.cat([x[..., 0, :], x.new_zeros(*x.shape[:-2], logsignature_channels(C, depth) - C)], -1)
+    out = [first]
+    for i in range(pieces):
+        ls = logsignature(x[..., index[i] : index[i + 1] + 1, :], depth)
+        out.append(ls * (ends[i + 1] - ends[i]) if scaled else ls)
+    out = torch.stack(out, -2).cumsum(-2)
+    if scaled:
+        return out, torch.tensor(ends, dtype=x.dtype, device=x.device)
+    return out
+
+
+def logsig_windows(x, depth, window_length, t=None):
+    """The log-ODE method's transform (Morrill et al. 2021): the log-signatures of the windows
+    ``[t0 + i w, t0 + (i + 1) w]`` (``w = window_length``) of the piecewise-linear path through
+    ``x`` (``(..., length, channels)``, NaN = missing, filled linearly), accumulated, with the
+    first row holding ``x``'s first value: ``(..., windows + 1, logsignature_channels)``, on index
+    time ``0, 1, ...``. Interpolate it linearly and solve the CDE driven by it, as torchcde's
+    ``logsig_windows``. ``depth`` 1 to 3 (computed by :mod:`torchnde.paths._logsig`, coefficients
+    of the Lyndon words by length, then lexicographically); deeper raises
+    ``NotImplementedError``."""
+    return _logsig_windows(x, depth, window_length, t, scaled=False)
+
+
+def logsignature_windows(x, depth, window_length, t=None):
+    """torchcde's deprecated form of :func:`logsig_windows`: each window's log-signature is
+    multiplied by the window's length and ``(values, window end times)`` is returned."""
+    return _logsig_windows(x, depth, window_length, t, scaled=True)
+
+
+# --------------------------------------------------------------------------------------------
 # interpolation classes
 
 
@@ -174,13 +256,21 @@ class InterpolationBase(nn.Module):
         return torch.stack([self._t[0], self._t[-1]])
 
     def evaluate(self, t):
-        """``X(t)``: shape ``(..., C)``."""
-        return self.path.evaluate(_as_time(t, self._t))
+        """``X(t)``. ``t`` a scalar (float or 0-d tensor): shape ``(..., C)``; a tensor of any
+        shape ``S`` (e.g. ``(n,)``, several times): shape ``(..., *S, C)``, as torchcde."""
+        t = _as_time(t, self._t)
+        if isinstance(t, torch.Tensor) and t.dim():
+            return _at_times(self.path, self.path._coeffs, t)
+        return self.path.evaluate(t)
 
     def derivative(self, t):
-        """``dX/dt`` at ``t``: shape ``(..., C)``. At a knot, the derivative of the piece to its
-        left (as torchcde; :func:`cdeint` uses the piece to the right, where a forward step goes)."""
-        return self.path.derivative(_as_time(t, self._t), left=True)
+        """``dX/dt`` at ``t`` (shapes as :meth:`evaluate`). At a knot, the derivative of the piece
+        to its left (as torchcde; :func:`cdeint` uses the piece to the right, where a forward
+        step goes)."""
+        t = _as_time(t, self._t)
+        if isinstance(t, torch.Tensor) and t.dim():
+            return _at_times(self.path, self.path._dcoeffs, t)
+        return self.path.derivative(t, left=True)
 
     def _apply(self, fn, *args, **kwargs):  # .to(), .double(), ... rebuild the path
         out = super()._apply(fn, *args, **kwargs)
@@ -189,11 +279,32 @@ class InterpolationBase(nn.Module):
 
 
 def _as_time(t, grid):
+    """A scalar time as a float (or a 0-d tensor if it requires grad); any other tensor (several
+    times, torchcde's convention) as a tensor in the grid's dtype and device."""
     if isinstance(t, torch.Tensor):
         if t.dim() != 0:
-            raise ValueError(f"t must be a scalar (torchcde's convention), got shape {tuple(t.shape)}")
+            if t.is_complex():
+                raise ValueError(f"t must be a real tensor of times, got dtype {t.dtype}")
+            return t.to(device=grid.device, dtype=grid.dtype)
         return t.to(grid.dtype) if t.requires_grad else float(t)
+    if isinstance(t, (list, tuple)):
+        return torch.as_tensor(t, dtype=grid.dtype, device=grid.device)
     return float(t)
+
+
+def _at_times(path, coeffs, t):
+    """The piecewise polynomial with coefficients ``coeffs`` (``(*batch, N - 1, K, C)``) at every
+    time of ``t`` (any shape ``S``): ``(*batch, *S, C)``. The piece is the one to the left of a
+    knot (torchcde's ``bucketize``); outside the knots the first/last piece is extended."""
+    knots = path._knots
+    flat = t.reshape(-1)
+    idx = (torch.searchsorted(knots, flat.detach().contiguous()) - 1).clamp(0, coeffs.shape[-3] - 1)
+    c = coeffs.index_select(-3, idx)  # (*batch, M, K, C)
+    h = (flat - knots[idx]).to(coeffs.dtype).unsqueeze(-1)  # (M, 1)
+    out = c[..., -1, :]
+    for k in range(c.shape[-2] - 2, -1, -1):
+        out = torch.addcmul(c[..., k, :], out, h)
+    return out.reshape(*out.shape[:-2], *t.shape, out.shape[-1])
 
 
 def _default_t(coeffs, n):
@@ -249,27 +360,69 @@ NaturalCubicSpline = CubicSpline
 # cdeint
 
 
+def _native_path(X):
+    """The torchnde piecewise polynomial behind ``X`` (compat or native interpolation), or None
+    for a foreign control (anything else with a ``derivative`` method)."""
+    if isinstance(X, InterpolationBase):
+        return X.path
+    if isinstance(X, _PiecewisePolynomial):
+        return X
+    return None
+
+
+def _time_tensor(t, z):
+    """torchcde's ``func(t, z)`` takes ``t`` as a 0-d tensor."""
+    if isinstance(t, torch.Tensor):
+        return t
+    return torch.full((), t, dtype=z.dtype, device=z.device)
+
+
+class _Product(nn.Module):
+    """``func(t, z) @ dX/dt`` (or ``func.prod(t, z, dX/dt)``); a module so that parameters left
+    out of ``adjoint_params`` can be swapped for detached copies with ``functional_call``."""
+
+    def __init__(self, func):
+        super().__init__()
+        self.func = func
+        self.is_prod = callable(getattr(func, "prod", None))
+
+    def forward(self, t, z, dX):
+        if self.is_prod:
+            return self.func.prod(t, z, dX)
+        return (self.func(t, z) @ dX.unsqueeze(-1)).squeeze(-1)
+
+
 class _VectorField(nn.Module):
-    """``dz/dt = func(t, z) dX/dt`` (or ``func.prod(t, z, dX/dt)``)."""
+    """``dz/dt = func(t, z) dX/dt``: the CDE as an ODE (torchcde's ``_VectorField``).
+
+    For a torchnde interpolation the derivative is read from the coefficients ``coeffs`` (the
+    path's derivative coefficients), which the caller passes as the solve's ``args`` (or sets
+    to a detached stand-in): adjoints then differentiate with respect to them instead of
+    walking back into the graph that computed them (freed after the first backward call).
+    """
+
+    takes_float_time = True  # see compat.torchdiffeq._TimeAsTensor: the exact float time reaches us
 
     def __init__(self, X, func):
         super().__init__()
         self.X = X
-        self.func = func
-        self.is_prod = callable(getattr(func, "prod", None))
+        self.product = _Product(func)
+        self.path = _native_path(X)
+        self.coeffs = None if self.path is None else self.path._dcoeffs
+        self.excluded: list = []  # (name, parameter) of func's parameters not in adjoint_params
 
-    takes_float_time = True  # see compat.torchdiffeq._TimeAsTensor
-
-    def forward(self, t, z):
-        if isinstance(self.X, InterpolationBase):
-            dX = self.X.path.derivative(_as_time(t, self.X._t))
+    def forward(self, t, z, args=None):
+        if self.path is not None:
+            coeffs = self.coeffs if args is None else args
+            # the derivative of the piece to the right of t, where a forward step goes
+            dX = self.path._poly(coeffs, t, False)
         else:
-            dX = self.X.derivative(torch.tensor(t, dtype=z.dtype, device=z.device) if isinstance(t, float) else t)
-        if isinstance(t, float):
-            t = torch.tensor(t, dtype=z.dtype, device=z.device)  # torchcde's func(t, z) takes a tensor
-        if self.is_prod:
-            return self.func.prod(t, z, dX)
-        return (self.func(t, z) @ dX.unsqueeze(-1)).squeeze(-1)
+            dX = self.X.derivative(_time_tensor(t, z))
+        tt = _time_tensor(t, z)
+        if self.excluded:
+            detached = {f"func.{n}": p.detach() for n, p in self.excluded}
+            return torch.func.functional_call(self.product, detached, (tt, z, dX), strict=False)
+        return self.product(tt, z, dX)
 
 
 def _check_shapes(X, func, z0, t):
@@ -295,6 +448,255 @@ def _check_shapes(X, func, z0, t):
         )
 
 
+class _StandIns(torch.autograd.Function):
+    """Runs ``run`` on detached stand-ins of the first ``n`` inputs (the initial state, the
+    times, the path's coefficients: tensors that may have been computed from parameters) and
+    differentiates it with respect to the stand-ins and the remaining inputs (leaf parameters)
+    in the backward pass. This lets ``odeint_adjoint``'s continuous adjoint treat the
+    coefficients as leaves, whatever graph computed them, while the gradient still flows on
+    into that graph."""
+
+    @staticmethod
+    def forward(ctx, run, n, *inputs):
+        stand = [x.detach().requires_grad_(x.requires_grad) for x in inputs[:n]]
+        with torch.enable_grad():
+            out = run(*stand)
+        ctx.inner = out
+        ctx.wrt = [*stand, *inputs[n:]]
+        return out.detach()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        wrt, inner = ctx.wrt, ctx.inner
+        del ctx.inner  # the inner graph is used once
+        idx = [i for i, w in enumerate(wrt) if w.requires_grad]
+        grads = [None] * len(wrt)
+        if idx and inner.requires_grad:
+            got = torch.autograd.grad(inner, [wrt[i] for i in idx], grad, allow_unused=True)
+            for i, g in zip(idx, got):
+                grads[i] = g
+        return (None, None, *grads)
+
+
+def _graph_leaves(out, exclude):
+    from ..adjoints._params import _graph_leaves as leaves
+
+    return leaves([out], exclude)
+
+
+def _cdeint_adjoint_torchdiffeq(vf, z0, t, kwargs):
+    """``odeint_adjoint`` on ``vf`` with the path's coefficients (and ``z0``, ``t``) as detached
+    stand-ins, so that coefficients computed from parameters in the graph get their gradient
+    (see :class:`_StandIns`)."""
+    params = tuple(kwargs["adjoint_params"])
+    coeffs = vf.coeffs if vf.path is not None else None
+    proxied = [z0, t] + ([coeffs] if isinstance(coeffs, torch.Tensor) else [])
+    # every leaf tensor the field uses (captured tensors too, as torchnde's adjoints find them)
+    with torch.enable_grad():
+        probe_c = None if coeffs is None else coeffs.detach()
+        probe = vf(float(t[0]), z0.detach(), probe_c)
+    seen = {id(p) for p in params}
+    found = [p for p in _graph_leaves(probe, set()) if id(p) not in seen]
+    leaves = [p for p in (*params, *found) if isinstance(p, torch.Tensor) and p.requires_grad]
+
+    def run(z0_, t_, *c):
+        if c:  # the backward pass uses vf too: the stand-in stays (vf belongs to this call)
+            vf.coeffs = c[0]
+        return _td.odeint_adjoint(vf, z0_, t_, **kwargs)
+
+    if not any(x.requires_grad for x in (*proxied, *leaves)) or not torch.is_grad_enabled():
+        return _td.odeint_adjoint(vf, z0, t, **kwargs)
+    return _StandIns.apply(run, len(proxied), *proxied, *leaves)
+
+
+# torchsde's methods on an SDE without noise (torchcde's backend="torchsde" solves the CDE as an
+# SDE whose diffusion is zero): the drift part of each scheme, as a torchnde ODE solver
+class _SRA1Drift(AbstractERK):
+    """The drift part of Rößler's SRA1 (torchsde's ``srk`` for additive noise):
+    ``c = (0, 3/4)``, ``b = (1/3, 2/3)``."""
+
+    tableau = ButcherTableau(
+        c=(Fraction(0), Fraction(3, 4)),
+        a=((), (Fraction(3, 4),)),
+        b=(Fraction(1, 3), Fraction(2, 3)),
+    )
+    order = 2
+    dense_order = 2
+
+
+_SDE_METHODS = {
+    "euler": Euler,
+    "milstein": Euler,  # Milstein's correction is a derivative of the (zero) diffusion
+    "euler_heun": Euler,  # the Heun correction acts on the diffusion only
+    "midpoint": Midpoint,
+    "heun": Heun,
+    "srk": _SRA1Drift,
+    "reversible_heun": ReversibleHeun,
+}
+_SDE_KWARGS = ("method", "dt", "adaptive", "rtol", "atol", "dt_min", "options", "bm")
+_SDE_ADJOINT_KWARGS = (
+    "adjoint_method",
+    "adjoint_adaptive",
+    "adjoint_rtol",
+    "adjoint_atol",
+    "adjoint_options",
+    "adjoint_params",
+)
+_SDE_REFUSED = ("names", "logqp", "extra", "extra_solver_state")
+_SDE_OPTIONS = ("grad_free", "trapezoidal_approx")  # options that change only the noise terms
+
+
+def _sde_solver(method, what, sde_type, noise_type):
+    if not isinstance(method, str) or method not in _SDE_METHODS:
+        if method == "log_ode":
+            raise NotImplementedError(
+                f"{what}='log_ode' (torchsde's log-ODE scheme) is not supported by torchnde; on a CDE it is the "
+                "midpoint method: use 'midpoint'"
+            )
+        raise ValueError(f"Expected {what} in {sorted(_SDE_METHODS)}, but found {method!r}.")
+    if method == "srk" and noise_type != "additive":
+        raise NotImplementedError(
+            f"{what}='srk' for {noise_type} noise (func.noise_type) is not supported by torchnde's backend='torchsde'; "
+            "use 'midpoint' or 'heun' (the noise is zero: every method is an ODE method here)"
+        )
+    return _SDE_METHODS[method]()
+
+
+def _check_sde_options(options, name):
+    options = dict(options or {})
+    unknown = [k for k in options if k not in _SDE_OPTIONS]
+    if unknown:
+        raise TypeError(f"{name} {unknown} are not supported by torchnde's backend='torchsde' (known: {_SDE_OPTIONS})")
+
+
+def _cdeint_torchsde(vf, z0, t, adjoint, func, kwargs):
+    """torchcde's ``backend="torchsde"``: torchsde's ``sdeint`` on the CDE as an SDE with zero
+    diffusion, i.e. its method's drift scheme with constant steps ``dt`` (default ``1e-3``)."""
+    from .. import solve
+    from .._saveat import SaveAt
+    from ..adjoints import BacksolveAdjoint, DirectAdjoint, ReversibleAdjoint
+    from ..controllers import ConstantStepSize, PIDController
+
+    refused = [k for k in kwargs if k in _SDE_REFUSED]
+    if refused:
+        raise NotImplementedError(
+            f"cdeint(backend='torchsde') with {refused} is not supported by torchnde (they concern the noise or a "
+            "KL term, which a CDE does not have)"
+        )
+    allowed = _SDE_KWARGS + (_SDE_ADJOINT_KWARGS if adjoint else ())
+    unknown = [k for k in kwargs if k not in allowed]
+    if unknown:
+        extra = " (adjoint_* arguments need adjoint=True)" if any(k in _SDE_ADJOINT_KWARGS for k in unknown) else ""
+        raise TypeError(
+            f"cdeint(backend='torchsde') got unexpected keyword argument(s) {unknown}{extra}; valid are "
+            f"{', '.join(allowed)}"
+        )
+    sde_type = getattr(func, "sde_type", "stratonovich")
+    noise_type = getattr(func, "noise_type", "additive")
+    default = (
+        "midpoint"
+        if sde_type == "stratonovich"
+        else {"additive": "srk", "general": "euler"}.get(noise_type, "milstein")
+    )
+    method = kwargs.get("method") or default
+    solver = _sde_solver(method, "method", sde_type, noise_type)
+    _check_sde_options(kwargs.get("options"), "options")
+    dt = float(kwargs.get("dt", 1e-3))
+    if not dt > 0:
+        raise ValueError(f"dt must be > 0, got {dt}")
+
+    def controller_for(adaptive, rtol, atol, solver, what):
+        if not adaptive:
+            return ConstantStepSize()
+        if not isinstance(solver, AbstractAdaptiveSolver):
+            raise NotImplementedError(
+                f"{what}=True with method {type(solver).__name__} is not supported by torchnde's backend='torchsde' "
+                "(torchsde estimates the error by step doubling); use method='heun', fixed steps, or "
+                "backend='torchdiffeq' with an adaptive method such as 'dopri5'"
+            )
+        return PIDController(rtol=float(rtol), atol=float(atol), dtmin=float(kwargs.get("dt_min", 1e-5)))
+
+    controller = controller_for(kwargs.get("adaptive", False), kwargs["rtol"], kwargs["atol"], solver, "adaptive")
+    args = vf.coeffs if vf.path is not None else None
+    if not adjoint:
+        adj = DirectAdjoint()
+    else:
+        if "adjoint_params" in kwargs:
+            listed = {id(p) for p in kwargs["adjoint_params"]}
+            vf.excluded = (
+                [(n, p) for n, p in vf.product.func.named_parameters() if p.requires_grad and id(p) not in listed]
+                if isinstance(vf.product.func, nn.Module)
+                else []
+            )
+        if method == "reversible_heun":
+            adj_method = kwargs.get("adjoint_method") or "adjoint_reversible_heun"
+        else:
+            adj_method = kwargs.get("adjoint_method") or (
+                "midpoint" if sde_type == "stratonovich" else ("milstein" if noise_type == "diagonal" else "euler")
+            )
+        if adj_method == "adjoint_reversible_heun":
+            if method != "reversible_heun":
+                raise ValueError(
+                    "adjoint_method='adjoint_reversible_heun' can only be used with method='reversible_heun'."
+                )
+            if kwargs.get("adaptive") or kwargs.get("adjoint_adaptive"):
+                raise NotImplementedError(
+                    "method='reversible_heun' with adaptive steps is not supported by torchnde; use fixed steps (dt=...)"
+                )
+            adj = ReversibleAdjoint()
+        else:
+            back = _sde_solver(adj_method, "adjoint_method", sde_type, noise_type)
+            _check_sde_options(kwargs.get("adjoint_options"), "adjoint_options")
+            back_ctrl = controller_for(
+                kwargs.get("adjoint_adaptive", False),
+                kwargs.get("adjoint_rtol", kwargs["rtol"]),
+                kwargs.get("adjoint_atol", kwargs["atol"]),
+                back,
+                "adjoint_adaptive",
+            )
+            adj = BacksolveAdjoint(solver=back, controller=back_ctrl)
+    if len(t) == 1:
+        return z0.unsqueeze(0).clone()
+    if t.requires_grad and torch.is_grad_enabled():
+        t0, t1, ts = t[0], t[-1], t
+    else:
+        tl = t.detach().cpu().to(torch.float64).tolist()
+        t0, t1, ts = tl[0], tl[-1], tl
+        if not all(b > a for a, b in zip(tl[:-1], tl[1:])):
+            raise ValueError(f"t must be strictly increasing, got {tl}")
+    term = _ode_term(vf)
+    sol = solve(
+        term, solver, t0, t1, z0, dt0=dt, args=args, saveat=SaveAt(ts=ts), controller=controller, adjoint=adj,
+        max_steps=None,
+    )  # fmt: skip
+    return sol.ys
+
+
+def _ode_term(vf):
+    from .._terms import ODETerm
+
+    try:  # the exact float time, no per-evaluation tensor
+        return ODETerm(vf, time_as_float=True)
+    except TypeError:
+        return ODETerm(vf)
+
+
+def _warn_outside(X, t):
+    """A warning if the output times leave the control's interval (the path is extrapolated)."""
+    path = _native_path(X)
+    if path is None:
+        return
+    lo, hi = float(t.detach().min()), float(t.detach().max())
+    if lo < path.t0 or hi > path.t1:
+        warnings.warn(
+            f"cdeint: the output times span [{lo}, {hi}], outside the control's interval [{path.t0}, {path.t1}]; "
+            "there the interpolation extends its first/last polynomial piece (a cubic grows like t^3), which is "
+            "rarely meant. Pass t within X.interval.",
+            stacklevel=3,
+        )
+
+
 def cdeint(X, func, z0, t, adjoint=True, backend="torchdiffeq", **kwargs):
     r"""Solve :math:`z(t) = z(t_0) + \int_{t_0}^t f(s, z(s))\,dX(s)`, as torchcde's ``cdeint``.
 
@@ -303,34 +705,46 @@ def cdeint(X, func, z0, t, adjoint=True, backend="torchdiffeq", **kwargs):
             e.g. ``CubicSpline(coeffs)`` from this module (or torchcde's own classes).
         func: ``func(t, z)`` returning ``(..., hidden_channels, input_channels)`` (``t`` a 0-d
             tensor), or with a method ``func.prod(t, z, dXdt)`` returning ``(..., hidden_channels)``.
-            With ``adjoint=True`` an ``nn.Module`` (or pass ``adjoint_params``).
         z0: ``(..., hidden_channels)``.
         t: 1-D tensor of output times; the solve runs from ``t[0]`` to ``t[-1]``.
-        adjoint: gradients by the continuous adjoint (:class:`~torchnde.BacksolveAdjoint`);
-            ``False``: backpropagation through the solver.
-        backend: ``"torchdiffeq"`` (``"torchsde"`` is not supported).
-        **kwargs: ``method``, ``rtol`` (default 1e-4), ``atol`` (default 1e-6), ``options`` and,
-            with ``adjoint=True``, ``adjoint_method``, ``adjoint_rtol``, ``adjoint_atol``,
-            ``adjoint_options``, ``adjoint_params``, as in torchdiffeq; e.g.
-            ``options=dict(jump_t=X.grid_points)`` for a linear interpolation. Anything else
-            raises ``TypeError``.
+        adjoint: gradients by the continuous adjoint (:class:`~torchnde.BacksolveAdjoint`; with
+            ``backend="torchsde", method="reversible_heun"`` :class:`~torchnde.ReversibleAdjoint`);
+            ``False``: backpropagation through the solver. With either, gradients reach ``z0``,
+            ``t``, the parameters of ``func`` (those in ``adjoint_params`` if it is given) and the
+            coefficients of ``X`` when they were computed in the graph (from parameters or data
+            that require grad), listed in ``adjoint_params`` or not.
+        backend: ``"torchdiffeq"`` (default) or ``"torchsde"`` (torchsde's ``sdeint`` on the CDE as
+            an SDE without noise: the drift scheme of ``method`` with constant steps ``dt``).
+        **kwargs: with ``backend="torchdiffeq"``: ``method``, ``rtol`` (default 1e-4), ``atol``
+            (default 1e-6), ``options`` and, with ``adjoint=True``, ``adjoint_method``,
+            ``adjoint_rtol``, ``adjoint_atol``, ``adjoint_options``, ``adjoint_params``, as in
+            torchdiffeq; e.g. ``options=dict(jump_t=X.grid_points)`` for a linear interpolation.
+            With ``backend="torchsde"``: ``method`` (``"euler"``, ``"milstein"``, ``"euler_heun"``,
+            ``"midpoint"`` (default), ``"heun"``, ``"srk"``, ``"reversible_heun"``), ``dt``
+            (default 1e-3), ``adaptive`` (``"heun"`` only), ``rtol``, ``atol``, ``dt_min``,
+            ``options``, ``bm`` (ignored: there is no noise) and with ``adjoint=True``
+            ``adjoint_method`` (``"adjoint_reversible_heun"`` with ``"reversible_heun"``: exact
+            gradients), ``adjoint_adaptive``, ``adjoint_rtol``, ``adjoint_atol``,
+            ``adjoint_options``, ``adjoint_params``. Anything else raises ``TypeError``.
 
     Returns:
         ``(..., len(t), hidden_channels)``: the solution at the times ``t`` (note: time is the
         second-to-last dimension, as in torchcde).
+
+    Warns:
+        UserWarning: if ``t`` leaves the interval of a torchnde interpolation ``X`` (which is then
+        extrapolated).
     """
-    if backend != "torchdiffeq":
-        if backend == "torchsde":
-            raise NotImplementedError(
-                "backend='torchsde' is not supported by torchnde.compat.torchcde; use backend='torchdiffeq' (the "
-                "CDE is solved as an ODE either way)"
-            )
+    if backend not in ("torchdiffeq", "torchsde"):
         raise ValueError(f"Unrecognised backend={backend}")
-    allowed = _SOLVE_KWARGS + (_ADJOINT_KWARGS if adjoint else ())
-    unknown = [k for k in kwargs if k not in allowed]
-    if unknown:
-        extra = " (adjoint_* arguments need adjoint=True)" if any(k in _ADJOINT_KWARGS for k in unknown) else ""
-        raise TypeError(f"cdeint() got unexpected keyword argument(s) {unknown}{extra}; valid are {', '.join(allowed)}")
+    if backend == "torchdiffeq":
+        allowed = _SOLVE_KWARGS + (_ADJOINT_KWARGS if adjoint else ())
+        unknown = [k for k in kwargs if k not in allowed]
+        if unknown:
+            extra = " (adjoint_* arguments need adjoint=True)" if any(k in _ADJOINT_KWARGS for k in unknown) else ""
+            raise TypeError(
+                f"cdeint() got unexpected keyword argument(s) {unknown}{extra}; valid are {', '.join(allowed)}"
+            )
     if not callable(getattr(X, "derivative", None)):
         raise ValueError("X must have a 'derivative' method.")
     if not isinstance(z0, torch.Tensor):
@@ -342,18 +756,17 @@ def cdeint(X, func, z0, t, adjoint=True, backend="torchdiffeq", **kwargs):
     kwargs.setdefault("atol", 1e-6)
     kwargs.setdefault("rtol", 1e-4)
     _check_shapes(X, func, z0, t)
+    _warn_outside(X, t)
     vf = _VectorField(X, func)
-    if adjoint:
+    if adjoint and "adjoint_params" not in kwargs:
+        # torchcde: the parameters of its _VectorField module, i.e. of func and X (if modules)
+        kwargs["adjoint_params"] = tuple(vf.parameters())
+    if backend == "torchsde":
+        out = _cdeint_torchsde(vf, z0, t, adjoint, func, kwargs)
+    elif adjoint:
         kwargs.setdefault("adjoint_atol", kwargs["atol"])
         kwargs.setdefault("adjoint_rtol", kwargs["rtol"])
-        if "adjoint_params" not in kwargs:
-            if not isinstance(func, nn.Module):
-                raise ValueError(
-                    "func must be an nn.Module when adjoint=True (to collect its parameters), or pass "
-                    "adjoint_params=... (possibly adjoint_params=())"
-                )
-            kwargs["adjoint_params"] = tuple(func.parameters())
-        out = _td.odeint_adjoint(vf, z0, t, **kwargs)
+        out = _cdeint_adjoint_torchdiffeq(vf, z0, t, kwargs)
     else:
         out = _td.odeint(vf, z0, t, **kwargs)
     return out.movedim(0, -2)
