@@ -11,7 +11,8 @@ backend="torchdiffeq", **kwargs)``; the coefficient functions ``linear_interpola
 ``hermite_cubic_coefficients_with_backward_differences`` and (not in torchcde, a shorthand for
 ``linear_interpolation_coeffs(x, t, rectilinear=...)``) ``rectilinear_interpolation_coeffs``; the
 classes ``LinearInterpolation(coeffs, t=None)`` and ``CubicSpline(coeffs, t=None)`` with
-``evaluate``, ``derivative``, ``interval`` and ``grid_points``.
+``evaluate``, ``derivative``, ``interval`` and ``grid_points``; and the log-ODE method's
+``logsig_windows`` (and the deprecated ``logsignature_windows``), to depth 3.
 
 The coefficient tensors have torchcde's layouts (values at the knots for the linear
 interpolation; ``(..., T - 1, 4 C)`` holding ``a, b, 2c, 3d`` for the cubics), so coefficients
@@ -21,19 +22,41 @@ values and derivatives agree with torchcde's to rounding (~1e-15 in float64), mi
 the rectilinear one, the natural spline through each channel's observations for
 ``natural_cubic_coeffs``, and zeros for a channel with no observation at all. The native classes
 :class:`torchnde.paths.LinearInterpolation` etc. differ there: they raise for such a channel.
+``evaluate(t)``/``derivative(t)`` take, as in torchcde, a scalar time (result ``(..., C)``) or a
+tensor of times of any shape ``S`` (result ``(..., *S, C)``), whereas the native classes read a
+``(B,)`` tensor as one time per sample. Outside ``interval`` the first/last polynomial piece is
+extended (as torchcde): a cubic grows like ``t^3``.
 
-``cdeint`` solves the CDE as the ODE ``dz/dt = func(t, z) dX/dt`` with
-:func:`torchnde.compat.torchdiffeq.odeint` (``adjoint=False``) or ``odeint_adjoint``
-(``adjoint=True``, :class:`~torchnde.BacksolveAdjoint`), so ``method``, ``rtol``, ``atol``,
-``options`` and the ``adjoint_*`` keyword arguments mean what they mean in torchdiffeq, with
-torchcde's defaults ``rtol=1e-4, atol=1e-6``. Results agree with torchcde to the solver's
-tolerance (the step-size control differs slightly; see :mod:`torchnde.compat.torchdiffeq`).
+``cdeint`` solves the CDE as the ODE ``dz/dt = func(t, z) dX/dt``. With
+``backend="torchdiffeq"`` (the default) through :func:`torchnde.compat.torchdiffeq.odeint`
+(``adjoint=False``) or ``odeint_adjoint`` (``adjoint=True``, :class:`~torchnde.BacksolveAdjoint`),
+so ``method``, ``rtol``, ``atol``, ``options`` and the ``adjoint_*`` keyword arguments mean what
+they mean in torchdiffeq, with torchcde's defaults ``rtol=1e-4, atol=1e-6``; results agree with
+torchcde to the solver's tolerance (the step-size control differs slightly; see
+:mod:`torchnde.compat.torchdiffeq`). With ``backend="torchsde"`` (torchcde then calls
+torchsde's ``sdeint`` on the CDE as an SDE without noise) by the drift part of the torchsde
+method (``"euler"``, ``"milstein"``, ``"euler_heun"``: Euler; ``"midpoint"``, ``"heun"``,
+``"srk"`` (additive noise: SRA1's drift), ``"reversible_heun"``) with constant steps ``dt``
+(default 1e-3, as torchsde); ``adjoint_method="adjoint_reversible_heun"`` (the default with
+``"reversible_heun"``) is :class:`~torchnde.ReversibleAdjoint`, exact gradients of the computed
+solution. Between steps, output times are read from the method's dense output (torchsde
+interpolates linearly), so results agree exactly when the output times are on the step grid.
 
-Not supported (each raises an error saying so): ``backend="torchsde"``, tuple states (``z0`` a
-tuple, ``TupleControl``), ``logsignature_windows``/``logsig_windows`` (log-ODE method),
-unknown keyword arguments, and ``t`` that requires grad. torchcde warns when ``adjoint=True`` and
-the coefficients require grad but are not in ``adjoint_params``; here such coefficients receive
-their gradient anyway (torchnde finds every tensor the vector field uses).
+**Gradients.** With either ``adjoint`` and either backend, gradients reach ``z0``, the output
+times ``t``, the parameters of ``func`` (with ``adjoint=True`` those in ``adjoint_params``; the
+default, as torchcde, is the parameters of ``func`` and ``X``) and the coefficients of the
+interpolation, also when they are computed inside the graph (from parameters, or from another
+solve, as in torchsde's SDE-GAN example): the adjoint differentiates with respect to detached
+stand-ins of the coefficients and passes that gradient on into the graph that computed them.
+torchcde warns when ``adjoint=True`` and the coefficients require grad but are not in
+``adjoint_params``, and gives them no gradient; here they receive it anyway.
+
+Not supported: tuple states (``z0`` a tuple, ``TupleControl``: ``NotImplementedError``),
+gradients with respect to the observation times passed to the coefficient functions (``t`` is
+detached, with a warning), log-signatures deeper than 3 (``NotImplementedError``), torchsde's
+``names``, ``logqp``, ``extra`` and ``extra_solver_state`` (``NotImplementedError``), adaptive
+steps with ``backend="torchsde"`` except for ``"heun"``, and unknown keyword arguments
+(``TypeError``). ``cdeint`` warns when ``t`` leaves the interval of a torchnde interpolation.
 """
 
 from __future__ import annotations
