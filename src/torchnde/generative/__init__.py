@@ -8,6 +8,7 @@ flow-matching family; built-in data and metrics. Each model is a term plus a sol
 """
 
 from . import conditional, data, fast_samplers, flow_matching, metrics, objectives
+from ._shapes import ModelShapeError
 from .cnf import CNF, REGULARISERS
 from .conditional import ClassifierFreeGuidance, Inpaint, inpaint
 from .fast_samplers import FAST_SAMPLERS, DPMSolver, EDMHeun, logsnr_times
@@ -57,4 +58,5 @@ __all__ = [
     "dsm_loss",
     "nll_bound",
     "training_times",
+    "ModelShapeError",
 ]

@@ -26,6 +26,7 @@ from .._terms import ODETerm
 from ..adjoints import AbstractAdjoint, DirectAdjoint
 from ..controllers import AbstractController
 from ..solvers import AbstractSolver, Tsit5
+from ._shapes import batch_hint
 from .likelihood import (
     _check_trace,
     _default_controller,
@@ -196,16 +197,25 @@ class CNF(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() < 1:
             raise ValueError("x must be a tensor of shape (batch, *event_shape)")
         if self.event_shape is not None and tuple(x.shape[1:]) != self.event_shape:
-            raise ValueError(f"x has example shape {tuple(x.shape[1:])}, the CNF was built for {self.event_shape}")
+            raise ValueError(
+                f"x has shape {tuple(x.shape)}, i.e. example shape {tuple(x.shape[1:])}; the CNF was built for "
+                f"example shape {self.event_shape}: pass x of shape {batch_hint(self.event_shape)}"
+            )
 
     # ------------------------------------------------------------------ public API
 
     def log_prob(self, x: torch.Tensor, *, trace: str | None = None, seed: int | None = None) -> torch.Tensor:
         """``(batch,)`` log-densities of ``x`` (``trace`` overrides the CNF's estimator for this
-        call, e.g. ``"exact"`` for evaluation; ``seed`` fixes the Hutchinson probes)."""
+        call, e.g. ``"exact"`` for evaluation; ``seed`` fixes the Hutchinson probes). One
+        unbatched example of shape ``event_shape`` (when the CNF was given one) gives a 0-d
+        result."""
+        unbatched = isinstance(x, torch.Tensor) and self.event_shape is not None and tuple(x.shape) == self.event_shape
+        if unbatched:
+            x = x.unsqueeze(0)
         self._check_x(x)
         z, parts, _ = self._augmented(x, self.t0, self.t1, trace, seed)
-        return self._prior.log_prob(z) + parts["divergence"]
+        lp = self._prior.log_prob(z) + parts["divergence"]
+        return lp[0] if unbatched else lp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.log_prob(x)
@@ -253,7 +263,7 @@ class CNF(nn.Module):
             return x, self._prior.log_prob(z) - parts["divergence"]
         field = self._field
         sol = solve(
-            ODETerm(lambda t, y, args: field(t, y)),
+            ODETerm(lambda t, y, args: field(t, y), time_as_float=True),
             self.solver,
             self.t1,
             self.t0,

@@ -45,6 +45,7 @@ from .._saveat import SaveAt
 from .._terms import ControlTerm, MultiTerm, ODETerm
 from ..paths import BrownianGrid, VirtualBrownianTree
 from ..solvers import AbstractAdaptiveSolver, Euler
+from ._shapes import batch_hint, event_mismatch, event_shape_of, reraise_if_shape_error
 
 __all__ = [
     "MLP",
@@ -98,6 +99,7 @@ class MLP(nn.Module):
     The input is ``x`` concatenated with ``t`` and ``sin``/``cos`` of ``2π k t`` for
     ``k = 1..time_features``; ``depth`` hidden layers of width ``hidden`` with SiLU activations;
     the output has ``out_dim`` (default ``dim``) features. Good enough for the 2-D toy densities.
+    ``event_shape`` is ``(dim,)``: the samplers and ``log_prob`` check their input against it.
     """
 
     def __init__(
@@ -105,6 +107,7 @@ class MLP(nn.Module):
     ):
         super().__init__()
         self.time_features = time_features
+        self.event_shape = (int(dim),)
         layers: list[nn.Module] = []
         width = dim + 1 + 2 * time_features
         for _ in range(depth):
@@ -203,10 +206,23 @@ def rectified_flow_loss(
 
 # ---------------------------------------------------------------------------------------- sampling
 def _ode_term(velocity: Callable) -> ODETerm:
-    def vf(t, y, args):
-        return velocity(_times(t, y), y)
+    expected = event_shape_of(velocity)
 
-    return ODETerm(vf)
+    def vf(t, y, args):
+        try:
+            return velocity(_times(t, y), y)
+        except (RuntimeError, IndexError) as e:
+            reraise_if_shape_error(e, "the model", y, expected)
+            raise
+
+    return ODETerm(vf, time_as_float=True)
+
+
+def _check_x0(model, x0) -> None:
+    """``x0`` against the example shape ``model`` declares (if it declares one)."""
+    expected = event_shape_of(model)
+    if expected is not None and isinstance(x0, torch.Tensor) and tuple(x0.shape[1:]) != expected:
+        raise event_mismatch(f"x0 of shape {tuple(x0.shape)}", expected, f"x0 of shape {batch_hint(expected)}")
 
 
 def sample_ode(
@@ -242,6 +258,7 @@ def sample_ode(
     Returns:
         The samples at ``t1`` (shape of ``x0``), or the :class:`~torchnde.Solution`.
     """
+    _check_x0(model, x0)
     solver = Euler() if solver is None else solver
     if controller is None:
         if nfe is None or not isinstance(nfe, int) or isinstance(nfe, bool) or nfe < 1:
@@ -510,6 +527,9 @@ class StochasticInterpolant:
             g = self.gamma(_bcast(_times(t, x), x)).clamp_min(0.0)
             return torch.sqrt(2 * c * g).expand_as(x)
 
-        terms = MultiTerm(ODETerm(drift), ControlTerm(sigma, path, noise="diagonal", additive=True))
+        terms = MultiTerm(
+            ODETerm(drift, time_as_float=True),
+            ControlTerm(sigma, path, noise="diagonal", additive=True, time_as_float=True),
+        )
         sol = _solve.solve(terms, solver, 0.0, 1.0, x0, controller=controller, **solve_kwargs)
         return sol if return_solution else _final(sol, solve_kwargs)

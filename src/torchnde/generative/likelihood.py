@@ -32,6 +32,7 @@ from .._terms import AbstractTerm, ODETerm
 from ..adjoints import AbstractAdjoint, DirectAdjoint
 from ..controllers import AbstractController, ConstantStepSize, PIDController
 from ..solvers import AbstractSolver, Tsit5
+from ._shapes import batch_hint, event_mismatch, event_shape_of, reraise_if_shape_error
 
 __all__ = [
     "TRACES",
@@ -95,6 +96,11 @@ def _as_field(vector_field) -> Callable[[Any, torch.Tensor, Any], torch.Tensor]:
     return lambda t, x, args: vector_field(t, x)
 
 
+def _declared_event_shape(vector_field) -> tuple[int, ...] | None:
+    """The example shape a vector field (or the function inside an ``ODETerm``) declares."""
+    return event_shape_of(vector_field.vector_field if isinstance(vector_field, ODETerm) else vector_field)
+
+
 def augmented_field(
     vector_field,
     trace: str = "exact",
@@ -120,6 +126,7 @@ def augmented_field(
     the samples of the batch independently (no batch normalisation across samples).
     """
     field = _as_field(vector_field)
+    expected = _declared_event_shape(vector_field)
     _check_trace(trace)
     if trace != "exact" and noise is None:
         raise ValueError(f"trace={trace!r} needs its probe vectors: pass noise=trace_noise(x, trace, seed=...)")
@@ -130,7 +137,11 @@ def augmented_field(
         with torch.enable_grad():
             if not x.requires_grad:
                 x = x.detach().requires_grad_()
-            f = field(t, x, args)
+            try:
+                f = field(t, x, args)
+            except (RuntimeError, IndexError) as e:
+                reraise_if_shape_error(e, "the vector field", x, expected)
+                raise
             if not isinstance(f, torch.Tensor) or f.shape != x.shape:
                 got = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
                 raise ValueError(f"the vector field must return a tensor shaped like x {tuple(x.shape)}, got {got}")
@@ -249,7 +260,7 @@ def integrate_augmented(
     n_extra = 1 + int(kinetic) + int(jacobian_frobenius)
     y0 = (x, *(torch.zeros(B, dtype=x.dtype, device=x.device) for _ in range(n_extra)))
     sol = solve(
-        ODETerm(aug),
+        ODETerm(aug, time_as_float=True),
         solver,
         t_start,
         t_end,
@@ -285,6 +296,7 @@ def log_prob(
     args=None,
     max_steps: int | None = 4096,
     return_solution: bool = False,
+    event_shape=None,
 ):
     r"""Log-density of data ``x`` under the flow :math:`\dot x = f(t, x)` that maps data at ``t0``
     to the prior at ``t1``:
@@ -299,7 +311,8 @@ def log_prob(
         vector_field: ``f(t, x)`` returning a tensor shaped like ``x`` (an ``nn.Module`` works), or
             an :class:`~torchnde.ODETerm` ``f(t, x, args)`` such as a process's probability-flow
             ODE. ``t`` is a Python float, or with ``per_sample=True`` a ``(batch,)`` tensor.
-        x: data, ``(batch, *event_shape)``; the leading dimension is always the batch.
+        x: data, ``(batch, *event_shape)``, or one example of shape ``event_shape`` when the
+            event shape is known (then the result is 0-d, as ``torch.distributions`` does).
         t0, t1: data time and prior time (``t1 < t0`` is allowed).
         prior_log_prob: ``z -> (batch,)`` log-density at ``t1``, a
             ``torch.distributions.Distribution``, or ``None`` for the standard normal.
@@ -317,12 +330,26 @@ def log_prob(
         noise: explicit probes shaped like ``x`` (overrides ``seed``).
         dt0, args, max_steps: passed to :func:`torchnde.solve` (``args`` reaches an ``ODETerm``).
         return_solution: also return the :class:`~torchnde.Solution` (for ``stats``).
+        event_shape: the shape of one example, e.g. ``(2,)``. Default: what the vector field
+            declares as ``event_shape`` (torchnde's ``MLP`` and ``CNF``, the exact oracles'
+            ``score_fn``/``model``, and a process's probability flow of such a model do), else
+            unknown. With it known, ``x`` is checked against it up front. With it unknown, ``x``
+            must have at least two dimensions: a 1-D ``x`` is refused as ambiguous (one
+            example, or a batch of scalars?) — pass ``x[None]``, ``event_shape=(d,)`` or, for
+            scalar data, ``event_shape=()``.
 
     Returns:
-        ``(batch,)`` log-densities in nats (and the solution if asked).
+        ``(batch,)`` log-densities in nats (0-d for one unbatched example), and the solution if
+        asked.
+
+    Raises:
+        ValueError: ``x`` does not fit the event shape, or is 1-D with no event shape known; a
+            :class:`~torchnde.generative.ModelShapeError` (also a ``RuntimeError``) when
+            the vector field fails on ``x``'s shape.
     """
     _check_trace(trace)
     prior = _prior_fn(prior_log_prob)
+    x, noise, unbatched = _batch_of(x, noise, vector_field, event_shape)
     if noise is None:
         noise = trace_noise(x, trace, seed=seed, generator=generator)
     z, parts, sol = integrate_augmented(
@@ -341,7 +368,40 @@ def log_prob(
         max_steps=max_steps,
     )
     lp = prior(z) + parts["divergence"]
+    if unbatched:
+        lp = lp[0]
     return (lp, sol) if return_solution else lp
+
+
+def _batch_of(x, noise, vector_field, event_shape):
+    """``(x, noise, unbatched)``: ``x`` (and explicit probes) with a batch dimension, after
+    checking ``x`` against the event shape (given, or declared by the vector field)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor of shape (batch, *event_shape), got {type(x).__name__}")
+    if event_shape is None:
+        expected = _declared_event_shape(vector_field)
+    else:
+        if isinstance(event_shape, int) or not all(isinstance(s, int) and s >= 1 for s in tuple(event_shape)):
+            raise ValueError(f"event_shape must be a tuple of positive ints such as (2,), got {event_shape!r}")
+        expected = tuple(event_shape)
+    shape = tuple(x.shape)
+    if expected is None:
+        if x.dim() < 2:
+            raise ValueError(
+                f"x has shape {shape}, and the vector field declares no event shape, so log_prob cannot tell "
+                f"one example from a batch of scalars: pass x[None] (shape {(1, *shape)}) for one example, "
+                "event_shape=(d,) to say what one example is, or event_shape=() for a batch of scalar data"
+            )
+        return x, noise, False
+    if shape == expected:  # one unbatched example
+        if noise is not None and tuple(noise.shape) == expected:
+            noise = noise.unsqueeze(0)
+        return x.unsqueeze(0), noise, True
+    if shape[1:] != expected or x.dim() == 0:
+        raise event_mismatch(
+            f"x of shape {shape}", expected, f"x of shape {batch_hint(expected)}, or one example of shape {expected}"
+        )
+    return x, noise, False
 
 
 # --------------------------------------------------------------------------------------------

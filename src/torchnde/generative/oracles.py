@@ -41,21 +41,23 @@ class _Oracle:
         raise NotImplementedError
 
     def score_fn(self, process: DiffusionProcess):
-        """``score(t, x)`` of the marginals of ``process``."""
+        """``score(t, x)`` of the marginals of ``process`` (declaring ``event_shape = (dim,)``)."""
 
         def score(t, x):
             return self.score(process, t, x)
 
+        score.event_shape = (self.dim,)
         return score
 
     def model(self, process: DiffusionProcess, kind: str = "score"):
         """An exact "trained model" ``model(t, x)`` predicting ``kind`` (``"eps"``, ``"x0"``,
-        ``"v"``, ``"score"`` or ``"velocity"``) under ``process``."""
+        ``"v"``, ``"score"`` or ``"velocity"``) under ``process`` (declaring ``event_shape = (dim,)``)."""
         param = Parameterisation("score", process)
 
         def model(t, x):
             return param.convert(kind, t, x, self.score(process, t, x))
 
+        model.event_shape = (self.dim,)
         return model
 
     def marginal_sample(self, process: DiffusionProcess, t, n: int, generator=None, dtype=torch.float64, device=None):

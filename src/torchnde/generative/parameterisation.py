@@ -20,6 +20,9 @@ Tweedie's estimate :math:`(y - \sigma\hat\varepsilon)/\alpha`.
 
 from __future__ import annotations
 
+import torch
+
+from ._shapes import ModelShapeError, event_shape_of, reraise_if_shape_error
 from .processes import DiffusionProcess, _batch_time, _plus, expand_time
 
 __all__ = ["Parameterisation", "KINDS"]
@@ -138,10 +141,28 @@ class _Converted:
         self.param, self.model, self.kind = param, model, kind
         self.calls = 0
 
-    def __call__(self, t, x):
+    @property
+    def event_shape(self) -> tuple[int, ...] | None:
+        """The example shape the wrapped model declares (``None`` if it declares none)."""
+        return event_shape_of(self.model)
+
+    def _model(self, t, x):
         self.calls += 1
-        out = self.model(_batch_time(t, x), x)
-        return self.param.convert(self.kind, t, x, out)
+        try:
+            out = self.model(_batch_time(t, x), x)
+        except (RuntimeError, IndexError) as e:
+            reraise_if_shape_error(e, "the model", x, self.event_shape)
+            raise
+        if self.calls == 1 and getattr(out, "shape", None) != x.shape:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ModelShapeError(
+                f"the model must return a tensor shaped like its input x {tuple(x.shape)} (a prediction of "
+                f"{self.param.kind!r}), got {got}"
+            )
+        return out
+
+    def __call__(self, t, x):
+        return self.param.convert(self.kind, t, x, self._model(t, x))
 
     def scaled_score(self, t: float, x):
         """``(out, k)`` with the score ``k * out`` for a score wrapper of an ``"eps"`` or
@@ -149,8 +170,7 @@ class _Converted:
         ``k`` into its own coefficient and saves an op; ``None`` (and no model call) otherwise."""
         if self.kind != "score" or self.param.kind not in ("eps", "score"):
             return None
-        self.calls += 1
-        out = self.model(_batch_time(t, x), x)
+        out = self._model(t, x)
         if self.param.kind == "score":
             return out, 1.0
         return out, -1.0 / self.param.process.marginal(t)[1]

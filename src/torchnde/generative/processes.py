@@ -227,7 +227,7 @@ class DiffusionProcess:
         to sample, or from ``t0`` to ``t1`` to encode). ``score_fn(t, x)`` is the score of the
         marginal :math:`p_t` (see :class:`~torchnde.generative.parameterisation.Parameterisation`
         for models that predict something else)."""
-        return ODETerm(_PFDrift(self, score_fn))
+        return ODETerm(_PFDrift(self, score_fn), time_as_float=True)
 
     def reverse_sde(
         self,
@@ -265,8 +265,8 @@ class DiffusionProcess:
             path = VirtualBrownianTree(
                 min(lo, hi), max(lo, hi), tuple(shape), seed=seed, dtype=dtype, device=device, tol=tol
             )
-        drift = ODETerm(_ReverseDrift(self, score_fn))
-        noise = ControlTerm(_Diffusion(self), path, noise="diagonal", additive=True, calculus="ito")
+        drift = ODETerm(_ReverseDrift(self, score_fn), time_as_float=True)
+        noise = ControlTerm(_Diffusion(self), path, noise="diagonal", additive=True, calculus="ito", time_as_float=True)
         return MultiTerm(drift, noise)
 
 
@@ -280,6 +280,13 @@ class _PFDrift:
 
     def __init__(self, process, score_fn):
         self.process, self.score_fn = process, score_fn
+
+    @property
+    def event_shape(self):
+        """The example shape the score function declares (``None`` if none)."""
+        from ._shapes import event_shape_of
+
+        return event_shape_of(self.score_fn)
 
     def __call__(self, t, x, args=None):
         return self.process.pf_drift(self.score_fn, t, x)

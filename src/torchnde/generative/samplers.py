@@ -60,6 +60,7 @@ from ..paths import BrownianGrid, VirtualBrownianTree
 from ..solvers import Euler, Heun, SPaRK, Tsit5
 from ..solvers._base import AbstractERK, AbstractSolver, linear_coeffs
 from ..solvers._tableau import ButcherTableau
+from ._shapes import batch_hint, check_shape, event_mismatch, event_shape_of
 from .fast_samplers import (
     DPM_SAMPLERS,
     FAST_SAMPLERS,
@@ -164,6 +165,10 @@ class _Prediction:
     def __init__(self, f):
         self.f = f
 
+    @property
+    def event_shape(self):
+        return event_shape_of(self.f)
+
     def __call__(self, t, x, args=None):
         return self.f(t, x)
 
@@ -239,7 +244,11 @@ def sample(
         model: ``model(t, x)`` predicting ``parameterisation`` (``t`` a ``(B,)`` tensor in ``x``'s
             dtype); an exact oracle's ``score_fn`` / ``model`` works too.
         process: the forward process the model was trained on.
-        shape: of the samples (batch first).
+        shape: of the samples, ``(batch, *event_shape)``. A model that declares its
+            ``event_shape`` (torchnde's ``MLP``, the exact oracles) is checked against it up
+            front; for any other model, a shape error raised by its first call is re-raised as a
+            :class:`~torchnde.generative.ModelShapeError` (a ``ValueError``) naming the
+            shape it received.
         nfe: budget of model evaluations (fixed-step samplers; required). The adaptive sampler
             ignores it (its cost is set by ``rtol``/``atol``) and reports what it used.
         sampler: one of :data:`SAMPLERS`.
@@ -278,6 +287,10 @@ def sample(
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {ALL_SAMPLERS}")
     if not isinstance(process, DiffusionProcess):
         raise TypeError(f"process must be a DiffusionProcess such as VP(), got {type(process).__name__}")
+    shape = check_shape(shape)
+    expected = event_shape_of(model)
+    if expected is not None and shape[1:] != expected:
+        raise event_mismatch(f"shape={shape}", expected, f"shape={batch_hint(expected)}")
     t_start = process.t1 if t_start is None else float(t_start)
     t_end = process.t0 if t_end is None else float(t_end)
     if not t_start > t_end:
@@ -305,10 +318,10 @@ def sample(
     if x_init is None:
         dev = torch.device(device) if device is not None else torch.get_default_device()
         gen = torch.Generator(device=dev).manual_seed(int(seed))
-        x = process.prior_sample(tuple(shape), generator=gen, dtype=dtype, device=dev)
+        x = process.prior_sample(shape, generator=gen, dtype=dtype, device=dev)
     else:
         x = x_init
-        if tuple(x.shape) != tuple(shape):
+        if tuple(x.shape) != shape:
             raise ValueError(f"x_init has shape {tuple(x.shape)}, expected {tuple(shape)}")
     score = Parameterisation(parameterisation, process).as_score(model)
 
@@ -327,7 +340,7 @@ def sample(
         # the model's own output (counted); the solver converts it with cached coefficients
         predict = Parameterisation(parameterisation, process).as_kind(model, parameterisation)
         score = predict  # counts the model's evaluations
-        terms = ODETerm(_Prediction(predict))
+        terms = ODETerm(_Prediction(predict), time_as_float=True)
         if isinstance(solver, DPMSolver) and solver.term_kind != parameterisation:
             raise ValueError(
                 f"the {sampler!r} preset's term returns the model's own output ({parameterisation!r}); "
