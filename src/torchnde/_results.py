@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import enum
 
+import torch
+
 __all__ = ["Result", "SolveError"]
 
 
@@ -32,8 +34,10 @@ _MESSAGES = {
         "PIDController(jump_ts=...), loosen rtol/atol, lower dtmin, or use force_dtmin=True."
     ),
     Result.nonfinite: (
-        "the state or the vector field became NaN or infinite and shrinking the step did not help. "
-        "Check the vector field for overflow, division by zero or log of negative numbers, and the "
+        "the state or the vector field became NaN or infinite and shrinking the step did not help "
+        "(an adaptive solve stops after 20 rejected NaN/inf steps that do not get past the time where "
+        "they began). Check the vector field for overflow, division by zero, log or sqrt of negative "
+        "numbers, or a formula valid only up to some time (then end the solve before it), and the "
         "initial condition for NaNs."
     ),
 }
@@ -45,9 +49,22 @@ class SolveError(RuntimeError):
     Attributes:
         result: the result code(s) (an int tensor, one per sample in per-sample mode).
         solution: the partial :class:`~torchnde.Solution` (what was computed before the failure).
+        t: where the solve stopped (``solution.t_final``; per-sample mode: one time per sample).
+        samples: per-sample mode: the indices of the samples that failed; ``None`` otherwise.
     """
 
     def __init__(self, message: str, result=None, solution=None):
         super().__init__(message)
         self.result = result
         self.solution = solution
+
+    @property
+    def t(self):
+        return getattr(self.solution, "t_final", None)
+
+    @property
+    def samples(self) -> list[int] | None:
+        r = self.result
+        if isinstance(r, torch.Tensor) and r.dim() == 1:
+            return (r != Result.successful).nonzero().flatten().tolist()
+        return None

@@ -108,10 +108,13 @@ class Solution:
         ys: the saved states with the structure of ``y0``; each tensor has a leading time
             dimension ``(T, *shape)`` (per-sample mode: ``(batch, T, *shape[1:])``). ``None`` when
             only dense output was asked for.
-        stats: ``num_steps``, ``num_accepted``, ``num_rejected`` (ints, or ``(batch,)`` tensors in
-            per-sample mode) and ``nfe`` (vector-field evaluations).
+        stats: ``num_steps``, ``num_accepted``, ``num_rejected``, ``num_rejected_nonfinite`` (the
+            rejected steps whose state or error estimate was NaN/inf; ints, or ``(batch,)`` tensors
+            in per-sample mode) and ``nfe`` (vector-field evaluations).
         result: a :class:`Result` (per-sample mode: an int tensor of codes, one per sample).
         t0, t1: the interval that was solved.
+        t_final: where the solve stopped: ``t1`` if it succeeded, else the time of its last
+            accepted step, where it failed (a float; per-sample mode: a ``(batch,)`` tensor).
     """
 
     ts: torch.Tensor | None
@@ -122,6 +125,7 @@ class Solution:
     t1: Any = None
     interpolation: DenseInterpolation | None = field(default=None, repr=False)
     internal: dict | None = field(default=None, repr=False)  # for adjoints: steps, final state
+    t_final: Any = None
 
     @property
     def successful(self) -> bool:

@@ -128,6 +128,7 @@ def solve(
     if isinstance(terms, AbstractTerm) and not isinstance(terms, (ODETerm, SDETerm)):
         terms = normalize_terms(terms, backward=_is_backward(t0, t1))
     controller = _check_policies(terms, solver, saveat, adjoint, controller, dt0, max_steps)
+    _check_not_meta(y0)
     timed = [x for x in (t0, t1, saveat.ts) if isinstance(x, torch.Tensor) and x.requires_grad]
     if timed and isinstance(terms, SDETerm):
         raise NotImplementedError(
@@ -202,6 +203,20 @@ def _check_policies(terms, solver, saveat, adjoint, controller, dt0, max_steps):
     if max_steps is not None and (not isinstance(max_steps, numbers.Integral) or max_steps < 1):
         raise ValueError(f"max_steps must be a positive int or None, got {max_steps!r}")
     return controller
+
+
+def _check_not_meta(y0) -> None:
+    """The loop needs real values (finiteness checks, step-size control, save times): refuse
+    tensors without data (the ``meta`` device) before any step, instead of failing in ``.item()``."""
+    if isinstance(y0, (dict, tuple, list)):
+        for leaf in y0.values() if isinstance(y0, dict) else y0:
+            _check_not_meta(leaf)
+    elif isinstance(y0, torch.Tensor) and y0.is_meta:
+        raise ValueError(
+            "solve() cannot run on the meta device: y0 has no values, and the solve needs them to check "
+            "for NaN/inf and to choose step sizes. Put y0 on a real device (e.g. y0.to('cpu') or 'cuda'); "
+            "to trace shapes only, call the vector field itself on meta tensors"
+        )
 
 
 def _check_sde_solver(sde: SDETerm, solver) -> None:
@@ -401,6 +416,45 @@ def _compact(rows: list, masks: list, pad_value=math.nan):
 # --------------------------------------------------------------------------------------------
 # the loop
 
+#: An adaptive solve ends with ``Result.nonfinite`` after this many rejected steps with a NaN/inf
+#: state or error estimate that it could not get past (see :class:`_NonfiniteWall`).
+NONFINITE_REJECTIONS = 20
+
+
+class _NonfiniteWall:
+    """Ends a solve that keeps failing in front of the same NaN/inf.
+
+    Each rejected step whose state or error estimate is NaN/inf is a *strike*; the earliest end
+    of such a step is the *wall*. An accepted step that reaches the wall clears the strikes (the
+    failed step was merely too long), and :data:`NONFINITE_REJECTIONS` strikes in front of one wall
+    end the solve. Without this rule a vector field that is NaN beyond some time (or state) makes
+    an adaptive solve creep towards it, each step shorter than the last, for all of ``max_steps``.
+    The wall is cleared lazily, at the next strike: times only increase, so a solve that is past
+    the wall then was past it at some accepted step before. Works on Python numbers (one step size)
+    or ``(batch,)`` tensors (per-sample mode, where ``bad`` masks the samples that struck).
+    """
+
+    def __init__(self, ops):
+        self.batched = ops.batched
+        self.wall = ops.full(math.inf)
+        self.strikes = ops.full(0).long() if ops.batched else 0
+        self.total = ops.full(0).long() if ops.batched else 0  # for Solution.stats
+
+    def strike(self, bad, t, t_next):
+        """Record the non-finite rejected steps ``t -> t_next`` where ``bad``; returns where the
+        solve must stop."""
+        passed = t >= self.wall  # got past the previous wall: these strikes start a new count
+        if self.batched:
+            self.strikes = torch.where(bad, torch.where(passed, 1, self.strikes + 1), self.strikes)
+            nearest = torch.where(passed, t_next, torch.minimum(self.wall, t_next))
+            self.wall = torch.where(bad, nearest, self.wall)
+            self.total = self.total + bad
+        else:
+            self.strikes = 1 if passed else self.strikes + 1
+            self.wall = t_next if passed else min(self.wall, t_next)
+            self.total += 1
+        return self.strikes >= NONFINITE_REJECTIONS
+
 
 def _integrate(p: _Problem) -> Solution:
     per_sample = p.per_sample
@@ -418,7 +472,7 @@ def _integrate(p: _Problem) -> Solution:
         fwd = t1 > t0
         if not (fwd.all() or (~fwd).all()):
             raise ValueError("per-sample intervals must all run in the same direction (all t1 > t0 or all t1 < t0)")
-        sign = 1.0 if bool(fwd[0]) else -1.0
+        sign = -1.0 if _is_backward(p.t0, p.t1) else 1.0  # (an empty batch keeps the direction asked for)
         ops = BatchOps(flat.batch_size, time_dtype, flat.device)
     else:
         if t0 == t1:
@@ -518,6 +572,7 @@ def _integrate(p: _Problem) -> Solution:
     meter = make_progress(p.progress, tau0, tau1, sign)
     eps_land = 1e-9
     last_nonfinite = ops.false()
+    wall = _NonfiniteWall(ops)
     iteration = 0
     recorded: list = []
     t = tau0
@@ -526,11 +581,8 @@ def _integrate(p: _Problem) -> Solution:
     try:
         while ops.any(running):
             if p.max_steps is not None and iteration >= p.max_steps:
-                if per_sample:
-                    code = torch.where(last_nonfinite, Result.nonfinite, Result.max_steps_reached)
-                    result = torch.where(running, code, result)
-                else:
-                    result = Result.nonfinite if last_nonfinite else Result.max_steps_reached
+                # said as it is, even when the last rejection was NaN/inf (the message adds that)
+                result = ops.where(running, Result.max_steps_reached, result)
                 break
             # --- propose the end of the step, landing on t1 and on step/jump times
             if per_sample and not stops:
@@ -559,7 +611,8 @@ def _integrate(p: _Problem) -> Solution:
 
             # --- accept / reject
             # one reduction: the sum is NaN/inf iff some entry is (or the sum overflows)
-            finite = torch.isfinite(y1.sum(-1)) if per_sample else cmath.isfinite(y1.sum().item())
+            y1_sum = y1.sum(-1) if per_sample else y1.sum()
+            finite = torch.isfinite(y1_sum) if per_sample else cmath.isfinite(y1_sum.item())
             if adaptive:
                 accept, dt_new, cstate, cres = controller.adapt(t, t_next, y, y1, y_err, error_order, cstate, ops)
                 accept = ops.and_(accept, finite)
@@ -634,9 +687,15 @@ def _integrate(p: _Problem) -> Solution:
                 dt = dt_new
                 rejected = running & ~accept
                 if rejected.any():
-                    last_nonfinite = torch.where(rejected, ~finite, last_nonfinite)
-                    # step-size underflow: the next try would not be shorter than the rejected one
-                    stuck = rejected & ((t + dt) - t >= t_next - t)
+                    # a NaN/inf state or error estimate (the sum is NaN/inf iff one of them is)
+                    bad = rejected & ~torch.isfinite(y1_sum if y_err is None else y1_sum + y_err.sum(-1))
+                    last_nonfinite = torch.where(rejected, bad, last_nonfinite)
+                    # step-size underflow: the next try would not be shorter than the rejected one,
+                    # or would not move t at all
+                    h_next = (t + dt) - t
+                    stuck = rejected & ((h_next >= t_next - t) | (h_next <= 0))
+                    if bad.any():
+                        stuck = stuck | wall.strike(bad, t, t_next)
                     if stuck.any():
                         code = torch.where(last_nonfinite, Result.nonfinite, Result.dt_min_reached)
                         result = torch.where(stuck, code, result)
@@ -658,9 +717,13 @@ def _integrate(p: _Problem) -> Solution:
                             sstate = solver.init(term, t, y)
                 else:
                     n_rej += 1
-                    last_nonfinite = not finite
-                    # step-size underflow: the next try would not be shorter than the rejected one
-                    stuck = (t + dt_new) - t >= t_next - t
+                    last_nonfinite = not finite or (y_err is not None and not cmath.isfinite(y_err.sum().item()))
+                    # step-size underflow: the next try would not be shorter than the rejected one,
+                    # or would not move t at all
+                    h_next = (t + dt_new) - t
+                    stuck = h_next >= t_next - t or h_next <= 0
+                    if last_nonfinite:
+                        stuck = wall.strike(True, t, t_next) or stuck
                 dt = dt_new
                 if running and not accept and stuck:
                     result = Result.nonfinite if last_nonfinite else Result.dt_min_reached
@@ -674,7 +737,7 @@ def _integrate(p: _Problem) -> Solution:
 
     # --- assemble the solution
     interp = None
-    if saveat.dense and dense_rows:
+    if saveat.dense and (dense_rows or B == 0):  # (an empty batch: an interpolation of nothing)
         interp = _build_dense(dense_rows, per_sample, sign, flat, time_dtype)
     ts_list = []
     ys_parts = []
@@ -690,13 +753,13 @@ def _integrate(p: _Problem) -> Solution:
             parts_t.append(ts_save * sign)
             parts_y.append(ts_out)
         if saveat.steps:
-            if step_rows:
-                R, _ = _compact(step_rows, step_masks)
-                parts_t.append(R[..., 0].real.to(time_dtype) * sign)
-                parts_y.append(R[..., 1:])
+            # (no step taken, e.g. an empty batch: no rows)
+            R = _compact(step_rows, step_masks)[0] if step_rows else y.new_zeros(B, 0, flat.size + 1)
+            parts_t.append(R[..., 0].real.to(time_dtype) * sign)
+            parts_y.append(R[..., 1:])
+        t_final = torch.where(result == Result.successful, tau1, t) * sign
         if save_t1:
-            done = result == Result.successful
-            parts_t.append(torch.where(done, tau1, t).unsqueeze(-1) * sign)
+            parts_t.append(t_final.unsqueeze(-1))
             parts_y.append(y.unsqueeze(1))
         ts_all = torch.cat(parts_t, 1) if parts_t else None
         ys_all = torch.cat(parts_y, 1) if parts_y else None
@@ -708,7 +771,7 @@ def _integrate(p: _Problem) -> Solution:
             n_acc = torch.stack(accept_hist).sum(0)
         else:
             n_steps = n_acc = torch.zeros(B, dtype=torch.long, device=dev)
-        stats = {"num_steps": n_steps, "num_accepted": n_acc, "num_rejected": n_steps - n_acc, "nfe": term.nfe}
+        stats = {"num_steps": n_steps, "num_accepted": n_acc, "num_rejected": n_steps - n_acc}
     else:
         if save_t0:
             ts_list.append(tau0)
@@ -723,21 +786,27 @@ def _integrate(p: _Problem) -> Solution:
         if saveat.steps:
             ts_list.extend(saved_t)
             ys_parts.extend(saved_y)
+        t_end = tau1 if result == Result.successful else t  # internal time
+        t_final = t_end * sign
         if save_t1:
-            ts_list.append(tau1 if result == Result.successful else t)
+            ts_list.append(t_end)
             ys_parts.append(y)
         ts_all = torch.tensor([v * sign for v in ts_list], dtype=time_dtype, device=dev) if ts_list else None
         ys = flat.unflatten(torch.stack(ys_parts)) if ys_parts else None
-        stats = {"num_steps": n_steps, "num_accepted": n_acc, "num_rejected": n_rej, "nfe": term.nfe}
+        stats = {"num_steps": n_steps, "num_accepted": n_acc, "num_rejected": n_rej}
         result = Result(result)
+    stats["num_rejected_nonfinite"] = wall.total
+    stats["nfe"] = term.nfe
 
     if term.rough:
         stats["nfe_diffusion"] = term.nfe_diffusion
-    sol = Solution(ts=ts_all, ys=ys, stats=stats, result=result, t0=p.t0, t1=p.t1, interpolation=interp)
+    sol = Solution(
+        ts=ts_all, ys=ys, stats=stats, result=result, t0=p.t0, t1=p.t1, interpolation=interp, t_final=t_final
+    )
     if p.record:
         sol.internal = {"step_ends": recorded, "t0": tau0, "sign": sign, "y": y, "solver_state": sstate}
     if p.throw and not sol.successful:
-        raise SolveError(_failure_message(result, per_sample, t, sign), result=result, solution=sol)
+        raise SolveError(_failure_message(result, t_final, last_nonfinite, stats), result=result, solution=sol)
     return sol
 
 
@@ -784,6 +853,10 @@ def _stop_times(controller, sign):
 
 
 def _build_dense(rows, per_sample, sign, flat, time_dtype):
+    if per_sample and not rows:  # an empty batch
+        TS = torch.zeros(flat.batch_size, 0, dtype=time_dtype, device=flat.device)
+        Y = torch.zeros(flat.batch_size, 0, flat.size, dtype=flat.dtype, device=flat.device)
+        return DenseInterpolation(TS, TS, Y, Y.unsqueeze(-2), sign, flat, True)
     if per_sample:
         t_s = [r[0] for r in rows]
         t_e = [r[1] for r in rows]
@@ -802,21 +875,31 @@ def _build_dense(rows, per_sample, sign, flat, time_dtype):
     return DenseInterpolation(TS, TE, Y, C, sign, flat, False)
 
 
-def _failure_message(result, per_sample, t, sign) -> str:
-    if per_sample:
+def _failure_message(result, t_final, last_nonfinite, stats) -> str:
+    """What failed, where (time and, per sample, which samples) and what to try."""
+    if isinstance(result, torch.Tensor):
         bad = (result != Result.successful).nonzero().flatten()
         codes = sorted({int(result[i]) for i in bad})
         lines = [f"solve failed for {len(bad)} of {result.shape[0]} samples:"]
         for c in codes:
             idx = (result == c).nonzero().flatten()
             shown = idx[:10].tolist()
-            times = [round(float(t[i]) * sign, 10) for i in shown]
+            times = [round(float(t_final[i]), 10) for i in shown]
             more = f" (and {len(idx) - 10} more)" if len(idx) > 10 else ""
             lines.append(f"  {Result(c).name} for samples {shown}{more} at t = {times}: {Result(c).message}")
+            if c == Result.max_steps_reached:
+                nan = idx[last_nonfinite[idx]].tolist()
+                if nan:
+                    lines.append(f"    (the last rejected step of samples {nan[:10]} had a NaN/inf state: {_NAN_HINT})")
         lines.append("Pass throw=False to get the partial solution with per-sample codes in Solution.result.")
         return "\n".join(lines)
     r = Result(result)
-    return (
-        f"solve failed ({r.name}) at t = {t * sign!r}: {r.message} "
-        "Pass throw=False to get the partial solution and the code in Solution.result."
-    )
+    msg = f"solve failed ({r.name}) at t = {t_final!r}: {r.message} "
+    if r == Result.max_steps_reached and last_nonfinite:
+        msg += (
+            f"The last rejected step had a NaN/inf state ({stats['num_rejected_nonfinite']} such steps): {_NAN_HINT}. "
+        )
+    return msg + "Pass throw=False to get the partial solution and the code in Solution.result."
+
+
+_NAN_HINT = "the vector field may be undefined just after this time"

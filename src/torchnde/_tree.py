@@ -139,10 +139,11 @@ class Flattener:
 
     def flatten(self, tree: Any) -> torch.Tensor:
         if self.single:
-            return tree.reshape(self.batch_size, -1) if self.batch else tree.reshape(-1)
+            # (batched: explicit sizes, as -1 is ambiguous for an empty batch)
+            return tree.reshape(self.state_shape) if self.batch else tree.reshape(-1)
         leaves = tree_leaves(tree)
         if self.batch:
-            return torch.cat([x.reshape(self.batch_size, -1) for x in leaves], dim=1)
+            return torch.cat([x.reshape(self.batch_size, n) for x, n in zip(leaves, self.sizes)], dim=1)
         return torch.cat([x.reshape(-1) for x in leaves])
 
     def flatten_leading(self, tree: Any) -> torch.Tensor:

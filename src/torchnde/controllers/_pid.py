@@ -15,7 +15,7 @@ __all__ = ["PIDController", "rms_norm"]
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
     """Root-mean-square over the last dimension (the flattened state of each sample)."""
-    return torch.linalg.vector_norm(x, dim=-1) / math.sqrt(x.shape[-1])
+    return torch.linalg.vector_norm(x, dim=-1) / math.sqrt(max(x.shape[-1], 1))  # (an empty state: 0)
 
 
 class _RMS:
@@ -30,7 +30,7 @@ class _RMS:
 
 def _to_scalar(ops, value):
     if isinstance(value, _RMS):
-        return ops.to_scalar(value.norm) / math.sqrt(value.n)
+        return ops.to_scalar(value.norm) / math.sqrt(max(value.n, 1))
     return ops.to_scalar(value)
 
 
