@@ -7,6 +7,11 @@ own module of this package, named in :data:`COMMANDS`, and provides:
 * ``add_arguments(parser)``: its options, on the subparser ``torchnde <command>`` creates;
 * ``run(args) -> int``: the command itself, returning the exit status.
 
+A command reports bad input and failures by raising; :func:`main` turns every such error into one
+``torchnde <command>: error: ...`` line on stderr and the exit status of
+:func:`torchnde.cli._errors.exit_status` (2 for bad input, 1 for a failure while running, 130 when
+interrupted), with no traceback unless ``TORCHNDE_TRACEBACK=1`` is set.
+
 Adding a command (``train``, ``sample``, ``evaluate``, ``bench``, ...) is one module plus one entry
 in :data:`COMMANDS`. Optional dependencies (matplotlib, tqdm) are imported by the commands that
 need them, through :func:`torchnde.cli._deps.require`, so ``import torchnde.cli`` and
@@ -17,10 +22,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
-from ._deps import INSTALL_HINT, MissingDependencyError
+from ._deps import INSTALL_HINT
+from ._errors import describe, exit_status
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
@@ -78,14 +85,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    prog = f"{PROG} {args.command}"
     try:
         return int(args._run(args) or 0)
-    except MissingDependencyError as e:
-        print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"\n{PROG} {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # train's says which step it saved and how to resume
+        print(f"\n{prog}: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         return 130
+    except Exception as e:
+        status = exit_status(e)
+        if status is None or os.environ.get("TORCHNDE_TRACEBACK", "") not in ("", "0"):
+            raise
+        print(f"{prog}: error: {describe(e)}", file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ._errors import UsageError, check_device_name
+
 __all__ = ["ConfigError", "Field", "SCHEMA", "defaults", "load_file", "parse_override", "resolve", "to_nested"]
 
 
@@ -67,7 +69,7 @@ _LAZY_CHOICES = {"data.name": _data_names, "model.type": _model_names}
 SCHEMA: dict[str, Field] = {
     "seed": Field(0, int, "seeds the initial weights, the data and the noise of every step", nonnegative=True),
     "dtype": Field("float32", str, "floating-point type of the model and the data", choices=("float32", "float64")),
-    "device": Field("auto", str, "'auto' (CUDA if available, else CPU), 'cpu', 'cuda' or 'cuda:N'"),
+    "device": Field("auto", str, "'auto' (CUDA if available, else CPU), 'cpu', 'cuda', 'cuda:N' or 'mps'"),
     "data.name": Field("moons", str, "built-in 2-D data set (torchnde.generative.data)"),
     "model.type": Field("vp", str, "'vp' (VP-SDE score model) or 'flow_matching'"),
     "model.hidden": Field(128, int, "width of the MLP's hidden layers", positive=True),
@@ -134,8 +136,11 @@ def _check_value(key: str, value: Any, where: str) -> Any:
         close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.6)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ConfigError(f"invalid {key} {value!r} ({where}).{hint} Valid choices: {', '.join(map(str, choices))}")
-    if key == "device" and not (value in ("auto", "cpu") or value == "cuda" or value.startswith("cuda:")):
-        raise ConfigError(f"invalid device {value!r} ({where}); use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if key == "device":
+        try:
+            check_device_name(value, where)
+        except UsageError as e:
+            raise ConfigError(str(e)) from None
     return value
 
 
@@ -168,6 +173,21 @@ def to_nested(flat: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _read_text(path: Path) -> str:
+    """The file's text, or :class:`ConfigError` for one that is unreadable or not UTF-8 text."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        bad = e.object[e.start : e.start + 1].hex()
+        line = e.object[: e.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte 0x{bad} at line {line}, offset {e.start}); a configuration is a "
+            "TOML or YAML text file saved as UTF-8"
+        ) from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the configuration ({e.strerror or e})") from None
+
+
 def load_file(path: str | os.PathLike) -> dict[str, Any]:
     """The keys set by a TOML (``.toml``) or YAML (``.yaml``/``.yml``, needs PyYAML) file, flat."""
     path = Path(path)
@@ -183,7 +203,7 @@ def load_file(path: str | os.PathLike) -> dict[str, Any]:
             except ImportError as e:
                 raise ConfigError("TOML configs need Python >= 3.11 or the tomli package (pip install tomli)") from e
         try:
-            tree = tomllib.loads(path.read_text(encoding="utf-8"))
+            tree = tomllib.loads(_read_text(path))
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: invalid TOML: {e}") from None
     elif suffix in (".yaml", ".yml"):
@@ -195,7 +215,7 @@ def load_file(path: str | os.PathLike) -> dict[str, Any]:
                 "TOML configs (.toml) need nothing beyond Python"
             ) from None
         try:
-            tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            tree = yaml.safe_load(_read_text(path)) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: invalid YAML: {e}") from None
         if not isinstance(tree, dict):

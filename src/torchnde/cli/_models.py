@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._errors import resolve_device
+
 __all__ = ["ModelSpec", "MODELS", "Runtime", "runtime", "derive_seed", "shard", "DIM"]
 
 #: dimension of the built-in toy data
@@ -325,24 +327,18 @@ class Runtime:
         return x
 
 
-def _device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        name = f"cuda:{local_rank}"
-    return torch.device(name)
-
-
 @contextlib.contextmanager
-def runtime(device: str = "auto", dtype: str = "float32", threads: int | None = None):
+def runtime(device: str = "auto", dtype: str = "float32", threads: int | None = None, *, option: str = "--device"):
     """The :class:`Runtime` of this process. Under torchrun (``WORLD_SIZE > 1`` in the
     environment) it joins the process group (NCCL for CUDA devices, gloo on the CPU) unless one is
     already initialised, and leaves it again on exit if it joined it. ``threads`` sets torch's CPU
-    threads for the duration (restored on exit)."""
+    threads for the duration (restored on exit). The device is checked by
+    :func:`~torchnde.cli._errors.resolve_device` (a :class:`~torchnde.cli._errors.UsageError` for
+    one this torch cannot use; ``option`` is how the user sets it, for the message)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = _device(device, local_rank)
+    dev = resolve_device(device, local_rank, getattr(torch, dtype), option=option)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     owns = False

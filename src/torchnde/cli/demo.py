@@ -30,6 +30,7 @@ import torchnde as tn
 
 from ._deps import positive_int as _positive_int
 from ._deps import require
+from ._errors import prepare_output_dir
 from .demo_generative import GenerativeDemoConfig, report_markdown, run_generative_demo
 
 __all__ = [
@@ -233,8 +234,9 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike | None = "out", progress: b
 
     Deterministic given ``cfg.seed``; the global RNG state is restored afterwards.
     """
-    if out is not None:
-        require("matplotlib", "torchnde demo (to plot the result)")  # fail before training, not after
+    if out is not None:  # fail before training, not after
+        prepare_output_dir(out)
+        require("matplotlib", "torchnde demo (to plot the result)")
     tqdm = require("tqdm", "torchnde demo's progress bar (or pass --no-progress)").tqdm if progress else None
     began = time.perf_counter()
     with torch.random.fork_rng(devices=[]):

@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from ._deps import require
+from ._errors import prepare_output_dir
 
 __all__ = [
     "GenerativeDemoConfig",
@@ -285,6 +286,7 @@ def run_generative_demo(
     # fail before training, not after
     require("scipy.optimize", "torchnde demo's exact W2 distance (an assignment problem)")
     if out is not None:
+        prepare_output_dir(out)
         require("matplotlib", "torchnde demo (to plot the results)")
     tqdm = require("tqdm", "torchnde demo's progress bars (or pass --no-progress)").tqdm if progress else None
     out = None if out is None else Path(out)

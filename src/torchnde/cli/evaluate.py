@@ -11,7 +11,9 @@ through the model's ODE with the exact trace (:func:`torchnde.generative.likelih
 for score models the probability-flow ODE), next to that of the standard normal as a reference.
 Writes ``DIR/metrics.json`` and ``DIR/metrics.md``; under torchrun the samples and the
 likelihoods are split across the processes and gathered, and rank 0 computes and writes the
-metrics.
+metrics. ``-n 1`` is refused (a distance between distributions needs samples of them); fewer than
+:data:`MIN_SAMPLES` samples or :data:`MIN_NLL_POINTS` likelihood points give a warning on stderr
+and in the report, since the numbers are then mostly sampling noise.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from .._results import SolveError
-from ._checkpoint import CheckpointError, load_checkpoint
+from ._checkpoint import load_checkpoint
 from ._config import check
+from ._errors import UsageError, prepare_output_dir
 from ._models import Runtime, chunked, eval_data, runtime
 from .sample import add_common_arguments, draw_samples, load_trained, resolve_sampler
 
@@ -41,6 +43,35 @@ DESCRIPTION = (
 )
 
 
+#: fewer samples than this and the metrics are mostly sampling noise (a warning)
+MIN_SAMPLES = 100
+#: fewer likelihood points than this and the NLL's standard error is unreliable (a warning)
+MIN_NLL_POINTS = 10
+
+
+def check_sample_counts(n: int, nll_n: int) -> list[str]:
+    """The warnings for small sample counts (see :data:`MIN_SAMPLES`); :class:`UsageError` for
+    ``n < 2``, where the metrics are not defined as comparisons of distributions."""
+    if n < 2:
+        raise UsageError(
+            f"-n {n}: W2, sliced W2 and MMD compare two distributions through their samples and need at least "
+            f"2 samples ({MIN_SAMPLES} or more for numbers that mean something)"
+        )
+    warnings = []
+    if n < MIN_SAMPLES:
+        warnings.append(
+            f"-n {n}: with fewer than {MIN_SAMPLES} samples W2, sliced W2 and MMD are dominated by sampling noise "
+            "(compare them with the data-vs-data floor in the report, measured at the same n); use -n 1000"
+        )
+    if 0 < nll_n < MIN_NLL_POINTS:
+        warnings.append(
+            f"--nll-n {nll_n}: the NLL is a mean over {nll_n} point(s) "
+            f"({'no standard error from one point' if nll_n == 1 else 'its standard error is unreliable'}); "
+            "use --nll-n 500"
+        )
+    return warnings
+
+
 def evaluate(
     path, rt: Runtime, *, n: int = 1000, nll_n: int = 500, sampler: str | None = None, nfe: int | None = None,
     seed: int = 0, rtol: float | None = None, atol: float | None = None, chunk_size: int = 1000,
@@ -48,6 +79,7 @@ def evaluate(
     """The metrics of the checkpoint at ``path`` (a dict; see the module docstring)."""
     from ..generative import metrics
 
+    warnings = check_sample_counts(n, nll_n)
     ck, cfg, spec, model = load_trained(path, rt)
     sampler, nfe = resolve_sampler(spec, sampler, nfe)
     res = draw_samples(
@@ -65,6 +97,8 @@ def evaluate(
         "sample_seconds": round(res.seconds, 3),
         "processes": rt.world_size,
     }
+    if warnings:
+        out["warnings"] = warnings
     if rt.is_main:
         x = res.x.to(torch.float64)
         data, data2 = eval_data(cfg, n, 0), eval_data(cfg, n, 1)
@@ -125,6 +159,8 @@ def write_report(metrics: dict, directory: str | Path) -> tuple[Path, Path]:
     for name, key, floor in _ROWS:
         if key in m:
             lines.append(f"| {name} | {m[key]:.4f} | {m[floor]:.4f} |")
+    for w in m.get("warnings", ()):
+        lines += ["", f"**Warning:** {w}."]
     if "nll_nats" in m:
         lines += [
             "",
@@ -153,26 +189,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    prog = "torchnde evaluate"
     if args.nll_n < 0:
-        print(f"{prog}: error: --nll-n must be >= 0, got {args.nll_n}", file=sys.stderr)
-        return 2
-    try:
-        ck = load_checkpoint(args.checkpoint)
-        with runtime(args.device, check(ck["config"])["dtype"], args.threads) as rt:
-            m = evaluate(
-                args.checkpoint, rt, n=args.n, nll_n=args.nll_n, sampler=args.sampler, nfe=args.nfe,
-                seed=args.seed, rtol=args.rtol, atol=args.atol, chunk_size=args.chunk_size,
-            )  # fmt: skip
-            if rt.is_main:
-                js, md = write_report(m, args.out or Path(ck["path"]).parent)
-                print(md.read_text(), end="")
-                print(f"wrote {js} and {md}")
-            rt.barrier()
-    except (CheckpointError, SolveError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 1
-    except ValueError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
+        raise UsageError(f"--nll-n must be >= 0, got {args.nll_n}")
+    check_sample_counts(args.n, args.nll_n)
+    ck = load_checkpoint(args.checkpoint)
+    with runtime(args.device, check(ck["config"])["dtype"], args.threads) as rt:
+        out = prepare_output_dir(args.out or Path(ck["path"]).parent)  # before the work, not after
+        m = evaluate(
+            args.checkpoint, rt, n=args.n, nll_n=args.nll_n, sampler=args.sampler, nfe=args.nfe,
+            seed=args.seed, rtol=args.rtol, atol=args.atol, chunk_size=args.chunk_size,
+        )  # fmt: skip
+        if rt.is_main:
+            for w in m.get("warnings", ()):
+                print(f"torchnde evaluate: warning: {w}", file=sys.stderr)
+            js, md = write_report(m, out)
+            print(md.read_text(), end="")
+            print(f"wrote {js} and {md}")
+        rt.barrier()
     return 0

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .._results import SolveError
 from ._checkpoint import CheckpointError, load_checkpoint
 from ._config import check
 from ._deps import positive_int as _positive_int
+from ._errors import check_device_name, prepare_output_file
 from ._models import DIM, MODELS, Runtime, chunked, derive_seed, runtime
 
 __all__ = ["HELP", "DESCRIPTION", "add_arguments", "run", "load_trained", "draw_samples", "Samples", "write_samples"]
@@ -39,6 +38,9 @@ DESCRIPTION = (
 )
 
 _SAMPLE_STREAM = 2
+
+#: the file formats of ``--out``
+FORMATS = (".pt", ".npy", ".csv")
 
 
 @dataclass
@@ -117,7 +119,7 @@ def write_samples(path: str | Path, x: torch.Tensor) -> Path:
     elif suffix == ".csv":
         np.savetxt(path, x.detach().cpu().numpy(), delimiter=",", header="x,y", comments="")
     else:
-        raise ValueError(f"unknown output format {suffix!r}; use .pt, .npy or .csv")
+        raise ValueError(f"unknown output format {suffix!r}; use {', '.join(FORMATS)}")
     return path
 
 
@@ -129,6 +131,14 @@ def _positive_float(s: str) -> float:
     if not v > 0:
         raise argparse.ArgumentTypeError(f"must be a positive number, got {s}")
     return v
+
+
+def _device_name(s: str) -> str:
+    """An argparse type: a device name (the same check as the configuration's ``device``)."""
+    try:
+        return check_device_name(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, *, n_default: int) -> None:
@@ -150,7 +160,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, n_default: int) -> 
     parser.add_argument(
         "--chunk-size", metavar="K", type=_positive_int, default=1000, help="samples per solve (default: 1000)"
     )
-    parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N' (default: auto)")
+    parser.add_argument(
+        "--device", type=_device_name, default="auto", help="'auto', 'cpu', 'cuda', 'cuda:N' or 'mps' (default: auto)"
+    )
     parser.add_argument(
         "--threads", metavar="T", type=_positive_int, default=1, help="torch CPU threads per process (default: 1)"
     )
@@ -176,41 +188,30 @@ def resolve_sampler(spec, sampler, nfe):
 
 
 def run(args: argparse.Namespace) -> int:
-    prog = "torchnde sample"
-    try:
-        ck = load_checkpoint(args.checkpoint)
-        with runtime(args.device, check(ck["config"])["dtype"], args.threads) as rt:
-            ck, cfg, spec, model = load_trained(args.checkpoint, rt)
-            try:
-                sampler, nfe = resolve_sampler(spec, args.sampler, args.nfe)
-            except ValueError as e:
-                print(f"{prog}: error: {e}", file=sys.stderr)
-                return 2
-            res = draw_samples(
-                spec, model, cfg, rt, args.n, sampler=sampler, nfe=nfe, seed=args.seed,
-                rtol=args.rtol, atol=args.atol, chunk_size=args.chunk_size,
-            )  # fmt: skip
-            if rt.is_main:
-                tag = f"nfe{nfe}" if nfe is not None else (f"rtol{args.rtol:g}" if args.rtol else "adaptive")
-                out = Path(args.out) if args.out else Path(ck["path"]).parent / f"samples-{sampler}-{tag}.pt"
-                write_samples(out, res.x)
-                info = {
-                    "file": str(out),
-                    "n": args.n,
-                    "model": spec.name,
-                    "step": int(ck["step"]),
-                    "sampler": sampler,
-                    "nfe": nfe,
-                    "nfe_used": res.nfe_used,
-                    "seconds": round(res.seconds, 3),
-                    "processes": rt.world_size,
-                }
-                print(json.dumps(info))
-            rt.barrier()
-    except (CheckpointError, SolveError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 1
-    except ValueError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
+    ck = load_checkpoint(args.checkpoint)
+    with runtime(args.device, check(ck["config"])["dtype"], args.threads) as rt:
+        ck, cfg, spec, model = load_trained(args.checkpoint, rt)
+        sampler, nfe = resolve_sampler(spec, args.sampler, args.nfe)
+        tag = f"nfe{nfe}" if nfe is not None else (f"rtol{args.rtol:g}" if args.rtol else "adaptive")
+        out = Path(args.out) if args.out else Path(ck["path"]).parent / f"samples-{sampler}-{tag}.pt"
+        prepare_output_file(out, FORMATS)  # before sampling, not after (every process: none waits alone)
+        res = draw_samples(
+            spec, model, cfg, rt, args.n, sampler=sampler, nfe=nfe, seed=args.seed,
+            rtol=args.rtol, atol=args.atol, chunk_size=args.chunk_size,
+        )  # fmt: skip
+        if rt.is_main:
+            write_samples(out, res.x)
+            info = {
+                "file": str(out),
+                "n": args.n,
+                "model": spec.name,
+                "step": int(ck["step"]),
+                "sampler": sampler,
+                "nfe": nfe,
+                "nfe_used": res.nfe_used,
+                "seconds": round(res.seconds, 3),
+                "processes": rt.world_size,
+            }
+            print(json.dumps(info))
+        rt.barrier()
     return 0

@@ -22,7 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,9 +38,19 @@ from ._checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ._config import SCHEMA, ConfigError, check, resolve
 from ._deps import positive_int as _positive_int
 from ._deps import require
+from ._errors import prepare_output_dir
 from ._models import MODELS, Runtime, runtime, shard
 
-__all__ = ["HELP", "DESCRIPTION", "add_arguments", "run", "train", "TrainResult", "RESUMABLE_CHANGES"]
+__all__ = [
+    "HELP",
+    "DESCRIPTION",
+    "add_arguments",
+    "run",
+    "train",
+    "TrainResult",
+    "TrainingInterrupted",
+    "RESUMABLE_CHANGES",
+]
 
 HELP = "train a diffusion or flow-matching model from a config file (resumable, torchrun-ready)"
 DESCRIPTION = (
@@ -122,6 +135,8 @@ def train(
     out = Path(out)
     ckpt_path = out / CHECKPOINT
     ck = None
+    if not resume:  # a bad --out fails here, before any training
+        prepare_output_dir(out)
     if resume:
         ck = load_checkpoint(ckpt_path)
         stored = check(ck["config"], where=f"in {ckpt_path}")
@@ -137,7 +152,7 @@ def train(
         raise ConfigError("no configuration given")
     spec = MODELS[cfg["model.type"]]
     tqdm = require("tqdm", "the progress bar of torchnde train (or pass --no-progress)").tqdm if progress else None
-    with runtime(cfg["device"], cfg["dtype"], threads) as rt:
+    with runtime(cfg["device"], cfg["dtype"], threads, option="--set device=") as rt:
         return _train(cfg, spec, rt, out, ckpt_path, ck, stop_at, tqdm, log, on_step, began)
 
 
@@ -176,6 +191,8 @@ def _train(cfg, spec, rt: Runtime, out, ckpt_path, ck, stop_at, tqdm, log, on_st
                 f"{rt.device}, {cfg['dtype']}"
             )
 
+        saved = [start if ck is not None else None]  # the step of the checkpoint on disk
+
         def save(step):
             payload = {
                 "model_type": cfg["model.type"],
@@ -191,32 +208,47 @@ def _train(cfg, spec, rt: Runtime, out, ckpt_path, ck, stop_at, tqdm, log, on_st
             if rt.is_main:
                 save_checkpoint(ckpt_path, payload)
             rt.barrier()
+            saved[0] = step
 
         bar = None
         if tqdm is not None and rt.is_main:
             bar = tqdm(total=end, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
         every, log_every = cfg["train.checkpoint_every"], cfg["train.log_every"]
+        step = start
+        # one process: the first Ctrl-C ends the run after the current step, with a checkpoint of
+        # it; under torchrun the processes would stop at different steps, so the run stops at once
+        stopper = _StopOnInterrupt(enabled=not rt.distributed)
         try:
-            for step in range(start, end):
-                for group in opt.param_groups:
-                    group["lr"] = _lr(cfg, step)
-                batch = {k: v.to(dtype=rt.dtype, device=rt.device) for k, v in spec.global_batch(cfg, step).items()}
-                loss = spec.loss(net, shard(batch, rt.rank, W), cfg)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                done = step + 1
-                if done % log_every == 0 or done == end:
-                    mean = rt.all_reduce_(loss.detach().clone()) / W
-                    history.append([done, float(mean)])
+            with stopper:
+                for step in range(start, end):
+                    for group in opt.param_groups:
+                        group["lr"] = _lr(cfg, step)
+                    batch = {k: v.to(dtype=rt.dtype, device=rt.device) for k, v in spec.global_batch(cfg, step).items()}
+                    loss = spec.loss(net, shard(batch, rt.rank, W), cfg)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    done = step + 1
+                    if done % log_every == 0 or done == end:
+                        mean = rt.all_reduce_(loss.detach().clone()) / W
+                        history.append([done, float(mean)])
+                        if bar is not None:
+                            bar.set_postfix(loss=f"{history[-1][1]:.4f}", refresh=False)
                     if bar is not None:
-                        bar.set_postfix(loss=f"{history[-1][1]:.4f}", refresh=False)
-                if bar is not None:
-                    bar.update(1)
-                if done % every == 0 or done == end:
-                    save(done)
-                if on_step is not None:
-                    on_step(done, float(loss.detach()))
+                        bar.update(1)
+                    if done % every == 0 or done == end or stopper.requested:
+                        save(done)
+                    if on_step is not None:
+                        on_step(done, float(loss.detach()))
+                    if stopper.requested:
+                        if saved[0] != done:  # the signal came during on_step
+                            save(done)
+                        raise TrainingInterrupted(_interrupted(f"after step {done} of {steps}", saved[0], ckpt_path))
+        except TrainingInterrupted:
+            raise
+        except KeyboardInterrupt:
+            where = f"at step {step + 1} of {steps}"
+            raise TrainingInterrupted(_interrupted(where, saved[0], ckpt_path, every)) from None
         finally:
             if bar is not None:
                 bar.close()
@@ -229,8 +261,58 @@ def _train(cfg, spec, rt: Runtime, out, ckpt_path, ck, stop_at, tqdm, log, on_st
         else:
             log(f"step {end} of {steps}{last}; wrote {ckpt_path} ({wall:.1f} s)")
         if stopped:
-            log(f"stopped at step {end}; continue with: torchnde train --resume --out {out}")
+            log(f"stopped at step {end}; continue with: {resume_command(out)}")
     return TrainResult(model, cfg, end, history, ckpt_path, stopped, wall)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """``torchnde train`` was interrupted; the message says which step the checkpoint on disk
+    holds and how to resume."""
+
+
+def resume_command(out) -> str:
+    """The command that continues the run in ``out``."""
+    return f"torchnde train --resume --out {shlex.quote(str(out))}"
+
+
+def _interrupted(where: str, saved: int | None, ckpt_path: Path, every: int | None = None) -> str:
+    if saved is None:
+        first = f" (the first is written at step {every})" if every else ""
+        return f"{where}; no checkpoint was saved yet{first}: run the command again to start over"
+    return f"{where}; saved checkpoint at step {saved} to {ckpt_path}; resume with `{resume_command(ckpt_path.parent)}`"
+
+
+class _StopOnInterrupt:
+    """While active (in the main thread, with Python's default SIGINT handler), the first SIGINT
+    only sets :attr:`requested` (the loop then checkpoints the step it is in and stops); a second
+    one interrupts at once."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.requested, self._old = enabled, False, None
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(
+            "\ntorchnde train: interrupt: saving a checkpoint after this step (press Ctrl-C again to stop at once)",
+            file=sys.stderr,
+        )
+
+    def __enter__(self):
+        if (
+            self.enabled
+            and threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        ):
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+            self._old = None
+        return False
 
 
 def _version() -> str:
@@ -266,25 +348,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    prog = "torchnde train"
-    try:
-        if args.config is None and not args.resume:
-            raise ConfigError("CONFIG is required (unless --resume continues the run in --out)")
-        if args.config is None:  # --resume: the checkpoint's configuration, with the overrides
-            stored = check(load_checkpoint(Path(args.out) / CHECKPOINT)["config"])
-            cfg = resolve(None, args.overrides, base=stored)
-        else:
-            cfg = resolve(args.config, args.overrides)
-        if args.print_config:
-            print(json.dumps(cfg, indent=2))
-            return 0
-        train(
-            cfg, args.out, resume=args.resume, stop_at=args.stop_at, progress=not args.no_progress, threads=args.threads
-        )
-    except ConfigError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    except CheckpointError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 1
+    if args.config is None and not args.resume:
+        raise ConfigError("CONFIG is required (unless --resume continues the run in --out)")
+    if args.config is None:  # --resume: the checkpoint's configuration, with the overrides
+        stored = check(load_checkpoint(Path(args.out) / CHECKPOINT)["config"])
+        cfg = resolve(None, args.overrides, base=stored)
+    else:
+        cfg = resolve(args.config, args.overrides)
+    if args.print_config:
+        print(json.dumps(cfg, indent=2))
+        return 0
+    train(cfg, args.out, resume=args.resume, stop_at=args.stop_at, progress=not args.no_progress, threads=args.threads)
     return 0
