@@ -99,9 +99,13 @@ class _FlatSDE:
     def diffusion(self, t, y):
         """``g(t, y)`` in the user's shapes (see :class:`~torchnde.ControlTerm`)."""
         self.nfe_diffusion += 1
-        g = self.control.vector_field(-t if self.sign < 0 else t, self.flat.state_to_tree(y), self.args)
+        s = -t if self.sign < 0 else t
+        tree = self.flat.state_to_tree(y)
+        g = self.control.vf(s, tree, self.args)
         if not self.checked_g:
             _check_diffusion(self.flat, g, self.noise_type, self.control)
+            if self.control.check:  # ControlTerm(..., check=True): verify the declared noise once
+                self.control.check_noise(s, tree, self.args)
             self.checked_g = True
         return g
 

@@ -8,14 +8,110 @@ loop.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from ._tree import tree_zip
+from ._tree import tree_leaves, tree_zip
 
-__all__ = ["AbstractTerm", "ODETerm", "ControlTerm", "MultiTerm", "SDETerm", "NOISE_TYPES"]
+__all__ = ["AbstractTerm", "ODETerm", "ControlTerm", "MultiTerm", "SDETerm", "NOISE_TYPES", "user_time"]
+
+
+# --------------------------------------------------------------------------------------------
+# time as it reaches user code
+
+_TIME_CACHE: dict = {}
+_TIME_CACHE_SIZE = 4096
+
+
+def _first_leaf(y):
+    while not isinstance(y, torch.Tensor):
+        if isinstance(y, dict):
+            y = next(iter(y.values()))
+        elif isinstance(y, (tuple, list)) and y:
+            y = y[0]
+        else:
+            return None
+    return y
+
+
+def user_time(t, like):
+    """``t`` as a user's vector field receives it: a Python number becomes a 0-d tensor with the
+    (real) dtype and the device of ``like`` (``y``, or a tree of tensors); tensors pass unchanged.
+
+    The loop keeps times as Python floats (shared mode), so this runs once per vector-field
+    evaluation. The tensors are cached per ``(value, dtype, device)``: a time seen before (the
+    same fixed grid in every training iteration, a step's end reused as the next step's start)
+    costs a dictionary lookup, a new one a ``torch.full`` (no host-to-device copy, no sync). A
+    cached tensor that was modified in place or made to require grad is replaced, so user code
+    cannot corrupt later evaluations.
+    """
+    if type(t) is not float:
+        if type(t) is not int:
+            return t
+        t = float(t)
+    leaf = _first_leaf(like)
+    if leaf is None:
+        return torch.tensor(t)
+    dtype = leaf.dtype
+    if not dtype.is_floating_point:
+        dtype = dtype.to_real() if dtype.is_complex else torch.get_default_dtype()
+    if type(leaf) is not torch.Tensor:  # tensor subclasses (FakeTensor, ...): never cached
+        return torch.full((), t, dtype=dtype, device=leaf.device)
+    key = (t, dtype, leaf.device, torch.is_inference_mode_enabled())
+    out = _TIME_CACHE.get(key)
+    if out is not None and out._version == 0 and not out.requires_grad:
+        return out
+    out = torch.full((), t, dtype=dtype, device=leaf.device)
+    if type(out) is torch.Tensor and not torch._C._functorch.is_functorch_wrapped_tensor(out):
+        # (a tensor made inside a torch.func transform belongs to it and is not kept)
+        if len(_TIME_CACHE) >= _TIME_CACHE_SIZE:
+            _TIME_CACHE.clear()
+        _TIME_CACHE[key] = out
+    return out
+
+
+def _arity_error(owner: str, vector_field, what: str) -> str | None:
+    """A message if ``vector_field`` cannot be called as ``f(t, y, args)``, read from its
+    signature (``None`` when it can, or when the signature cannot be read)."""
+    fn = vector_field
+    if isinstance(fn, torch.nn.Module):
+        # torch.compile and (Distributed)DataParallel wrappers take *args; read the inner forward
+        seen = set()
+        while id(fn) not in seen:
+            seen.add(id(fn))
+            inner = getattr(fn, "_orig_mod", None)
+            if inner is None and isinstance(fn, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+                inner = fn.module
+            if not isinstance(inner, torch.nn.Module):
+                break
+            fn = inner
+        fn = fn.forward
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    try:
+        sig.bind(None, None, None)
+        return None
+    except TypeError:
+        pass
+    name = getattr(vector_field, "__name__", type(vector_field).__name__)
+    call = name if name.isidentifier() else what
+    two = True
+    try:
+        sig.bind(None, None)
+    except TypeError:
+        two = False
+    if two:
+        return (
+            f"{owner} calls its vector field as {what}(t, y, args), but {name}{sig} takes two arguments "
+            f"(the torchdiffeq convention {what}(t, y)); wrap it: {owner}(lambda t, y, args: {call}(t, y)), "
+            "or give it a third parameter args (which receives solve(..., args=...))"
+        )
+    return f"{owner} calls its vector field as {what}(t, y, args), but {name}{sig} cannot take (t, y, args)"
 
 
 class AbstractTerm:
@@ -39,17 +135,32 @@ class ODETerm(AbstractTerm):
 
     Args:
         vector_field: ``f(t, y, args)`` returning a value with the structure, shapes, dtype and
-            device of ``y``. ``t`` is a Python float, or in per-sample mode a tensor of shape
-            ``(batch,)`` holding each sample's time. An ``nn.Module`` works (its parameters
-            receive gradients).
+            device of ``y``. ``t`` is a 0-d tensor with ``y0``'s (real) dtype and device, so
+            ``t.expand(batch, 1)``, ``torch.cat([t.expand(b, 1), y], -1)`` and ``net(t, y)``
+            work as in other PyTorch code; in per-sample mode it is a tensor of shape
+            ``(batch,)`` holding each sample's time. (The solver keeps its times in float64:
+            with a float32 ``y0``, ``t`` is rounded to float32.) An ``nn.Module`` works (its
+            parameters receive gradients). A two-argument ``f(t, y)`` is refused with a message:
+            wrap it as ``ODETerm(lambda t, y, args: f(t, y))``.
+        time_as_float: pass ``t`` as a Python float instead (shared mode only; per-sample times
+            stay tensors). Slightly cheaper, and what torchnde's own terms (samplers, front-ends)
+            use; for vector fields that do Python arithmetic on ``t``.
     """
 
-    def __init__(self, vector_field: Callable[[Any, Any, Any], Any]):
+    time_as_float = False
+
+    def __init__(self, vector_field: Callable[[Any, Any, Any], Any], *, time_as_float: bool = False):
         if not callable(vector_field):
             raise TypeError(f"ODETerm needs a callable vector field f(t, y, args); got {type(vector_field).__name__}")
+        msg = _arity_error("ODETerm", vector_field, "f")
+        if msg is not None:
+            raise TypeError(msg)
         self.vector_field = vector_field
+        self.time_as_float = bool(time_as_float)
 
     def vf(self, t, y, args):
+        if not self.time_as_float:
+            t = user_time(t, y)
         return self.vector_field(t, y, args)
 
     def contr(self, t0, t1):
@@ -102,11 +213,28 @@ class ControlTerm(AbstractTerm):
             strong order with it.
         commutative: declare that general noise is commutative
             (:math:`L^j g^k = L^k g^j`), as Milstein's method needs. Diagonal and scalar noise
-            are commutative anyway.
+            are commutative anyway (diagonal noise: ``g_i`` depends on ``y`` only through
+            ``y_i``).
         calculus: optionally declare the SDE's calculus, ``"ito"`` or ``"stratonovich"``; solve()
             then refuses a solver of the other calculus (unless the noise is additive, where both
             agree). ``None`` (default): the solver's calculus is the SDE's.
+        check: verify the declared noise structure once per solve, at ``(t0, y0)``, with
+            :meth:`check_noise` (a few automatic-differentiation passes), raising ``ValueError``
+            if it does not hold. Default ``False``.
+        time_as_float: pass ``t`` to ``g`` as a Python float instead of a 0-d tensor (see
+            :class:`ODETerm`).
+
+    **Declarations are trusted.** ``noise``, ``additive`` and ``commutative`` are not verified
+    by default (that would cost derivatives of ``g`` at every solve): a wrong declaration lets a
+    solver use a formula that does not hold, so it converges to a wrong solution or at a lower
+    order without an error. Pass ``check=True`` (or call :meth:`check_noise` on a typical state)
+    to have them verified.
+
+    ``t`` reaches ``g`` as for :class:`ODETerm`: a 0-d tensor on ``y0``'s device with its (real)
+    dtype, a ``(batch,)`` tensor in per-sample mode.
     """
+
+    time_as_float = False
 
     def __init__(
         self,
@@ -117,6 +245,8 @@ class ControlTerm(AbstractTerm):
         additive: bool = False,
         commutative: bool = False,
         calculus: str | None = None,
+        check: bool = False,
+        time_as_float: bool = False,
     ):
         from .paths import AbstractPath
 
@@ -124,6 +254,9 @@ class ControlTerm(AbstractTerm):
             raise TypeError(
                 f"ControlTerm needs a callable vector field g(t, y, args); got {type(vector_field).__name__}"
             )
+        msg = _arity_error("ControlTerm", vector_field, "g")
+        if msg is not None:
+            raise TypeError(msg)
         if not isinstance(path, AbstractPath):
             raise TypeError(
                 "ControlTerm needs a path (e.g. VirtualBrownianTree(...) or an interpolation such as "
@@ -139,6 +272,8 @@ class ControlTerm(AbstractTerm):
         self.additive = bool(additive)
         self.commutative = bool(commutative) or noise in ("diagonal", "scalar")
         self.calculus = calculus
+        self.check = bool(check)
+        self.time_as_float = bool(time_as_float)
         self._leaf_prod = _leaf_prod(noise)
 
     @property
@@ -149,10 +284,47 @@ class ControlTerm(AbstractTerm):
         return "commutative" if self.commutative else "general"
 
     def vf(self, t, y, args):
+        if not self.time_as_float:
+            t = user_time(t, y)
         return self.vector_field(t, y, args)
 
     def contr(self, t0, t1):
         return self.path.evaluate(t0, t1)
+
+    def check_noise(self, t, y, args=None, *, rtol: float | None = None) -> None:
+        r"""Verify the declared noise structure at one state ``(t, y)`` by automatic
+        differentiation of ``g``; raise ``ValueError`` naming the violated condition.
+
+        - ``additive=True``: :math:`\partial g / \partial y = 0` (one vector-Jacobian product with
+          a random direction).
+        - ``noise="general"`` with ``commutative=True``: :math:`L^j g^k = L^k g^j` for every pair
+          of Brownian dimensions, :math:`L^j = g^j \cdot \nabla_y` (``m`` Jacobian-vector
+          products; the rows of a batch are checked together, as Milstein's method treats them).
+        - ``noise="diagonal"``: ``g_i`` depends on the last dimension of ``y`` only through
+          ``y_i`` (one product per component of the last dimension; a dependence between the
+          rows of a batch is not looked for).
+
+        Scalar noise is always commutative. The check holds at the given state only (a
+        derivative can vanish at one point); use a typical state. ``y`` must be a tensor for the
+        commutativity checks (the additive check also takes a tree). ``rtol``: relative tolerance
+        of the commutativity comparison (default ``10 * sqrt(eps)`` of the dtype).
+        """
+        if not self.time_as_float:
+            t = user_time(t, y)
+        with torch.enable_grad():
+            ys = _tree_detach_grad(y)
+            g = self.vector_field(t, ys, args)
+            if self.additive:
+                _check_additive(self, g, ys)
+        commutative_general = self.noise == "general" and self.commutative and not self.additive
+        if not (commutative_general or (self.noise == "diagonal" and not self.additive)):
+            return
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(
+                f"check_noise verifies commutativity for a tensor state; got {type(y).__name__} "
+                "(check each leaf's vector field separately, or pass check=False)"
+            )
+        _check_commutative(self, t, y.detach(), args, rtol)
 
     def prod(self, vf, control):
         if isinstance(vf, torch.Tensor):
@@ -172,24 +344,150 @@ class ControlTerm(AbstractTerm):
         return f"ControlTerm({name}, {type(self.path).__name__}, noise={self.noise!r})"
 
 
+def _tree_detach_grad(y):
+    if isinstance(y, torch.Tensor):
+        return y.detach().requires_grad_(y.dtype.is_floating_point or y.dtype.is_complex)
+    if isinstance(y, dict):
+        return {k: _tree_detach_grad(v) for k, v in y.items()}
+    if isinstance(y, (tuple, list)):
+        return type(y)(_tree_detach_grad(v) for v in y)
+    return y
+
+
+def _probe(x, seed: int = 0):
+    """A fixed pseudo-random direction shaped like ``x`` (on its device, with its dtype)."""
+    gen = torch.Generator().manual_seed(seed)
+    real = x.dtype.to_real() if x.dtype.is_complex else x.dtype
+    return torch.randn(x.shape, generator=gen, dtype=torch.float64).to(device=x.device, dtype=real).to(x.dtype)
+
+
+def _check_additive(term, g, ys):
+    outs = [x for x in tree_leaves(g) if isinstance(x, torch.Tensor) and x.requires_grad]
+    ins = [x for x in tree_leaves(ys) if isinstance(x, torch.Tensor) and x.requires_grad]
+    if not outs or not ins:
+        return
+    vs = [_probe(x, i) for i, x in enumerate(outs)]
+    grads = torch.autograd.grad(outs, ins, vs, allow_unused=True)
+    worst = max((float(d.abs().max()) for d in grads if d is not None and d.numel()), default=0.0)
+    if worst > 0:
+        raise ValueError(
+            f"{term!r} declares additive=True, but g depends on y at the state checked: a random "
+            f"vector-Jacobian product v^T dg/dy is nonzero (max |.| = {worst:.3g}). Solvers for additive "
+            "noise (SRA1, ShARK) would give wrong results; remove additive=True"
+        )
+
+
+def _check_commutative(term, t, y, args, rtol):
+    from .solvers.milstein import _jvp  # forward mode, with torch's first-call warning silenced
+
+    def g_of(z):
+        return term.vector_field(t, z, args)
+
+    g = g_of(y)
+    if not isinstance(g, torch.Tensor):
+        raise TypeError(f"check_noise: the vector field of {term!r} returned {type(g).__name__}; expected a tensor")
+    real = y.dtype.to_real() if y.dtype.is_complex else y.dtype
+    rtol = 10 * torch.finfo(real).eps ** 0.5 if rtol is None else rtol
+    if term.noise == "general":
+        if g.shape[:-1] != y.shape:
+            raise ValueError(f"{term!r} returned shape {tuple(g.shape)}; expected {(*y.shape, 'm')}")
+        m = g.shape[-1]
+        # A[j][..., k] = (dg^k/dy) g^j = L^j g^k
+        A = torch.stack([_jvp(g_of, y, g[..., j])[1] for j in range(m)])  # (m, *y.shape, m)
+        B = A.movedim(0, -1).transpose(-1, -2).movedim(-1, 0)  # B[j][..., k] = A[k][..., j]
+        diff = (A - B).abs()
+        scale = torch.maximum(A.abs(), B.abs()).max()
+        bad = float(diff.max()) if diff.numel() else 0.0
+        if bad > rtol * float(scale) + torch.finfo(real).tiny:
+            j, k = divmod(int(diff.reshape(m, -1, m).amax(1).argmax()), m)
+            raise ValueError(
+                f"{term!r} declares commutative=True, but L^j g^k != L^k g^j at the state checked "
+                f"(L^j = g^j . grad_y; worst pair j={j}, k={k}: |difference| = {bad:.3g} against a scale of "
+                f"{float(scale):.3g}). Milstein's method would not converge at order 1; remove "
+                "commutative=True and use a solver for general noise (e.g. Euler() for Itô, EulerHeun() or Heun() for "
+                "Stratonovich SDEs)"
+            )
+        return
+    # diagonal: g_k may depend on the last dimension of y only through y_k
+    if g.shape != y.shape:
+        raise ValueError(f"{term!r} returned shape {tuple(g.shape)}; with noise='diagonal' expected {tuple(y.shape)}")
+    n = y.shape[-1] if y.dim() else 1
+    for i in range(n):
+        e = torch.zeros_like(g)
+        e[..., i] = 1
+        _, d = _jvp(g_of, y, g * e)
+        off = d.clone()
+        off[..., i] = 0
+        bad = float(off.abs().max()) if off.numel() else 0.0
+        if bad > 0:
+            k = int(off.abs().reshape(-1, n).amax(0).argmax())
+            raise ValueError(
+                f"{term!r} declares noise='diagonal', but component {k} of g depends on component {i} of y "
+                f"(g_{i} dg_{k}/dy_{i} = {bad:.3g} at the state checked); diagonal noise needs g_k to depend "
+                "on y only through y_k. Use noise='general' with a (..., d, d) diffusion, or make g elementwise"
+            )
+
+
 class _ControlledODE(ODETerm):
-    """``g(t, y) dX/dt`` as an ODE term (CDEs on interpolated data)."""
+    """``g(t, y) dX/dt`` as an ODE term (CDEs on interpolated data). The path reads ``t`` as given
+    (a float in shared mode); ``g`` receives it as the control term passes it."""
+
+    time_as_float = True
 
     def __init__(self, control: ControlTerm, left: bool = False):
         self.control = control
         self.left = left
         self.vector_field = self._vf
+        self._checked = False
 
     def _vf(self, t, y, args):
         c = self.control
         dx = c.path.derivative(t, left=True) if self.left else c.path.derivative(t)
-        return c.prod(c.vector_field(t, y, args), dx)
+        g = c.vf(t, y, args)
+        if not self._checked:
+            check_control_shapes(f"the vector field of {c!r}", c.noise, g, y, dx)
+            self._checked = True
+        return c.prod(g, dx)
 
     def reversed(self) -> _ControlledODE:
         return _ControlledODE(self.control, not self.left)
 
     def __repr__(self):
         return repr(self.control)
+
+
+def check_control_shapes(what: str, noise: str, g, y, dx) -> None:
+    """Once per solve: ``g``'s leaves have the shapes the noise type asks for (``(*y.shape, m)``
+    for general noise, where ``m`` is the path's channel count), else a message saying so
+    (instead of a broadcasting or ``bmm`` error from the product)."""
+    gl, yl, xl = tree_leaves(g), tree_leaves(y), tree_leaves(dx)
+    if len(gl) != len(yl) or not all(isinstance(x, torch.Tensor) for x in gl):
+        raise ValueError(
+            f"{what} must return a tensor (or a tree like y with {len(yl)} tensors); got {type(g).__name__}"
+        )
+    for gi, yi, xi in zip(gl, yl, xl if len(xl) == len(yl) else xl * len(yl)):
+        general = noise == "general"
+        want = (*yi.shape, xi.shape[-1]) if general else tuple(yi.shape)
+        ok = tuple(gi.shape) == want
+        if not ok:  # shapes that broadcast against y (e.g. one matrix for the whole batch) are fine
+            try:
+                ok = torch.broadcast_shapes(gi.shape[:-1] if general else gi.shape, yi.shape) == yi.shape
+            except RuntimeError:
+                ok = False
+            ok = ok and (not general or (gi.dim() >= 2 and gi.shape[-1] == xi.shape[-1]))
+        if not ok:
+            hint = ""
+            if general and tuple(gi.shape) == tuple(yi.shape):
+                hint = (
+                    f"; it is missing the channel dimension: return a (..., {yi.shape[-1] if yi.dim() else 1}, "
+                    f"{xi.shape[-1]}) matrix per state (e.g. a final nn.Linear(hidden, hidden * channels) "
+                    "reshaped with .view(*z.shape, channels))"
+                )
+            raise ValueError(
+                f"{what} returned shape {tuple(gi.shape)}; with noise={noise!r}, "
+                f"y of shape {tuple(yi.shape)} and a path with {xi.shape[-1]} channels it must return shape "
+                f"{want} = (*y.shape, channels){hint}"
+            )
 
 
 class MultiTerm(AbstractTerm):
@@ -260,6 +558,8 @@ def _sum_odes(terms: list) -> ODETerm | None:
 
 
 class _SumODE(ODETerm):
+    time_as_float = True  # each term converts t for its own vector field
+
     def __init__(self, terms):
         self.terms = terms
         self.vector_field = self._vf

@@ -796,8 +796,9 @@ def _run(p: _Plan, adjoint):
         noise=p.noise,
         additive=p.noise_type == "additive",
         calculus=p.sde_type,
+        time_as_float=True,  # the front-end makes torchsde's tensor time itself
     )
-    terms = MultiTerm(ODETerm(p.fields.drift), control)
+    terms = MultiTerm(ODETerm(p.fields.drift, time_as_float=True), control)
     interp = None
     save = p.tl
     if not p.adaptive:

@@ -229,7 +229,9 @@ class LatentSDE(nn.Module):
             levy_area=self.solver.levy_area,
             grid=grid,
         )
-        terms = MultiTerm(ODETerm(drift), ControlTerm(diffusion, bm, noise="diagonal"))
+        terms = MultiTerm(
+            ODETerm(drift, time_as_float=True), ControlTerm(diffusion, bm, noise="diagonal", time_as_float=True)
+        )
         sol = solve(
             terms,
             self.solver,

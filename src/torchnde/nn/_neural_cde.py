@@ -7,7 +7,7 @@ from torch import nn
 from .._saveat import SaveAt
 from .._solution import Solution
 from .._solve import solve
-from .._terms import ControlTerm, ODETerm
+from .._terms import ControlTerm, ODETerm, check_control_shapes, user_time
 from ..adjoints import AbstractAdjoint
 from ..controllers import AbstractController, PIDController
 from ..paths import AbstractPath
@@ -40,11 +40,17 @@ class _CDEField:
     def __init__(self, vf, path):
         self.vf, self.path = vf, path
         self.__name__ = type(path).__name__
+        self.checked = False
 
     def __call__(self, t, z, args):
+        # the path reads the loop's float time, the user's module a 0-d tensor (see ODETerm)
         user_args, dcoeffs = args
         dX = self.path._poly(dcoeffs, t, False)
-        return (self.vf(t, z, user_args) @ dX.unsqueeze(-1)).squeeze(-1)
+        g = self.vf(user_time(t, z), z, user_args)
+        if not self.checked:
+            check_control_shapes("the NeuralCDE vector field", "general", g, z, dX)
+            self.checked = True
+        return (g @ dX.unsqueeze(-1)).squeeze(-1)
 
 
 class NeuralCDE(_FieldModule):
@@ -64,8 +70,8 @@ class NeuralCDE(_FieldModule):
 
     **Calling convention of the vector field** (as for :class:`~torchnde.nn.NeuralODE`): its
     ``forward`` takes ``(t, z)`` or ``(t, z, args)`` and returns a tensor of shape
-    ``(*z.shape, channels)``, i.e. ``(..., hidden, channels)``; ``t`` is a Python float (a
-    ``(batch,)`` tensor with ``per_sample=True``).
+    ``(*z.shape, channels)``, i.e. ``(..., hidden, channels)``; ``t`` is a 0-d tensor with the
+    dtype and device of ``z`` (a ``(batch,)`` tensor with ``per_sample=True``).
 
     Args:
         vector_field: the ``nn.Module`` :math:`f_\theta` (see above). A final ``tanh`` keeps
@@ -172,7 +178,7 @@ class NeuralCDE(_FieldModule):
         if isinstance(path, _PiecewisePolynomial):
             # the path's derivative coefficients travel in args, so that every adjoint (also
             # BacksolveAdjoint and CheckpointAdjoint) differentiates with respect to the data
-            term = ODETerm(_CDEField(self._vf, path))
+            term = ODETerm(_CDEField(self._vf, path), time_as_float=True)
             args = (args, path._dcoeffs)
         else:
             term = ControlTerm(self._vf, path)

@@ -132,11 +132,12 @@ class NeuralODE(_FieldModule):
     **Calling convention.** The signature of ``vector_field.forward`` is inspected once (when the
     vector field is set): with two positional parameters it is called as
     ``vector_field(t, y)``; with three (or ``*args``) as ``vector_field(t, y, args)``, receiving
-    the ``args`` passed to :meth:`forward`. Anything else raises ``TypeError``. ``t`` is a Python
-    float (as everywhere in torchnde) and ``y`` has the structure of ``y0`` (a tensor, or a
-    dict/tuple/list of tensors). The signature is read through ``torch.compile`` and
-    ``DataParallel`` wrappers, so ``model.vector_field = torch.compile(model.vector_field)``
-    works (as does ``model.vector_field.compile()``, which keeps the ``state_dict`` keys).
+    the ``args`` passed to :meth:`forward`. Anything else raises ``TypeError``. ``t`` is a 0-d
+    tensor with ``y0``'s (real) dtype and device (as for :class:`~torchnde.ODETerm`) and ``y``
+    has the structure of ``y0`` (a tensor, or a dict/tuple/list of tensors). The signature is
+    read through ``torch.compile`` and ``DataParallel`` wrappers, so
+    ``model.vector_field = torch.compile(model.vector_field)`` works (as does
+    ``model.vector_field.compile()``, which keeps the ``state_dict`` keys).
 
     Args:
         vector_field: an ``nn.Module`` computing :math:`f_\theta(t, y)` (see above).

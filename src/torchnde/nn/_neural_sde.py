@@ -105,7 +105,7 @@ class NeuralSDE(_FieldModule):
     The drift and diffusion are registered as the submodules ``drift`` and ``diffusion``
     (``parameters()``, ``state_dict()``, ``.to(...)``, ``DistributedDataParallel`` work as for
     :class:`~torchnde.nn.NeuralODE`). Their ``forward`` takes ``(t, y)`` or ``(t, y, args)``;
-    ``t`` is a Python float. The diffusion returns, for a state ``y`` of shape ``(..., d)``:
+    ``t`` is a 0-d tensor with ``y0``'s dtype and device. The diffusion returns, for a state ``y`` of shape ``(..., d)``:
 
     ============  ====================  ===============================
     ``noise``     diffusion's shape      Brownian motion's shape

@@ -42,8 +42,10 @@ def _diagonal_derivative(term, t0, y0, params_grad: bool):
         y = y0 if (record and y0.requires_grad) else y0.detach().requires_grad_()
         g = term.diffusion(t0, y)
         gflat = flat.tree_to_state(g)
-        (d,) = torch.autograd.grad(gflat, y, grad_outputs=gflat, create_graph=record, allow_unused=True)
-    if d is None:  # g does not depend on y
+        d = None
+        if gflat.requires_grad:  # else g has no graph at all: a constant or time-only diffusion
+            (d,) = torch.autograd.grad(gflat, y, grad_outputs=gflat, create_graph=record, allow_unused=True)
+    if d is None:  # g does not depend on y: the correction vanishes
         d = torch.zeros_like(y0)
     if not record:
         g, d = tree_map(torch.Tensor.detach, g), d.detach()
