@@ -128,3 +128,13 @@ def test_sample_ode_with_x0_of_the_wrong_dimension():
     plain = torch.nn.Linear(2, 2)
     with pytest.raises(ModelShapeError, match=r"model failed on a batch of shape \(4, 3\)"):
         sample_ode(lambda t, x: plain(x), torch.randn(4, 3), nfe=2)
+
+
+def test_log_prob_of_an_empty_batch_is_empty():
+    # was: "cannot reshape tensor of 0 elements into shape [0, -1]" from inside the trace
+    flow = VP_.probability_flow(GAUSS.score_fn(VP_))
+    x = torch.zeros(0, 2, dtype=F64)
+    for trace in ("exact", "hutchinson-rademacher"):
+        lp = log_prob(flow, x, VP_.t0, VP_.t1, VP_.prior_log_prob, trace=trace, seed=0)
+        assert lp.shape == (0,) and lp.dtype == F64
+    assert VP_.prior_log_prob(x).shape == (0,)

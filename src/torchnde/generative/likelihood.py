@@ -52,8 +52,13 @@ TRACES = ("exact", "hutchinson-gaussian", "hutchinson-rademacher")
 def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
     """Log-density of the standard normal prior, summed over every dimension but the first
     (the batch): ``(B, *event) -> (B,)``."""
-    flat = z.reshape(z.shape[0], -1)
+    flat = _rows(z)
     return -0.5 * flat.pow(2).sum(-1) - 0.5 * flat.shape[1] * math.log(2 * math.pi)
+
+
+def _rows(v: torch.Tensor) -> torch.Tensor:
+    """``v`` as ``(batch, features)`` (an empty batch too, where ``reshape(0, -1)`` is ambiguous)."""
+    return v.reshape(v.shape[0], math.prod(v.shape[1:]))
 
 
 def _check_trace(trace: str) -> str:
@@ -151,13 +156,13 @@ def augmented_field(
             if not f.requires_grad:  # f does not depend on x (nor on anything differentiable)
                 div = zero
             elif trace == "exact":
-                rows = f.reshape(B, -1)
+                rows = _rows(f)
                 div = zero
                 for i in range(rows.shape[1]):
                     (g,) = torch.autograd.grad(
                         rows[:, i].sum(), x, create_graph=outer, retain_graph=True, materialize_grads=True
                     )
-                    g = g.reshape(B, -1)
+                    g = _rows(g)
                     div = div + g[:, i]
                     if jacobian_frobenius:
                         frob = frob + g.pow(2).sum(-1)
@@ -170,12 +175,12 @@ def augmented_field(
                 (g,) = torch.autograd.grad(
                     f, x, grad_outputs=noise, create_graph=outer, retain_graph=True, materialize_grads=True
                 )
-                div = (g * noise).reshape(B, -1).sum(-1)
+                div = _rows(g * noise).sum(-1)
                 if jacobian_frobenius:
-                    frob = g.reshape(B, -1).pow(2).sum(-1)
+                    frob = _rows(g).pow(2).sum(-1)
         out = [f, div]
         if kinetic:
-            out.append(sign * f.reshape(B, -1).pow(2).sum(-1))
+            out.append(sign * _rows(f).pow(2).sum(-1))
         if jacobian_frobenius:
             out.append(sign * frob)
         if not outer:
@@ -212,7 +217,7 @@ def _prior_fn(prior_log_prob) -> Callable[[torch.Tensor], torch.Tensor]:
 
         def fn(z):
             lp = dist.log_prob(z)
-            return lp.reshape(z.shape[0], -1).sum(-1)
+            return _rows(lp).sum(-1)
 
         return fn
     if not callable(prior_log_prob):

@@ -90,7 +90,7 @@ def _plus(v: torch.Tensor, offset):
 
 def _reduce(v: torch.Tensor) -> torch.Tensor:
     """Sum over every dimension but the first (the batch)."""
-    return v.reshape(v.shape[0], -1).sum(-1) if v.dim() > 1 else v
+    return v.reshape(v.shape[0], math.prod(v.shape[1:])).sum(-1) if v.dim() > 1 else v
 
 
 # ----------------------------------------------------------------------------------------- base
@@ -199,7 +199,7 @@ class DiffusionProcess:
         batch dimension (shape ``(B,)``)."""
         s = self.prior_std()
         z = (x - self.prior_mean(x)) / s
-        d = x[0].numel() if x.dim() > 1 else 1
+        d = math.prod(x.shape[1:])
         return -0.5 * _reduce(z * z) - d * (math.log(s) + 0.5 * math.log(2 * math.pi))
 
     def reverse_drift(self, score_fn, t, x: torch.Tensor) -> torch.Tensor:
