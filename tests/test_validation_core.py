@@ -163,6 +163,7 @@ def test_loop_meta_device_is_refused_early(per_sample):
                 tn.solve(term, tn.Tsit5(), 0.0, 1.0, y0, per_sample=per_sample, **kw)
     assert not calls  # refused before any evaluation
 
+
 # ============================================================================================
 # terms: time as a tensor, two-argument vector fields, Milstein on graph-less diffusions,
 # checks of noise declarations, CDE vector-field shapes
@@ -413,5 +414,3 @@ def test_terms_cde_vector_field_without_channel_dimension():
     # one matrix for the whole batch still broadcasts
     A = torch.randn(4, 2, dtype=F64)
     assert tn.solve(tn.ControlTerm(lambda t, z, a: A, path), tn.Tsit5(), 0.0, 1.0, z0, dt0=0.25).successful
-
-
