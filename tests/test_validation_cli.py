@@ -73,6 +73,7 @@ CASES = [
     # configuration files
     (["train", "{w}/latin1.toml", "--out", "{w}/t"], 2, "latin1.toml: not UTF-8 text (byte 0xe9 at line 2"),
     (["train", "{w}/missing.toml", "--out", "{w}/t"], 2, "configuration file '{w}/missing.toml' does not exist"),
+    (["train", "{w}/ck", "--out", "{w}/t"], 2, "configuration file '{w}/ck' is a directory"),
     # sample counts of evaluate
     (["evaluate", "{w}/ck", "--nfe", "2", "-n", "1", "--out", "{w}/ev"], 2, "-n 1: W2, sliced W2 and MMD compare"),
 ]
@@ -132,6 +133,18 @@ def test_an_interrupt_saves_the_step_and_says_how_to_resume(tmp_path):
 
     with pytest.raises(TrainingInterrupted, match=r"at step 5 of 10; saved checkpoint at step 4 to"):
         train(cfg, tmp_path, resume=True, log=lambda *_: None, on_step=raise_at_5)
+
+
+def test_an_interrupted_demo_does_not_advise_torchnde_train(tmp_path, capsys, monkeypatch):
+    import torchnde.cli.train as train_module
+
+    def interrupted(*args, **kwargs):
+        raise TrainingInterrupted("after step 3 of 9; saved checkpoint at step 3 to x; resume with `torchnde train`")
+
+    monkeypatch.setattr(train_module, "train", interrupted)
+    assert main(["demo", "--quick", "--no-progress", "--out", tmp_path]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "torchnde demo: interrupted"
 
 
 # ---------------------------------------------------------------------------- true subprocesses

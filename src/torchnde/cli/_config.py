@@ -192,6 +192,8 @@ def load_file(path: str | os.PathLike) -> dict[str, Any]:
     """The keys set by a TOML (``.toml``) or YAML (``.yaml``/``.yml``, needs PyYAML) file, flat."""
     path = Path(path)
     suffix = path.suffix.lower()
+    if path.is_dir():
+        raise ConfigError(f"configuration file {str(path)!r} is a directory; give a .toml or .yaml file")
     if not path.is_file():
         raise ConfigError(f"configuration file {str(path)!r} does not exist")
     if suffix == ".toml":

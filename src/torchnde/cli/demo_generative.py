@@ -198,7 +198,7 @@ def _train_one(cfg: GenerativeDemoConfig, model_type: str, out: Path | None, pro
     """Train one model with the loop of ``torchnde train`` (checkpoint in ``out/model_type``)."""
     import tempfile
 
-    from .train import CHECKPOINT, train
+    from .train import CHECKPOINT, TrainingInterrupted, train
 
     tcfg = cfg.train_config(model_type)
     with tempfile.TemporaryDirectory() as tmp:
@@ -206,7 +206,10 @@ def _train_one(cfg: GenerativeDemoConfig, model_type: str, out: Path | None, pro
         stale = where / CHECKPOINT
         if stale.exists():  # the previous demo's: a rerun starts afresh
             stale.unlink()
-        res = train(tcfg, where, progress=progress, log=log, threads=None)
+        try:
+            res = train(tcfg, where, progress=progress, log=log, threads=None)
+        except TrainingInterrupted:  # its message says how to resume `torchnde train`, not the demo
+            raise KeyboardInterrupt from None
     model = res.model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
