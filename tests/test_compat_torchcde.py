@@ -330,3 +330,27 @@ def test_cdeint_warns_outside_the_interval_and_knot_time_gradients():
     t = torch.arange(5.0, dtype=F64, requires_grad=True)
     with pytest.warns(UserWarning, match="observation times"):
         tcde.natural_cubic_coeffs(torch.randn(5, 2, dtype=F64), t)
+
+
+def test_misc_helpers_and_interpret_t():
+    """torchcde.misc's helpers that user code calls, and the private _interpret_t that
+    torchcde's tests use."""
+    nan = math.nan
+    x = torch.tensor([[nan, 1.0, nan, 3.0, nan], [2.0, nan, nan, nan, 5.0]], dtype=F64)
+    want = torch.tensor([[nan, 1.0, 1.0, 3.0, 3.0], [2.0, 2.0, 2.0, 2.0, 5.0]], dtype=F64)
+    torch.testing.assert_close(tcde.misc.forward_fill(x, fill_index=-1), want, equal_nan=True)
+    torch.testing.assert_close(tcde.misc.forward_fill(x.T).T, want, equal_nan=True)
+    n = 6
+    g = torch.Generator().manual_seed(0)
+    diag, up, lo, b = (torch.randn(k, dtype=F64, generator=g) for k in (n, n - 1, n - 1, n))
+    diag = diag + 4 * torch.sign(diag)  # diagonally dominant
+    A = torch.diag(diag) + torch.diag(up, 1) + torch.diag(lo, -1)
+    torch.testing.assert_close(A @ tcde.misc.tridiagonal_solve(b, up, diag, lo), b)
+    torch.testing.assert_close(tcde.misc.cheap_stack([b, b], 0), torch.stack([b, b]))
+    # a NaN time channel: torchcde asserts, torchnde raises an error that is both
+    with pytest.raises(AssertionError, match="time channel"):
+        tcde.linear_interpolation_coeffs(torch.tensor([[nan, 1.0], [1.0, 2.0]]), rectilinear=0)
+    X = tcde.CubicSpline(tcde.natural_cubic_coeffs(torch.randn(4, 1, dtype=F64)))
+    frac, idx = X._interpret_t(torch.tensor([0.0, 1.0, 1.5, 3.0, 4.5], dtype=F64))
+    assert idx.tolist() == [0, 0, 1, 2, 2]
+    torch.testing.assert_close(frac, torch.tensor([0.0, 1.0, 0.5, 1.0, 2.5], dtype=F64))

@@ -82,6 +82,7 @@ from ..paths._interp import (
     _PiecewisePolynomial,
 )
 from ..solvers import AbstractAdaptiveSolver, AbstractERK, ButcherTableau, Euler, Heun, Midpoint, ReversibleHeun
+from . import _torchcde_misc as misc  # noqa: F401 (torchcde.misc.forward_fill etc.)
 from . import torchdiffeq as _td
 
 __all__ = [
@@ -129,6 +130,11 @@ def _prepare(x, t, name):
     return t, x, None
 
 
+class _TimeChannelError(ValueError, AssertionError):
+    """A NaN in the rectilinear time channel: a ``ValueError`` and, for code written against
+    torchcde (which asserts), an ``AssertionError``."""
+
+
 def _rectilinear(x, index: int):
     """torchcde's rectilinear layout: ``(..., 2T - 1, C)`` knots at index times, the channel
     ``index`` (time) moving first, then the others."""
@@ -136,7 +142,10 @@ def _rectilinear(x, index: int):
     if not isinstance(index, int) or not 0 <= index < C:
         raise ValueError(f"rectilinear must be the index of the time channel, an int in [0, {C - 1}], got {index!r}")
     if torch.isnan(x[..., index]).any():
-        raise ValueError("the time channel (rectilinear=...) must not hold NaN; forward-fill it first")
+        raise _TimeChannelError(
+            "the time channel (rectilinear=...) must not hold NaN; forward-fill it first (e.g. "
+            "torchcde.misc.forward_fill(x[..., i], fill_index=-1))"
+        )
     empty = torch.isnan(x).all(-2, keepdim=True)
     if empty.any():  # a channel without observations: zeros, as torchcde
         x = torch.where(empty, torch.zeros_like(x), x)
@@ -294,6 +303,13 @@ class InterpolationBase(nn.Module):
         if isinstance(t, torch.Tensor) and t.dim():
             return _at_times(self.path, self.path._dcoeffs, t)
         return self.path.derivative(t, left=True)
+
+    def _interpret_t(self, t):
+        """torchcde's ``(fractional_part, index)`` of ``t``: the piece to the left of a knot
+        (the first/last outside the knots) and the time since its left knot."""
+        t = torch.as_tensor(t, dtype=self._coeffs.dtype, device=self._coeffs.device)
+        index = (torch.bucketize(t.detach(), self._t.detach()) - 1).clamp(0, len(self._t) - 2)
+        return t - self._t[index], index
 
     def _apply(self, fn, *args, **kwargs):  # .to(), .double(), ... rebuild the path
         out = super()._apply(fn, *args, **kwargs)
