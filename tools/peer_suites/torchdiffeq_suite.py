@@ -3,13 +3,18 @@
 Nothing of torchdiffeq is copied into torchnde: the script builds, in a temporary directory
 outside the repository, a shim package named ``torchdiffeq`` whose ``__init__`` re-exports
 ``torchnde.compat.torchdiffeq``, puts it first on ``PYTHONPATH`` and runs the test files of a
-torchdiffeq checkout (default ``/work/peers/torchdiffeq``) with pytest, one file at a time, each in
-its own process with a timeout, then prints the pass/fail counts per file.
+torchdiffeq checkout (default ``/work/peers/torchdiffeq``; e.g. ``git clone
+https://github.com/rtqichen/torchdiffeq``) with pytest, one file at a time, each in its own
+process with a timeout. It prints, per file, the cases that passed and failed (a case is a
+``subTest`` of a test, or a test without subtests) and sorts the failures by cause: events
+(the events issue), implicit methods (the stiff-solver issue), the other methods torchnde does
+not provide, torchdiffeq internals the tests inspect, and anything else ("other", which is a bug
+to fix).
 
 Usage::
 
     python tools/peer_suites/torchdiffeq_suite.py [--peer DIR] [--files odeint_tests.py ...]
-        [--native] [--timeout S] [-k EXPR] [--junit-dir DIR]
+        [--native] [--timeout S] [-k EXPR] [--show-other]
     python tools/peer_suites/torchdiffeq_suite.py --example ode_demo.py -- --niters 10
 
 ``--native`` runs the same files against the installed torchdiffeq instead (the reference).
@@ -20,8 +25,9 @@ the import is redirected), with the arguments after ``--``.
 from __future__ import annotations
 
 import argparse
+import collections
+import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -33,58 +39,101 @@ from torchnde.compat.torchdiffeq import *  # noqa: F401,F403
 from torchnde.compat.torchdiffeq import __all__  # noqa: F401
 '''
 
+# a pytest plugin that writes one JSON line per test or subtest outcome
+PLUGIN = """import json, os
+
+def pytest_runtest_logreport(report):
+    if report.when != "call" and not report.failed:
+        return
+    msg = ""
+    if report.failed:
+        crash = getattr(report.longrepr, "reprcrash", None)
+        msg = crash.message if crash is not None else str(report.longrepr).strip().splitlines()[-1]
+    ctx = getattr(report, "context", None)
+    sub = None
+    if ctx is not None:
+        sub = (getattr(ctx, "msg", None) or "") + repr(getattr(ctx, "kwargs", {}) or {})
+    with open(os.environ["TORCHNDE_SHIM_REPORT"], "a") as f:
+        f.write(json.dumps({"id": report.nodeid, "sub": sub, "outcome": report.outcome, "msg": msg}) + "\\n")
+"""
+
 FILES = ("api_tests.py", "event_tests.py", "gradient_tests.py", "norm_tests.py", "odeint_tests.py")
+
+#: failure causes declared unsupported, matched on the exception message (first match wins)
+CAUSES = (
+    ("events (the events issue)", ("event_fn", "events are not supported", "odeint_event")),
+    ("implicit methods (the stiff-solver issue)", ("implicit (stiff)",)),
+    ("Adams multistep methods (not in torchnde)", ("multistep methods",)),
+    ("scipy_solver (not in torchnde)", ("scipy_solver",)),
+    (
+        "torchdiffeq internals (grad_fn.adjoint_options) / callable adjoint norm",
+        ("adjoint_options'", "next_functions", "custom adjoint_options['norm']"),
+    ),
+)
+
+
+def cause(msg: str) -> str:
+    for name, keys in CAUSES:
+        if any(k in msg for k in keys):
+            return name
+    return "other"
 
 
 def build_shim(root: Path) -> Path:
     pkg = root / "torchdiffeq"
     pkg.mkdir(parents=True, exist_ok=True)
     (pkg / "__init__.py").write_text(SHIM)
+    (root / "_torchnde_shim_report.py").write_text(PLUGIN)
     return root
 
 
-def _env(shim_root: Path | None, extra: list[str]) -> dict:
+def _env(paths: list[str]) -> dict:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("MKL_NUM_THREADS", "1")
-    paths = ([str(shim_root)] if shim_root is not None else []) + extra
     if env.get("PYTHONPATH"):
-        paths.append(env["PYTHONPATH"])
+        paths = [*paths, env["PYTHONPATH"]]
     env["PYTHONPATH"] = os.pathsep.join(paths)
     env["MPLBACKEND"] = "Agg"
     return env
 
 
-_SUMMARY = re.compile(r"(\d+) (passed|failed|error|errors|skipped|deselected)")
+def cases(lines: list[dict]) -> list[dict]:
+    """One entry per case: each subtest, and each test that has no subtest."""
+    with_subtests = {r["id"] for r in lines if r["sub"] is not None}
+    out = [r for r in lines if r["sub"] is not None]
+    for r in lines:
+        if r["sub"] is None and r["id"] not in with_subtests:
+            out.append(r)
+        elif (
+            r["sub"] is None
+            and r["outcome"] == "failed"
+            and not any(s["id"] == r["id"] and s["outcome"] == "failed" for s in out if s["sub"] is not None)
+        ):
+            out.append(r)  # the test failed outside its subtests
+    return out
 
 
-def run_file(path: Path, env: dict, timeout: float, k: str | None, junit: Path | None) -> dict:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", str(path.name)]
-    if k:
-        cmd += ["-k", k]
-    if junit is not None:
-        cmd += [f"--junitxml={junit / (path.stem + '.xml')}"]
+def run_file(path: Path, env: dict, timeout: float, k: str | None, report: Path) -> dict:
+    report.unlink(missing_ok=True)
+    report.touch()
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "_torchnde_shim_report"]
+    cmd += ["-o", "addopts=", str(path.name)] + (["-k", k] if k else [])
     t0 = time.perf_counter()
+    env = dict(env, TORCHNDE_SHIM_REPORT=str(report))
     try:
         out = subprocess.run(cmd, cwd=path.parent, env=env, capture_output=True, text=True, timeout=timeout)
-        text = out.stdout + out.stderr
-        timed_out = False
-    except subprocess.TimeoutExpired as e:
-        text = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        timed_out = True
-    counts = {"passed": 0, "failed": 0, "error": 0, "skipped": 0}
-    last = [ln for ln in text.splitlines() if " in " in ln and ("passed" in ln or "failed" in ln or "error" in ln)]
-    if last:
-        for n, what in _SUMMARY.findall(last[-1]):
-            what = "error" if what.startswith("error") else what
-            if what in counts:
-                counts[what] += int(n)
-    failed = sorted(set(re.findall(r"^(?:FAILED|ERROR) (\S+)", text, re.M)))
+        text, timed_out = out.stdout + out.stderr, False
+    except subprocess.TimeoutExpired:
+        text, timed_out = "", True
+    lines = [json.loads(x) for x in report.read_text().splitlines() if x.strip()]
+    cs = cases(lines)
     return {
-        "counts": counts,
+        "passed": sum(c["outcome"] == "passed" for c in cs),
+        "failed": [c for c in cs if c["outcome"] == "failed"],
+        "skipped": sum(c["outcome"] == "skipped" for c in cs),
         "seconds": time.perf_counter() - t0,
         "timed_out": timed_out,
-        "failed": failed,
         "text": text,
     }
 
@@ -96,53 +145,53 @@ def main(argv=None) -> int:
     ap.add_argument("--native", action="store_true", help="run against the installed torchdiffeq (no shim)")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per file")
     ap.add_argument("-k", default=None, help="pytest -k expression")
-    ap.add_argument("--junit-dir", default=None, help="write one JUnit XML per file here")
-    ap.add_argument("--show-failures", action="store_true", help="list the failing test ids")
+    ap.add_argument("--show-other", action="store_true", help="list the failures of no declared cause")
     ap.add_argument("--example", default=None, help="run examples/<name> through the shim instead of the tests")
     ap.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for --example, after --")
     args = ap.parse_args(argv)
     peer = Path(args.peer).resolve()
     repo_src = Path(__file__).resolve().parents[2] / "src"
     with tempfile.TemporaryDirectory(prefix="torchdiffeq_shim_") as tmp:
-        shim = None if args.native else build_shim(Path(tmp))
-        env = _env(shim, [] if args.native else [str(repo_src)])
+        root = build_shim(Path(tmp))
+        if args.native:  # only the report plugin; torchdiffeq is the installed one
+            (root / "torchdiffeq" / "__init__.py").unlink()
+            (root / "torchdiffeq").rmdir()
+        env = _env([str(root)] + ([] if args.native else [str(repo_src)]))
+        who = "native torchdiffeq" if args.native else "torchnde.compat.torchdiffeq"
         if args.example:
             rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
             workdir = Path(tmp) / "run"
             workdir.mkdir()
             t0 = time.perf_counter()
-            rc = subprocess.run(
-                [sys.executable, str(peer / "examples" / args.example), *rest], cwd=workdir, env=env
-            ).returncode
-            print(
-                f"{args.example}: exit {rc} in {time.perf_counter() - t0:.1f} s ({'native' if args.native else 'torchnde'})"
-            )
+            script = peer / "examples" / args.example
+            rc = subprocess.run([sys.executable, str(script), *rest], cwd=workdir, env=env).returncode
+            print(f"{args.example}: exit {rc} in {time.perf_counter() - t0:.1f} s ({who})")
             return rc
-        junit = Path(args.junit_dir).resolve() if args.junit_dir else None
-        if junit is not None:
-            junit.mkdir(parents=True, exist_ok=True)
-        total = {"passed": 0, "failed": 0, "error": 0, "skipped": 0}
+        totals = collections.Counter()
+        by_cause = collections.Counter()
         for name in args.files:
-            r = run_file(peer / "tests" / name, env, args.timeout, args.k, junit)
-            c = r["counts"]
-            for key in total:
-                total[key] += c[key]
+            r = run_file(peer / "tests" / name, env, args.timeout, args.k, Path(tmp) / "report.jsonl")
+            causes = collections.Counter(cause(c["msg"]) for c in r["failed"])
+            totals.update(passed=r["passed"], failed=len(r["failed"]), skipped=r["skipped"])
+            by_cause.update(causes)
             note = " (TIMED OUT)" if r["timed_out"] else ""
             print(
-                f"{name:22s} passed {c['passed']:4d}  failed {c['failed']:4d}  errors {c['error']:3d}  "
-                f"skipped {c['skipped']:3d}  {r['seconds']:7.1f} s{note}",
+                f"{name:18s} passed {r['passed']:4d}  failed {len(r['failed']):4d}  skipped {r['skipped']:3d}"
+                f"  {r['seconds']:6.1f} s{note}",
                 flush=True,
             )
-            if not any(c.values()):
+            for c, n in sorted(causes.items()):
+                print(f"    {n:4d}  {c}")
+            if args.show_other:
+                for c in r["failed"]:
+                    if cause(c["msg"]) == "other":
+                        print(f"        {c['id']} {c['sub'] or ''}: {c['msg'][:300]}")
+            if not r["passed"] and not r["failed"]:
                 print(r["text"][-3000:])
-            if args.show_failures:
-                for f in r["failed"]:
-                    print("   ", f)
-        print(
-            f"{'total':22s} passed {total['passed']:4d}  failed {total['failed']:4d}  errors {total['error']:3d}  "
-            f"skipped {total['skipped']:3d}  ({'native torchdiffeq' if args.native else 'torchnde.compat.torchdiffeq'})"
-        )
-        return 0 if total["failed"] == 0 and total["error"] == 0 else 1
+        print(f"{'total':18s} passed {totals['passed']:4d}  failed {totals['failed']:4d}  ({who})")
+        for c, n in sorted(by_cause.items()):
+            print(f"    {n:4d}  {c}")
+        return 0 if by_cause.get("other", 0) == 0 else 1
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""torchdiffeq's ``odeint`` and ``odeint_adjoint``, computed by torchnde.
+"""torchdiffeq's ``odeint``, ``odeint_adjoint`` and ``odeint_dense``, computed by torchnde.
 
 Switching an existing code base is one import line::
 
@@ -7,11 +7,15 @@ Switching an existing code base is one import line::
 
 The signatures, defaults (``rtol=1e-7, atol=1e-9, method="dopri5"``), method names and option
 names are torchdiffeq's (0.2.x). ``func(t, y)`` receives ``t`` as a 0-d tensor, as in
-torchdiffeq: of ``y0``'s (real) dtype, on ``y0``'s device.
+torchdiffeq: of ``y0``'s (real) dtype, on ``y0``'s device (torchnde steps in float64 time and
+rounds it for ``func`` without moving it across a ``jump_t`` or, with ``perturb``, onto a
+step's ends).
 
 What is computed the same way: the methods' tableaus (``"rk4"`` is torchdiffeq's 3/8-rule RK4),
-the fixed grids (``t`` itself, ``step_size``, or ``grid_constructor``), error norms (RMS; the max of
-per-tensor RMS for a tuple state), the adaptive-step options and the adjoint's tolerances and
+the fixed grids (``t`` itself, ``step_size``, or ``grid_constructor``, also for the adjoint
+pass), error norms (RMS; the max of per-tensor RMS for a tuple state), the adaptive-step
+options, ``perturb``, the step callbacks (``func.callback_step``, ``callback_accept_step``,
+``callback_reject_step`` and their ``_adjoint`` versions) and the adjoint's tolerances and
 norms. What differs (values agree to within the tolerances, not bit for bit):
 
 * Step-size control is torchnde's :class:`~torchnde.PIDController` (integral control, like
@@ -23,20 +27,27 @@ norms. What differs (values agree to within the tolerances, not bit for bit):
   linear interpolation, ``interp="linear"``, which is not available). For ``"dopri8"`` this is
   its 7th-order interpolant where torchdiffeq uses a 4th-order one, so at tight tolerances the
   two differ by torchdiffeq's interpolation error (e.g. 3e-7 at ``rtol=1e-11``).
+* Gradients with respect to ``t`` (when ``t`` requires grad) are those of the exact flow,
+  ``dy(t_i)/dt_i = func(t_i, y(t_i))`` and the matching term for ``t[0]`` (one extra evaluation
+  per output time), not the derivative of the discretisation; for the adaptive methods the two
+  agree to the tolerance, and torchdiffeq's ``odeint_adjoint`` computes the same thing.
+* Step callbacks are called after each step (torchdiffeq: before), the adjoint ones with the
+  augmented backward state as one flat tensor (torchdiffeq: a tuple).
 * ``max_num_steps`` bounds the steps of the whole solve, ``max_num_steps * (len(t) - 1)``
   (torchdiffeq counts per output interval). The ``dtype`` option (torchdiffeq's precision of
   times) is accepted; torchnde always steps in float64 time.
-* A failed solve raises :class:`~torchnde.SolveError` (a ``RuntimeError``) instead of an
-  ``AssertionError``, and a state that becomes NaN/inf is a failure for the fixed-grid methods
-  too (torchdiffeq returns the non-finite values).
+* A failed solve raises :class:`SolveError`, which is both torchnde's
+  :class:`~torchnde.SolveError` and an ``AssertionError`` (what torchdiffeq raises), and a state
+  that becomes NaN/inf is a failure for the fixed-grid methods too (torchdiffeq returns the
+  non-finite values).
 * ``odeint_adjoint`` uses :class:`~torchnde.BacksolveAdjoint`: see :func:`odeint_adjoint` for
   how ``adjoint_params`` is used.
 
-Not supported (each raises an error saying so): events (``event_fn``), gradients with respect
-to ``t``, per-element or per-tensor tolerances, the methods ``fehlberg2``, ``explicit_adams``,
-``implicit_adams``, ``fixed_adams`` and ``scipy_solver``, and the options ``perturb`` and
-``interp="linear"`` (with intermediate output times); solver callbacks (``func.callback_step``
-and friends) are not called, so a ``func`` that defines them is rejected.
+Not supported (each raises an error saying so): events (``event_fn``, :func:`odeint_event`;
+planned), per-element or per-tensor tolerances, the methods ``explicit_adams``,
+``implicit_adams``, ``fixed_adams`` and ``scipy_solver`` and the implicit methods
+(``implicit_euler``, ``radauIIA5``, ...: planned with torchnde's stiff solvers), the option
+``interp="linear"`` (with intermediate output times) and a callable ``adjoint_options["norm"]``.
 """
 
 from __future__ import annotations
