@@ -771,8 +771,8 @@ def cdeint(X, func, z0, t, adjoint=True, backend="torchdiffeq", **kwargs):
         second-to-last dimension, as in torchcde).
 
     Warns:
-        UserWarning: if ``t`` leaves the interval of a torchnde interpolation ``X`` (which is then
-        extrapolated).
+        UserWarning: if ``t`` leaves the interval of a torchnde interpolation ``X`` (which is
+            then extrapolated).
     """
     if backend not in ("torchdiffeq", "torchsde"):
         raise ValueError(f"Unrecognised backend={backend}")
