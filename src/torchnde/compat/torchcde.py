@@ -11,7 +11,8 @@ backend="torchdiffeq", **kwargs)``; the coefficient functions ``linear_interpola
 ``hermite_cubic_coefficients_with_backward_differences`` and (not in torchcde, a shorthand for
 ``linear_interpolation_coeffs(x, t, rectilinear=...)``) ``rectilinear_interpolation_coeffs``; the
 classes ``LinearInterpolation(coeffs, t=None)`` and ``CubicSpline(coeffs, t=None)`` with
-``evaluate``, ``derivative``, ``interval`` and ``grid_points``; and the log-ODE method's
+``evaluate``, ``derivative``, ``interval`` and ``grid_points``; ``TupleControl``;
+``misc.forward_fill`` (and ``misc.tridiagonal_solve``, ``misc.cheap_stack``); and the log-ODE method's
 ``logsig_windows`` (and the deprecated ``logsignature_windows``), to depth 3.
 
 The coefficient tensors have torchcde's layouts (values at the knots for the linear
@@ -51,8 +52,9 @@ stand-ins of the coefficients and passes that gradient on into the graph that co
 torchcde warns when ``adjoint=True`` and the coefficients require grad but are not in
 ``adjoint_params``, and gives them no gradient; here they receive it anyway.
 
-Not supported: tuple states (``z0`` a tuple, ``TupleControl``: ``NotImplementedError``),
-gradients with respect to the observation times passed to the coefficient functions (``t`` is
+Tuple states work as in torchcde: ``z0`` a tuple of tensors, ``X = TupleControl(X1, X2, ...)``
+and ``func`` returning a tuple of matrices (``backend="torchdiffeq"`` only, as torchsde has no
+tuple states). Not supported: gradients with respect to the observation times passed to the coefficient functions (``t`` is
 detached, with a warning), log-signatures deeper than 3 (``NotImplementedError``), torchsde's
 ``names``, ``logqp``, ``extra`` and ``extra_solver_state`` (``NotImplementedError``), adaptive
 steps with ``backend="torchsde"`` except for ``"heun"``, and unknown keyword arguments
@@ -95,6 +97,7 @@ __all__ = [
     "LinearInterpolation",
     "CubicSpline",
     "InterpolationBase",
+    "TupleControl",
     "logsig_windows",
     "logsignature_windows",
 ]
@@ -395,6 +398,46 @@ class CubicSpline(InterpolationBase):
 NaturalCubicSpline = CubicSpline
 
 
+class TupleControl(nn.Module):
+    """Several controls over one interval, for a tuple state: ``derivative(t)`` and
+    ``evaluate(t)`` return one tensor per control (torchcde's ``TupleControl``); ``cdeint`` then
+    takes ``z0`` as a tuple and ``func`` returns a tuple of matrices."""
+
+    def __init__(self, *controls):
+        super().__init__()
+        if not controls:
+            raise ValueError("Expected one or more controls to batch together.")
+        self._interval = controls[0].interval
+        grid = controls[0].grid_points
+        same = True
+        for c in controls[1:]:
+            if c.interval.shape != self._interval.shape or (c.interval != self._interval).any():
+                raise ValueError(
+                    f"Can only batch together controls over the same interval: {self._interval.tolist()} and "
+                    f"{c.interval.tolist()}"
+                )
+            if same and (c.grid_points.shape != grid.shape or (c.grid_points != grid).any()):
+                same = False
+        self._grid_points = grid if same else None
+        self.controls = nn.ModuleList(controls)
+
+    @property
+    def interval(self):
+        return self._interval
+
+    @property
+    def grid_points(self):
+        if self._grid_points is None:
+            raise RuntimeError("Batch of controls have different grid points.")
+        return self._grid_points
+
+    def evaluate(self, t):
+        return tuple(c.evaluate(t) for c in self.controls)
+
+    def derivative(self, t):
+        return tuple(c.derivative(t) for c in self.controls)
+
+
 # --------------------------------------------------------------------------------------------
 # cdeint
 
@@ -409,16 +452,30 @@ def _native_path(X):
     return None
 
 
+def _native_paths(X):
+    """The torchnde paths behind ``X`` (one, or one per control of a :class:`TupleControl`), or
+    None if any of them is a foreign control."""
+    controls = list(X.controls) if isinstance(X, TupleControl) else [X]
+    paths = [_native_path(c) for c in controls]
+    return None if any(p is None for p in paths) else paths
+
+
 def _time_tensor(t, z):
     """torchcde's ``func(t, z)`` takes ``t`` as a 0-d tensor."""
     if isinstance(t, torch.Tensor):
         return t
+    z = z[0] if isinstance(z, (tuple, list)) else z
     return torch.full((), t, dtype=z.dtype, device=z.device)
 
 
+def _matvec(m, d):
+    return (m @ d.unsqueeze(-1)).squeeze(-1)
+
+
 class _Product(nn.Module):
-    """``func(t, z) @ dX/dt`` (or ``func.prod(t, z, dX/dt)``); a module so that parameters left
-    out of ``adjoint_params`` can be swapped for detached copies with ``functional_call``."""
+    """``func(t, z) @ dX/dt`` (or ``func.prod(t, z, dX/dt)``), componentwise for tuple states;
+    a module so that parameters left out of ``adjoint_params`` can be swapped for detached
+    copies with ``functional_call``."""
 
     def __init__(self, func):
         super().__init__()
@@ -428,16 +485,19 @@ class _Product(nn.Module):
     def forward(self, t, z, dX):
         if self.is_prod:
             return self.func.prod(t, z, dX)
-        return (self.func(t, z) @ dX.unsqueeze(-1)).squeeze(-1)
+        m = self.func(t, z)
+        if isinstance(dX, tuple):
+            return tuple(_matvec(mi, di) for mi, di in zip(m, dX))
+        return _matvec(m, dX)
 
 
 class _VectorField(nn.Module):
     """``dz/dt = func(t, z) dX/dt``: the CDE as an ODE (torchcde's ``_VectorField``).
 
-    For a torchnde interpolation the derivative is read from the coefficients ``coeffs`` (the
-    path's derivative coefficients), which the caller passes as the solve's ``args`` (or sets
-    to a detached stand-in): adjoints then differentiate with respect to them instead of
-    walking back into the graph that computed them (freed after the first backward call).
+    For torchnde interpolations the derivative is read from the coefficients ``coeffs`` (each
+    path's derivative coefficients), which the caller passes as the solve's ``args`` (or sets to
+    detached stand-ins): adjoints then differentiate with respect to them instead of walking back
+    into the graph that computed them (freed after the first backward call).
     """
 
     takes_float_time = True  # see compat.torchdiffeq._TimeAsTensor: the exact float time reaches us
@@ -446,15 +506,17 @@ class _VectorField(nn.Module):
         super().__init__()
         self.X = X
         self.product = _Product(func)
-        self.path = _native_path(X)
-        self.coeffs = None if self.path is None else self.path._dcoeffs
+        self.is_tuple = isinstance(X, TupleControl)
+        self.paths = _native_paths(X)
+        self.coeffs = None if self.paths is None else [p._dcoeffs for p in self.paths]
         self.excluded: list = []  # (name, parameter) of func's parameters not in adjoint_params
 
     def forward(self, t, z, args=None):
-        if self.path is not None:
+        if self.paths is not None:
             coeffs = self.coeffs if args is None else args
             # the derivative of the piece to the right of t, where a forward step goes
-            dX = self.path._poly(coeffs, t, False)
+            dX = [p._poly(c, t, False) for p, c in zip(self.paths, coeffs)]
+            dX = tuple(dX) if self.is_tuple else dX[0]
         else:
             dX = self.X.derivative(_time_tensor(t, z))
         tt = _time_tensor(t, z)
@@ -464,89 +526,120 @@ class _VectorField(nn.Module):
         return self.product(tt, z, dX)
 
 
-def _check_shapes(X, func, z0, t):
-    dX = X.derivative(t[0].detach())
+def _check_one(dX, out, z0, what, is_prod):
     if not isinstance(dX, torch.Tensor):
-        raise ValueError("X.derivative must return a tensor (tuple controls are not supported by torchnde)")
+        raise ValueError("X.derivative must return a tensor, or a tuple of tensors for a tuple state")
     if dX.shape[:-1] != z0.shape[:-1]:
         raise ValueError(
-            f"X.derivative returned shape {tuple(dX.shape)} (batch dimensions {tuple(dX.shape[:-1])}) but z0 has "
+            f"X.derivative returned shape {tuple(dX.shape)} (batch dimensions {tuple(dX.shape[:-1])}) but z0{what} has "
             f"shape {tuple(z0.shape)} (batch dimensions {tuple(z0.shape[:-1])}); they must match"
         )
-    if callable(getattr(func, "prod", None)):
-        out = func.prod(t[0], z0, dX)
-        if out.shape != z0.shape:
-            raise ValueError(f"func.prod returned shape {tuple(out.shape)}, expected z0's shape {tuple(z0.shape)}")
+    if is_prod:
+        if not isinstance(out, torch.Tensor) or out.shape != z0.shape:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"func.prod returned {got}{what}, expected z0's shape {tuple(z0.shape)}")
         return
-    out = func(t[0], z0)
     if not isinstance(out, torch.Tensor) or out.shape != (*z0.shape, dX.shape[-1]):
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(
-            f"func(t, z) returned {got}, expected shape (..., hidden_channels, input_channels) = "
+            f"func(t, z) returned {got}{what}, expected shape (..., hidden_channels, input_channels) = "
             f"{(*z0.shape, dX.shape[-1])}"
         )
 
 
+def _check_shapes(X, func, z0, t):
+    dX = X.derivative(t[0].detach())
+    is_prod = callable(getattr(func, "prod", None))
+    if isinstance(z0, torch.Tensor):
+        out = func.prod(t[0], z0, dX) if is_prod else func(t[0], z0)
+        _check_one(dX, out, z0, "", is_prod)
+        return
+
+    def check_tuple(name, v):
+        if not isinstance(v, (tuple, list)) or len(v) != len(z0):
+            raise ValueError(
+                f"z0 is a tuple of {len(z0)} tensors, so {name} must return a tuple of {len(z0)} as well (a tuple "
+                "state needs a TupleControl)"
+            )
+
+    check_tuple("X.derivative", dX)
+    out = func.prod(t[0], z0, dX) if is_prod else func(t[0], z0)
+    check_tuple("func.prod" if is_prod else "func", out)
+    for i, (d, o, z) in enumerate(zip(dX, out, z0)):
+        _check_one(d, o, z, f" (element {i})", is_prod)
+
+
 class _StandIns(torch.autograd.Function):
     """Runs ``run`` on detached stand-ins of the first ``n`` inputs (the initial state, the
-    times, the path's coefficients: tensors that may have been computed from parameters) and
+    times, the paths' coefficients: tensors that may have been computed from parameters) and
     differentiates it with respect to the stand-ins and the remaining inputs (leaf parameters)
     in the backward pass. This lets ``odeint_adjoint``'s continuous adjoint treat the
     coefficients as leaves, whatever graph computed them, while the gradient still flows on
-    into that graph."""
+    into that graph. ``run`` returns a tensor or a tuple of tensors."""
 
     @staticmethod
-    def forward(ctx, run, n, *inputs):
+    def forward(ctx, run, n, n_state, *inputs):
         stand = [x.detach().requires_grad_(x.requires_grad) for x in inputs[:n]]
+        ctx.n_state = n_state
         with torch.enable_grad():
             out = run(*stand)
-        ctx.inner = out
+        outs = (out,) if isinstance(out, torch.Tensor) else tuple(out)
+        ctx.inner = outs
         ctx.wrt = [*stand, *inputs[n:]]
-        return out.detach()
+        return tuple(o.detach() for o in outs)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
+    def backward(ctx, *grad):
         wrt, inner = ctx.wrt, ctx.inner
         del ctx.inner  # the inner graph is used once
         idx = [i for i, w in enumerate(wrt) if w.requires_grad]
+        pairs = [(o, g) for o, g in zip(inner, grad) if o.requires_grad]
         grads = [None] * len(wrt)
-        if idx and inner.requires_grad:
-            got = torch.autograd.grad(inner, [wrt[i] for i in idx], grad, allow_unused=True)
+        if idx and pairs:
+            got = torch.autograd.grad(
+                [o for o, _ in pairs], [wrt[i] for i in idx], [g for _, g in pairs], allow_unused=True
+            )
             for i, g in zip(idx, got):
-                grads[i] = g
-        return (None, None, *grads)
+                # (torchdiffeq gives zeros to an initial state that does not affect the loss)
+                grads[i] = torch.zeros_like(wrt[i]) if g is None and i < ctx.n_state else g
+        return (None, None, None, *grads)
 
 
-def _graph_leaves(out, exclude):
+def _graph_leaves(outs, exclude):
     from ..adjoints._params import _graph_leaves as leaves
 
-    return leaves([out], exclude)
+    return leaves([o for o in outs if isinstance(o, torch.Tensor)], exclude)
 
 
 def _cdeint_adjoint_torchdiffeq(vf, z0, t, kwargs):
-    """``odeint_adjoint`` on ``vf`` with the path's coefficients (and ``z0``, ``t``) as detached
+    """``odeint_adjoint`` on ``vf`` with the paths' coefficients (and ``z0``, ``t``) as detached
     stand-ins, so that coefficients computed from parameters in the graph get their gradient
     (see :class:`_StandIns`)."""
     params = tuple(kwargs["adjoint_params"])
-    coeffs = vf.coeffs if vf.path is not None else None
-    proxied = [z0, t] + ([coeffs] if isinstance(coeffs, torch.Tensor) else [])
+    coeffs = list(vf.coeffs) if vf.coeffs is not None else []
+    state = [z0] if isinstance(z0, torch.Tensor) else list(z0)
+    proxied = [*state, t, *coeffs]
     # every leaf tensor the field uses (captured tensors too, as torchnde's adjoints find them)
     with torch.enable_grad():
-        probe_c = None if coeffs is None else coeffs.detach()
-        probe = vf(float(t[0]), z0.detach(), probe_c)
+        probe_state = state[0].detach() if isinstance(z0, torch.Tensor) else tuple(z.detach() for z in state)
+        probe = vf(float(t[0]), probe_state, [c.detach() for c in coeffs] if coeffs else None)
     seen = {id(p) for p in params}
-    found = [p for p in _graph_leaves(probe, set()) if id(p) not in seen]
+    found = [p for p in _graph_leaves(probe if isinstance(probe, tuple) else (probe,), set()) if id(p) not in seen]
     leaves = [p for p in (*params, *found) if isinstance(p, torch.Tensor) and p.requires_grad]
+    n_state = len(state)
 
-    def run(z0_, t_, *c):
-        if c:  # the backward pass uses vf too: the stand-in stays (vf belongs to this call)
-            vf.coeffs = c[0]
+    def run(*stand):
+        z0_ = stand[0] if isinstance(z0, torch.Tensor) else tuple(stand[:n_state])
+        t_ = stand[n_state]
+        if coeffs:  # the backward pass uses vf too: the stand-ins stay (vf belongs to this call)
+            vf.coeffs = list(stand[n_state + 1 :])
         return _td.odeint_adjoint(vf, z0_, t_, **kwargs)
 
     if not any(x.requires_grad for x in (*proxied, *leaves)) or not torch.is_grad_enabled():
         return _td.odeint_adjoint(vf, z0, t, **kwargs)
-    return _StandIns.apply(run, len(proxied), *proxied, *leaves)
+    out = _StandIns.apply(run, len(proxied), n_state, *proxied, *leaves)
+    return out[0] if isinstance(z0, torch.Tensor) else out
 
 
 # torchsde's methods on an SDE without noise (torchcde's backend="torchsde" solves the CDE as an
@@ -657,7 +750,7 @@ def _cdeint_torchsde(vf, z0, t, adjoint, func, kwargs):
         return PIDController(rtol=float(rtol), atol=float(atol), dtmin=float(kwargs.get("dt_min", 1e-5)))
 
     controller = controller_for(kwargs.get("adaptive", False), kwargs["rtol"], kwargs["atol"], solver, "adaptive")
-    args = vf.coeffs if vf.path is not None else None
+    args = vf.coeffs
     if not adjoint:
         adj = DirectAdjoint()
     else:
@@ -723,7 +816,7 @@ def _ode_term(vf):
 
 def _warn_outside(X, t):
     """A warning if the output times leave the control's interval (the path is extrapolated)."""
-    path = _native_path(X)
+    path = _native_path(X.controls[0] if isinstance(X, TupleControl) else X)
     if path is None:
         return
     lo, hi = float(t.detach().min()), float(t.detach().max())
@@ -786,10 +879,14 @@ def cdeint(X, func, z0, t, adjoint=True, backend="torchdiffeq", **kwargs):
             )
     if not callable(getattr(X, "derivative", None)):
         raise ValueError("X must have a 'derivative' method.")
-    if not isinstance(z0, torch.Tensor):
-        raise NotImplementedError(
-            f"z0 must be a tensor; tuple states are not supported by torchnde.compat.torchcde (got {type(z0).__name__})"
-        )
+    if isinstance(z0, list):
+        z0 = tuple(z0)
+    if not (
+        isinstance(z0, torch.Tensor) or (isinstance(z0, tuple) and z0 and all(isinstance(z, torch.Tensor) for z in z0))
+    ):
+        raise ValueError(f"z0 must either a tensor or a tuple/list of tensors, got {type(z0).__name__}")
+    if backend == "torchsde" and not isinstance(z0, torch.Tensor):
+        raise NotImplementedError("tuple states are not supported with backend='torchsde' (torchsde has none either)")
     if not isinstance(t, torch.Tensor) or t.dim() != 1:
         raise ValueError(f"t must be a 1-D tensor of times, got {getattr(t, 'shape', type(t).__name__)}")
     kwargs.setdefault("atol", 1e-6)
@@ -808,4 +905,6 @@ def cdeint(X, func, z0, t, adjoint=True, backend="torchdiffeq", **kwargs):
         out = _cdeint_adjoint_torchdiffeq(vf, z0, t, kwargs)
     else:
         out = _td.odeint(vf, z0, t, **kwargs)
-    return out.movedim(0, -2)
+    if isinstance(out, torch.Tensor):
+        return out.movedim(0, -2)
+    return tuple(o.movedim(0, -2) for o in out)
