@@ -1,5 +1,6 @@
 """torchnde.compat.torchsde against torchsde itself: the same SDE, the same Brownian path."""
 
+import math
 import warnings
 
 import pytest
@@ -57,7 +58,7 @@ CASES = [
     for method, noises in (
         ("euler", ("diagonal", "scalar", "additive", "general")),
         ("milstein", ("diagonal", "scalar", "additive")),
-        ("srk", ("additive",)),
+        ("srk", ("diagonal", "scalar", "additive")),
     )
     for noise in noises
 ] + [
@@ -68,6 +69,7 @@ CASES = [
         ("euler_heun", ("diagonal", "scalar", "additive", "general")),
         ("reversible_heun", ("diagonal", "scalar", "additive", "general")),
         ("milstein", ("diagonal", "scalar", "additive")),
+        ("log_ode", ("diagonal", "scalar", "additive", "general")),
     )
     for noise in noises
 ]
@@ -80,7 +82,8 @@ def test_pathwise_equal_to_torchsde(sde_type, noise, method):
     sde = SDE(noise, sde_type)
     y0 = torch.full((B, D), 0.7, dtype=F64)
     tt = torch.linspace(0, 1, 7, dtype=F64)
-    bm = bm_for(noise)
+    # log_ode reads the (Foster) Lévy area from the Brownian motion: the same path gives the same A
+    bm = bm_for(noise, levy="foster" if method == "log_ode" else "space-time")
     ref = torchsde.sdeint(sde, y0, tt, bm=bm, method=method, dt=0.05)
     ours = ts.sdeint(sde, y0, tt, bm=bm, method=method, dt=0.05)
     assert ours.shape == (7, B, D)
@@ -182,17 +185,37 @@ def test_ito_mean_statistically():
     assert abs(mean - torch.exp(torch.tensor(0.5, dtype=F64))) < 4 * se
 
 
-def test_adaptive():
-    sde = SDE("diagonal", "stratonovich")
+@pytest.mark.parametrize(
+    "sde_type,method", [("stratonovich", "heun"), ("stratonovich", "midpoint"), ("ito", "euler"), ("ito", "milstein")]
+)
+def test_adaptive_takes_torchsde_steps(sde_type, method):
+    """Adaptive steps: torchsde's step-doubling estimate and step-size rule, outputs interpolated
+    between steps: the same drift evaluations and values as torchsde on the same path (heun used
+    its embedded Euler estimate before, ~10x the evaluations)."""
+    sde = SDE("diagonal", sde_type)
+    count = [0]
+    f = sde.f
+    sde.f = lambda t, y: count.__setitem__(0, count[0] + 1) or f(t, y)
     y0 = torch.full((B, D), 0.7, dtype=F64)
     tt = torch.linspace(0, 1, 5, dtype=F64)
     bm = bm_for("diagonal")
-    ref = ts.sdeint(sde, y0, tt, bm=bm, method="midpoint", dt=2e-3)
-    for method in ("heun", "midpoint", "reversible_heun"):  # embedded estimate / step doubling
-        ys = ts.sdeint(sde, y0, tt, bm=bm, method=method, adaptive=True, dt=0.05, rtol=1e-3, atol=1e-4)
-        assert (ys - ref).abs().max() < 5e-3, method
+    kw = dict(bm=bm, method=method, adaptive=True, dt=0.05, rtol=1e-3, atol=1e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # adaptive Euler's warning
+        ref = torchsde.sdeint(sde, y0, tt, **kw)
+        n_ref, count[0] = count[0], 0
+        ys = ts.sdeint(sde, y0, tt, **kw)
+    torch.testing.assert_close(ys, ref, rtol=0, atol=1e-10)
+    assert count[0] == n_ref
+
+
+def test_adaptive_euler_on_stratonovich_warns_then_raises():
+    """torchsde's order: the adaptive Euler warning comes before the method/SDE-type check."""
+    y0 = torch.full((B, D), 0.7, dtype=F64)
+    with pytest.warns(UserWarning, match="Euler--Maruyama"), pytest.raises(ValueError, match="stratonovich"):
+        ts.sdeint(SDE("diagonal", "stratonovich"), y0, [0.0, 1.0], method="euler", adaptive=True)
     with pytest.warns(UserWarning, match="Euler--Maruyama"):
-        ts.sdeint(SDE("diagonal", "ito"), y0, tt, bm=bm, method="euler", adaptive=True, rtol=1e-2, atol=1e-2)
+        ts.sdeint(SDE("diagonal", "ito"), y0, [0.0, 1.0], method="euler", adaptive=True, rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("method", ["midpoint", "reversible_heun"])
@@ -243,10 +266,13 @@ def test_errors():
     y0 = torch.ones(B, D, dtype=F64)
     tt = [0.0, 1.0]
     ito, strat = SDE("diagonal", "ito"), SDE("diagonal", "stratonovich")
-    with pytest.raises(NotImplementedError, match="midpoint"):
-        ts.sdeint(strat, y0, tt, method="log_ode")
-    with pytest.raises(NotImplementedError, match="milstein"):
-        ts.sdeint(ito, y0, tt, method="srk")
+    # log_ode needs a Lévy-area approximation; srk needs the space-time Lévy area (torchsde's ValueErrors)
+    with pytest.raises(ValueError, match="foster"):
+        ts.sdeint(strat, y0, tt, method="log_ode", bm=bm_for("diagonal", levy="space-time"))
+    with pytest.raises(ValueError, match="space-time"):
+        ts.sdeint(ito, y0, tt, method="srk", bm=bm_for("diagonal", levy="none"))
+    with pytest.raises(ValueError, match="adjoint_method='midpoint'"):
+        ts.sdeint_adjoint(strat, y0, tt, adjoint_method="log_ode")
     with pytest.raises(ValueError, match="stratonovich"):
         ts.sdeint(ito, y0, tt, method="midpoint")
     with pytest.raises(ValueError, match="noise type general"):
@@ -268,11 +294,11 @@ def test_errors():
         ts.sdeint(ito, y0, [0.0, 1.0, 0.5])
     with pytest.raises(ValueError, match="Noise sizes"):
         ts.sdeint(ito, y0, tt, bm=ts.BrownianInterval(0.0, 1.0, size=(B, 5), dtype=F64))
-    with pytest.raises(NotImplementedError, match="reversible_heun"):
-        ts.sdeint(strat, y0, tt, method="reversible_heun", extra=True)
+    with pytest.raises(NotImplementedError, match="sdeint_adjoint"):
+        ts.sdeint_adjoint(strat, y0, tt, method="reversible_heun", extra=True)
 
     class GProdOnly:
-        noise_type, sde_type = "diagonal", "ito"
+        noise_type, sde_type = "general", "ito"
 
         def f(self, t, y):
             return y
@@ -280,7 +306,7 @@ def test_errors():
         def g_prod(self, t, y, v):
             return v
 
-    with pytest.raises(NotImplementedError, match="define g"):
+    with pytest.raises(ValueError, match="Cannot infer noise size"):
         ts.sdeint(GProdOnly(), y0, tt)
 
 
@@ -308,9 +334,194 @@ def test_brownian_wrappers():
 
     with pytest.raises(TypeError, match="supported"):
         ts.BrownianInterval(0.0, 1.0, size=(2, 2), bogus=1)
-    with pytest.raises(NotImplementedError):
-        ts.BrownianInterval(0.0, 1.0, size=(2, 2), W=torch.zeros(2, 2))
-    with pytest.raises(NotImplementedError):
-        ts.BrownianTree(0.0, w0, w1=w0)
+    with pytest.raises(ValueError, match="does not match"):
+        ts.BrownianInterval(0.0, 1.0, size=(2, 3), W=torch.zeros(2, 2))
     with pytest.raises(ValueError, match="levy_area_approximation"):
         ts.BrownianInterval(0.0, 1.0, size=(2, 2), levy_area_approximation="nope")
+
+
+# ------------------------------------------------------------------ issue 16: drop-in parity
+def test_torchsde_names_base_classes_and_settings():
+    """BaseSDE / SDEIto / SDEStratonovich, the settings containers and brownian_interval_like:
+    what torchsde's examples and its tests' problems.py import."""
+
+    class Ito(ts.SDEIto):
+        def __init__(self):
+            super().__init__(noise_type="diagonal")
+
+        def f(self, t, y):
+            return -y
+
+        def g(self, t, y):
+            return 0.1 * torch.ones_like(y)
+
+    sde = Ito()
+    assert isinstance(sde, torch.nn.Module) and (sde.sde_type, sde.noise_type) == ("ito", "diagonal")
+    assert ts.SDEStratonovich("general").sde_type == "stratonovich"
+    assert ts.BaseSDE(noise_type="scalar", sde_type="ito").noise_type == "scalar"
+    with pytest.raises(ValueError, match="noise type"):
+        ts.BaseSDE(noise_type="diag", sde_type="ito")
+    with pytest.raises(ValueError, match="sde type"):
+        ts.SDEIto.__mro__[1](noise_type="diagonal", sde_type="ito2")
+    assert ts.NOISE_TYPES.diagonal == "diagonal" and "scalar" in ts.NOISE_TYPES
+    assert ts.SDE_TYPES.all() == ["ito", "stratonovich"] and ts.METHODS.log_ode_midpoint == "log_ode"
+    assert ts.LEVY_AREA_APPROXIMATIONS.space_time == "space-time" and "grad_free" in ts.METHOD_OPTIONS
+    assert ts.sdeint(sde, torch.ones(2, 3), [0.0, 0.5], dt=0.1).shape == (2, 2, 3)
+    y = torch.zeros(4, 2, dtype=F64)
+    bm = ts.brownian_interval_like(y, t0=0.0, t1=2.0, entropy=1, levy_area_approximation="space-time")
+    assert isinstance(bm, ts.BrownianInterval) and isinstance(bm, ts.BaseBrownian)
+    assert bm.shape == (4, 2) and bm.dtype == F64 and (bm.t0, bm.t1) == (0.0, 2.0)
+
+
+def test_reverse_brownian():
+    bm = ts.BrownianInterval(0.0, 1.0, size=(3, 2), dtype=F64, entropy=4, levy_area_approximation="space-time")
+    rb = ts.ReverseBrownian(bm)
+    assert (rb.t0, rb.t1) == (-1.0, 0.0) and rb.shape == bm.shape and rb.levy_area_approximation == "space-time"
+    torch.testing.assert_close(rb(-0.7, -0.2), bm(0.2, 0.7), rtol=0, atol=0)
+    # as a torchnde path: the same W, the Lévy area of the reversed interval
+    inc, fwd = rb.increment(-0.7, -0.2), bm.increment(0.2, 0.7)
+    torch.testing.assert_close(inc.W, fwd.W)
+    torch.testing.assert_close(inc.H, -fwd.H)
+    # torchsde's own ReverseBrownian agrees on our Brownian motion
+    torch.testing.assert_close(torchsde.ReverseBrownian(bm)(-0.7, -0.2), rb(-0.7, -0.2))
+
+
+@pytest.mark.parametrize("noise", ["diagonal", "scalar", "general"])
+def test_reversible_heun_extra_state_and_reversibility(noise):
+    """extra=True returns torchsde's (f, g, z); solving the minus-SDE backwards on the reversed path
+    from it recovers the forward solution (torchsde's test_reversibility)."""
+    sde = SDE(noise, "stratonovich")
+    y0 = torch.full((B, D), 0.1, dtype=F64)
+    tt = torch.linspace(0, 1.9, 20, dtype=F64)
+    bm = ts.BrownianInterval(0.0, 1.9, size=(B, noise_dim(noise)), dtype=F64, entropy=8)
+    ys, (f, g, z) = ts.sdeint(sde, y0, tt, bm=bm, method="reversible_heun", dt=0.1, extra=True)
+    ref, (f_ref, g_ref, z_ref) = torchsde.sdeint(sde, y0, tt, bm=bm, method="reversible_heun", dt=0.1, extra=True)
+    torch.testing.assert_close(ys, ref, rtol=0, atol=1e-12)
+    for a, b in ((f, f_ref), (g, g_ref), (z, z_ref)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+    class Minus:
+        noise_type, sde_type = noise, "stratonovich"
+
+        def f(self, t, y):
+            return -sde.f(-t, y)
+
+        def g(self, t, y):
+            return -sde.g(-t, y)
+
+    back = ts.sdeint(Minus(), ys[-1], -tt.flip(0), bm=ts.ReverseBrownian(bm), method="reversible_heun", dt=0.1,
+                     extra_solver_state=(-f, -g, z))  # fmt: skip
+    torch.testing.assert_close(back.flip(0), ys, rtol=1e-9, atol=1e-9)
+
+
+def test_g_prod_only_sdes_match_g():
+    """An SDE defining only g_prod (or f_and_g_prod) gives exactly what the same SDE with g gives."""
+    vec = torch.randn(M, dtype=F64, generator=torch.Generator().manual_seed(0))
+
+    class WithG:
+        noise_type, sde_type = "general", "ito"
+
+        def f(self, t, y):
+            return -y
+
+        def g(self, t, y):
+            return y.unsqueeze(-1).sigmoid() * vec
+
+    class GProd(WithG):
+        g = None
+
+        def g_prod(self, t, y, v):
+            return (y.unsqueeze(-1).sigmoid() * vec).bmm(v.unsqueeze(-1)).squeeze(-1)
+
+    class FAndGProd:
+        noise_type, sde_type = "general", "ito"
+
+        def f_and_g_prod(self, t, y, v):
+            return -y, GProd.g_prod(self, t, y, v)
+
+    class DiagGProd:
+        noise_type, sde_type = "diagonal", "ito"
+
+        def f(self, t, y):
+            return -y
+
+        def g_prod(self, t, y, v):
+            return 0.3 * torch.cos(y) * v
+
+    y0 = torch.full((B, D), 0.5, dtype=F64)
+    outs = [ts.sdeint(sde, y0, [0.0, 1.0], dt=0.1, bm=bm_for("general", levy="none")) for sde in
+            (WithG(), GProd(), FAndGProd())]  # fmt: skip
+    for o in outs[1:]:
+        assert torch.equal(o, outs[0])
+    diag = ts.sdeint(DiagGProd(), y0, [0.0, 1.0], dt=0.1, method="euler", bm=bm_for("diagonal", levy="none"))
+    ref = torchsde.sdeint(DiagGProd(), y0, [0.0, 1.0], dt=0.1, method="euler", bm=bm_for("diagonal", levy="none"))
+    torch.testing.assert_close(diag, ref, rtol=0, atol=1e-12)
+
+
+def test_brownian_conditioned_on_end_values():
+    """BrownianInterval(W=...) / BrownianTree(w1=...): a Brownian bridge to the given end value
+    (shape, dtype and device from W), H drawn given W unless given too."""
+    W = torch.linspace(-1, 1, 4000, dtype=F64).view(2000, 2)
+    bm = ts.BrownianInterval(0.0, 2.0, W=W, entropy=3, levy_area_approximation="space-time")
+    assert bm.shape == (2000, 2) and bm.dtype == F64
+    torch.testing.assert_close(bm(0.0, 2.0), W)
+    mid = bm(0.0, 0.5)
+    z = (mid - W * 0.25) / math.sqrt(0.5 * 1.5 / 2.0)  # bridge: mean W s / T, variance s (T - s) / T
+    assert abs(float(z.mean())) < 0.1 and abs(float(z.std()) - 1) < 0.1
+    H = bm.increment(0.0, 2.0).H
+    assert abs(float(H.std()) - math.sqrt(2.0 / 12)) < 0.02  # H | W ~ N(0, T/12)
+    H_given = torch.full_like(W, 0.3)
+    bm2 = ts.BrownianInterval(0.0, 2.0, W=W, H=H_given, entropy=3, levy_area_approximation="space-time")
+    torch.testing.assert_close(bm2.increment(0.0, 2.0).H, H_given)
+    w0, w1 = torch.zeros(5, 1), torch.ones(5, 1)
+    tree = ts.BrownianTree(0.0, w0, t1=1.0, w1=w1, entropy=2)
+    torch.testing.assert_close(tree(1.0), w1)
+
+
+def test_float32_ts_fixed_steps_take_no_sliver_steps():
+    """float32 ts: the steps are torchsde's grid itself (10 midpoint steps: 20 drift evaluations
+    plus torchsde's one shape check), not float64 steps of dt that end 1e-9 short of each grid time."""
+    count = [0]
+
+    class Counting:
+        noise_type, sde_type = "diagonal", "stratonovich"
+
+        def f(self, t, y):
+            count[0] += 1
+            return -y
+
+        def g(self, t, y):
+            return 0.1 * torch.ones_like(y)
+
+    ts.sdeint(Counting(), torch.ones(4, 2), torch.linspace(0, 1, 11), method="midpoint", dt=0.1)
+    assert count[0] == 21
+
+
+@pytest.mark.parametrize("noise", ["diagonal", "scalar", "general"])
+def test_ito_sdeint_adjoint(noise):
+    """sdeint_adjoint on Itô SDEs with non-additive noise: the values are sdeint's exactly, the
+    gradients those of the stochastic adjoint of the Stratonovich form (to O(dt) of sdeint's)."""
+    sde = SDE(noise, "ito")
+    method = "euler" if noise == "general" else "milstein"
+    y0 = torch.full((B, D), 0.7, dtype=F64, requires_grad=True)
+    tt = torch.linspace(0, 1, 3, dtype=F64)
+    bm = bm_for(noise, levy="none")
+    params = [y0, *sde.parameters()]
+    ys = ts.sdeint(sde, y0, tt, bm=bm, method=method, dt=1e-3)
+    g_direct = torch.autograd.grad((ys**2).sum(), params)
+    ys_adj = ts.sdeint_adjoint(sde, y0, tt, bm=bm, method=method, dt=1e-3)
+    torch.testing.assert_close(ys_adj, ys, rtol=0, atol=1e-12)
+    g_adj = torch.autograd.grad((ys_adj**2).sum(), params)
+    for a, b in zip(g_adj, g_direct):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+    # torchsde's latent-SDE usage: Itô, euler, logqp
+    ys_q, lq = ts.sdeint_adjoint(sde, y0, tt, bm=bm_for(noise, levy="none") if noise != "diagonal" else None,
+                                 method="euler", logqp=True, dt=0.01)  # fmt: skip
+    torch.autograd.grad(ys_q.sum() + lq.sum(), params)
+
+
+def test_srk_is_srid2_on_diagonal_noise_and_is_the_default():
+    from torchnde.solvers import SRID2
+
+    assert isinstance(ts._solver_for("srk", "ito", "diagonal", {}), SRID2)
+    assert ts._default_method("ito", "scalar") == "srk" and ts._default_method("ito", "general") == "euler"

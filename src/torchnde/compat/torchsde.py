@@ -66,16 +66,137 @@ from .._saveat import SaveAt
 from .._solve import solve
 from .._terms import ControlTerm, MultiTerm, ODETerm
 from ..adjoints import BacksolveAdjoint, DirectAdjoint, ReversibleAdjoint
-from ..controllers import ConstantStepSize, PIDController
+from ..controllers import ConstantStepSize, PIDController, StepTo
 from ..paths import AbstractBrownianPath, BrownianIncrement
 from ..solvers import AbstractAdaptiveSolver, AbstractSolver
 from ..solvers._base import linear_coeffs
 
-__all__ = ["sdeint", "sdeint_adjoint", "BrownianInterval", "BrownianTree", "BrownianPath", "SolveError"]
+__all__ = [
+    "sdeint",
+    "sdeint_adjoint",
+    "BaseSDE",
+    "SDEIto",
+    "SDEStratonovich",
+    "BaseBrownian",
+    "BrownianInterval",
+    "BrownianTree",
+    "BrownianPath",
+    "ReverseBrownian",
+    "brownian_interval_like",
+    "SolveError",
+    "METHODS",
+    "NOISE_TYPES",
+    "SDE_TYPES",
+    "LEVY_AREA_APPROXIMATIONS",
+    "METHOD_OPTIONS",
+]
+
+
+class _Choices(type):
+    """A class of string constants that behaves like torchsde's ``settings`` containers:
+    ``NOISE_TYPES.diagonal == "diagonal"``, ``"diagonal" in NOISE_TYPES``, ``NOISE_TYPES.all()``."""
+
+    def all(cls) -> list:
+        return sorted(v for k, v in vars(cls).items() if not k.startswith("_") and isinstance(v, str))
+
+    def __contains__(cls, item) -> bool:
+        return item in cls.all()
+
+    def __iter__(cls):
+        return iter(cls.all())
+
+    def __str__(cls) -> str:
+        return str(cls.all())
+
+
+class METHODS(metaclass=_Choices):
+    """The ``method`` names of torchsde's ``sdeint`` (``torchsde.settings.METHODS``)."""
+
+    euler = "euler"
+    milstein = "milstein"
+    srk = "srk"
+    midpoint = "midpoint"
+    reversible_heun = "reversible_heun"
+    adjoint_reversible_heun = "adjoint_reversible_heun"
+    heun = "heun"
+    log_ode_midpoint = "log_ode"
+    euler_heun = "euler_heun"
+
+
+class NOISE_TYPES(metaclass=_Choices):  # noqa: N801 - torchsde's name
+    """torchsde's noise types: ``general``, ``diagonal``, ``scalar``, ``additive``."""
+
+    general = "general"
+    diagonal = "diagonal"
+    scalar = "scalar"
+    additive = "additive"
+
+
+class SDE_TYPES(metaclass=_Choices):  # noqa: N801 - torchsde's name
+    """torchsde's SDE types: ``ito``, ``stratonovich``."""
+
+    ito = "ito"
+    stratonovich = "stratonovich"
+
+
+class LEVY_AREA_APPROXIMATIONS(metaclass=_Choices):  # noqa: N801 - torchsde's name
+    """torchsde's ``levy_area_approximation`` values."""
+
+    none = "none"
+    space_time = "space-time"
+    davie = "davie"
+    foster = "foster"
+
+
+class METHOD_OPTIONS(metaclass=_Choices):  # noqa: N801 - torchsde's name
+    """The keys of ``options`` (``grad_free`` for ``"milstein"``)."""
+
+    grad_free = "grad_free"
+
 
 _SDE_TYPES = ("ito", "stratonovich")
 _NOISE_TYPES = ("diagonal", "additive", "scalar", "general")
 _LEVY = ("none", "space-time", "davie", "foster")
+
+
+class BaseSDE(nn.Module):
+    """torchsde's ``BaseSDE``: an ``nn.Module`` with validated ``noise_type`` and ``sde_type``
+    attributes. Subclass it and define ``f(t, y)`` and ``g(t, y)`` (or ``f_and_g``; ``h`` for
+    ``logqp``).
+
+    Example:
+        >>> class OU(BaseSDE):
+        ...     def __init__(self):
+        ...         super().__init__(noise_type="diagonal", sde_type="ito")
+        ...     def f(self, t, y): return -y
+        ...     def g(self, t, y): return 0.1 * torch.ones_like(y)
+        >>> OU().noise_type
+        'diagonal'
+    """
+
+    def __init__(self, noise_type, sde_type):
+        super().__init__()
+        if noise_type not in _NOISE_TYPES:
+            raise ValueError(f"Expected noise type in {sorted(_NOISE_TYPES)}, but found {noise_type}")
+        if sde_type not in _SDE_TYPES:
+            raise ValueError(f"Expected sde type in {sorted(_SDE_TYPES)}, but found {sde_type}")
+        self.noise_type = noise_type
+        self.sde_type = sde_type
+
+
+class SDEIto(BaseSDE):
+    """torchsde's ``SDEIto(noise_type)``: a :class:`BaseSDE` with ``sde_type="ito"``."""
+
+    def __init__(self, noise_type):
+        super().__init__(noise_type=noise_type, sde_type="ito")
+
+
+class SDEStratonovich(BaseSDE):
+    """torchsde's ``SDEStratonovich(noise_type)``: a :class:`BaseSDE` with ``sde_type="stratonovich"``."""
+
+    def __init__(self, noise_type):
+        super().__init__(noise_type=noise_type, sde_type="stratonovich")
+
 
 # method -> (sde types it solves, noise types it handles); torchsde's own table
 _ALL_NOISE = _NOISE_TYPES
@@ -94,6 +215,7 @@ _NAMES = {
     "drift": "f",
     "diffusion": "g",
     "prior_drift": "h",
+    "diffusion_prod": "g_prod",
     "drift_and_diffusion": "f_and_g",
     "drift_and_diffusion_prod": "f_and_g_prod",
 }
@@ -112,7 +234,7 @@ def _import_solver(name: str):
     if cls is None:
         import importlib
 
-        for mod in ("milstein", "euler_heun", "sra1", "shark", "spark"):
+        for mod in ("milstein", "euler_heun", "sra1", "shark", "spark", "srid2"):
             try:
                 m = importlib.import_module(f"torchnde.solvers.{mod}")
             except ImportError:
@@ -135,22 +257,70 @@ def _milstein(sde_type: str, options: dict):
     return cls()
 
 
+class _LogODEMidpoint(AbstractSolver):
+    r"""torchsde's ``"log_ode"``: the explicit midpoint method applied to the log-ODE of the step
+    (Lie--Trotter splitting), with the Lévy area :math:`A` of the Brownian motion approximated
+    (Davie / Foster). With :math:`t' = t_n + h/2`,
+
+    .. math::
+        y' = y_n + \tfrac h2 f(t_n, y_n) + \tfrac12 g(t_n, y_n) \Delta W,\qquad
+        y_{n+1} = y_n + h f(t', y') + g(t', y') \Delta W + \sum_{k,l} (\partial_y g_{\cdot l}\, g_{\cdot k})(t', y') A_{kl}.
+
+    The Lévy-area term vanishes for diagonal, scalar and additive noise (where the scheme is the
+    midpoint method); for general noise it costs one Jacobian-vector product per Brownian
+    dimension. Strong order 0.5 (general noise), 1 (commutative noise), weak order 1.
+    """
+
+    order = None
+    dense_order = 1
+    calculus = "stratonovich"
+    levy_area = None
+    strong_order = {"general": 0.5, "commutative": 1.0}
+
+    def __init__(self, levy_A=None):
+        self.levy_A = levy_A  # (t0, t1) -> Lévy area (batch, m, m), or None for non-general noise
+
+    def init(self, term, t0, y0):
+        return None
+
+    def step(self, term, t0, t1, y0, state):
+        if getattr(term, "custom", False):
+            raise ValueError(
+                "method='log_ode' cannot solve the adjoint SDE (it needs the diffusion itself); use "
+                "adjoint_method='midpoint' (or 'heun', 'euler_heun')"
+            )
+        h = t1 - t0
+        w = term.noise(t0, t1)
+        f0 = term.vf(t0, y0)
+        g0 = term.diffusion(t0, y0)
+        ym = y0 + (0.5 * h) * f0 + 0.5 * term.gprod(g0, w)
+        tm = t0 + 0.5 * h
+        fm = term.vf(tm, ym)
+        gm = term.diffusion(tm, ym)
+        y1 = y0 + h * fm + term.gprod(gm, w)
+        if self.levy_A is not None and term.noise_type == "general" and not term.control.additive:
+            from ..solvers.milstein import _jvp
+
+            A = self.levy_A(t0, t1)
+            ga = torch.bmm(gm, A)
+            flat = term.flat.tree_to_state
+            for col in range(gm.shape[-1]):
+                _, d = _jvp(lambda y, col=col: flat(term.diffusion(tm, y)[..., col]), ym, flat(ga[..., col]))
+                y1 = y1 + d
+        return y1, None, (y0, y1), None, None
+
+    def dense_coeffs(self, term, dense_info):
+        return linear_coeffs(*dense_info)
+
+
 def _solver_for(method: str, sde_type: str, noise_type: str, options: dict, what: str = "method") -> AbstractSolver:
     """The torchnde solver of a torchsde method (``options`` is consumed)."""
     if method == "log_ode":
-        raise NotImplementedError(
-            f"{what}='log_ode' (torchsde's log-ODE midpoint scheme with Davie/Foster Lévy areas) is not "
-            "supported by torchnde; use 'midpoint' or 'heun' (Stratonovich, strong order 1 on commutative noise)"
-        )
+        return _LogODEMidpoint()
     if method == "milstein":
         return _milstein(sde_type, options)
     if method == "srk":
-        if noise_type != "additive":
-            raise NotImplementedError(
-                f"{what}='srk' for {noise_type} noise (torchsde's SRID2, strong order 1.5) is not supported by "
-                "torchnde; use 'milstein' (strong order 1.0 on diagonal and scalar noise)"
-            )
-        return _import_solver("SRA1")()
+        return _import_solver("SRA1" if noise_type == "additive" else "SRID2")()
     if method == "euler":
         from ..solvers import Euler
 
@@ -185,8 +355,7 @@ def _check_method(method, sde_type, noise_type, what="method"):
 def _default_method(sde_type: str, noise_type: str) -> str:
     if sde_type == "stratonovich":
         return "midpoint"
-    # torchsde: "srk" (SRID2 for diagonal/scalar noise, not in torchnde: see the module docstring)
-    return {"diagonal": "milstein", "scalar": "milstein", "additive": "srk", "general": "euler"}[noise_type]
+    return "euler" if noise_type == "general" else "srk"
 
 
 def _default_adjoint_method(sde_type: str, noise_type: str, method: str) -> str:
@@ -252,7 +421,23 @@ def _step_doubling(base: AbstractSolver) -> AbstractAdaptiveSolver:
 # Brownian motion
 
 
-class _BrownianBase(AbstractBrownianPath):
+class BaseBrownian:
+    """torchsde's ``BaseBrownian``: the interface of a Brownian motion that ``sdeint`` accepts as
+    ``bm=``. A subclass defines ``__call__(ta, tb=None, return_U=False, return_A=False)`` (the
+    increment ``W(tb) - W(ta)``, optionally with the space-time and Lévy areas) and the
+    properties ``shape``, ``dtype``, ``device`` and ``levy_area_approximation``. Every Brownian
+    motion of this module is one (and also a torchnde :class:`~torchnde.paths.AbstractBrownianPath`)."""
+
+    __slots__ = ()
+
+    def __call__(self, ta, tb=None, return_U=False, return_A=False):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def size(self) -> torch.Size:
+        return self.shape
+
+
+class _BrownianBase(AbstractBrownianPath, BaseBrownian):
     """A Brownian path usable by torchnde (``evaluate``/``increment``) and callable like
     torchsde's Brownian motions."""
 
@@ -408,11 +593,6 @@ def _reject(kwargs: dict, where: str, valid):
         )
 
 
-def _unsupported_value(name, value, where, hint):
-    if value is not None:
-        raise NotImplementedError(f"{where}({name}=...) is not supported by torchnde: {hint}")
-
-
 class BrownianInterval(_TreeBrownian):
     """torchsde's ``BrownianInterval``, as a :class:`~torchnde.VirtualBrownianTree`.
 
@@ -454,11 +634,21 @@ class BrownianInterval(_TreeBrownian):
         **kwargs,
     ):
         _reject(kwargs, "BrownianInterval()", self._VALID)
-        _unsupported_value("W", W, "BrownianInterval", "a Brownian motion conditioned on its end value")
-        _unsupported_value("H", H, "BrownianInterval", "a Brownian motion conditioned on its Lévy area")
         if tol < 0:
             raise ValueError("`tol` should be non-negative.")
+        if W is not None:
+            if not isinstance(W, torch.Tensor):
+                raise TypeError(f"W must be a tensor, got {type(W).__name__}")
+            size = W.shape if size is None else size
+            dtype = W.dtype if dtype is None else dtype
+            device = W.device if device is None else device
+            if tuple(size) != tuple(W.shape):
+                raise ValueError(f"size {tuple(size)} does not match W's shape {tuple(W.shape)}")
+        if H is not None and (W is None or levy_area_approximation == "none"):
+            raise ValueError("H (the space-time Lévy area over [t0, t1]) needs W and a levy_area_approximation")
         self._build(t0, t1, size, dtype, device, entropy, tol, levy_area_approximation)
+        if W is not None:
+            self._tree._condition(W, H)
 
 
 class BrownianTree(_TreeBrownian):
@@ -473,12 +663,13 @@ class BrownianTree(_TreeBrownian):
         self, t0, w0, t1=None, w1=None, entropy=None, tol=1e-6, pool_size=24, cache_depth=9, safety=None, **kwargs
     ):
         _reject(kwargs, "BrownianTree()", self._VALID)
-        _unsupported_value("w1", w1, "BrownianTree", "a Brownian motion conditioned on its end value")
         if not isinstance(w0, torch.Tensor):
             raise TypeError(f"w0 must be a tensor, got {type(w0).__name__}")
         t1 = _as_time(t0) + 1 if t1 is None else t1
         self._build(t0, t1, w0.shape, w0.dtype, w0.device, entropy, tol, "none")
         self._w0 = w0
+        if w1 is not None:
+            self._tree._condition(w1 - w0)
 
 
 class BrownianPath(_TreeBrownian):
@@ -494,6 +685,62 @@ class BrownianPath(_TreeBrownian):
             raise TypeError(f"w0 must be a tensor, got {type(w0).__name__}")
         self._build(t0, _as_time(t0) + 1, w0.shape, w0.dtype, w0.device, None, 0.0, "none")
         self._w0 = w0
+
+
+class ReverseBrownian(_BrownianBase):
+    """torchsde's ``ReverseBrownian(base_brownian)``: the Brownian motion ``s -> base(-s)`` on
+    ``[-t1, -t0]``, for solving an SDE backwards in time in the forward direction (torchsde's
+    reversibility idiom: ``sdeint(minus_sde, ys[-1], -ts.flip(0), bm=ReverseBrownian(bm))``).
+
+    ``rb(ta, tb)`` is ``base(-tb, -ta)`` (the statistics are not negated, as in torchsde: the
+    minus-SDE's drift and diffusion carry the sign). As a torchnde path, its increment over
+    ``[s, t]`` is the same ``W``, with the space-time Lévy area of the reversed interval
+    (``-H``: the Brownian bridge of the reversed path is the negated bridge).
+    """
+
+    def __init__(self, base_brownian):
+        self.base_brownian = base_brownian
+        t0 = getattr(base_brownian, "t0", getattr(base_brownian, "_start", None))
+        t1 = getattr(base_brownian, "t1", getattr(base_brownian, "_end", None))
+        self.t0 = None if t1 is None else -_as_time(t1)
+        self.t1 = None if t0 is None else -_as_time(t0)
+        self.entropy = getattr(base_brownian, "entropy", None)
+        self._size = tuple(base_brownian.shape)
+        self._dtype, self._device = base_brownian.dtype, base_brownian.device
+        self._levy_name = base_brownian.levy_area_approximation
+        self.levy_area = None if self._levy_name == "none" else "space-time"
+
+    def __call__(self, ta, tb=None, return_U=False, return_A=False):
+        if tb is None:
+            ta, tb = self.t0, ta
+        return self.base_brownian(-_as_time(tb), -_as_time(ta), return_U=return_U, return_A=return_A)
+
+    def _increment(self, s, t):
+        base = self.base_brownian
+        if isinstance(base, _BrownianBase):
+            W, H = base._increment(-t, -s)
+            return W, (None if H is None else -H)
+        if self.levy_area is None:
+            return base(-t, -s), None
+        W, U = base(-t, -s, return_U=True)
+        H = U / (t - s) - 0.5 * W
+        return W, -H
+
+    def __repr__(self):
+        return f"ReverseBrownian(base_brownian={self.base_brownian!r})"
+
+
+def brownian_interval_like(y, t0=0.0, t1=1.0, size=None, dtype=None, device=None, **kwargs):
+    """torchsde's ``brownian_interval_like``: a :class:`BrownianInterval` with ``y``'s shape, dtype
+    and device (each overridable); other keyword arguments go to :class:`BrownianInterval`."""
+    return BrownianInterval(
+        t0=t0,
+        t1=t1,
+        size=y.shape if size is None else size,
+        dtype=y.dtype if dtype is None else dtype,
+        device=y.device if device is None else device,
+        **kwargs,
+    )
 
 
 class _CallablePath(AbstractBrownianPath):
@@ -556,22 +803,23 @@ class _Fields:
             self._f = lambda t, y: fg(t, y)[0]
         if self._g is None and fg is not None:
             self._g = lambda t, y: fg(t, y)[1]
+        fgp = self._method("f_and_g_prod")
+        if self._f is None and fgp is not None:
+            # the drift does not depend on the vector: f_and_g_prod(t, y, 0)[0]
+            self._f = lambda t, y: fgp(t, y, y.new_zeros(self._noise_shape(y)))[0]
+        self._g_prod = self._method("g_prod")
+        if self._g_prod is None and fgp is not None:
+            self._g_prod = lambda t, y, v: fgp(t, y, v)[1]
+        self.noise_size = None  # set by sdeint when g is recovered from g_prod (general/additive noise)
         if self._f is None:
-            if self._method("f_and_g_prod") is not None:
-                raise NotImplementedError(
-                    "the sde defines only f_and_g_prod; torchnde needs the drift f(t, y) and the diffusion matrix "
-                    "g(t, y): define f and g (or f_and_g)"
-                )
             raise ValueError(
                 "sde must define at least one of `f`, `f_and_g`, or `f_and_g_prod`. (Or possibly more depending "
                 "on the method chosen.)"
             )
+        self.from_prod = self._g is None and self._g_prod is not None
+        if self.from_prod:
+            self._g = self._g_from_prod
         if self._g is None:
-            if self._method("g_prod") is not None or self._method("f_and_g_prod") is not None:
-                raise NotImplementedError(
-                    "the sde defines only a diffusion-vector product (g_prod); torchnde needs the diffusion matrix: "
-                    "define g(t, y) (or f_and_g)"
-                )
             raise ValueError(
                 "sde must define at least one of `g`, `f_and_g`, `g_prod` or `f_and_g_prod`. (Or possibly more "
                 "depending on the method chosen.)"
@@ -580,11 +828,39 @@ class _Fields:
             raise AttributeError("If using logqp then drift, diffusion and prior drift must all be specified.")
         self.__name__ = type(sde).__name__
 
+    def _noise_shape(self, y):
+        if self.noise_type == "diagonal":
+            return y.shape
+        if self.noise_type == "scalar":
+            return (y.shape[0], 1)
+        if self.noise_size is None:
+            raise ValueError(
+                "Cannot infer noise size (i.e. number of Brownian motion channels). Either pass `bm` explicitly, or "
+                "specify one of the `g`, `f_and_g` functions."
+            )
+        return (y.shape[0], self.noise_size)
+
+    def _g_from_prod(self, t, y):
+        """The diffusion matrix of an SDE that defines only ``g_prod(t, y, v)`` (or
+        ``f_and_g_prod``): ``g`` itself for diagonal noise (``v = 1``), its single column for scalar
+        noise, and for general/additive noise one product per Brownian channel (the columns
+        ``g e_j``), so such an SDE costs ``m`` evaluations of ``g_prod`` per diffusion evaluation."""
+        shape = self._noise_shape(y)
+        if self.noise_type == "diagonal":
+            return self._g_prod(t, y, y.new_ones(shape))
+        if self.noise_type == "scalar":
+            return self._g_prod(t, y, y.new_ones(shape)).unsqueeze(-1)
+        eye = torch.eye(shape[1], dtype=y.dtype, device=y.device)
+        cols = [self._g_prod(t, y, eye[j].expand(shape)) for j in range(shape[1])]
+        return torch.stack(cols, dim=-1)
+
     def _method(self, std):
         fn = getattr(self.sde, self.lookup.get(std, std), None)
         return fn if callable(fn) else None
 
     def time(self, t):
+        if isinstance(t, torch.Tensor):
+            return t.to(dtype=self.time_dtype, device=self.device)
         return torch.tensor(t, dtype=self.time_dtype, device=self.device)
 
     def _u(self, f, g, h):
@@ -626,13 +902,19 @@ class _Fields:
 # planning one call
 
 
-class _Grid(ConstantStepSize):
-    """torchsde's fixed steps: ``dt0`` with every step ending on the given grid."""
+class _Grid(StepTo):
+    """torchsde's fixed steps: from each time of the grid to the next (the grid is torchsde's
+    accumulated ``t + dt``). The steps are the grid's own, whatever ``dt0`` the solve (or the
+    backward solve of an adjoint) passes: stepping by ``dt0`` in float64 towards a grid computed
+    in float32 would end ~1e-9 short of every grid time and add a sliver step there."""
 
     jump_ts = None
 
     def __init__(self, grid: list):
         self.step_ts = torch.tensor(grid, dtype=torch.float64)
+
+    def init(self, term, solver, t0, t1, y0, f0, dt0, ops):
+        return ConstantStepSize.init(self, term, solver, t0, t1, y0, f0, t1 - t0, ops)
 
     def __repr__(self):
         return f"torchsde grid ({len(self.step_ts) + 1} steps)"
@@ -658,8 +940,89 @@ def _torchsde_grid(t0, t_end, dt, dtype) -> list:
         out.append(float(t))
 
 
+class _TorchsdeSteps(PIDController):
+    """torchsde's adaptive step-size rule on a step-doubling error estimate (the error is the RMS of
+    ``(y_full - y_halves) / (rtol max(|y_full|, |y_halves|) + atol)``; rejected steps shrink by
+    ``(0.9 / err)^(1/1.5)``, accepted ones grow by ``(0.9 / err)^(1/4.5)`` times a proportional
+    term ``(ratio / previous ratio)^0.13``, at most 1.4x; steps of ``dt_min`` are always accepted),
+    so that an adaptive solve takes the steps torchsde takes."""
+
+    def __init__(self, rtol: float, atol: float, dt_min: float):
+        super().__init__(rtol=rtol, atol=atol, dtmin=dt_min, force_dtmin=True)
+
+    def init(self, term, solver, t0, t1, y0, f0, dt0, ops):
+        return ops.full(dt0), None
+
+    def adapt(self, t0, t1, y0, y1, y_error, error_order, cstate, ops):
+        dt = t1 - t0
+        with torch.no_grad():
+            y_full = y1 - y_error
+            tol = torch.addcmul(
+                torch.full((), self.atol, dtype=y1.dtype, device=y1.device),
+                torch.maximum(y_full.abs(), y1.abs()),
+                torch.full((), self.rtol, dtype=y1.dtype, device=y1.device),
+            ).clamp_min(1e-7)
+            err = float((y_error / tol).square().mean().sqrt().clamp_min(1e-7))
+        if not math.isfinite(err):
+            return False, dt * 0.2, None, None
+        ratio = 0.9 / err
+        prev = ratio if cstate is None else cstate
+        if err > 1:
+            factor = max(0.2, min(1.4, ratio ** (1 / 1.5)))
+            nxt = prev
+        else:
+            factor = max(1.0, min(1.4, ratio ** (1 / 4.5) * (ratio / prev) ** 0.13))
+            nxt = ratio
+        dt_next = dt * factor
+        if dt_next < self.dtmin:
+            dt_next, nxt = self.dtmin, None
+        accept = err <= 1 or dt_next <= self.dtmin
+        return accept, dt_next, nxt, None
+
+    def __repr__(self):
+        return f"torchsde step sizes (rtol={self.rtol}, atol={self.atol}, dt_min={self.dtmin})"
+
+
 class _Plan:
     pass
+
+
+class _StratonovichFields:
+    """The Stratonovich form of an Itô SDE: drift ``f - ½ Σ_j (∂g_j/∂y) g_j`` (the Itô-to-Stratonovich
+    correction, by automatic differentiation of ``g``), the same diffusion. Differentiable twice
+    (the stochastic adjoint differentiates the corrected drift)."""
+
+    def __init__(self, fields: _Fields, noise_type: str):
+        self.fields, self.noise_type = fields, noise_type
+
+    def correction(self, t, y, args):
+        from ..solvers.milstein import _jvp
+
+        create = torch.is_grad_enabled()
+        with torch.enable_grad():
+            y_ = y if y.requires_grad else y.detach().requires_grad_()
+            if self.noise_type == "diagonal":
+                # ∂g/∂y is diagonal (torchsde's diagonal noise): (∂g/∂y)^T g = (∂g_i/∂y_i) g_i
+                g = self.fields.diffusion(t, y_, args)
+                if not g.requires_grad:
+                    return torch.zeros_like(y)
+                (d,) = torch.autograd.grad(g, y_, g, create_graph=create, allow_unused=True)
+                return torch.zeros_like(y) if d is None else 0.5 * d
+        g = self.fields.diffusion(t, y, args)
+        if self.noise_type == "scalar":
+            _, d = _jvp(lambda z: self.fields.diffusion(t, z, args), y, g)
+            return 0.5 * d
+        out = None
+        for j in range(g.shape[-1]):
+            _, d = _jvp(lambda z, j=j: self.fields.diffusion(t, z, args)[..., j], y, g[..., j])
+            out = d if out is None else out + d
+        return 0.5 * out
+
+    def drift(self, t, y, args):
+        return self.fields.drift(t, y, args) - self.correction(t, y, args)
+
+    def diffusion(self, t, y, args):
+        return self.fields.diffusion(t, y, args)
 
 
 def _check_sde(sde, y0, ts, logqp):
@@ -709,11 +1072,21 @@ def _prepare(sde, y0, ts, bm, method, dt, adaptive, rtol, atol, dt_min, options,
     p = _Plan()
     p.sde_type, p.noise_type = sde.sde_type, sde.noise_type
     p.method = _default_method(p.sde_type, p.noise_type) if method is None else method
+    if adaptive and p.method == "euler" and p.noise_type != "additive":
+        # before the method's checks, as torchsde does (an adaptive Euler on a Stratonovich SDE
+        # warns, then raises)
+        warnings.warn(
+            "Numerical solution is not guaranteed to converge to the correct solution when using adaptive "
+            "time-stepping with the Euler--Maruyama method with non-additive noise.",
+            stacklevel=3,
+        )
     _check_method(p.method, p.sde_type, p.noise_type)
     if p.method == "adjoint_reversible_heun":
         raise ValueError("adjoint_reversible_heun can only be used for adjoint_method.")
     opts = _check_options(options, p.method)
     p.fields = _Fields(sde, names, logqp, ts.dtype, y0.device)
+    if p.fields.from_prod and bm is not None and len(getattr(bm, "shape", ())) == 2:
+        p.fields.noise_size = int(bm.shape[-1])
     # shapes (torchsde's contract)
     t0 = p.fields.time(tl[0])
     fy = p.fields.raw_f(t0, y0)
@@ -748,21 +1121,18 @@ def _prepare(sde, y0, ts, bm, method, dt, adaptive, rtol, atol, dt_min, options,
         raise ValueError(f"dt must be > 0, got {dt}")
     p.adaptive = bool(adaptive)
     if p.adaptive:
-        if p.method == "euler" and p.noise_type != "additive":
-            warnings.warn(
-                "Numerical solution is not guaranteed to converge to the correct solution when using adaptive "
-                "time-stepping with the Euler--Maruyama method with non-additive noise.",
-                stacklevel=3,
-            )
-        p.controller = PIDController(rtol=float(rtol), atol=float(atol), dtmin=float(dt_min), force_dtmin=True)
-        if not isinstance(p.solver, AbstractAdaptiveSolver):
-            p.solver = _step_doubling(p.solver)
+        # torchsde's error estimate (step doubling, for every method: an embedded estimate such as
+        # Heun's Euler is O(h) on an SDE, ~10x the steps) and its step-size rule
+        p.controller = _TorchsdeSteps(float(rtol), float(atol), float(dt_min))
+        p.solver = _step_doubling(p.solver)
     else:
         p.controller = _Grid(_torchsde_grid(tl[0], tl[-1], p.dt, ts.dtype)) if len(tl) > 1 else None
     # the Brownian motion
     if bm is None:
         if len(tl) > 1:
             levy = "space-time" if p.solver.levy_area is not None else "none"
+            if p.method == "log_ode":
+                levy = "foster"
             bm = BrownianInterval(
                 t0=tl[0], t1=tl[-1], size=(B, m), dtype=y0.dtype, device=y0.device, levy_area_approximation=levy
             )
@@ -782,9 +1152,25 @@ def _prepare(sde, y0, ts, bm, method, dt, adaptive, rtol, atol, dt_min, options,
                 )
             bm = _CallablePath(bm, tl[0], tl[-1])
     p.bm = bm
+    if p.method == "log_ode" and bm is not None:
+        _attach_levy_area(p.solver, bm)
     p.noise = {"diagonal": "diagonal", "scalar": "scalar"}.get(p.noise_type, "general")
     p.logqp = logqp
     return p
+
+
+def _attach_levy_area(solver, bm) -> None:
+    """Give the log-ODE solver (possibly inside the step-doubling wrapper) the Lévy area of ``bm``,
+    which must approximate it (torchsde: ``levy_area_approximation`` ``"davie"`` or ``"foster"``)."""
+    approx = getattr(bm, "levy_area_approximation", None)
+    if approx not in ("davie", "foster"):
+        raise ValueError(
+            "method='log_ode' needs a Brownian motion with levy_area_approximation='davie' or 'foster', got "
+            f"{approx!r}; build it with BrownianInterval(..., levy_area_approximation='foster')"
+        )
+    call = bm.bm if isinstance(bm, _CallablePath) else bm
+    base = getattr(solver, "base", solver)
+    base.levy_A = lambda t0, t1: call(t0, t1, return_A=True)[1]
 
 
 def _run(p: _Plan, adjoint):
@@ -801,6 +1187,25 @@ def _run(p: _Plan, adjoint):
     terms = MultiTerm(ODETerm(p.fields.drift, time_as_float=True), control)
     interp = None
     save = p.tl
+    if p.adaptive and isinstance(adjoint, DirectAdjoint):
+        # as torchsde: the steps do not land on ts; each output is the linear interpolation
+        # between the accepted steps around it
+        sol = solve(
+            terms,
+            p.solver,
+            p.tl[0],
+            p.tl[-1],
+            p.y0,
+            dt0=p.dt,
+            saveat=SaveAt(t0=True, steps=True),
+            controller=p.controller,
+            adjoint=adjoint,
+            max_steps=None,
+        )
+        nodes = sol.ts.detach().cpu().to(torch.float64).tolist()
+        kept, prev, curr, w0, w1 = _interpolation(nodes, p.tl, p.ts)
+        ys = sol.ys[kept]
+        return torch.cat([ys[:1], w0.view(-1, 1, 1) * ys[prev] + w1.view(-1, 1, 1) * ys[curr]])
     if not p.adaptive:
         # torchsde's steps do not land on ts: keep the steps around each output time and
         # interpolate linearly between them, as torchsde does
@@ -853,7 +1258,7 @@ def _interpolation(nodes: list, tl: list, ts: torch.Tensor):
     return kept, prev, curr, w0, w1
 
 
-def _parse_return(p: _Plan, ys, extra: bool):
+def _parse_return(p: _Plan, ys, extra: bool, extra_state=()):
     outs = []
     if p.logqp:
         ys, log_ratio = ys[..., :-1], ys[..., -1]
@@ -861,16 +1266,63 @@ def _parse_return(p: _Plan, ys, extra: bool):
     else:
         outs = [ys]
     if extra:
-        outs.append(())
+        outs.append(extra_state)
     return outs[0] if len(outs) == 1 else tuple(outs)
 
 
-def _check_extra(p: _Plan, extra, extra_solver_state):
-    if p.method == "reversible_heun" and (extra or extra_solver_state is not None):
+def _check_extra(p: _Plan, extra, extra_solver_state, where="sdeint"):
+    if p.method != "reversible_heun" or not (extra or extra_solver_state is not None):
+        return False
+    if where != "sdeint" or p.adaptive:
         raise NotImplementedError(
-            "extra=True / extra_solver_state with method='reversible_heun' is not supported by torchnde (its second "
-            "state is internal); drop them, or continue a solve from its last value with a new call"
+            f"extra=True / extra_solver_state with method='reversible_heun' is supported by sdeint with fixed steps "
+            f"only, not by {where}{' with adaptive=True' if p.adaptive else ''}; drop them, or use sdeint"
         )
+    if extra_solver_state is not None:
+        if not isinstance(extra_solver_state, (tuple, list)) or len(extra_solver_state) != 3:
+            raise ValueError(
+                "extra_solver_state for method='reversible_heun' must be the (f, g, z) returned with extra=True, got "
+                f"{type(extra_solver_state).__name__}"
+            )
+    return True
+
+
+def _prod(noise_type: str, g, w):
+    """``g dW`` for torchnde's diffusion shapes (scalar noise: ``g`` squeezed to ``(batch, d)``)."""
+    if noise_type in ("diagonal", "scalar"):
+        return g * w
+    return torch.bmm(g, w.unsqueeze(-1)).squeeze(-1)
+
+
+def _reversible_heun_extra(p: _Plan, extra_solver_state):
+    """``method="reversible_heun"`` with torchsde's solver state ``(f, g, z)`` exposed: the reversible
+    Heun steps (Kidger, Foster, Li & Lyons 2021) on torchsde's grid, written out here so that the
+    state can be returned (``extra=True``) and resumed (``extra_solver_state=``), e.g. to run the
+    solve backwards with :class:`ReverseBrownian` and recover the input to rounding error. Gradients
+    by autograd through the steps. Returns ``(ys, (f, g, z))`` (``g`` in torchsde's shape)."""
+    fields, noise = p.fields, p.noise
+    nodes = [p.tl[0], *p.controller.step_ts.tolist(), p.tl[-1]]
+    y = p.y0
+    if extra_solver_state is None:
+        f, g, z = fields.drift(nodes[0], y, None), fields.diffusion(nodes[0], y, None), y
+    else:
+        f, g, z = extra_solver_state
+        if noise == "scalar" and g.dim() == 3:
+            g = g.squeeze(-1)
+    out = [y]
+    for a, b in zip(nodes[:-1], nodes[1:]):
+        h = fields.time(b) - fields.time(a)
+        w = p.bm.evaluate(a, b)
+        z1 = 2 * y - z + f * h + _prod(noise, g, w)
+        f1, g1 = fields.drift(b, z1, None), fields.diffusion(b, z1, None)
+        y = y + (f + f1) * (0.5 * h) + _prod(noise, g + g1, 0.5 * w)
+        f, g, z = f1, g1, z1
+        out.append(y)
+    kept, prev, curr, w0, w1 = _interpolation(nodes, p.tl, p.ts)
+    ys = torch.stack(out)[kept]
+    res = w0.view(-1, 1, 1) * ys[prev] + w1.view(-1, 1, 1) * ys[curr]
+    g_out = g.unsqueeze(-1) if noise == "scalar" else g
+    return torch.cat([ys[:1], res]), (f, g_out, z)
 
 
 _SDEINT_ARGS = (
@@ -944,7 +1396,9 @@ def sdeint(
     """
     _reject(unused_kwargs, "sdeint()", _SDEINT_ARGS)
     p = _prepare(sde, y0, ts, bm, method, dt, adaptive, rtol, atol, dt_min, options, names, logqp, "sdeint")
-    _check_extra(p, extra, extra_solver_state)
+    if _check_extra(p, extra, extra_solver_state) and len(p.tl) > 1:
+        ys, state = _reversible_heun_extra(p, extra_solver_state)
+        return _parse_return(p, ys, extra, state)
     return _parse_return(p, _run(p, DirectAdjoint()), extra)
 
 
@@ -1006,7 +1460,7 @@ def sdeint_adjoint(
         if isinstance(v, torch.Tensor) and v.requires_grad:
             raise ValueError(f"Argument {name} must not require gradient.")
     p = _prepare(sde, y0, ts, bm, method, dt, adaptive, rtol, atol, dt_min, options, names, logqp, "sdeint_adjoint")
-    _check_extra(p, extra, extra_solver_state)
+    _check_extra(p, extra, extra_solver_state, "sdeint_adjoint")
     adj_method = (
         _default_adjoint_method(p.sde_type, p.noise_type, p.method) if adjoint_method is None else adjoint_method
     )
@@ -1027,20 +1481,50 @@ def sdeint_adjoint(
         )
     if adj_method not in _METHODS:
         raise ValueError(f"Expected adjoint_method in {sorted(_METHODS)}, but found {adj_method}.")
+    if adj_method == "log_ode":
+        raise ValueError(
+            "adjoint_method='log_ode' cannot solve the adjoint SDE (it needs the diffusion itself, the adjoint offers "
+            "only diffusion-vector products); use adjoint_method='midpoint'"
+        )
     # the adjoint SDE has general noise; its method must solve the SDE's calculus
     types, _ = _METHODS[adj_method]
     if p.sde_type not in types:
         raise ValueError(f"SDE is of type {p.sde_type} but adjoint solver is for type {types[0]}")
     adj_opts = _check_options(adjoint_options, adj_method)
-    back = _solver_for(adj_method, p.sde_type, p.noise_type, adj_opts, what="adjoint_method")
+    ito_correction = p.sde_type == "ito" and p.noise_type != "additive"
+    if ito_correction:
+        # the stochastic adjoint is solved in Stratonovich form: the backward solve runs on the
+        # Stratonovich form of the SDE (Itô drift minus the correction), with the midpoint method
+        back = _solver_for("midpoint", "stratonovich", p.noise_type, {}, what="adjoint_method")
+    else:
+        back = _solver_for(adj_method, p.sde_type, p.noise_type, adj_opts, what="adjoint_method")
     if adjoint_adaptive:
-        controller = PIDController(
-            rtol=float(adjoint_rtol), atol=float(adjoint_atol), dtmin=float(dt_min), force_dtmin=True
-        )
-        if not isinstance(back, AbstractAdaptiveSolver):
-            back = _step_doubling(back)
+        controller = _TorchsdeSteps(float(adjoint_rtol), float(adjoint_atol), float(dt_min))
+        back = _step_doubling(back)
     else:
         # fixed steps of dt backwards (through the forward grid when the forward solve was fixed-step)
         controller = p.controller if not p.adaptive else ConstantStepSize()
     adjoint = BacksolveAdjoint(solver=back, controller=controller)
+    if ito_correction:
+        return _parse_return(p, _ito_adjoint(p, back, adjoint), extra)
     return _parse_return(p, _run(p, adjoint), extra)
+
+
+def _ito_adjoint(p: _Plan, back: AbstractSolver, adjoint: BacksolveAdjoint):
+    """``sdeint_adjoint`` of an Itô SDE with non-additive noise. The values are those of the Itô
+    solve with the chosen method (as ``sdeint`` gives them, without a graph); the gradients are those
+    of the stochastic adjoint of the SDE's Stratonovich form (Itô drift minus
+    ``½ Σ_j (∂g_j/∂y) g_j``, the same solution), which :class:`~torchnde.BacksolveAdjoint` solves
+    backwards on the same Brownian path. The Stratonovich form is also solved forwards (with the
+    adjoint's solver) to give the backward solve its restart values: one extra forward solve."""
+    with torch.no_grad():
+        ys = _run(p, DirectAdjoint())
+    if not torch.is_grad_enabled():
+        return ys
+    q = _Plan()
+    q.__dict__.update(p.__dict__)
+    q.fields = _StratonovichFields(p.fields, p.noise_type)
+    q.sde_type = "stratonovich"
+    q.solver = _step_doubling(back) if p.adaptive else back
+    ys_s = _run(q, adjoint)
+    return ys + (ys_s - ys_s.detach())

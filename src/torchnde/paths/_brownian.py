@@ -584,6 +584,45 @@ class VirtualBrownianTree(_PathBase):
         self._last_key = None
         self._last = None
 
+    def _condition(self, W: torch.Tensor, H: torch.Tensor | None = None) -> None:
+        """Condition the tree on its increment ``W = W(t1) - W(t0)`` (a tensor of the path's shape)
+        and, with a space-time Lévy area, optionally on ``H`` over ``[t0, t1]``: every query is then
+        drawn from the Brownian bridge with these end values. Without ``H``, ``H`` is drawn from
+        its law given ``W`` (independent of ``W``, variance ``(t1 - t0) / 12``) from the tree's own
+        normals. Single-seed trees without the space-time-time area only."""
+        d, h = self._d, self._span
+        if self._layout.per_sample or d > 2 or not self._layout.single:
+            raise NotImplementedError(
+                "conditioning a VirtualBrownianTree on its end values needs one seed, a single tensor shape and no "
+                "space-time-time Lévy area"
+            )
+        root = self._root
+        if W.numel() != root.shape[1]:
+            raise ValueError(f"W must have {root.shape[1]} elements (shape {self.shape}), got shape {tuple(W.shape)}")
+        # the root is S z for the symmetric square root S of its covariance: recover the normals z
+        cov_sqrt = torch.tensor(_psd_sqrt(_cov(h, d)), dtype=root.dtype, device=root.device)
+        z = torch.linalg.solve(cov_sqrt, root)
+        w = W.detach().reshape(-1).to(root)
+        rows = [w]
+        if d == 2:
+            # U = int_t0^t1 (W_s - W_t0) ds = h (W / 2 + H)
+            if H is None:
+                rows.append(0.5 * h * w + math.sqrt(h**3 / 12) * z[1])
+            else:
+                if H.numel() != w.numel():
+                    raise ValueError(f"H must have the shape of W {tuple(W.shape)}, got {tuple(H.shape)}")
+                rows.append(h * (0.5 * w + H.detach().reshape(-1).to(root)))
+        self._root = torch.stack(rows)
+        self._chain = None
+        self._block, self._block_vals, self._block_last, self._prev, self._last_key, self._last = (
+            {},
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
     def __repr__(self):
         seed = f"tensor{tuple(self.seed.shape)}" if isinstance(self.seed, torch.Tensor) else self.seed
         return (

@@ -16,6 +16,7 @@ from .rk4 import RK4
 from .shark import ShARK
 from .spark import SPaRK
 from .sra1 import SRA1
+from .srid2 import SRID2
 from .tsit5 import Tsit5
 
 SOLVERS = (Euler, Heun, Midpoint, Ralston, RK4, Bosh3, Dopri5, Tsit5, Dopri8)
@@ -56,6 +57,7 @@ __all__ = [
     "ItoMilstein",
     "StratonovichMilstein",
     "SRA1",
+    "SRID2",
     "ShARK",
     "SPaRK",
 ]
