@@ -6,10 +6,12 @@ Usage::
     python benchmarks/run.py --quick       # smoke mode (seconds), used by the test suite
     python benchmarks/run.py --out DIR     # write results.md and work_precision.png into DIR
     python benchmarks/run.py --profile     # also print a cProfile of torchnde on the (16, 2, 32) problem
+    python benchmarks/run.py --only-time   # only part 4 (t as a tensor); updates its section of results.md
 
 Part 1 times neural-ODE forward solves (MLP vector fields, float32, Dopri5, rtol = atol = 1e-6);
 part 2 measures work-precision on Lorenz (1000 initial conditions, batched) and on the Arenstorf
-orbit; part 3 compares NFE at equal achieved error. See README.md in this directory.
+orbit; part 3 compares NFE at equal achieved error; part 4 measures what passing ``t`` to the vector
+field as a 0-d tensor costs (``--only-time`` runs just that part). See README.md in this directory.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import io
 import math
 import os
 import pstats
+import random
 import statistics
 import sys
 import tempfile
@@ -511,6 +514,153 @@ def equal_error_tables(points, targets):
 
 
 # ---------------------------------------------------------------------------------------------
+# part 4: the cost of passing t to the vector field as a tensor
+
+
+@dataclass
+class Row4:
+    shape: tuple
+    label: str
+    time: float
+    cpu: float
+    reps: int
+    nfe: int
+    cpu_min: float  # the least disturbed run's thread CPU time
+
+
+TIME_VARIANTS = {
+    # label: (ODETerm keyword, clear the time cache before every solve)
+    "t as Python float (time_as_float=True)": (True, False),
+    "t as 0-d tensor (default), cache warm": (False, False),
+    "t as 0-d tensor (default), cache cleared every solve": (False, True),
+}
+
+
+def part4(shapes, min_rounds, max_rounds, budget, log):
+    """The neural ODEs of part 1, solved with ``t`` reaching the vector field as a Python float and
+    as a cached 0-d tensor (the default). The vector field ignores ``t``, so the difference is the
+    conversion alone. 'cache warm': repeated identical solves find every stage time in the cache;
+    'cache cleared': every distinct stage time costs one ``torch.full`` (a solve whose step sizes
+    differ from the last one's, as in training)."""
+    from torchnde import _terms
+
+    rows, micro = [], {}
+    for batch, dim, width in shapes:
+        mlp = make_mlp(dim, width)
+        torch.manual_seed(Y0_SEED)
+        y0 = torch.randn(batch, dim)
+        fn = lambda t, y, args, m=mlp: m(y)  # noqa: E731
+        controller = tn.PIDController(rtol=1e-6, atol=1e-6)
+        runs = {}
+        for label, (as_float, cold) in TIME_VARIANTS.items():
+            term = tn.ODETerm(fn, time_as_float=as_float)
+
+            def run(term=term, cold=cold, y0=y0, controller=controller):
+                if cold:
+                    _terms._TIME_TABLES.clear()
+                return tn.solve(term, tn.Dopri5(), 0.0, 1.0, y0, controller=controller, max_steps=MAX_STEPS)
+
+            runs[label] = run
+        nfe = {label: run().stats["nfe"] for label, run in runs.items()}
+        samples = {label: [] for label in runs}
+        order = list(runs)
+        shuffle = random.Random(0).shuffle  # a new order every round: no variant always runs first
+        start = time.perf_counter()
+        for k in range(max_rounds):
+            shuffle(order)
+            for label in order:
+                samples[label].append(timed(runs[label]))
+            if k + 1 >= min_rounds and time.perf_counter() - start > budget:
+                break
+        for label, v in samples.items():
+            row = Row4(
+                (batch, dim, width),
+                label,
+                statistics.median(w for w, _ in v),
+                statistics.median(c for _, c in v),
+                len(v),
+                nfe[label],
+                min(c for _, c in v),
+            )
+            rows.append(row)
+            log(
+                f"  {str(row.shape):15s} {label:55s} {row.time * 1e3:8.3f} ms (CPU {row.cpu * 1e3:8.3f})  NFE {row.nfe}"
+            )
+    # the conversion alone: a cache hit, and a miss (a new time value)
+    y = torch.ones(16, 2)
+    n = 20000
+    values = [0.5 + k * 1e-9 for k in range(n)]
+    table = _terms.time_table(torch.float32, y.device)
+
+    def per_call(fn, args_list):
+        t = time.thread_time()
+        for a in args_list:
+            fn(*a)
+        return (time.thread_time() - t) / len(args_list)
+
+    _terms.cached_time(0.25, table, torch.float32, y.device)
+    micro["hit"] = per_call(_terms.cached_time, [(0.25, table, torch.float32, y.device)] * n)
+    micro["miss"] = per_call(_terms.cached_time, [(v, table, torch.float32, y.device) for v in values])
+    micro["user_time"] = per_call(_terms.user_time, [(0.25, y)] * n)
+    _terms._TIME_TABLES.clear()
+    log(
+        f"  time tensor: cache hit {micro['hit'] * 1e6:.2f} us, miss {micro['miss'] * 1e6:.2f} us, "
+        f"user_time (hit, dtype and device looked up) {micro['user_time'] * 1e6:.2f} us"
+    )
+    return rows, micro
+
+
+def part4_lines(rows4, micro):
+    L = ["## 4. Time as a tensor: what it costs", ""]
+    L.append(
+        "The vector field receives `t` as a 0-d tensor (dtype and device of `y0`) unless the term is built with "
+        "`time_as_float=True`. The neural ODEs of section 1 (Dopri5, rtol = atol = 1e-6), with a vector field that "
+        "ignores `t`, so that only the conversion differs; median of n interleaved rounds. 'cache warm': repeated "
+        "identical solves find every stage time among the cached tensors; 'cache cleared': the cache is emptied "
+        "before every solve, so each distinct stage time costs one `torch.full` (solves whose steps differ from the "
+        "previous ones, as in training). The variants run in a new random order every round. Extra per evaluation "
+        "= (time - time with float t) / NFE, from the median and the minimum thread CPU times (which other processes "
+        "disturb less than wall times; the minimum is the least disturbed run). On a loaded machine the differences "
+        "between rows are of the order of the run-to-run noise; the conversion's own cost is measured alone below."
+    )
+    L.append("")
+    L.append(
+        "| (batch, dim, width) | t | wall [ms] | CPU [ms] | min CPU [ms] | NFE | extra per evaluation, median CPU [us] "
+        "| extra per evaluation, min CPU [us] | CPU vs float t | n |"
+    )
+    L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for shape in dict.fromkeys(r.shape for r in rows4):
+        rs = [r for r in rows4 if r.shape == shape]
+        base = rs[0]
+        for r in rs:
+            extra_cpu = (r.cpu - base.cpu) / r.nfe * 1e6
+            extra_min = (r.cpu_min - base.cpu_min) / r.nfe * 1e6
+            L.append(
+                f"| {shape} | {r.label} | {fmt_ms(r.time)} | {fmt_ms(r.cpu)} | {fmt_ms(r.cpu_min)} | {r.nfe} | "
+                f"{extra_cpu:+.2f} | {extra_min:+.2f} | {r.cpu / base.cpu:.3f}x | {r.reps} |"
+            )
+    L.append("")
+    L.append(
+        "The conversion alone (float32 on the CPU, thread CPU time per call): as an ODE solve does it "
+        f"(`_terms.cached_time`, the table looked up once per solve) {micro['hit'] * 1e6:.2f} us on a cache hit and "
+        f"{micro['miss'] * 1e6:.2f} us for a new time value (one `torch.full`); `_terms.user_time`, which SDE and "
+        f"CDE terms use (dtype and device read from `y` at every call), {micro['user_time'] * 1e6:.2f} us on a hit."
+    )
+    L.append("")
+    return L
+
+
+PART4_MARK = "## 4. Time as a tensor"
+
+
+def write_part4_only(path, rows4, micro):
+    """Replace section 4 of an existing results.md (``--only-time``), leaving the rest as it is."""
+    text = path.read_text() if path.exists() else "# torchnde benchmark results\n"
+    head = text.split(PART4_MARK)[0].rstrip("\n")
+    path.write_text(head + "\n\n" + "\n".join(part4_lines(rows4, micro)))
+
+
+# ---------------------------------------------------------------------------------------------
 # report
 
 
@@ -518,7 +668,7 @@ def fmt_ms(s):
     return f"{s * 1e3:.2f}" if s < 10 else f"{s * 1e3:.0f}"
 
 
-def write_results(path, args, info, rows1, rtol1, points, note2, eq_tables, elapsed):
+def write_results(path, args, info, rows1, rtol1, points, note2, eq_tables, elapsed, part4=None):
     L = []
     L.append("# torchnde benchmark results")
     L.append("")
@@ -644,6 +794,8 @@ def write_results(path, args, info, rows1, rtol1, points, note2, eq_tables, elap
                     out.append("" if nfe is None else f"{nfe:.0f} ({nfe / base_nfe:.2f}) / {tm / base_t:.2f}")
                 L.append(f"| {target:.0e} | {base_nfe:.0f} | " + " | ".join(out) + " |")
         L.append("")
+    if part4 is not None:
+        L.extend(part4_lines(*part4))
     path.write_text("\n".join(L))
 
 
@@ -771,6 +923,11 @@ def main(argv=None):
     )
     ap.add_argument("--profile", action="store_true", help="print a cProfile of torchnde on the (16, 2, 32) problem")
     ap.add_argument("--skip-wp", action="store_true", help="skip parts 2 and 3 (work-precision)")
+    ap.add_argument(
+        "--only-time",
+        action="store_true",
+        help="run only part 4 (t as a tensor) and replace its section of an existing results.md",
+    )
     args = ap.parse_args(argv)
     if args.out is None:  # a smoke run must never overwrite the committed results
         args.out = Path(tempfile.mkdtemp(prefix="torchnde-bench-")) if args.quick else HERE
@@ -789,6 +946,15 @@ def main(argv=None):
         n_lorenz, tols = 1000, [1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-9, 1e-10]
         p2 = dict(min_reps=3, max_reps=15, budget=1.0)
     rtol1 = 1e-6
+    shapes4 = [(16, 2, 32)] if args.quick else [(16, 2, 32), (256, 16, 64)]
+    p4 = dict(min_rounds=2, max_rounds=3, budget=0.1) if args.quick else dict(min_rounds=15, max_rounds=400, budget=6.0)
+    if args.only_time:
+        with torch.no_grad():
+            log("part 4: t as a tensor")
+            rows4 = part4(shapes4, log=log, **p4)
+        write_part4_only(args.out / "results.md", *rows4)
+        log(f"wrote section 4 of {args.out / 'results.md'}")
+        return
 
     info = machine_info(
         torchdiffeq=torchdiffeq.__version__,
@@ -805,10 +971,12 @@ def main(argv=None):
             points = part2(problems, tols, log=log, **p2)
             eq = equal_error_tables(points, [10.0**-k for k in range(2, 12)])
             plot(args.out / "work_precision.png", points)
+        log("part 4: t as a tensor")
+        rows4 = part4(shapes4, log=log, **p4)
         if args.profile:
             profile_small(log)
     elapsed = (time.perf_counter() - start, time.process_time() - start_cpu, load0, os.getloadavg()[0])
-    write_results(args.out / "results.md", args, info, rows1, rtol1, points, note2, eq, elapsed)
+    write_results(args.out / "results.md", args, info, rows1, rtol1, points, note2, eq, elapsed, rows4)
     check_targets(rows1, log)
     log(f"wrote {args.out / 'results.md'} ({elapsed[0]:.0f} s wall, {elapsed[1]:.0f} s CPU)")
 

@@ -241,6 +241,18 @@ def test_terms_time_tensors_are_cached_and_protected():
     assert inf.is_inference() and not user_time(0.375, y).is_inference()  # usable outside inference mode
     t = torch.tensor(0.5)
     assert user_time(t, y) is t  # tensors pass unchanged
+    # the same inside solve(): a vector field that modifies t in place does not shift later times
+    seen = []
+
+    def f(t, y, args):
+        seen.append(float(t))
+        t.mul_(100.0)
+        return -y
+
+    for _ in range(2):
+        seen.clear()
+        tn.solve(tn.ODETerm(f), tn.Euler(), 0.0, 1.0, torch.ones(2, dtype=F64), dt0=0.25)
+        assert seen == [0.0, 0.25, 0.5, 0.75]
 
 
 def test_terms_time_gradients_still_work():

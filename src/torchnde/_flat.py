@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._terms import SDETerm
+from ._terms import ODETerm, SDETerm, cached_time, time_dtype, time_table
 from ._tree import Flattener, tree_leaves, tree_map
 
 __all__ = ["flat_term"]
@@ -21,7 +21,7 @@ class _FlatTerm:
 
     rough = False
 
-    __slots__ = ("term", "flat", "args", "sign", "nfe", "batched", "checked")
+    __slots__ = ("term", "flat", "args", "sign", "nfe", "batched", "checked", "times")
 
     def __init__(self, term, flat: Flattener, args, sign: float, batched: bool):
         self.term = term
@@ -31,10 +31,25 @@ class _FlatTerm:
         self.nfe = 0
         self.batched = batched
         self.checked = False
+        # a plain ODETerm that wants tensor time: convert here, with the cache table looked up
+        # once per solve (ODETerm.vf then passes the tensor through); other terms convert inside
+        self.times = None
+        if type(term).vf is ODETerm.vf and not term.time_as_float:
+            dtype = time_dtype(flat.dtype)
+            self.times = (time_table(dtype, flat.device), dtype, flat.device)
 
     def vf(self, t, y):
         self.nfe += 1
-        out = self.term.vf(-t if self.sign < 0 else t, self.flat.state_to_tree(y), self.args)
+        if self.sign < 0:
+            t = -t
+        times = self.times
+        if times is None:
+            out = self.term.vf(t, self.flat.state_to_tree(y), self.args)
+        else:  # ODETerm.vf itself, with the time converted here
+            if type(t) is float:
+                tt = times[0].get(t)
+                t = tt if tt is not None and not tt._version and not tt.requires_grad else cached_time(t, *times)
+            out = self.term.vector_field(t, self.flat.state_to_tree(y), self.args)
         if not self.checked:
             self.flat.check_output(out, f"the vector field of {self.term!r}")
             self.checked = True

@@ -16,14 +16,14 @@ import torch
 
 from ._tree import tree_leaves, tree_zip
 
-__all__ = ["AbstractTerm", "ODETerm", "ControlTerm", "MultiTerm", "SDETerm", "NOISE_TYPES", "user_time"]
+__all__ = ["AbstractTerm", "ODETerm", "ControlTerm", "MultiTerm", "SDETerm", "NOISE_TYPES"]
 
 
 # --------------------------------------------------------------------------------------------
 # time as it reaches user code
 
-_TIME_CACHE: dict = {}
-_TIME_CACHE_SIZE = 4096
+_TIME_TABLES: dict = {}  # (dtype, device, inference mode) -> {float time: 0-d tensor}
+_TIME_CACHE_SIZE = 4096  # per table; a full table is emptied
 
 
 def _first_leaf(y):
@@ -37,16 +37,47 @@ def _first_leaf(y):
     return y
 
 
+def time_table(dtype: torch.dtype, device) -> dict:
+    """The cache of 0-d time tensors of one dtype and device (in the current inference mode: a
+    tensor made in inference mode cannot be saved for backward outside it)."""
+    key = (dtype, device, torch.is_inference_mode_enabled())
+    table = _TIME_TABLES.get(key)
+    if table is None:
+        table = _TIME_TABLES[key] = {}
+    return table
+
+
+def cached_time(t: float, table: dict, dtype: torch.dtype, device) -> torch.Tensor:
+    """``t`` as a 0-d tensor from ``table`` (see :func:`time_table`), made and kept on a miss. A
+    cached tensor that user code modified in place or made require grad is replaced."""
+    out = table.get(t)
+    if out is not None and out._version == 0 and not out.requires_grad:
+        return out
+    out = torch.full((), t, dtype=dtype, device=device)
+    if type(out) is torch.Tensor and not torch._C._functorch.is_functorch_wrapped_tensor(out):
+        # (a tensor made inside a torch.func transform belongs to it and is not kept)
+        if len(table) >= _TIME_CACHE_SIZE:
+            table.clear()
+        table[t] = out
+    return out
+
+
+def time_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of times for a state of ``dtype``: its real counterpart."""
+    if dtype.is_floating_point:
+        return dtype
+    return dtype.to_real() if dtype.is_complex else torch.get_default_dtype()
+
+
 def user_time(t, like):
     """``t`` as a user's vector field receives it: a Python number becomes a 0-d tensor with the
     (real) dtype and the device of ``like`` (``y``, or a tree of tensors); tensors pass unchanged.
 
     The loop keeps times as Python floats (shared mode), so this runs once per vector-field
-    evaluation. The tensors are cached per ``(value, dtype, device)``: a time seen before (the
-    same fixed grid in every training iteration, a step's end reused as the next step's start)
-    costs a dictionary lookup, a new one a ``torch.full`` (no host-to-device copy, no sync). A
-    cached tensor that was modified in place or made to require grad is replaced, so user code
-    cannot corrupt later evaluations.
+    evaluation (:class:`~torchnde._flat._FlatTerm` does the same with the dtype and device looked
+    up once per solve). The tensors are cached per ``(value, dtype, device)``: a time seen before
+    (the same grid in every training iteration, a step's end reused as the next step's start)
+    costs a dictionary lookup, a new one a ``torch.full`` (no host-to-device copy, no sync).
     """
     if type(t) is not float:
         if type(t) is not int:
@@ -55,40 +86,27 @@ def user_time(t, like):
     leaf = _first_leaf(like)
     if leaf is None:
         return torch.tensor(t)
-    dtype = leaf.dtype
-    if not dtype.is_floating_point:
-        dtype = dtype.to_real() if dtype.is_complex else torch.get_default_dtype()
+    dtype = time_dtype(leaf.dtype)
     if type(leaf) is not torch.Tensor:  # tensor subclasses (FakeTensor, ...): never cached
         return torch.full((), t, dtype=dtype, device=leaf.device)
-    key = (t, dtype, leaf.device, torch.is_inference_mode_enabled())
-    out = _TIME_CACHE.get(key)
-    if out is not None and out._version == 0 and not out.requires_grad:
-        return out
-    out = torch.full((), t, dtype=dtype, device=leaf.device)
-    if type(out) is torch.Tensor and not torch._C._functorch.is_functorch_wrapped_tensor(out):
-        # (a tensor made inside a torch.func transform belongs to it and is not kept)
-        if len(_TIME_CACHE) >= _TIME_CACHE_SIZE:
-            _TIME_CACHE.clear()
-        _TIME_CACHE[key] = out
-    return out
+    return cached_time(t, time_table(dtype, leaf.device), dtype, leaf.device)
 
 
 def _arity_error(owner: str, vector_field, what: str) -> str | None:
     """A message if ``vector_field`` cannot be called as ``f(t, y, args)``, read from its
     signature (``None`` when it can, or when the signature cannot be read)."""
     fn = vector_field
+    name = getattr(vector_field, "__name__", None)
     if isinstance(fn, torch.nn.Module):
         # torch.compile and (Distributed)DataParallel wrappers take *args; read the inner forward
-        seen = set()
-        while id(fn) not in seen:
-            seen.add(id(fn))
-            inner = getattr(fn, "_orig_mod", None)
-            if inner is None and isinstance(fn, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
-                inner = fn.module
-            if not isinstance(inner, torch.nn.Module):
-                break
-            fn = inner
-        fn = fn.forward
+        from .nn._neural_ode import _unwrap
+
+        name = f"{type(_unwrap(fn)).__name__}.forward"
+        fn = _unwrap(fn).forward
+    elif name is None:
+        name = type(vector_field).__name__
+    # a function can be named in the suggested wrapper; a module or other object is called f/g there
+    call = name if name.isidentifier() and not isinstance(vector_field, torch.nn.Module) else what
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):
@@ -98,8 +116,6 @@ def _arity_error(owner: str, vector_field, what: str) -> str | None:
         return None
     except TypeError:
         pass
-    name = getattr(vector_field, "__name__", type(vector_field).__name__)
-    call = name if name.isidentifier() else what
     two = True
     try:
         sig.bind(None, None)
@@ -108,7 +124,8 @@ def _arity_error(owner: str, vector_field, what: str) -> str | None:
     if two:
         return (
             f"{owner} calls its vector field as {what}(t, y, args), but {name}{sig} takes two arguments "
-            f"(the torchdiffeq convention {what}(t, y)); wrap it: {owner}(lambda t, y, args: {call}(t, y)), "
+            f"(the torchdiffeq convention {what}(t, y)); wrap it: {owner}(lambda t, y, args: {call}(t, y)"
+            f"{', path, ...' if owner == 'ControlTerm' else ''}), "
             "or give it a third parameter args (which receives solve(..., args=...))"
         )
     return f"{owner} calls its vector field as {what}(t, y, args), but {name}{sig} cannot take (t, y, args)"
