@@ -324,14 +324,46 @@ def test_native_interpolations_keep_per_sample_times():
     torch.testing.assert_close(compat.evaluate(q)[torch.arange(3), torch.arange(3)], native.evaluate(q))
 
 
-def test_cdeint_warns_outside_the_interval_and_knot_time_gradients():
+def test_cdeint_warns_outside_the_interval():
     X = tcde.CubicSpline(tcde.natural_cubic_coeffs(torch.randn(2, 5, 2, dtype=F64)))
     func = Func(3, 2).double()
     with pytest.warns(UserWarning, match="outside the control's interval"):
         tcde.cdeint(X, func, torch.zeros(2, 3, dtype=F64), torch.tensor([0.0, 6.0], dtype=F64), adjoint=False)
-    t = torch.arange(5.0, dtype=F64, requires_grad=True)
-    with pytest.warns(UserWarning, match="observation times"):
-        tcde.natural_cubic_coeffs(torch.randn(5, 2, dtype=F64), t)
+
+
+@needs_torchcde
+def test_gradients_with_respect_to_observation_and_output_times():
+    """torchcde's test_grad_paths: observation times that require grad get a gradient (through
+    the coefficients and the offsets t - t_i), as do the output times; the adjoint's gradient is
+    backpropagation's to the tolerance, and the latter is torchcde's."""
+
+    class Var(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.v = nn.Parameter(torch.rand(1, 1, 3, dtype=F64, generator=torch.Generator().manual_seed(0)))
+
+        def forward(self, t, z):
+            return z.sigmoid().unsqueeze(-1) + self.v
+
+    f = Var()
+    x = torch.rand(1, 10, 3, dtype=F64, generator=torch.Generator().manual_seed(1))
+    z0 = torch.rand(1, 3, dtype=F64, generator=torch.Generator().manual_seed(2))
+    grads = {}
+    for lib, adjoint in ((tcde, False), (tcde, True), (torchcde, False)):
+        t = torch.linspace(0, 9, 10, dtype=F64, requires_grad=True)
+        path = x.clone().requires_grad_()
+        coeffs = lib.natural_cubic_coeffs(path, t)
+        X = lib.CubicSpline(coeffs, t)
+        t_ = torch.tensor([0.0, 9.0], dtype=F64, requires_grad=True)
+        kw = dict(adjoint_params=(*f.parameters(), coeffs, t)) if adjoint else {}
+        z = lib.cdeint(X=X, func=f, z0=z0, t=t_, adjoint=adjoint, method="dopri5", rtol=1e-9, atol=1e-10, **kw)
+        grads[lib.__name__, adjoint] = torch.autograd.grad(z[:, 1].sum(), [t, path, t_, f.v])
+    mine, adj, ref = grads[tcde.__name__, False], grads[tcde.__name__, True], grads[torchcde.__name__, False]
+    # (backpropagation through adaptive steps differentiates the step sequence too: the two
+    # libraries' step sequences differ, so their gradients agree to ~1e-4, not to the tolerance)
+    for a, b, c in zip(mine, adj, ref):
+        torch.testing.assert_close(a, c, rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(b, c, rtol=1e-3, atol=1e-3)
 
 
 def test_misc_helpers_and_interpret_t():

@@ -336,3 +336,26 @@ def test_pad_sequences_own_times():
     torch.testing.assert_close(X.evaluate(1.0)[0], torch.tensor([2.0]))
     with pytest.raises(ValueError, match="strictly increasing"):
         pad_sequences([a], [[1.0, 0.0]])
+
+
+def test_extrapolation_extends_the_end_pieces_as_documented():
+    """docs/cde.md: outside [t0, t1] the first/last piece is continued (no warning)."""
+    X = CubicSpline(
+        torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64), torch.tensor([[0.0], [5.0], [-3.0]], dtype=torch.float64)
+    )
+    assert X.evaluate(3.0).item() == pytest.approx(-11.0)
+    assert X.evaluate(10.0).item() == pytest.approx(1571.0)
+    L = LinearInterpolation(torch.tensor([0.0, 1.0]), torch.tensor([[0.0], [2.0]]))
+    assert L.evaluate(3.0).item() == pytest.approx(6.0) and L.evaluate(-1.0).item() == pytest.approx(-2.0)
+
+
+@pytest.mark.parametrize("cls", [LinearInterpolation, HermiteCubic, CubicSpline])
+def test_gradient_with_respect_to_observation_times(cls):
+    ts = torch.tensor([0.0, 0.7, 1.5, 2.0], dtype=torch.float64, requires_grad=True)
+    xs = torch.randn(2, 4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def f(ts):
+        X = cls(ts, xs)
+        return torch.cat([X.evaluate(1.1), X.derivative(torch.tensor(1.9, dtype=torch.float64))], -1)
+
+    assert torch.autograd.gradcheck(f, (ts,))

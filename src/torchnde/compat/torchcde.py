@@ -44,7 +44,8 @@ solution. Between steps, output times are read from the method's dense output (t
 interpolates linearly), so results agree exactly when the output times are on the step grid.
 
 **Gradients.** With either ``adjoint`` and either backend, gradients reach ``z0``, the output
-times ``t``, the parameters of ``func`` (with ``adjoint=True`` those in ``adjoint_params``; the
+times ``t``, the observation times passed to the coefficient functions and the classes (when they
+require grad: through the coefficients and the offsets ``s - t_i`` of the pieces), the parameters of ``func`` (with ``adjoint=True`` those in ``adjoint_params``; the
 default, as torchcde, is the parameters of ``func`` and ``X``) and the coefficients of the
 interpolation, also when they are computed inside the graph (from parameters, or from another
 solve, as in torchsde's SDE-GAN example): the adjoint differentiates with respect to detached
@@ -54,8 +55,7 @@ torchcde warns when ``adjoint=True`` and the coefficients require grad but are n
 
 Tuple states work as in torchcde: ``z0`` a tuple of tensors, ``X = TupleControl(X1, X2, ...)``
 and ``func`` returning a tuple of matrices (``backend="torchdiffeq"`` only, as torchsde has no
-tuple states). Not supported: gradients with respect to the observation times passed to the coefficient functions (``t`` is
-detached, with a warning), log-signatures deeper than 3 (``NotImplementedError``), torchsde's
+tuple states). Not supported: log-signatures deeper than 3 (``NotImplementedError``), torchsde's
 ``names``, ``logqp``, ``extra`` and ``extra_solver_state`` (``NotImplementedError``), adaptive
 steps with ``backend="torchsde"`` except for ``"heun"``, and unknown keyword arguments
 (``TypeError``). ``cdeint`` warns when ``t`` leaves the interval of a torchnde interpolation.
@@ -115,14 +115,6 @@ def _prepare(x, t, name):
     observation filled with zeros (torchcde's convention)."""
     if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() >= 2 and t is None:
         t = torch.arange(x.shape[-2], dtype=x.dtype, device=x.device)
-    if isinstance(t, torch.Tensor) and t.requires_grad:
-        if torch.is_grad_enabled():
-            warnings.warn(
-                f"{name}: t requires grad, but gradients with respect to the observation times are not supported "
-                "by torchnde (torchcde computes them): t is detached. Pass t.detach() to silence this.",
-                stacklevel=3,
-            )
-        t = t.detach()
     t, x = _check_data(t, x, name)
     nan = torch.isnan(x)
     if nan.any():
@@ -338,9 +330,9 @@ def _at_times(path, coeffs, t):
     """The piecewise polynomial with coefficients ``coeffs`` (``(*batch, N - 1, K, C)``) at every
     time of ``t`` (any shape ``S``): ``(*batch, *S, C)``. The piece is the one to the left of a
     knot (torchcde's ``bucketize``); outside the knots the first/last piece is extended."""
-    knots = path._knots
+    knots = path._knots if path._knots_grad is None else path._knots_grad
     flat = t.reshape(-1)
-    idx = (torch.searchsorted(knots, flat.detach().contiguous()) - 1).clamp(0, coeffs.shape[-3] - 1)
+    idx = (torch.searchsorted(path._knots, flat.detach().contiguous()) - 1).clamp(0, coeffs.shape[-3] - 1)
     c = coeffs.index_select(-3, idx)  # (*batch, M, K, C)
     h = (flat - knots[idx]).to(coeffs.dtype).unsqueeze(-1)  # (M, 1)
     out = c[..., -1, :]
@@ -509,13 +501,15 @@ class _VectorField(nn.Module):
         self.is_tuple = isinstance(X, TupleControl)
         self.paths = _native_paths(X)
         self.coeffs = None if self.paths is None else [p._dcoeffs for p in self.paths]
+        # knots that require grad (observation times t requiring grad), else None
+        self.knots = None if self.paths is None else [p._knots_grad for p in self.paths]
         self.excluded: list = []  # (name, parameter) of func's parameters not in adjoint_params
 
     def forward(self, t, z, args=None):
         if self.paths is not None:
-            coeffs = self.coeffs if args is None else args
+            coeffs, knots = (self.coeffs, self.knots) if args is None else args
             # the derivative of the piece to the right of t, where a forward step goes
-            dX = [p._poly(c, t, False) for p, c in zip(self.paths, coeffs)]
+            dX = [p._poly(c, t, False, k) for p, c, k in zip(self.paths, coeffs, knots)]
             dX = tuple(dX) if self.is_tuple else dX[0]
         else:
             dX = self.X.derivative(_time_tensor(t, z))
@@ -618,22 +612,36 @@ def _cdeint_adjoint_torchdiffeq(vf, z0, t, kwargs):
     (see :class:`_StandIns`)."""
     params = tuple(kwargs["adjoint_params"])
     coeffs = list(vf.coeffs) if vf.coeffs is not None else []
+    knots = [k for k in vf.knots if k is not None] if vf.knots is not None else []
     state = [z0] if isinstance(z0, torch.Tensor) else list(z0)
-    proxied = [*state, t, *coeffs]
+    proxied = [*state, t, *coeffs, *knots]
     # every leaf tensor the field uses (captured tensors too, as torchnde's adjoints find them)
     with torch.enable_grad():
         probe_state = state[0].detach() if isinstance(z0, torch.Tensor) else tuple(z.detach() for z in state)
-        probe = vf(float(t[0]), probe_state, [c.detach() for c in coeffs] if coeffs else None)
+        probe_args = None
+        if coeffs:
+            probe_args = ([c.detach() for c in coeffs], [None if k is None else k.detach() for k in vf.knots])
+        probe = vf(float(t[0].detach()), probe_state, probe_args)
     seen = {id(p) for p in params}
     found = [p for p in _graph_leaves(probe if isinstance(probe, tuple) else (probe,), set()) if id(p) not in seen]
-    leaves = [p for p in (*params, *found) if isinstance(p, torch.Tensor) and p.requires_grad]
+    # listed tensors that are not leaves (torchcde's examples list the coefficients) reach the
+    # field through the stand-ins above; the inner solve differentiates with respect to leaves
+    inner_ids = {id(x) for x in proxied}
+    leaves = [
+        p
+        for p in (*params, *found)
+        if isinstance(p, torch.Tensor) and p.requires_grad and p.is_leaf and id(p) not in inner_ids
+    ]
+    kwargs = dict(kwargs, adjoint_params=tuple(p for p in params if isinstance(p, torch.Tensor) and p.is_leaf))
     n_state = len(state)
 
     def run(*stand):
         z0_ = stand[0] if isinstance(z0, torch.Tensor) else tuple(stand[:n_state])
         t_ = stand[n_state]
         if coeffs:  # the backward pass uses vf too: the stand-ins stay (vf belongs to this call)
-            vf.coeffs = list(stand[n_state + 1 :])
+            vf.coeffs = list(stand[n_state + 1 : n_state + 1 + len(coeffs)])
+            it = iter(stand[n_state + 1 + len(coeffs) :])
+            vf.knots = [None if k is None else next(it) for k in vf.knots]
         return _td.odeint_adjoint(vf, z0_, t_, **kwargs)
 
     if not any(x.requires_grad for x in (*proxied, *leaves)) or not torch.is_grad_enabled():
@@ -750,7 +758,7 @@ def _cdeint_torchsde(vf, z0, t, adjoint, func, kwargs):
         return PIDController(rtol=float(rtol), atol=float(atol), dtmin=float(kwargs.get("dt_min", 1e-5)))
 
     controller = controller_for(kwargs.get("adaptive", False), kwargs["rtol"], kwargs["atol"], solver, "adaptive")
-    args = vf.coeffs
+    args = None if vf.coeffs is None else (vf.coeffs, vf.knots)
     if not adjoint:
         adj = DirectAdjoint()
     else:

@@ -39,8 +39,10 @@ gradients flow to them (missing entries get zero gradient).
 
 **Times.** ``evaluate``/``derivative`` accept a Python float, a 0-d tensor, or a ``(B,)`` tensor
 holding one time per sample (``B`` the leading batch dimension, as in ``solve(..., per_sample=True)``);
-outside ``[t0, t1]`` the first/last piece is extended. At a knot the piece to its right is used;
-``derivative(t, left=True)`` gives the left limit instead.
+outside ``[t0, t1]`` the first/last piece is extended (no warning: checking would cost a device
+synchronisation per query; a cubic piece grows like ``t^3`` there, so clamp the time if the path
+should stay constant). At a knot the piece to its right is used; ``derivative(t, left=True)``
+gives the left limit instead. Observation times ``ts`` that require grad receive gradients.
 
 All coefficients are computed once, at construction, from ``xs`` by differentiable tensor
 operations (on ``xs``'s device, in its dtype); a query is one knot search, one gather and a
@@ -256,6 +258,9 @@ class _PiecewisePolynomial(AbstractPath):
         return self
 
     def _setup(self, knots: torch.Tensor, coeffs: torch.Tensor):
+        # knots that require grad (torchcde's differentiable observation times) also enter the
+        # offsets t - knot, so that the gradient reaches them; the search uses the detached copy
+        self._knots_grad = knots if knots.requires_grad else None
         self._knots = knots.detach()
         self._knot_list = self._knots.tolist()
         self._coeffs = coeffs
@@ -288,8 +293,14 @@ class _PiecewisePolynomial(AbstractPath):
 
     # -- the knot search and the Horner evaluation -------------------------------------------
 
-    def _poly(self, coeffs, t, left: bool):
+    def _poly(self, coeffs, t, left: bool, knots=None):
+        """The polynomial pieces ``coeffs`` at ``t``; ``knots``: the knots to measure the offset
+        from (default: this path's; a tensor requiring grad gets its gradient)."""
         n = len(self._knot_list) - 2  # index of the last piece
+        if knots is None:
+            knots = self._knots_grad
+        if knots is not None and not torch.is_grad_enabled():
+            knots = None
         ft = _scalar_time(t)
         if ft is not None:
             if left:
@@ -298,8 +309,13 @@ class _PiecewisePolynomial(AbstractPath):
                 i = bisect.bisect_right(self._knot_list, ft) - 1
             i = min(max(i, 0), n)
             c = coeffs[..., i, :, :]
-            h = ft - self._knot_list[i]
             out = c[..., -1, :]
+            if knots is not None:
+                ht = (ft - knots[i]).to(coeffs.dtype)
+                for k in range(c.shape[-2] - 2, -1, -1):
+                    out = c[..., k, :] + out * ht
+                return out
+            h = ft - self._knot_list[i]
             for k in range(c.shape[-2] - 2, -1, -1):
                 out = torch.add(c[..., k, :], out, alpha=h)
             return out
@@ -316,7 +332,7 @@ class _PiecewisePolynomial(AbstractPath):
             )
         td = t.detach().to(self._knots.dtype)
         idx = (torch.searchsorted(self._knots, td, right=not left) - 1).clamp(0, n)
-        h = (t - self._knots[idx]).to(coeffs.dtype)
+        h = (t - (self._knots if knots is None else knots)[idx]).to(coeffs.dtype)
         if t.dim() == 0:
             c = coeffs.index_select(-3, idx.reshape(1)).squeeze(-3)
         elif not self.batch_shape:
