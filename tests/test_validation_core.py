@@ -382,6 +382,8 @@ def test_terms_check_noise_diagonal():
     )
     with pytest.raises(ValueError, match=r"declares noise='diagonal', but component \d of g depends on component \d"):
         coupled.check_noise(0.0, y)
+    # one component per row (or a 0-d state): nothing can couple
+    tn.ControlTerm(lambda t, y, a: y * y, _bm(()), noise="diagonal").check_noise(0.0, torch.tensor(0.3, dtype=F64))
 
 
 def test_terms_check_true_verifies_in_solve():

@@ -235,9 +235,10 @@ class ControlTerm(AbstractTerm):
         calculus: optionally declare the SDE's calculus, ``"ito"`` or ``"stratonovich"``; solve()
             then refuses a solver of the other calculus (unless the noise is additive, where both
             agree). ``None`` (default): the solver's calculus is the SDE's.
-        check: verify the declared noise structure once per solve, at ``(t0, y0)``, with
-            :meth:`check_noise` (a few automatic-differentiation passes), raising ``ValueError``
-            if it does not hold. Default ``False``.
+        check: for an SDE, verify the declared noise structure once per solve, at
+            ``(t0, y0)``, with :meth:`check_noise` (a few automatic-differentiation passes),
+            raising ``ValueError`` if it does not hold. Default ``False``. (A CDE on interpolated
+            data, solved as an ODE, does not use the declarations.)
         time_as_float: pass ``t`` to ``g`` as a Python float instead of a 0-d tensor (see
             :class:`ODETerm`).
 
@@ -429,6 +430,8 @@ def _check_commutative(term, t, y, args, rtol):
     if g.shape != y.shape:
         raise ValueError(f"{term!r} returned shape {tuple(g.shape)}; with noise='diagonal' expected {tuple(y.shape)}")
     n = y.shape[-1] if y.dim() else 1
+    if n == 1:  # one component per row: nothing to couple
+        return
     for i in range(n):
         e = torch.zeros_like(g)
         e[..., i] = 1
