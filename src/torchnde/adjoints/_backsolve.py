@@ -222,7 +222,10 @@ class _AugmentedSDE(SDETerm):
         with torch.enable_grad():
             y_ = y.detach().requires_grad_()
             inc = flat.flatten(self.sde.vf_prod(t, flat.unflatten(y_), self.args, control))
-            vjps = torch.autograd.grad(inc, (y_, *wrt), grad_outputs=a, allow_unused=True)
+            # retain_graph: a tensor computed outside the solve from parameters (e.g. a latent SDE's
+            # context) is differentiated through at every evaluation; its graph must survive. The
+            # evaluation's own graph is freed with ``inc`` all the same.
+            vjps = torch.autograd.grad(inc, (y_, *wrt), grad_outputs=a, allow_unused=True, retain_graph=True)
         for i, v in enumerate(vjps[1:]):
             self.reached[i] = self.reached[i] or v is not None
         dg = [torch.zeros_like(w, dtype=self.dtype) if v is None else -v.to(self.dtype) for w, v in zip(wrt, vjps[1:])]
