@@ -61,6 +61,7 @@ FILES = ("api_tests.py", "event_tests.py", "gradient_tests.py", "norm_tests.py",
 
 #: failure causes declared unsupported, matched on the exception message (first match wins)
 CAUSES = (
+    ("method unknown to this torchdiffeq (--native with a release older than the suite)", ("Invalid method",)),
     ("events (the events issue)", ("event_fn", "events are not supported", "odeint_event")),
     ("implicit methods (the stiff-solver issue)", ("implicit (stiff)",)),
     ("Adams multistep methods (not in torchnde)", ("multistep methods",)),
