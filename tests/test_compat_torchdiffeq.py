@@ -5,6 +5,7 @@ second half compares with torchdiffeq itself where it is installed.
 """
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -184,7 +185,7 @@ def test_errors_name_the_valid_choices():
     f = lambda t, y: -y
     with pytest.raises(ValueError, match=r"Invalid method 'rk45'.*'dopri5'.*'rk4'"):
         odeint(f, y0, t, method="rk45")
-    for method in ["explicit_adams", "implicit_adams", "fixed_adams", "scipy_solver", "implicit_euler", "radauIIA5"]:
+    for method in ["explicit_adams", "implicit_adams", "fixed_adams", "implicit_euler", "radauIIA5"]:
         with pytest.raises(NotImplementedError, match="use '"):
             odeint(f, y0, t, method=method)
     with pytest.raises(TypeError, match=r"unknown options.*'step_size'.*fixed-grid.*first_step"):
@@ -532,7 +533,9 @@ def test_step_callbacks_are_called_forwards_and_backwards():
     for method, kw in [("rk4", dict(options=dict(step_size=0.1))), ("dopri5", {})]:
         F.counts = {}
         f = F()
-        odeint_adjoint(f, x0, t, method=method, **kw).sum().backward()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (rk4: the accept/reject callbacks are never called)
+            odeint_adjoint(f, x0, t, method=method, **kw).sum().backward()
         c = F.counts
         if method == "rk4":
             assert c == {"callback_step": 10, "callback_step_adjoint": 10}
@@ -615,3 +618,17 @@ def test_fehlberg2_agrees_with_torchdiffeq(td):
     exact = pendulum_reference(y0, t)
     # the same pair, so the same (large, see _Fehlberg2) error relative to the tolerance
     assert (ours - exact).abs().max() <= 3 * (theirs - exact).abs().max() + 1e-7
+
+
+def test_scipy_solver_runs_solve_ivp_forwards_and_backwards_in_time():
+    pytest.importorskip("scipy")
+    y0 = torch.tensor([1.0, 0.5], dtype=F64)
+    for t in (torch.linspace(0.0, 2.0, 5, dtype=F64), torch.linspace(2.0, 0.0, 5, dtype=F64)):
+        for solver in ("RK45", "LSODA"):
+            ys = odeint(linear, y0, t, method="scipy_solver", rtol=1e-9, atol=1e-11, options=dict(solver=solver))
+            within(ys, linear_exact(y0, t), 1e-9, 1e-11, factor=1e3)
+    t = torch.tensor([0.0, 1.0, 2.0])
+    ys = odeint(lambda t, y: (-y[0], -2 * y[1]), (torch.ones(2), torch.ones(1, 3)), t, method="scipy_solver")
+    torch.testing.assert_close(ys[1][-1], torch.full((1, 3), math.exp(-4.0)), rtol=1e-4, atol=1e-6)
+    with pytest.raises(NotImplementedError, match="odeint only"):
+        odeint_adjoint(linear, y0, t, method="scipy_solver", adjoint_params=())

@@ -43,9 +43,12 @@ norms. What differs (values agree to within the tolerances, not bit for bit):
 * ``odeint_adjoint`` uses :class:`~torchnde.BacksolveAdjoint`: see :func:`odeint_adjoint` for
   how ``adjoint_params`` is used.
 
+``method="scipy_solver"`` (``options=dict(solver=...)``) calls ``scipy.integrate.solve_ivp``, in
+:func:`odeint` only: as in torchdiffeq its result has no gradient.
+
 Not supported (each raises an error saying so): events (``event_fn``, :func:`odeint_event`;
 planned), per-element or per-tensor tolerances, the methods ``explicit_adams``,
-``implicit_adams``, ``fixed_adams`` and ``scipy_solver`` and the implicit methods
+``implicit_adams``, ``fixed_adams``, ``scipy_solver`` in ``odeint_adjoint`` and the implicit methods
 (``implicit_euler``, ``radauIIA5``, ...: planned with torchnde's stiff solvers), the option
 ``interp="linear"`` (with intermediate output times) and a callable ``adjoint_options["norm"]``.
 """
@@ -153,7 +156,8 @@ _UNSUPPORTED = {
     "explicit_adams": "multistep methods are not in torchnde; use 'rk4' (fixed steps) or 'dopri5'",
     "implicit_adams": "multistep methods are not in torchnde; use 'rk4' (fixed steps) or 'dopri5'",
     "fixed_adams": "multistep methods are not in torchnde; use 'rk4' (fixed steps) or 'dopri5'",
-    "scipy_solver": "use 'dopri5'/'dopri8', or call scipy.integrate.solve_ivp yourself",
+    "scipy_solver": "it is available in odeint only (SciPy's solvers give no gradients, so there is no adjoint "
+    "pass); use 'dopri5'/'dopri8'",
     **{
         m: _IMPLICIT_HINT
         for m in (
@@ -641,7 +645,9 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
             tuple only if all its values are equal).
         method: ``"dopri5"`` (default), ``"dopri8"``, ``"bosh3"``, ``"fehlberg2"``,
             ``"adaptive_heun"``, ``"tsit5"`` (adaptive); ``"euler"``, ``"midpoint"``, ``"rk4"``
-            (3/8 rule), ``"heun2"``, ``"heun3"`` (fixed grid).
+            (3/8 rule), ``"heun2"``, ``"heun3"`` (fixed grid); ``"scipy_solver"`` (SciPy's
+            ``solve_ivp`` with ``options=dict(solver="LSODA", min_step=..., max_step=...)``; not
+            differentiable).
         options: adaptive methods: ``first_step``, ``min_step``, ``max_step``, ``step_t``,
             ``jump_t``, ``safety``, ``ifactor``, ``dfactor``, ``max_num_steps``, ``dtype``,
             ``norm``. Fixed-grid methods: ``step_size`` or ``grid_constructor`` (default: step
@@ -666,8 +672,71 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
         >>> ys.shape, torch.allclose(ys[-1], torch.exp(-torch.ones(3)), atol=1e-6)
         (torch.Size([5, 3]), True)
     """
+    if isinstance(method, str) and method == "scipy_solver" and event_fn is None:
+        return _scipy_odeint(func, y0, t, rtol, atol, options)
     plan = _prepare(func, y0, t, rtol, atol, method, options, event_fn, "odeint")
     return _solve(plan, y0, DirectAdjoint())
+
+
+_SCIPY_OPTIONS = ("solver", "min_step", "max_step", "norm", "grid_points", "eps")
+
+
+def _scipy_odeint(func, y0, t, rtol, atol, options):
+    """torchdiffeq's ``method="scipy_solver"``: ``scipy.integrate.solve_ivp`` on the flattened
+    state (in float64/complex128 NumPy arrays on the CPU), with ``options["solver"]`` (default
+    ``"LSODA"``), ``min_step`` (LSODA only) and ``max_step``. As in torchdiffeq the result is
+    not differentiable."""
+    try:
+        from scipy.integrate import solve_ivp
+    except ImportError as e:  # pragma: no cover - scipy is installed with the test extras
+        raise ImportError("method='scipy_solver' needs SciPy: pip install scipy") from e
+    if not callable(func):
+        raise TypeError(f"func must be callable as func(t, y), got {type(func).__name__}")
+    if not (
+        isinstance(y0, torch.Tensor) or (isinstance(y0, tuple) and y0 and all(isinstance(x, torch.Tensor) for x in y0))
+    ):
+        raise TypeError(f"y0 must be either a torch.Tensor or a tuple of tensors, got {type(y0).__name__}")
+    ts = _check_t(t, "odeint")
+    options = dict(options or {})
+    unknown = [k for k in options if k not in _SCIPY_OPTIONS]
+    if unknown:
+        raise TypeError(
+            f"unknown options for method='scipy_solver': {', '.join(map(repr, unknown))}. Valid options are: "
+            + ", ".join(_SCIPY_OPTIONS)
+        )
+    defined = [c for c in (*_FORWARD_CALLBACKS, *_ADJOINT_CALLBACKS) if callable(getattr(func, c, None))]
+    if defined:
+        warnings.warn(f"func defines {', '.join(defined)}, which method='scipy_solver' never calls", stacklevel=3)
+    flat = Flattener(y0, batch=False)
+    if len(ts) == 1:  # torchdiffeq returns y0 alone
+        return y0.unsqueeze(0).clone() if isinstance(y0, torch.Tensor) else tuple(x.unsqueeze(0).clone() for x in y0)
+    real = flat.dtype.to_real() if flat.dtype.is_complex else flat.dtype
+    y0_np = flat.flatten(tuple(x.detach() for x in y0) if isinstance(y0, tuple) else y0.detach()).cpu().numpy()
+    y0_np = y0_np.astype("complex128" if flat.dtype.is_complex else "float64")
+
+    def f(s, y):
+        state = flat.unflatten(torch.from_numpy(y).to(flat.device, flat.dtype))
+        with torch.no_grad():
+            out = func(torch.tensor(s, dtype=real, device=flat.device), state)
+        return flat.flatten(out).cpu().numpy().astype(y0_np.dtype)
+
+    solver = options.get("solver", "LSODA")
+    extra = {"max_step": float(options.get("max_step", math.inf))}
+    if solver == "LSODA":
+        extra["min_step"] = float(options.get("min_step", 0.0))
+    sol = solve_ivp(
+        f,
+        (ts[0], ts[-1]),
+        y0_np,
+        method=solver,
+        t_eval=ts,
+        rtol=_scalar_tol(rtol, "rtol"),
+        atol=_scalar_tol(atol, "atol"),
+        **extra,
+    )
+    if sol.status < 0 or sol.y.shape[-1] != len(ts):
+        raise SolveError(f"method='scipy_solver' ({solver}) failed: {sol.message}")
+    return flat.unflatten(torch.from_numpy(sol.y.T.copy()).to(flat.device, flat.dtype))
 
 
 def odeint_dense(func, y0, t0, t1, *, rtol=1e-7, atol=1e-9, method=None, options=None):
