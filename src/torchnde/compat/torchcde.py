@@ -453,11 +453,11 @@ def _native_paths(X):
 
 
 def _time_tensor(t, z):
-    """torchcde's ``func(t, z)`` takes ``t`` as a 0-d tensor."""
-    if isinstance(t, torch.Tensor):
-        return t
-    z = z[0] if isinstance(z, (tuple, list)) else z
-    return torch.full((), t, dtype=z.dtype, device=z.device)
+    """torchcde's ``func(t, z)`` takes ``t`` as a 0-d tensor (of z's dtype and device; cached
+    per time by torchnde, so a fixed grid allocates nothing per evaluation)."""
+    from .._terms import user_time
+
+    return user_time(t, z)
 
 
 def _matvec(m, d):
@@ -816,10 +816,7 @@ def _cdeint_torchsde(vf, z0, t, adjoint, func, kwargs):
 def _ode_term(vf):
     from .._terms import ODETerm
 
-    try:  # the exact float time, no per-evaluation tensor
-        return ODETerm(vf, time_as_float=True)
-    except TypeError:
-        return ODETerm(vf)
+    return ODETerm(vf, time_as_float=True)  # the exact float time: the knot search needs no sync
 
 
 def _warn_outside(X, t):
