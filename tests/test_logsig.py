@@ -17,17 +17,24 @@ except ImportError:
 
 
 def _mul(a, b):
-    """The product of two truncated signatures (levels 1..3) in the tensor algebra."""
-    out = [a[0] + b[0], a[1] + b[1] + a[0][..., :, None] * b[0][..., None, :]]
-    out.append(
-        a[2] + b[2] + a[1][..., None] * b[0][..., None, None, :] + a[0][..., :, None, None] * b[1][..., None, :, :]
-    )
+    """The product of two truncated signatures (levels 1..N, each ``(..., C, ..., C)``) in the
+    tensor algebra: level k is a_k + b_k + sum_j a_j ⊗ b_(k-j)."""
+    out = []
+    for k in range(1, len(a) + 1):
+        level = a[k - 1] + b[k - 1]
+        for j in range(1, k):
+            x, y = a[j - 1], b[k - j - 1]
+            level = level + x.reshape(*x.shape[: x.dim() - j], -1, 1).mul(
+                y.reshape(*y.shape[: y.dim() - (k - j)], 1, -1)
+            ).reshape(level.shape)
+        out.append(level)
     return out
 
 
-def test_chen_identity():
+@pytest.mark.parametrize("depth", [3, 4])
+def test_chen_identity(depth):
     x = torch.randn(4, 9, 3, dtype=F64, generator=torch.Generator().manual_seed(0))
-    whole, first, second = signature(x, 3), signature(x[:, :5], 3), signature(x[:, 4:], 3)
+    whole, first, second = signature(x, depth), signature(x[:, :5], depth), signature(x[:, 4:], depth)
     for a, b in zip(whole, _mul(first, second)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
@@ -47,9 +54,12 @@ def test_depth2_closed_form():
 def test_straight_line_and_lyndon_layout():
     x = torch.tensor([[0.0, 0.0], [1.0, 2.0], [3.0, 6.0]], dtype=F64)  # a straight line: no area
     torch.testing.assert_close(logsignature(x, 3), torch.tensor([3.0, 6.0, 0.0, 0.0, 0.0], dtype=F64))
+    line = logsignature(x, 5)  # at any depth only the increment remains
+    torch.testing.assert_close(line[2:], torch.zeros(len(line) - 2, dtype=F64), rtol=0, atol=1e-12)
     assert lyndon_words(2, 3) == ((0,), (1,), (0, 1), (0, 0, 1), (0, 1, 1))
     # Witt's formula: sum_{k <= N} (1/k) sum_{d | k} mu(d) C^(k/d)
     assert [logsignature_channels(c, 3) for c in (1, 2, 3, 4)] == [1, 5, 14, 30]
+    assert [logsignature_channels(2, n) for n in (4, 5)] == [8, 14]
     assert logsignature_channels(3, 2) == 6
     # a unit square's corner (right, then up): log(e^a e^b) = a + b + [a, b]/2 + ([a, [a, b]] +
     # [b, [b, a]])/12 (Baker-Campbell-Hausdorff), whose words aab and abb have coefficient 1/12
@@ -58,7 +68,7 @@ def test_straight_line_and_lyndon_layout():
 
 
 @pytest.mark.skipif(iisignature is None, reason="iisignature is not installed")
-@pytest.mark.parametrize("channels, depth", [(2, 2), (3, 3), (4, 3)])
+@pytest.mark.parametrize("channels, depth", [(2, 2), (3, 3), (4, 3), (2, 5), (3, 4)])
 def test_matches_iisignature(channels, depth):  # pragma: no cover - optional
     x = torch.randn(5, 8, channels, dtype=F64, generator=torch.Generator().manual_seed(2))
     sig = torch.cat([s.flatten(1) for s in signature(x, depth)], -1)
@@ -73,17 +83,15 @@ def test_matches_iisignature(channels, depth):  # pragma: no cover - optional
 
 
 def test_errors():
-    with pytest.raises(NotImplementedError, match="depth 4"):
-        logsignature(torch.zeros(3, 2), 4)
     with pytest.raises(ValueError, match="depth"):
         logsignature(torch.zeros(3, 2), 0)
     with pytest.raises(ValueError, match="shape"):
         logsignature(torch.zeros(3), 2)
-    with pytest.raises(NotImplementedError, match="depth 4"):
-        tcde.logsig_windows(torch.zeros(5, 2), 4, 2)
+    with pytest.raises(ValueError, match="window_length"):
+        tcde.logsig_windows(torch.zeros(5, 2), 2, 0)
 
 
-@pytest.mark.parametrize("depth", [1, 2, 3])
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
 def test_logsig_windows_as_torchcde_tests_it(depth):
     """torchcde's own check: the derivative of the linear interpolation of the output on each
     window is that window's log-signature (windows of 4 steps, index time)."""

@@ -13,7 +13,7 @@ backend="torchdiffeq", **kwargs)``; the coefficient functions ``linear_interpola
 classes ``LinearInterpolation(coeffs, t=None)`` and ``CubicSpline(coeffs, t=None)`` with
 ``evaluate``, ``derivative``, ``interval`` and ``grid_points``; ``TupleControl``;
 ``misc.forward_fill`` (and ``misc.tridiagonal_solve``, ``misc.cheap_stack``); and the log-ODE method's
-``logsig_windows`` (and the deprecated ``logsignature_windows``), to depth 3.
+``logsig_windows`` (and the deprecated ``logsignature_windows``), at any depth.
 
 The coefficient tensors have torchcde's layouts (values at the knots for the linear
 interpolation; ``(..., T - 1, 4 C)`` holding ``a, b, 2c, 3d`` for the cubics), so coefficients
@@ -55,7 +55,7 @@ torchcde warns when ``adjoint=True`` and the coefficients require grad but are n
 
 Tuple states work as in torchcde: ``z0`` a tuple of tensors, ``X = TupleControl(X1, X2, ...)``
 and ``func`` returning a tuple of matrices (``backend="torchdiffeq"`` only, as torchsde has no
-tuple states). Not supported: log-signatures deeper than 3 (``NotImplementedError``), torchsde's
+tuple states). Not supported: torchsde's
 ``names``, ``logqp``, ``extra`` and ``extra_solver_state`` (``NotImplementedError``), adaptive
 steps with ``backend="torchsde"`` except for ``"heun"``, and unknown keyword arguments
 (``TypeError``). ``cdeint`` warns when ``t`` leaves the interval of a torchnde interpolation.
@@ -253,9 +253,8 @@ def logsig_windows(x, depth, window_length, t=None):
     ``x`` (``(..., length, channels)``, NaN = missing, filled linearly), accumulated, with the
     first row holding ``x``'s first value: ``(..., windows + 1, logsignature_channels)``, on index
     time ``0, 1, ...``. Interpolate it linearly and solve the CDE driven by it, as torchcde's
-    ``logsig_windows``. ``depth`` 1 to 3 (computed by :mod:`torchnde.paths._logsig`, coefficients
-    of the Lyndon words by length, then lexicographically); deeper raises
-    ``NotImplementedError``."""
+    ``logsig_windows``. Any ``depth`` (computed by :mod:`torchnde.paths._logsig`: the
+    coefficients of the Lyndon words, by length, then lexicographically)."""
     return _logsig_windows(x, depth, window_length, t, scaled=False)
 
 

@@ -1,4 +1,4 @@
-r"""Signatures and log-signatures of piecewise-linear paths, to depth 3, in torch.
+r"""Signatures and log-signatures of piecewise-linear paths, to any depth, in torch.
 
 The signature of a path :math:`X: [a, b] \to \mathbb R^C` is the sequence of its iterated
 integrals :math:`S^{(k)}_{i_1 \dots i_k} = \int_{a < s_1 < \dots < s_k < b} dX^{i_1}_{s_1} \cdots
@@ -12,7 +12,7 @@ How it is computed here:
 * a linear segment with increment :math:`d` has signature :math:`\exp(d) = (1, d, d^{\otimes 2}/2,
   d^{\otimes 3}/6)`; the signature of the whole path is the product of its segments' (Chen's
   identity), accumulated for all segments at once with prefix sums;
-* the logarithm :math:`\log(1 + X) = X - X^2/2 + X^3/3` truncated at the depth;
+* the logarithm :math:`\log(1 + X) = X - X^2/2 + X^3/3 - \dots` truncated at the depth;
 * the log-signature is returned as the coefficients of the *Lyndon words* of length at most the
   depth in that logarithm, ordered by length, then lexicographically (the ``"words"`` layout of
   signatory's ``logsignature``, which torchcde's ``logsig_windows`` returns; its channel count is
@@ -20,7 +20,7 @@ How it is computed here:
   increments and the Lévy areas :math:`A_{ij} = \tfrac12 \int (X^i - X^i_a) dX^j - (X^j - X^j_a)
   dX^i`, :math:`i < j`.
 
-Depths 1, 2 and 3 are supported; deeper truncations raise ``NotImplementedError``.
+Any depth works; the cost grows like :math:`C^N` (channels to the depth) per segment.
 """
 
 from __future__ import annotations
@@ -32,17 +32,10 @@ import torch
 
 __all__ = ["signature", "logsignature", "logsignature_channels", "lyndon_words"]
 
-MAX_DEPTH = 3
-
 
 def _check_depth(depth) -> int:
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
         raise ValueError(f"depth must be a positive int, got {depth!r}")
-    if depth > MAX_DEPTH:
-        raise NotImplementedError(
-            f"log-signatures of depth {depth} are not implemented in torchnde (depths 1 to {MAX_DEPTH} are); "
-            "use depth <= 3, or signatory/iisignature for deeper truncations"
-        )
     return depth
 
 
@@ -75,51 +68,59 @@ def _check_path(x):
         raise ValueError("x must hold at least one point (dimension -2)")
 
 
-def _outer(a, b):
-    """``a ⊗ b`` for ``a`` of shape ``(..., C, ..., C)`` (``m`` trailing dimensions) and ``b`` of
-    shape ``(..., D)`` with the same leading dimensions: ``(..., C, ..., C, D)``."""
-    return a.unsqueeze(-1) * b.view(*b.shape[:-1], *([1] * (a.dim() - b.dim() + 1)), b.shape[-1])
+def _tensor(a, b):
+    """``a ⊗ b`` of two levels stored flat (``(..., C^j)`` and ``(..., C^m)``): ``(..., C^(j+m))``,
+    ``a``'s index the major one (row-major, as ``reshape`` of a ``(C,) * (j + m)`` tensor)."""
+    return (a.unsqueeze(-1) * b.unsqueeze(-2)).flatten(-2)
+
+
+def _signature_flat(x, depth):
+    """Levels ``1..depth`` of the signature, each flat ``(..., C^k)``."""
+    d = x[..., 1:, :] - x[..., :-1, :]  # (..., L - 1, C): segment increments
+    if d.shape[-2] == 0:
+        C = x.shape[-1]
+        return [x.new_zeros(*x.shape[:-2], C**k) for k in range(1, depth + 1)]
+    # each segment's signature exp(d): levels d^(k)/k!
+    seg_exp = [d]
+    for k in range(2, depth + 1):
+        seg_exp.append(_tensor(seg_exp[-1], d) / k)
+    # Chen's identity for all segments at once: the signature up to segment i times exp(d_i);
+    # "pre" holds the signatures before each segment (exclusive prefix sums of the "seg" terms)
+    pre, levels = [], []
+    for k in range(1, depth + 1):
+        seg = seg_exp[k - 1]
+        for j in range(1, k):
+            seg = seg + _tensor(pre[j - 1], seg_exp[k - j - 1])
+        pre.append(seg.cumsum(-2) - seg)
+        levels.append(seg.sum(-2))
+    return levels
 
 
 def signature(x: torch.Tensor, depth: int) -> list:
     r"""The signature of the piecewise-linear path through the points ``x`` (``(..., L, C)``),
     to ``depth``: a list ``[S1, S2, ...]`` of tensors of shapes ``(..., C)``, ``(..., C, C)``,
-    ``(..., C, C, C)`` (the level-0 term, 1, omitted). One point (``L = 1``): zeros."""
+    ``(..., C, C, C)``, ... (the level-0 term, 1, omitted). One point (``L = 1``): zeros."""
     _check_path(x)
     _check_depth(depth)
-    d = x[..., 1:, :] - x[..., :-1, :]  # (..., L - 1, C): segment increments
-    if d.shape[-2] == 0:
-        C = x.shape[-1]
-        return [x.new_zeros(*x.shape[:-2], *([C] * k)) for k in range(1, depth + 1)]
-    # prefix signatures before each segment (exclusive cumulative sums) and the segments' terms
-    seg1 = d
-    pre1 = seg1.cumsum(-2) - seg1
-    levels = [seg1.sum(-2)]
-    if depth >= 2:
-        dd = _outer(d, d)  # (..., L - 1, C, C)
-        seg2 = _outer(pre1, d) + dd / 2
-        levels.append(seg2.sum(-3))
-    if depth >= 3:
-        pre2 = seg2.cumsum(-3) - seg2
-        seg3 = _outer(pre2, d) + _outer(pre1, dd.flatten(-2)).view(*dd.shape, -1) / 2 + _outer(dd, d) / 6
-        levels.append(seg3.sum(-4))
-    return levels
+    C = x.shape[-1]
+    return [s.view(*s.shape[:-1], *([C] * k)) for k, s in enumerate(_signature_flat(x, depth), start=1)]
 
 
 def _tensor_log(levels: list) -> list:
-    """``log(1 + X)`` truncated at ``len(levels)``, for ``X`` given by its levels ``1..N``."""
+    """``log(1 + X) = sum_n (-1)^(n+1) X^n / n``, truncated at ``len(levels)``, for ``X`` given by
+    its flat levels ``1..N``."""
     depth = len(levels)
-    x1 = levels[0]
-    out = [x1]
-    if depth >= 2:
-        x11 = _outer(x1, x1)
-        out.append(levels[1] - x11 / 2)
-    if depth >= 3:
-        x2 = levels[1]
-        x1x2 = x1.view(*x1.shape, 1, 1) * x2.unsqueeze(-3)  # X1 ⊗ X2
-        x2x1 = _outer(x2, x1)  # X2 ⊗ X1
-        x111 = _outer(x11, x1)
-        out.append(levels[2] - (x1x2 + x2x1) / 2 + x111 / 3)
+    out = list(levels)
+    power = list(levels)  # X^n by level (None below level n)
+    for n in range(2, depth + 1):
+        nxt = [None] * depth
+        for k in range(n, depth + 1):  # level k of X^n = sum_j (X^(n-1))_j ⊗ X_(k-j)
+            terms = [_tensor(power[j - 1], levels[k - j - 1]) for j in range(n - 1, k) if power[j - 1] is not None]
+            nxt[k - 1] = sum(terms[1:], terms[0])
+        power = nxt
+        sign = 1.0 if n % 2 else -1.0
+        for k in range(n, depth + 1):
+            out[k - 1] = out[k - 1] + (sign / n) * power[k - 1]
     return out
 
 
@@ -145,12 +146,9 @@ def logsignature(x: torch.Tensor, depth: int) -> torch.Tensor:
         >>> logsignature(x, 2)                                        # increments, Lévy area
         tensor([1.0000, 1.0000, 0.5000])
     """
-    levels = _tensor_log(signature(x, depth))
-    C = x.shape[-1]
-    index = _word_index(C, depth)
-    parts = []
-    for k, (level, idx) in enumerate(zip(levels, index), start=1):
-        if idx:
-            flat = level.flatten(-k)
-            parts.append(flat[..., list(idx)])
+    _check_path(x)
+    _check_depth(depth)
+    levels = _tensor_log(_signature_flat(x, depth))
+    index = _word_index(x.shape[-1], depth)
+    parts = [level[..., list(idx)] for level, idx in zip(levels, index) if idx]
     return torch.cat(parts, -1)
