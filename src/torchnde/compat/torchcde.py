@@ -749,10 +749,12 @@ def _cdeint_torchsde(vf, z0, t, adjoint, func, kwargs):
         if not adaptive:
             return ConstantStepSize()
         if not isinstance(solver, AbstractAdaptiveSolver):
+            m = "adjoint_method" if what.startswith("adjoint") else "method"
             raise NotImplementedError(
-                f"{what}=True with method {type(solver).__name__} is not supported by torchnde's backend='torchsde' "
-                "(torchsde estimates the error by step doubling); use method='heun', fixed steps, or "
-                "backend='torchdiffeq' with an adaptive method such as 'dopri5'"
+                f"{what}=True needs {m}='heun' with torchnde's backend='torchsde' (the only one of torchsde's methods "
+                f"with an error estimate here; torchsde estimates any method's error by step doubling), got the "
+                f"{type(solver).__name__} scheme; use {m}='heun', fixed steps, or backend='torchdiffeq' with an "
+                "adaptive method such as 'dopri5'"
             )
         return PIDController(rtol=float(rtol), atol=float(atol), dtmin=float(kwargs.get("dt_min", 1e-5)))
 
