@@ -46,9 +46,13 @@ norms. What differs (values agree to within the tolerances, not bit for bit):
 ``method="scipy_solver"`` (``options=dict(solver=...)``) calls ``scipy.integrate.solve_ivp``, in
 :func:`odeint` only: as in torchdiffeq its result has no gradient.
 
+The fixed-grid Adams methods (``"explicit_adams"``, ``"implicit_adams"``, ``"fixed_adams"``,
+options ``max_order``/``max_iters``) are torchdiffeq's: equal-step coefficients on the history of
+the steps taken, started by RK4 (as in torchdiffeq, ``explicit_adams`` at its default
+``max_order=12`` is unstable at all but small steps).
+
 Not supported (each raises an error saying so): events (``event_fn``, :func:`odeint_event`;
-planned), per-element or per-tensor tolerances, the methods ``explicit_adams``,
-``implicit_adams``, ``fixed_adams``, ``scipy_solver`` in ``odeint_adjoint`` and the implicit methods
+planned), per-element or per-tensor tolerances, ``scipy_solver`` in ``odeint_adjoint``, the implicit methods
 (``implicit_euler``, ``radauIIA5``, ...: planned with torchnde's stiff solvers), the option
 ``interp="linear"`` (with intermediate output times) and a callable ``adjoint_options["norm"]``.
 """
@@ -77,6 +81,7 @@ from ..controllers._grid import StepEnds
 from ..solvers import (
     AbstractAdaptiveERK,
     AbstractERK,
+    AbstractSolver,
     Bosh3,
     ButcherTableau,
     Dopri5,
@@ -86,6 +91,7 @@ from ..solvers import (
     Midpoint,
     Tsit5,
 )
+from ..solvers._base import hermite_coeffs
 
 __all__ = ["odeint", "odeint_adjoint", "odeint_dense", "odeint_event", "SolveError"]
 
@@ -139,6 +145,73 @@ class _Fehlberg2(AbstractAdaptiveERK):
     dense_order = 2
 
 
+def _adams_gammas(n: int, implicit: bool) -> list:
+    """The coefficients gamma_m of the Adams methods in backward-difference form (Hairer, Nørsett
+    & Wanner, Solving ODEs I, III.1): sum_i gamma_{m-i} / (i + 1) = 1 (explicit) or 0 (implicit,
+    m >= 1), gamma_0 = 1."""
+    g = [F(1)]
+    for m in range(1, n):
+        g.append((F(0) if implicit else F(1)) - sum(g[m - i] / (i + 1) for i in range(1, m + 1)))
+    return g
+
+
+def _adams_weights(k: int, implicit: bool) -> list:
+    """Weights on f_n, f_{n-1}, ... (explicit, ``k`` of them) or on f_{n+1}, f_n, ... (implicit,
+    ``k + 1``) of the equal-step Adams--Bashforth / Adams--Moulton formula of order ``k``
+    (implicit: ``k + 1``)."""
+    n = k + 1 if implicit else k
+    g = _adams_gammas(n, implicit)
+    return [(-1) ** j * sum(g[i] * math.comb(i, j) for i in range(j, n)) for j in range(n)]
+
+
+class _Adams(AbstractSolver):
+    """torchdiffeq's fixed-grid Adams methods: ``"explicit_adams"`` (Adams--Bashforth) and
+    ``"implicit_adams"``/``"fixed_adams"`` (an Adams--Bashforth predictor with up to
+    ``max_iters`` Adams--Moulton corrections), of order up to ``max_order`` on the history of
+    the steps taken, with the equal-step coefficients, started by RK4 (3/8 rule) until four
+    derivatives are known. Cubic Hermite dense output."""
+
+    order = 4
+    dense_order = 3
+    _MAX_ORDER = 12
+
+    def __init__(self, implicit: bool, max_order: int = 4, max_iters: int = 4, rtol: float = 1e-3, atol: float = 1e-4):
+        if not 1 <= int(max_order) <= self._MAX_ORDER:
+            raise ValueError(f"max_order must be in 1..{self._MAX_ORDER}, got {max_order}")
+        self.implicit, self.max_order, self.max_iters = implicit, int(max_order), int(max_iters)
+        self.rtol, self.atol = rtol, atol
+        self.rk4 = _RK4ThreeEighths()
+        self.ab = {k: [float(w) for w in _adams_weights(k, False)] for k in range(1, self.max_order + 1)}
+        self.am = {k: [float(w) for w in _adams_weights(k, True)] for k in range(1, self.max_order + 1)}
+
+    def init(self, term, t0, y0):
+        return ()  # the derivatives of the previous steps, newest first
+
+    def step(self, term, t0, t1, y0, hist):
+        h = t1 - t0
+        f0 = term.vf(t0, y0)
+        hist = (f0, *hist)[: self.max_order]
+        if len(hist) < min(4, self.max_order):
+            y1 = self.rk4.step(term, t0, t1, y0, f0)[0]
+        else:
+            k = len(hist)
+            y1 = y0 + h * sum(w * f for w, f in zip(self.ab[k], hist))
+            if self.implicit:
+                w = self.am[max(1, min(k, self.max_order - 1))]
+                rest = y0 + h * sum(wi * f for wi, f in zip(w[1:], hist))
+                for _ in range(self.max_iters):
+                    y_old = y1
+                    y1 = rest + (h * w[0]) * term.vf(t1, y1)
+                    scale = self.atol + self.rtol * torch.maximum(y_old.abs(), y1.abs())
+                    if bool(((y1 - y_old).abs() <= scale).all()):
+                        break
+        return y1, None, (t0, t1, y0, y1, f0), hist[: self.max_order - 1], None
+
+    def dense_coeffs(self, term, dense_info):
+        t0, t1, y0, y1, f0 = dense_info
+        return hermite_coeffs(y0, y1, f0, term.vf(t1, y1), t1 - t0)
+
+
 _ADAPTIVE = {
     "dopri5": Dopri5,
     "dopri8": Dopri8,
@@ -147,15 +220,20 @@ _ADAPTIVE = {
     "adaptive_heun": Heun,
     "tsit5": Tsit5,
 }
-_FIXED = {"euler": Euler, "midpoint": Midpoint, "rk4": _RK4ThreeEighths, "heun2": Heun, "heun3": _Heun3}
+_ADAMS = {"explicit_adams": False, "implicit_adams": True, "fixed_adams": True}
+_FIXED = {
+    "euler": Euler,
+    "midpoint": Midpoint,
+    "rk4": _RK4ThreeEighths,
+    "heun2": Heun,
+    "heun3": _Heun3,
+    **dict.fromkeys(_ADAMS, _Adams),
+}
 _IMPLICIT_HINT = (
     "implicit (stiff) methods are not in torchnde yet (they come with the stiff-solver issue); meanwhile use "
     "'dopri5' with a small max_step, or torchdiffeq for stiff problems"
 )
 _UNSUPPORTED = {
-    "explicit_adams": "multistep methods are not in torchnde; use 'rk4' (fixed steps) or 'dopri5'",
-    "implicit_adams": "multistep methods are not in torchnde; use 'rk4' (fixed steps) or 'dopri5'",
-    "fixed_adams": "multistep methods are not in torchnde; use 'rk4' (fixed steps) or 'dopri5'",
     "scipy_solver": "it is available in odeint only (SciPy's solvers give no gradients, so there is no adjoint "
     "pass); use 'dopri5'/'dopri8'",
     **{
@@ -306,10 +384,21 @@ def _plan_method(method, options, rtol, atol, flat, ts, sign, what):
     options = dict(options or {})
     name, cls = _method_class(method, "method" if what == "options" else "adjoint_method")
     adaptive = name in _ADAPTIVE
+    # the Adams methods' own options
+    adams = {k: options.pop(k) for k in ("max_order", "max_iters") if k in options} if name in _ADAMS else {}
     _check_options(name, adaptive, options, what)
     p = _Plan()
     p.name, p.adaptive = name, adaptive
-    p.solver = cls()
+    if name in _ADAMS:
+        p.solver = _Adams(
+            _ADAMS[name],
+            max_order=adams.get("max_order", _Adams._MAX_ORDER),
+            max_iters=adams.get("max_iters", 4),
+            rtol=_scalar_tol(rtol, "rtol"),
+            atol=_scalar_tol(atol, "atol"),
+        )
+    else:
+        p.solver = cls()
     p.max_num_steps = options.get("max_num_steps")
     if adaptive:
         first_step = options.get("first_step")
@@ -645,14 +734,15 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
             tuple only if all its values are equal).
         method: ``"dopri5"`` (default), ``"dopri8"``, ``"bosh3"``, ``"fehlberg2"``,
             ``"adaptive_heun"``, ``"tsit5"`` (adaptive); ``"euler"``, ``"midpoint"``, ``"rk4"``
-            (3/8 rule), ``"heun2"``, ``"heun3"`` (fixed grid); ``"scipy_solver"`` (SciPy's
+            (3/8 rule), ``"heun2"``, ``"heun3"``, ``"explicit_adams"``, ``"implicit_adams"``,
+            ``"fixed_adams"`` (fixed grid); ``"scipy_solver"`` (SciPy's
             ``solve_ivp`` with ``options=dict(solver="LSODA", min_step=..., max_step=...)``; not
             differentiable).
         options: adaptive methods: ``first_step``, ``min_step``, ``max_step``, ``step_t``,
             ``jump_t``, ``safety``, ``ifactor``, ``dfactor``, ``max_num_steps``, ``dtype``,
             ``norm``. Fixed-grid methods: ``step_size`` or ``grid_constructor`` (default: step
-            from one output time to the next), ``interp="cubic"``, ``perturb``. Any other key
-            raises ``TypeError``.
+            from one output time to the next), ``interp="cubic"``, ``perturb`` (Adams methods:
+            also ``max_order``, ``max_iters``). Any other key raises ``TypeError``.
         event_fn: must be ``None`` (events are not supported yet).
 
     Returns:
