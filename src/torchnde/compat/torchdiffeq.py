@@ -914,7 +914,7 @@ class _ZeroGrads(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, *params):
         ctx.meta = [(p.shape, p.dtype, p.device) for p in params]
-        return x.view_as(x)
+        return x.clone()  # (a view would forbid in-place changes of the result)
 
     @staticmethod
     def backward(ctx, grad):
