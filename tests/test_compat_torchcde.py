@@ -349,21 +349,23 @@ def test_gradients_with_respect_to_observation_and_output_times():
     x = torch.rand(1, 10, 3, dtype=F64, generator=torch.Generator().manual_seed(1))
     z0 = torch.rand(1, 3, dtype=F64, generator=torch.Generator().manual_seed(2))
     grads = {}
-    for lib, adjoint in ((tcde, False), (tcde, True), (torchcde, False)):
+    for lib, adjoint, h in ((tcde, False, 0.5), (torchcde, False, 0.5), (tcde, False, 0.1), (tcde, True, 0.1)):
         t = torch.linspace(0, 9, 10, dtype=F64, requires_grad=True)
         path = x.clone().requires_grad_()
         coeffs = lib.natural_cubic_coeffs(path, t)
         X = lib.CubicSpline(coeffs, t)
         t_ = torch.tensor([0.0, 9.0], dtype=F64, requires_grad=True)
         kw = dict(adjoint_params=(*f.parameters(), coeffs, t)) if adjoint else {}
-        z = lib.cdeint(X=X, func=f, z0=z0, t=t_, adjoint=adjoint, method="dopri5", rtol=1e-9, atol=1e-10, **kw)
-        grads[lib.__name__, adjoint] = torch.autograd.grad(z[:, 1].sum(), [t, path, t_, f.v])
-    mine, adj, ref = grads[tcde.__name__, False], grads[tcde.__name__, True], grads[torchcde.__name__, False]
-    # (backpropagation through adaptive steps differentiates the step sequence too: the two
-    # libraries' step sequences differ, so their gradients agree to ~1e-4, not to the tolerance)
-    for a, b, c in zip(mine, adj, ref):
-        torch.testing.assert_close(a, c, rtol=1e-3, atol=1e-3)
-        torch.testing.assert_close(b, c, rtol=1e-3, atol=1e-3)
+        z = lib.cdeint(X=X, func=f, z0=z0, t=t_, adjoint=adjoint, method="rk4", options=dict(step_size=h), **kw)
+        grads[lib.__name__, adjoint, h] = torch.autograd.grad(z[:, 1].sum(), [t, path, t_, f.v])
+    # the same discretisation: backpropagation agrees with torchcde's to rounding (t_: torchnde
+    # differentiates the exact flow, dy/dt = f, torchcde the discrete one); the continuous adjoint
+    # agrees with backpropagation to the discretisation error
+    mine, ref = grads[tcde.__name__, False, 0.5], grads[torchcde.__name__, False, 0.5]
+    for i, (a, c) in enumerate(zip(mine, ref)):
+        torch.testing.assert_close(a, c, **(dict(rtol=1e-3, atol=1e-3) if i == 2 else dict(rtol=1e-9, atol=1e-9)))
+    for a, b in zip(grads[tcde.__name__, False, 0.1], grads[tcde.__name__, True, 0.1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_misc_helpers_and_interpret_t():
@@ -409,7 +411,7 @@ def test_tuple_states_with_tuple_control(adjoint):
             tcde.CubicSpline(tcde.natural_cubic_coeffs(xa * w)), tcde.CubicSpline(tcde.natural_cubic_coeffs(xb * w))
         )
         z0 = (za, zb * w)
-        out = tcde.cdeint(X, func, z0, X.interval, adjoint=adj, method="rk4", options=dict(step_size=0.05))
+        out = tcde.cdeint(X, func, z0, X.interval, adjoint=adj, method="rk4", options=dict(step_size=0.2))
         assert out[0].shape == (2, 2, 3) and out[1].shape == (2, 5)
         grads.append(torch.autograd.grad(out[0].sum() + out[1].square().sum(), w))
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-4)
