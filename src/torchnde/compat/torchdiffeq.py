@@ -515,8 +515,8 @@ class _TimeAsTensor:
         return r.to(self.device)
 
     def __call__(self, t, y, args):
-        if self.exact:
-            return self.func(float(t), y)
+        if self.exact:  # (a time tensor that requires grad must reach it as it is)
+            return self.func(t, y)
         return self.func(self.time(t), y)
 
 
