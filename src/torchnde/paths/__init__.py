@@ -1,8 +1,9 @@
-"""Paths that drive control terms: Brownian motion and interpolations of data."""
+"""Paths that drive control terms: Brownian motion and interpolations of data, and signatures of paths."""
 
 from ._base import AbstractBrownianPath, AbstractPath, BrownianIncrement
 from ._brownian import BrownianGrid, VirtualBrownianTree
 from ._interp import CubicSpline, HermiteCubic, LinearInterpolation, RectilinearInterpolation, pad_sequences
+from ._logsig import logsignature, logsignature_channels, lyndon_words, signature
 
 __all__ = [
     "AbstractPath",
@@ -15,4 +16,8 @@ __all__ = [
     "HermiteCubic",
     "CubicSpline",
     "pad_sequences",
+    "signature",
+    "logsignature",
+    "logsignature_channels",
+    "lyndon_words",
 ]
