@@ -521,9 +521,11 @@ class _TimeAsTensor:
 
 
 def _term(vf: _TimeAsTensor) -> ODETerm:
-    """The ODETerm of ``vf``, which takes the loop's exact float time (it makes its own tensor)."""
+    """The ODETerm of ``vf``: the loop's exact float time where ``vf`` must round it itself (jumps,
+    perturb) or its function takes floats; else torchnde's cached time tensors."""
+    exact = vf.exact or vf.perturb or bool(vf.jumps and vf.dtype != torch.float64)
     try:
-        return ODETerm(vf, time_as_float=True)
+        return ODETerm(vf, time_as_float=exact)
     except TypeError:  # an ODETerm that always passes the float time
         return ODETerm(vf)
 
