@@ -507,13 +507,13 @@ def test_ito_sdeint_adjoint(noise):
     tt = torch.linspace(0, 1, 3, dtype=F64)
     bm = bm_for(noise, levy="none")
     params = [y0, *sde.parameters()]
-    ys = ts.sdeint(sde, y0, tt, bm=bm, method=method, dt=1e-3)
+    ys = ts.sdeint(sde, y0, tt, bm=bm, method=method, dt=1e-2)
     g_direct = torch.autograd.grad((ys**2).sum(), params)
-    ys_adj = ts.sdeint_adjoint(sde, y0, tt, bm=bm, method=method, dt=1e-3)
+    ys_adj = ts.sdeint_adjoint(sde, y0, tt, bm=bm, method=method, dt=1e-2)
     torch.testing.assert_close(ys_adj, ys, rtol=0, atol=1e-12)
     g_adj = torch.autograd.grad((ys_adj**2).sum(), params)
     for a, b in zip(g_adj, g_direct):
-        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-2)
     # torchsde's latent-SDE usage: Itô, euler, logqp
     ys_q, lq = ts.sdeint_adjoint(sde, y0, tt, bm=bm_for(noise, levy="none") if noise != "diagonal" else None,
                                  method="euler", logqp=True, dt=0.01)  # fmt: skip
@@ -570,3 +570,32 @@ def test_adjoint_through_a_context_computed_outside_the_solve(sde_type):
         grads.append(torch.autograd.grad(ys.sum(), params))
     for a, b in zip(*grads):
         torch.testing.assert_close(b, a, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("method", ["milstein", "srk", "reversible_heun"])
+def test_adjoint_with_constant_or_parameter_free_fields(method):
+    """torchsde's test_basic: drift and diffusion that do not depend on y, or on no parameter
+    that requires grad: backward works, unused adjoint parameters get zero gradients."""
+
+    class Const(torch.nn.Module):
+        noise_type = "diagonal"
+
+        def __init__(self, uses_param):
+            super().__init__()
+            self.sde_type = "stratonovich" if method == "reversible_heun" else "ito"
+            self.p = torch.nn.Parameter(torch.ones(1, D, dtype=F64))
+            self.unused = torch.nn.Parameter(torch.ones(1, D, dtype=F64))
+            self.uses_param = uses_param
+
+        def f(self, t, y):
+            return (self.p * 0.2 if self.uses_param else 0.1) + torch.zeros_like(y)
+
+        def g(self, t, y):
+            return torch.sigmoid(self.p * 0.3 if self.uses_param else torch.zeros_like(y)) + torch.zeros_like(y)
+
+    for uses_param in (True, False):
+        sde = Const(uses_param)
+        ys = ts.sdeint_adjoint(sde, torch.full((B, D), 0.1, dtype=F64), [0.0, 0.5], method=method, dt=0.05)
+        ys.sum().backward()
+        assert torch.equal(sde.unused.grad, torch.zeros_like(sde.unused))
+        assert (sde.p.grad.abs().sum() > 0) == uses_param

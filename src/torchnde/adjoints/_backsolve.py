@@ -229,4 +229,6 @@ class _AugmentedSDE(SDETerm):
         for i, v in enumerate(vjps[1:]):
             self.reached[i] = self.reached[i] or v is not None
         dg = [torch.zeros_like(w, dtype=self.dtype) if v is None else -v.to(self.dtype) for w, v in zip(wrt, vjps[1:])]
-        return (inc.detach(), -vjps[0], *dg)
+        # an increment that does not depend on y (constant drift and diffusion): zero VJP
+        da = torch.zeros_like(a) if vjps[0] is None else -vjps[0]
+        return (inc.detach(), da, *dg)

@@ -1474,7 +1474,7 @@ def sdeint_adjoint(
                 "method='reversible_heun' with adaptive or adjoint_adaptive is not supported by torchnde's "
                 "ReversibleAdjoint; use fixed steps (dt=...)"
             )
-        return _parse_return(p, _run(p, ReversibleAdjoint()), extra)
+        return _parse_return(p, _with_adjoint_params(_run(p, ReversibleAdjoint()), sde, adjoint_params), extra)
     if p.method == "reversible_heun":
         warnings.warn(
             f"method='reversible_heun', but adjoint_method!='adjoint_reversible_heun' ({adj_method!r}).", stacklevel=2
@@ -1505,9 +1505,33 @@ def sdeint_adjoint(
         # fixed steps of dt backwards (through the forward grid when the forward solve was fixed-step)
         controller = p.controller if not p.adaptive else ConstantStepSize()
     adjoint = BacksolveAdjoint(solver=back, controller=controller)
-    if ito_correction:
-        return _parse_return(p, _ito_adjoint(p, back, adjoint), extra)
-    return _parse_return(p, _run(p, adjoint), extra)
+    ys = _ito_adjoint(p, back, adjoint) if ito_correction else _run(p, adjoint)
+    return _parse_return(p, _with_adjoint_params(ys, sde, adjoint_params), extra)
+
+
+class _ZeroGrads(torch.autograd.Function):
+    """``ys`` unchanged, with zero gradients for ``params``: torchsde's ``sdeint_adjoint`` output
+    depends on every adjoint parameter that requires grad (zero gradients for unused ones), so
+    ``loss.backward()`` works even when the SDE uses none of them."""
+
+    @staticmethod
+    def forward(ctx, ys, *params):
+        ctx.likes = [(p.shape, p.dtype, p.device) for p in params]
+        return ys.view_as(ys)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad, *(torch.zeros(s, dtype=d, device=v) for s, d, v in ctx.likes))
+
+
+def _with_adjoint_params(ys, sde, adjoint_params):
+    if not torch.is_grad_enabled():
+        return ys
+    params = sde.parameters() if adjoint_params is None else adjoint_params
+    params = [x for x in params if isinstance(x, torch.Tensor) and x.requires_grad]
+    if not params:
+        return ys
+    return _ZeroGrads.apply(ys, *params)
 
 
 def _ito_adjoint(p: _Plan, back: AbstractSolver, adjoint: BacksolveAdjoint):

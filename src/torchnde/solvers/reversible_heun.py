@@ -71,15 +71,18 @@ class ReversibleHeun(AbstractReversibleSolver):
             z1_ = z1.detach().requires_grad_()
             k1 = _prod(term, _vf(term, t1, z1_), c)
             # y1 depends on z1 through K(z1): the adjoint of z1 gains J^T a_y / 2
-            g1 = torch.autograd.grad(k1, (z1_, *wrt), a_y * 0.5, allow_unused=True)
-        a_z1 = a_z + g1[0]
+            # retain_graph: tensors computed outside the solve from parameters keep their graph for
+            # the next step's VJP (the step's own graph is freed with k1 all the same)
+            g1 = torch.autograd.grad(k1, (z1_, *wrt), a_y * 0.5, allow_unused=True, retain_graph=True)
+        a_z1 = a_z if g1[0] is None else a_z + g1[0]  # None: K does not depend on z
         z0 = (2 * y1 - z1 - k1).detach()
         with torch.enable_grad():
             z0_ = z0.requires_grad_()
             k0 = _prod(term, _vf(term, t0, z0_), c)
-            g0 = torch.autograd.grad(k0, (z0_, *wrt), a_z1 + a_y * 0.5, allow_unused=True)
+            g0 = torch.autograd.grad(k0, (z0_, *wrt), a_z1 + a_y * 0.5, allow_unused=True, retain_graph=True)
         y0 = y1 - 0.5 * (k0.detach() + k1.detach())
-        return y0, z0, a_y + 2 * a_z1, g0[0] - a_z1, [*g1[1:], *g0[1:]]
+        a_z0 = -a_z1 if g0[0] is None else g0[0] - a_z1
+        return y0, z0, a_y + 2 * a_z1, a_z0, [*g1[1:], *g0[1:]]
 
 
 def _vf(term, t, z):
