@@ -10,16 +10,27 @@ types and return values are torchsde's (0.2.x). The ``sde`` object is used as in
 ``f(t, y)`` and ``g(t, y)`` (or ``f_and_g``; ``h`` for ``logqp``), ``noise_type`` and ``sde_type``;
 ``t`` is a 0-d tensor of ``ts``'s dtype. ``y0`` is ``(batch, d)``, the result ``(len(ts), batch, d)``.
 
+Also torchsde's ``BaseSDE``, ``SDEIto``, ``SDEStratonovich``, ``BaseBrownian``,
+``ReverseBrownian``, ``brownian_interval_like`` and the ``settings`` containers (``METHODS``,
+``NOISE_TYPES``, ``SDE_TYPES``, ``LEVY_AREA_APPROXIMATIONS``, ``METHOD_OPTIONS``).
+
 What is computed the same way:
 
-* the time grid: fixed steps ``ts[0] + dt, ts[0] + 2 dt, ...`` accumulated as torchsde does,
-  the last step clamped to ``ts[-1]``; outputs between steps are linear interpolations of the
-  steps around them (the steps do not land on ``ts``), so with the same Brownian path a fixed-step
-  solve reproduces torchsde's to rounding error for every method whose scheme is the same;
-* the schemes of ``"euler"``, ``"milstein"``, ``"midpoint"``, ``"heun"``, ``"euler_heun"``,
-  ``"reversible_heun"`` and ``"srk"`` on additive noise (Rößler's SRA1);
-* the ``logqp`` penalty (``0.5 |u|^2`` with ``g u = f - h``, integrated as an extra state) and
-  ``names=`` renaming.
+* the time grid: fixed steps ``ts[0] + dt, ts[0] + 2 dt, ...`` accumulated in ``ts``'s dtype as
+  torchsde does, the last step clamped to ``ts[-1]``, each step ending exactly on the grid;
+  outputs between steps are linear interpolations of the steps around them (the steps do not land
+  on ``ts``), so with the same Brownian path a fixed-step solve reproduces torchsde's to rounding
+  error for every method;
+* the schemes of ``"euler"``, ``"milstein"``, ``"srk"`` (Rößler's SRA1 on additive noise, SRID2
+  on diagonal and scalar noise: :class:`~torchnde.solvers.SRID2`), ``"midpoint"``, ``"heun"``,
+  ``"euler_heun"``, ``"reversible_heun"`` and ``"log_ode"`` (the log-ODE midpoint scheme with the
+  Brownian motion's Davie/Foster Lévy area);
+* ``adaptive=True``: torchsde's error estimate (one full step against two half steps, for every
+  method) and its step-size rule, outputs interpolated between steps: the same steps and values;
+* the ``logqp`` penalty (``0.5 |u|^2`` with ``g u = f - h``, integrated as an extra state),
+  ``names=`` renaming, ``extra=True`` (``()``, or ``(f, g, z)`` for ``"reversible_heun"``, which
+  ``extra_solver_state=`` resumes from), SDEs that define only ``g_prod`` / ``f_and_g_prod`` (the
+  diffusion matrix is recovered column by column: ``m`` products per evaluation on general noise).
 
 The noise types become a :class:`~torchnde.ControlTerm`: ``"diagonal"`` → ``noise="diagonal"``;
 ``"scalar"`` (``g`` of shape ``(batch, d, 1)``) → ``noise="scalar"`` with ``g`` squeezed;
@@ -28,28 +39,21 @@ calculus is declared from ``sde_type``.
 
 What differs:
 
-* ``method="srk"`` for diagonal or scalar noise (torchsde: Rößler's SRID2, strong order 1.5) is
-  not available: it raises ``NotImplementedError`` naming ``"milstein"`` (strong order 1). The
-  *default* method of an Itô SDE with diagonal or scalar noise (torchsde: ``"srk"``) is therefore
-  ``"milstein"`` here.
-* ``adaptive=True``: torchsde estimates the error of every method by step doubling and uses its
-  own step-size rule. Here ``"heun"`` uses its embedded Euler estimate and every other method the
-  same step doubling (one full step against two half steps, keeping the latter), both driven by
-  :class:`~torchnde.PIDController` (``rtol``, ``atol``, ``dtmin=dt_min`` with steps of ``dt_min``
-  forced through, as in torchsde), so the adaptive steps are not torchsde's.
 * the default Brownian motion is a :class:`~torchnde.VirtualBrownianTree` seeded from torch's
   global generator (``torch.manual_seed`` makes it reproducible; torchsde draws from numpy). The
   Brownian classes here give other sample paths than torchsde's for the same ``entropy``.
 * ``sdeint_adjoint`` uses :class:`~torchnde.BacksolveAdjoint` (or, for ``"reversible_heun"``,
   :class:`~torchnde.ReversibleAdjoint`, exact gradients of the computed solution); gradients reach
-  every tensor ``f`` and ``g`` use, whether or not it is listed in ``adjoint_params``.
+  every tensor ``f`` and ``g`` use, whether or not it is listed in ``adjoint_params`` (unused
+  listed parameters get zeros). On an Itô SDE with non-additive noise the values are ``sdeint``'s
+  and the gradients those of the stochastic adjoint of the SDE's Stratonovich form (drift minus
+  ``½ Σ_j (∂g_j/∂y) g_j``), solved backwards with the midpoint method whatever the Itô
+  ``adjoint_method``; this costs one extra forward solve of the Stratonovich form.
 * unknown keyword arguments, unknown ``options`` and unknown ``names`` keys raise ``TypeError``
   (torchsde warns or ignores them).
 
-Not supported (each raises ``NotImplementedError`` naming the alternative): ``method="log_ode"``,
-``"srk"`` for non-additive noise, SDEs that define only ``g_prod`` / ``f_and_g_prod`` (define
-``g``), ``extra=True`` / ``extra_solver_state`` with ``"reversible_heun"`` (whose extra state is
-internal here), ``W=``/``H=``/``w1=`` (conditioning a Brownian motion on its end value).
+Not supported (``NotImplementedError`` naming the alternative): ``extra=True`` /
+``extra_solver_state`` with ``"reversible_heun"`` in ``sdeint_adjoint`` or with ``adaptive=True``.
 """
 
 from __future__ import annotations
@@ -602,7 +606,9 @@ class BrownianInterval(_TreeBrownian):
     approximation of the Lévy area through ``return_A=True``. ``tol > 0`` is the tree's
     resolution in time. ``dt``, ``pool_size``, ``cache_size`` and ``halfway_tree`` tune torchsde's
     data structure and are accepted without effect (the tree is always query-order independent,
-    like torchsde's ``halfway_tree=True``). ``W``/``H`` (the end values) are not supported.
+    like torchsde's ``halfway_tree=True``). ``W`` (and with a Lévy area ``H``) condition the path
+    on its increment (and space-time Lévy area) over ``[t0, t1]``; ``size``, ``dtype`` and
+    ``device`` then default to ``W``'s.
 
     Example:
         >>> bm = BrownianInterval(t0=0.0, t1=1.0, size=(4, 1), entropy=0)
@@ -655,7 +661,7 @@ class BrownianTree(_TreeBrownian):
     """torchsde's ``BrownianTree(t0, w0, t1=None, w1=None, entropy=None, tol=1e-6, ...)``: a
     Brownian motion of ``w0``'s shape, dtype and device with ``W(t0) = w0``, over ``[t0, t1]``
     (``t1`` defaults to ``t0 + 1``). ``pool_size``, ``cache_depth`` and ``safety`` are accepted
-    without effect; ``w1`` is not supported."""
+    without effect; ``w1`` conditions the path on ``W(t1) = w1``."""
 
     _VALID = ("t0", "w0", "t1", "w1", "entropy", "tol", "pool_size", "cache_depth", "safety")
 
@@ -1363,22 +1369,24 @@ def sdeint(
             :class:`BrownianTree`, :class:`BrownianPath`, any torchnde Brownian path, or a
             torchsde Brownian motion. Default: a new :class:`BrownianInterval` over
             ``[ts[0], ts[-1]]`` (with the space-time Lévy area if the method needs it).
-        method: ``"euler"``, ``"milstein"``, ``"srk"`` (additive noise), ``"midpoint"``,
-            ``"heun"``, ``"euler_heun"``, ``"reversible_heun"``. Default: ``"midpoint"`` for
-            Stratonovich SDEs; for Itô SDEs ``"srk"`` (additive), ``"milstein"`` (diagonal,
-            scalar; torchsde: ``"srk"``), ``"euler"`` (general).
+        method: ``"euler"``, ``"milstein"``, ``"srk"`` (SRA1 on additive, SRID2 on diagonal and
+            scalar noise), ``"midpoint"``, ``"heun"``, ``"euler_heun"``, ``"reversible_heun"``,
+            ``"log_ode"`` (needs ``levy_area_approximation="davie"`` or ``"foster"``). Default
+            (torchsde's): ``"midpoint"`` for Stratonovich SDEs; for Itô SDEs ``"srk"``, or
+            ``"euler"`` on general noise.
         dt: the step size (fixed steps) or the initial step size (``adaptive=True``).
         adaptive, rtol, atol, dt_min: adaptive stepping (see the module docstring).
         options: ``{"grad_free": bool}`` for ``"milstein"``; no other options.
         names: rename the methods of ``sde``: keys ``"drift"``, ``"diffusion"``,
-            ``"prior_drift"``, ``"drift_and_diffusion"``, ``"drift_and_diffusion_prod"``.
+            ``"prior_drift"``, ``"diffusion_prod"``, ``"drift_and_diffusion"``,
+            ``"drift_and_diffusion_prod"``.
         logqp: also return the increments of the log-ratio penalty
             :math:`\\int \\tfrac12 |u|^2 dt` with :math:`g u = f - h` between output times,
             ``(len(ts) - 1, batch)``.
-        extra: also return the solver's extra state (``()``: no method here carries any that is
-            exposed; not supported for ``"reversible_heun"``).
-        extra_solver_state: ignored by the stateless methods, as in torchsde; not supported for
-            ``"reversible_heun"``.
+        extra: also return the solver's extra state: ``()`` for the stateless methods, torchsde's
+            ``(f, g, z)`` for ``"reversible_heun"`` (fixed steps).
+        extra_solver_state: ignored by the stateless methods, as in torchsde; for
+            ``"reversible_heun"`` the ``(f, g, z)`` to continue from.
 
     Returns:
         ``ys`` of shape ``(len(ts), batch, d)``; with ``logqp`` also the log-ratio increments; with
