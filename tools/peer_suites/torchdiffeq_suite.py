@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _shim import write_shim  # noqa: E402 (a sibling module)
+
 SHIM = '''"""Shim: torchdiffeq's names, computed by torchnde (built by tools/peer_suites)."""
 from torchnde.compat.torchdiffeq import *  # noqa: F401,F403
 from torchnde.compat.torchdiffeq import __all__  # noqa: F401
@@ -88,11 +90,7 @@ def cause(msg: str, test_id: str = "") -> str:
 
 
 def build_shim(root: Path) -> Path:
-    pkg = root / "torchdiffeq"
-    pkg.mkdir(parents=True, exist_ok=True)
-    (pkg / "__init__.py").write_text(SHIM)
-    (root / "_torchnde_shim_report.py").write_text(PLUGIN)
-    return root
+    return write_shim(root, "torchdiffeq", {"__init__.py": SHIM}, {"_torchnde_shim_report.py": PLUGIN})
 
 
 def _env(paths: list[str]) -> dict:
