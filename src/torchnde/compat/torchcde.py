@@ -723,14 +723,7 @@ def _cdeint_torchsde(vf, z0, t, adjoint, func, kwargs):
             f"cdeint(backend='torchsde') with {refused} is not supported by torchnde (they concern the noise or a "
             "KL term, which a CDE does not have)"
         )
-    allowed = _SDE_KWARGS + (_SDE_ADJOINT_KWARGS if adjoint else ())
-    unknown = [k for k in kwargs if k not in allowed]
-    if unknown:
-        extra = " (adjoint_* arguments need adjoint=True)" if any(k in _SDE_ADJOINT_KWARGS for k in unknown) else ""
-        raise TypeError(
-            f"cdeint(backend='torchsde') got unexpected keyword argument(s) {unknown}{extra}; valid are "
-            f"{', '.join(allowed)}"
-        )
+    _check_kwargs(kwargs, _SDE_KWARGS, _SDE_ADJOINT_KWARGS, adjoint, "cdeint(backend='torchsde')")
     sde_type = getattr(func, "sde_type", "stratonovich")
     noise_type = getattr(func, "noise_type", "additive")
     default = (
@@ -820,6 +813,15 @@ def _ode_term(vf):
     return ODETerm(vf, time_as_float=True)  # the exact float time: the knot search needs no sync
 
 
+def _check_kwargs(kwargs, solve_kwargs, adjoint_kwargs, adjoint, where):
+    """A TypeError naming the keyword arguments a backend does not take (and the valid ones)."""
+    allowed = solve_kwargs + (adjoint_kwargs if adjoint else ())
+    unknown = [k for k in kwargs if k not in allowed]
+    if unknown:
+        extra = " (adjoint_* arguments need adjoint=True)" if any(k in adjoint_kwargs for k in unknown) else ""
+        raise TypeError(f"{where} got unexpected keyword argument(s) {unknown}{extra}; valid are {', '.join(allowed)}")
+
+
 def _warn_outside(X, t):
     """A warning if the output times leave the control's interval (the path is extrapolated)."""
     path = _native_path(X.controls[0] if isinstance(X, TupleControl) else X)
@@ -876,13 +878,7 @@ def cdeint(X, func, z0, t, adjoint=True, backend="torchdiffeq", **kwargs):
     if backend not in ("torchdiffeq", "torchsde"):
         raise ValueError(f"Unrecognised backend={backend}")
     if backend == "torchdiffeq":
-        allowed = _SOLVE_KWARGS + (_ADJOINT_KWARGS if adjoint else ())
-        unknown = [k for k in kwargs if k not in allowed]
-        if unknown:
-            extra = " (adjoint_* arguments need adjoint=True)" if any(k in _ADJOINT_KWARGS for k in unknown) else ""
-            raise TypeError(
-                f"cdeint() got unexpected keyword argument(s) {unknown}{extra}; valid are {', '.join(allowed)}"
-            )
+        _check_kwargs(kwargs, _SOLVE_KWARGS, _ADJOINT_KWARGS, adjoint, "cdeint()")
     if not callable(getattr(X, "derivative", None)):
         raise ValueError("X must have a 'derivative' method.")
     if isinstance(z0, list):
