@@ -37,6 +37,7 @@ import torch
 
 from . import _rng
 from ._base import AbstractBrownianPath, BrownianIncrement
+from ._chains import ChainCache, levy_numpy
 
 __all__ = ["VirtualBrownianTree", "BrownianGrid"]
 
@@ -423,6 +424,41 @@ def _position_maps(start: np.ndarray, end: np.ndarray, h: np.ndarray, d: int) ->
     return m[:, :d, :d]
 
 
+def _leaf_parts(ka, kb, ra, rb, lo, h, ell, E, step, d, split=_split_many):
+    """Weights of the leaf parts of intervals ``[lo, lo + h]`` whose ends lie in leaves ``ka``,
+    ``kb`` (of length ``ell``, ``2**E`` lattice steps of ``step``) at fractions ``ra``, ``rb``:
+    ``[ra, rb]`` of a shared leaf, else the tail of ``ka`` and the head of ``kb``. Returns
+    ``(same, diff, lq, g_stats, g_normals)``: the parts of the shared leaves, then the tails, then
+    the heads; ``lq`` the interval of each part, and the ``(P, d, d)`` maps by which the leaf's
+    stats and its bridge normals enter the interval's stats. ``split``: :func:`_split_many` (or a
+    function with its values, row by row)."""
+    q = ka.shape[0]
+    qi = np.arange(q)
+    same = ka == kb
+    diff = ~same
+    nd = int(diff.sum())
+    r_from = np.concatenate([ra[same], ra[diff], np.zeros(nd)])
+    r_to = np.concatenate([rb[same], np.ones(nd), rb[diff]])
+    lq = np.concatenate([qi[same], qi[diff], qi[diff]])
+    start = np.concatenate([np.zeros(q), ((kb << E) - lo)[diff] * step])
+    end = np.concatenate([h[same], (((ka + 1) << E) - lo)[diff] * step, h[diff]])
+    a_from, b_from = split(r_from, ell, d)
+    a_to, b_to = split(r_to, ell, d)
+    c1, c2 = _combine_many(r_from * ell, (r_to - r_from) * ell, d)
+    c2i = np.linalg.inv(c2) if d > 1 else c2
+    pm = _position_maps(start, end, h[lq], d)
+    return same, diff, lq, pm @ c2i @ (a_to - c1 @ a_from), pm @ c2i @ (b_to - c1 @ b_from)
+
+
+def _sibling_maps(lev, sib, lo, h, T, step, d):
+    """Weights of sibling nodes ``sib`` (children of level-``lev`` nodes, on a lattice of ``2**T``
+    steps of ``step``) inside intervals ``[lo, lo + h]``: :func:`_position_maps`."""
+    shift = T - 1 - lev
+    s0 = ((sib << shift) - lo) * step
+    s1 = (((sib + 1) << shift) - lo) * step
+    return _position_maps(s0, s1, h, d)
+
+
 def _levy_rows(x: torch.Tensor, h: np.ndarray, sign: np.ndarray, dtype, work=None):
     """Local stats ``(Q, d, C)`` over intervals of lengths ``h`` -> ``(W, H, K)``, each ``(Q, C)`` in
     ``dtype`` (or None), reversed where ``sign < 0`` (``W -> -W``, ``H -> H``, ``K -> -K``). The
@@ -583,6 +619,11 @@ class VirtualBrownianTree(_PathBase):
         self._prev = None
         self._last_key = None
         self._last = None
+        # single intervals of small shapes: kept root-to-leaf chains (see _chains.py)
+        small = (2 * self._depth + 4) * d * self._ek32.shape[0] <= _BATCH_ELEMENTS
+        self._chains = (
+            ChainCache(self, (_STREAM_SPLIT, _STREAM_LEAF), _split_many) if self._depth > 0 and small else None
+        )
 
     def _condition(self, W: torch.Tensor, H: torch.Tensor | None = None) -> None:
         """Condition the tree on its increment ``W = W(t1) - W(t0)`` (a tensor of the path's shape)
@@ -614,6 +655,8 @@ class VirtualBrownianTree(_PathBase):
                 rows.append(h * (0.5 * w + H.detach().reshape(-1).to(root)))
         self._root = torch.stack(rows)
         self._chain = None
+        if self._chains is not None:
+            self._chains.clear()
         self._block, self._block_vals, self._block_last, self._prev, self._last_key, self._last = (
             {},
             None,
@@ -679,7 +722,14 @@ class VirtualBrownianTree(_PathBase):
             self._speculate(s_, t_ - s_)
             self._block_last = False
             return self._answer(self._block_vals, self._block[(lo, hi)], sign, t - s)
-        vals = self._levy_of(np.array([lo]), np.array([hi]), None, keep=nt)
+        if self._chains is not None:  # small shapes: from the kept chains (same values)
+            x, h = self._chains.interval(self, lo, hi), (hi - lo) * self._q
+            if isinstance(x, np.ndarray):
+                vals = levy_numpy(x, h, self.dtype)
+            else:
+                vals = _levy_rows(x, np.array([h]), np.ones(1), self.dtype, self._work)
+        else:
+            vals = self._levy_of(np.array([lo]), np.array([hi]), None, keep=nt)
         out = self._answer(vals, 0, sign, t - s)
         self._last_key, self._last = key, out
         return out
@@ -699,6 +749,45 @@ class VirtualBrownianTree(_PathBase):
         self._block_vals = self._levy_of(lo, hi, None, keep=pts[-1])
         self._block = {(int(a), int(b)): i for i, (a, b) in enumerate(zip(lo.tolist(), hi.tolist()))}
 
+    def _leaf_maps(self, lo: int, hi: int, sib_lev: np.ndarray, sib_node: list):
+        """The weights of one interval's pieces, as :meth:`_compute` computes them: its leaf parts'
+        (stats, then bridge normals: the shared leaf's, or the tail of ``lo``'s and the head of
+        ``hi``'s) and its siblings' (at levels ``sib_lev``)."""
+        D, E, d = self._depth, self._extra, self._d
+        top = (1 << D) - 1
+        ell = self._span * 2.0**-D
+        ka, kb = min(lo >> E, top), min(hi >> E, top)
+        ra, rb = (lo - (ka << E)) / float(1 << E), (hi - (kb << E)) / float(1 << E)
+        if d == 1:
+            # every map of _leaf_parts is 1 x 1 and its products are by 1.0 (exact): the weights
+            # are the differences of the split coefficients a = r, b = sqrt(r (1 - r) ell)
+            def b(r):
+                return math.sqrt(max(r * (1 - r), 0.0) * ell)
+
+            if ka == kb:
+                g_stats, g_normals = [rb - ra], [b(rb) - b(ra)]
+            else:
+                g_stats, g_normals = [1.0 - ra, rb - 0.0], [b(1.0) - b(ra), b(rb) - b(0.0)]
+            ones = np.ones((sib_lev.shape[0], 1, 1))
+            return np.array(g_stats).reshape(-1, 1, 1), np.array(g_normals).reshape(-1, 1, 1), ones
+        lo_, hi_ = np.array([lo], dtype=np.int64), np.array([hi], dtype=np.int64)
+        h = (hi_ - lo_) * self._q
+        split = self._chains.split_rows
+        _, _, _, g_stats, g_normals = _leaf_parts(
+            np.array([ka]), np.array([kb]), np.array([ra]), np.array([rb]), lo_, h, ell, E, self._q, d, split
+        )
+        n = sib_lev.shape[0]
+        g_sib = _sibling_maps(
+            sib_lev,
+            np.array(sib_node, dtype=np.int64),
+            np.full(n, lo, dtype=np.int64),
+            np.full(n, h[0]),
+            self._bits,
+            self._q,
+            d,
+        )
+        return g_stats, g_normals, g_sib
+
     def _levy_of(self, lo: np.ndarray, hi: np.ndarray, rows, keep=None):
         x = self._compute(lo, hi, rows, keep)
         out = _levy_rows(x, (hi - lo) * self._q, np.ones(lo.shape[0]), self.dtype, self._work)
@@ -709,6 +798,8 @@ class VirtualBrownianTree(_PathBase):
         # scratch buffers and the kept chain are caches: not copied or pickled
         state = dict(self.__dict__)
         state.update(_work=_Work(self.device), _chain=None, _chain_buf=None)
+        if self._chains is not None:
+            state["_chains"] = self._chains.fresh(self)
         return state
 
     def _answer(self, vals, row: int, sign: float, dt) -> BrownianIncrement:
@@ -863,23 +954,8 @@ class VirtualBrownianTree(_PathBase):
         ka, kb = leaf[:q], leaf[q:]
         ell = self._span * 2.0**-D
         h = (hi - lo) * self._q
-        qi = np.arange(q)
-        same = ka == kb
-        diff = ~same
-        nd = int(diff.sum())
-        # leaf parts: [ra, rb] of a shared leaf, else the tail of a's leaf and the head of b's
-        ra, rb = frac[:q], frac[q:]
-        r_from = np.concatenate([ra[same], ra[diff], np.zeros(nd)])
-        r_to = np.concatenate([rb[same], np.ones(nd), rb[diff]])
-        lq = np.concatenate([qi[same], qi[diff], qi[diff]])
+        same, diff, lq, g_stats, g_normals = _leaf_parts(ka, kb, frac[:q], frac[q:], lo, h, ell, E, self._q, d)
         lpos = np.concatenate([ia[same], ia[diff], ib[diff]])
-        start = np.concatenate([np.zeros(q), ((kb << E) - lo)[diff] * self._q])
-        end = np.concatenate([h[same], (((ka + 1) << E) - lo)[diff] * self._q, h[diff]])
-        a_from, b_from = _split_many(r_from, ell, d)
-        a_to, b_to = _split_many(r_to, ell, d)
-        c1, c2 = _combine_many(r_from * ell, (r_to - r_from) * ell, d)
-        c2i = np.linalg.inv(c2) if d > 1 else c2
-        pm = _position_maps(start, end, h[lq], d)
         if D == 0:
             leaf_idx = base[uid[0, lpos]]
         else:
@@ -888,7 +964,7 @@ class VirtualBrownianTree(_PathBase):
         p_tag = [np.full(nl, D - 1), np.full(nl, D)]
         p_idx = [leaf_idx, base[uoff[D] + uid[D, lpos]]]
         p_q = [lq, lq]
-        p_g = [pm @ c2i @ (a_to - c1 @ a_from), pm @ c2i @ (b_to - c1 @ b_from)]
+        p_g = [g_stats, g_normals]
         if D > 0:
             # sibling nodes between the two leaves, below the lowest common ancestor: at level
             # lev, right siblings of a's path and left siblings of b's path
@@ -899,13 +975,10 @@ class VirtualBrownianTree(_PathBase):
             s_i, s_q = np.concatenate([ai, bi]), np.concatenate([aq, bq])
             sib = np.concatenate([na[ai + 1, aq] + 1, nb[bi + 1, bq] - 1])
             spos = np.concatenate([ia[aq], ib[bq]])
-            shift = T - 1 - s_i
             p_tag.append(s_i)
             p_idx.append(child_row(uoff[s_i] + uid[s_i, spos], sib & 1))
             p_q.append(s_q)
-            s0 = ((sib << shift) - lo[s_q]) * self._q
-            s1 = (((sib + 1) << shift) - lo[s_q]) * self._q
-            p_g.append(_position_maps(s0, s1, h[s_q], d))
+            p_g.append(_sibling_maps(s_i, sib, lo[s_q], h[s_q], T, self._q, d))
         tag = np.concatenate(p_tag)
         by_src = np.argsort(tag, kind="stable")  # pieces source by source; per-interval order kept
         npc = by_src.shape[0]

@@ -37,6 +37,7 @@ __all__ = [
     "element_keys32",
     "normals",
     "normals_into",
+    "normals_numpy",
 ]
 
 _MASK64 = (1 << 64) - 1
@@ -87,11 +88,21 @@ def node_keys(stream, nodes, component=0) -> np.ndarray:
     low = n & np.uint64((1 << 28) - 1)
     with np.errstate(over="ignore"):
         folded = (low ^ ((n >> np.uint64(28)) * np.uint64(0x9E3779B1))) & np.uint64((1 << 28) - 1)
-    tags = ((np.asarray(stream, dtype=np.uint64) & np.uint64(3)) << np.uint64(30)) | (
-        (np.asarray(component, dtype=np.uint64) & np.uint64(3)) << np.uint64(28)
-    )
-    packed = (folded | tags).astype(np.uint32)
-    return _mix32_np(packed).view(np.int32)
+    return small_node_keys(folded.astype(np.uint32), key_tags(stream, component))
+
+
+def key_tags(stream, component=0) -> np.ndarray:
+    """The bits of ``(stream % 4, component)`` in a node key, as ``uint32`` (broadcasting)."""
+    return (
+        ((np.asarray(stream, dtype=np.uint64) & np.uint64(3)) << np.uint64(30))
+        | ((np.asarray(component, dtype=np.uint64) & np.uint64(3)) << np.uint64(28))
+    ).astype(np.uint32)
+
+
+def small_node_keys(nodes: np.ndarray, tags: np.ndarray) -> np.ndarray:
+    """:func:`node_keys` of nodes below ``2**28`` (``uint32``, not folded) given their
+    :func:`key_tags`: the same keys with a few numpy ops (for a chain of a few nodes)."""
+    return _mix32_np(nodes | tags).view(np.int32)
 
 
 def _mix32_np(x: np.ndarray) -> np.ndarray:
@@ -163,6 +174,18 @@ def normals_into(
     mix32_tensor(bits, tmp)
     # v = (2x + 1) 2**-32 = (x + 1/2) 2**-31, exact in float64
     return out.copy_(bits).add_(0.5).mul_(2.0**-31).erfinv_().mul_(math.sqrt(2.0))
+
+
+def normals_numpy(ek32: np.ndarray, node_keys: np.ndarray) -> np.ndarray:
+    """:func:`normals_into` on the CPU for a few rows, in numpy (a fraction of torch's per-op cost
+    on small arrays): float64 normals ``(R, C)`` for ``ek32`` (``(C,)``, :func:`element_keys32` as
+    an int32 array) and int32 ``node_keys`` ``(R,)``. The same bits (wrapping uint32 arithmetic is
+    the int32 arithmetic of :func:`mix32_tensor`), the same exact steps to ``v``, and torch's
+    ``erfinv``: the same values, bit for bit."""
+    with np.errstate(over="ignore"):
+        bits = node_keys.view(np.uint32)[:, None] + ek32.view(np.uint32)[None, :]
+    v = (_mix32_np(bits).view(np.int32).astype(np.float64) + 0.5) * 2.0**-31
+    return torch.from_numpy(v).erfinv_().mul_(math.sqrt(2.0)).numpy()
 
 
 def normals(elem_keys: torch.Tensor, node_keys, dtype=torch.float64, rows=None) -> torch.Tensor:
