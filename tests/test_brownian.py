@@ -287,3 +287,17 @@ def test_kept_chains_equal_the_vectorised_descent(levy, backend):
         want = ref._answer(vals, 0, sign, t - s)
         for x, y in zip(got[1:], want[1:]):
             assert (x is None and y is None) or torch.equal(x, y)
+
+
+def test_step_doubling_half_steps_start_no_block():
+    # the two half steps of step doubling are adjacent and equal: no speculative block (it would
+    # be wasted); three equal adjacent steps in a row do start one
+    tree = VirtualBrownianTree(0.0, 1.0, (4, 2), seed=3, dtype=F64)
+    t = 0.0
+    for h in np.random.default_rng(0).uniform(0.01, 0.03, 20):
+        tree.increment(t, t + h), tree.increment(t, t + h / 2), tree.increment(t + h / 2, t + h)
+        t += h
+    assert not tree._block
+    for k in range(3):
+        tree.increment(t + 0.01 * k, t + 0.01 * (k + 1))
+    assert tree._block

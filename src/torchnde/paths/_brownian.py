@@ -46,6 +46,9 @@ _STREAM_ROOT, _STREAM_SPLIT, _STREAM_LEAF, _STREAM_GRID = 11, 12, 13, 14
 # speculative blocks of consecutive steps: first size, largest size, and a cap on steps * d * elements
 # (a level of a block's descent then stays near the CPU's L2 cache; measured at (256, 16))
 _BLOCK_MIN, _BLOCK_MAX, _BLOCK_ELEMENTS = 8, 256, 1 << 16
+# speculate after this many adjacent equal-length queries in a row (one run of 2 is common
+# without constant steps: the two half steps of step doubling, whose block would be wasted)
+_SPEC_RUN = 2
 # normals are drawn a group of levels at a time, about this many values per group
 _RNG_CHUNK = 1 << 17
 # pieces are gathered into one buffer and added at once below this many values, else per level
@@ -552,8 +555,9 @@ class VirtualBrownianTree(_PathBase):
     ancestor of ``s`` and ``t`` (the tail of ``s``'s leaf, the right siblings on ``s``'s path, the
     left siblings on ``t``'s path, the head of ``t``'s leaf): no cancellation between large prefix
     integrals, so short intervals keep full float64 accuracy. Solvers with constant steps query
-    ``[t_n, t_n + h]`` back to back; once two consecutive queries share an endpoint and a length,
-    the next ``K`` steps (``K`` doubling from 8 up to a cache-sized cap while the guesses are
+    ``[t_n, t_n + h]`` back to back; once three consecutive queries each start where the last
+    ended, with the same length (two in a row are common without constant steps: the half steps
+    of step doubling), the next ``K`` steps (``K`` doubling from 8 up to a cache-sized cap while the guesses are
     used) are computed in one descent and cached, and later queries are a dictionary lookup. A
     guessed time that differs from the solver's only by rounding snaps to the same lattice point;
     a query the guess missed is simply computed. Since a cached answer is the same function of the
@@ -617,6 +621,7 @@ class VirtualBrownianTree(_PathBase):
             2, min(_BLOCK_MAX, _BLOCK_ELEMENTS // (d * max(1, self._layout.cols * self._layout.rows)))
         )
         self._prev = None
+        self._run = 0
         self._last_key = None
         self._last = None
         # single intervals of small shapes: kept root-to-leaf chains (see _chains.py)
@@ -703,6 +708,14 @@ class VirtualBrownianTree(_PathBase):
         ns, nt = self._lattice(s_), self._lattice(t_)
         lo, hi, sign = (ns, nt, 1.0) if ns <= nt else (nt, ns, -1.0)
         prev, self._prev = self._prev, (ns, nt, s_, t_)
+        # consecutive equal steps: the length of the current run of adjacent equal-length queries
+        equal = (
+            prev is not None
+            and ns == prev[1]
+            and ns != nt
+            and abs((t_ - s_) - (prev[3] - prev[2])) <= 1e-9 * abs(t_ - s_)
+        )
+        self._run = self._run + 1 if equal else 0
         row = self._block.get((lo, hi))
         if row is not None:
             if row == len(self._block) - 1:
@@ -711,13 +724,7 @@ class VirtualBrownianTree(_PathBase):
         key = (ns, nt)
         if self._last_key == key:
             return self._last._replace(dt=t - s)
-        if (
-            prev is not None
-            and ns == prev[1]
-            and ns != nt
-            and abs((t_ - s_) - (prev[3] - prev[2])) <= 1e-9 * abs(t_ - s_)
-        ):
-            # consecutive equal steps: speculate the next ones
+        if self._run >= _SPEC_RUN:  # constant steps: speculate the next ones
             self._block_size = min(2 * self._block_size, self._block_cap) if self._block_last else _BLOCK_MIN
             self._speculate(s_, t_ - s_)
             self._block_last = False
@@ -770,22 +777,24 @@ class VirtualBrownianTree(_PathBase):
                 g_stats, g_normals = [1.0 - ra, rb - 0.0], [b(1.0) - b(ra), b(rb) - b(0.0)]
             ones = np.ones((sib_lev.shape[0], 1, 1))
             return np.array(g_stats).reshape(-1, 1, 1), np.array(g_normals).reshape(-1, 1, 1), ones
-        lo_, hi_ = np.array([lo], dtype=np.int64), np.array([hi], dtype=np.int64)
-        h = (hi_ - lo_) * self._q
+        # _leaf_parts for one interval: its arrays built directly (the same values)
+        step = self._q
+        h = (hi - lo) * step
+        if ka == kb:
+            r_from, r_to, start, end = np.array([ra]), np.array([rb]), np.zeros(1), np.array([h])
+        else:
+            r_from, r_to = np.array([ra, 0.0]), np.array([1.0, rb])
+            start = np.array([0.0, ((kb << E) - lo) * step])
+            end = np.array([(((ka + 1) << E) - lo) * step, h])
         split = self._chains.split_rows
-        _, _, _, g_stats, g_normals = _leaf_parts(
-            np.array([ka]), np.array([kb]), np.array([ra]), np.array([rb]), lo_, h, ell, E, self._q, d, split
-        )
+        a_from, b_from = split(r_from, ell, d)
+        a_to, b_to = split(r_to, ell, d)
+        c1, c2 = _combine_many(r_from * ell, (r_to - r_from) * ell, d)
+        c2i = np.linalg.inv(c2)
+        pm = _position_maps(start, end, np.full(r_from.shape[0], h), d)
+        g_stats, g_normals = pm @ c2i @ (a_to - c1 @ a_from), pm @ c2i @ (b_to - c1 @ b_from)
         n = sib_lev.shape[0]
-        g_sib = _sibling_maps(
-            sib_lev,
-            np.array(sib_node, dtype=np.int64),
-            np.full(n, lo, dtype=np.int64),
-            np.full(n, h[0]),
-            self._bits,
-            self._q,
-            d,
-        )
+        g_sib = _sibling_maps(sib_lev, np.array(sib_node, dtype=np.int64), lo, np.full(n, h), self._bits, step, d)
         return g_stats, g_normals, g_sib
 
     def _levy_of(self, lo: np.ndarray, hi: np.ndarray, rows, keep=None):

@@ -88,16 +88,16 @@ class ChainCache:
         """``split_many(r, length, d)`` (the conditional split of a leaf at fractions ``r``),
         row by row from a cache: a query's leaf fractions come back in the next query (the end
         of one step is the start of the next), and the rows of ``split_many`` are independent."""
-        rows = []
-        for v in r.tolist():
+        a, b = np.empty((r.shape[0], d, d)), np.empty((r.shape[0], d, d))
+        for i, v in enumerate(r.tolist()):
             row = self.splits.get(v)
             if row is None:
                 if len(self.splits) >= 64:
                     self.splits.clear()
-                a, b = self.split_many(np.array([v]), length, d)
-                row = self.splits[v] = (a[0], b[0])
-            rows.append(row)
-        return np.stack([a for a, _ in rows]), np.stack([b for _, b in rows])
+                ra, rb = self.split_many(np.array([v]), length, d)
+                row = self.splits[v] = (ra[0], rb[0])
+            a[i], b[i] = row
+        return a, b
 
     # ------------------------------------------------------------------------------ chains
     def chain(self, tree, leaf: int):
