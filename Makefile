@@ -44,8 +44,8 @@ docs: $(VENV)/.docs
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
 lint: venv
-	$(PY) -m ruff check src tests benchmarks examples
-	$(PY) -m ruff format --check src tests benchmarks examples
+	$(PY) -m ruff check src tests benchmarks examples tools docs/_hooks.py
+	$(PY) -m ruff format --check src tests benchmarks examples tools docs/_hooks.py
 
 clean:
 	rm -rf $(VENV) build dist site src/*.egg-info
