@@ -30,6 +30,7 @@ bench: $(VENV)/.bench
 	$(PY) benchmarks/run.py
 	$(PY) benchmarks/adjoints.py
 	$(PY) benchmarks/sde.py
+	$(PY) benchmarks/brownian_queries.py
 	$(PY) benchmarks/cde.py
 	$(PY) benchmarks/generative.py
 	$(PY) benchmarks/generative_trained.py
