@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ._tree import tree_leaves, tree_zip
+from ._tree import tree_leaves, tree_map, tree_zip
 
 __all__ = ["AbstractTerm", "ODETerm", "ControlTerm", "MultiTerm", "SDETerm", "NOISE_TYPES"]
 
@@ -363,13 +363,15 @@ class ControlTerm(AbstractTerm):
 
 
 def _tree_detach_grad(y):
-    if isinstance(y, torch.Tensor):
-        return y.detach().requires_grad_(y.dtype.is_floating_point or y.dtype.is_complex)
-    if isinstance(y, dict):
-        return {k: _tree_detach_grad(v) for k, v in y.items()}
-    if isinstance(y, (tuple, list)):
-        return type(y)(_tree_detach_grad(v) for v in y)
-    return y
+    """``y`` detached, its floating tensors requiring grad (a fresh leaf to differentiate at)."""
+    return tree_map(
+        lambda x: (
+            x.detach().requires_grad_(x.dtype.is_floating_point or x.dtype.is_complex)
+            if isinstance(x, torch.Tensor)
+            else x
+        ),
+        y,
+    )
 
 
 def _probe(x, seed: int = 0):
