@@ -1,6 +1,7 @@
 """Numerical methods. ``SOLVERS`` lists every solver; the generic tests iterate over it."""
 
 from ._base import AbstractAdaptiveERK, AbstractAdaptiveSolver, AbstractERK, AbstractSolver
+from ._implicit import AbstractESDIRK
 from ._tableau import ButcherTableau
 from .bosh3 import Bosh3
 from .dopri5 import Dopri5
@@ -8,6 +9,10 @@ from .dopri8 import Dopri8
 from .euler import Euler
 from .euler_heun import EulerHeun
 from .heun import Heun
+from .implicit_euler import ImplicitEuler
+from .kvaerno3 import Kvaerno3
+from .kvaerno4 import Kvaerno4
+from .kvaerno5 import Kvaerno5
 from .midpoint import Midpoint
 from .milstein import ItoMilstein, StratonovichMilstein
 from .ralston import Ralston
@@ -20,6 +25,8 @@ from .srid2 import SRID2
 from .tsit5 import Tsit5
 
 SOLVERS = (Euler, Heun, Midpoint, Ralston, RK4, Bosh3, Dopri5, Tsit5, Dopri8)
+#: implicit (ESDIRK) solvers for stiff ODEs: simplified Newton with Jacobian and LU reuse
+IMPLICIT_SOLVERS = (ImplicitEuler, Kvaerno3, Kvaerno4, Kvaerno5)
 #: every solver of SDEs (each declares ``strong_order``, ``calculus`` and ``levy_area``)
 SDE_SOLVERS = (
     Euler,
@@ -51,6 +58,12 @@ __all__ = [
     "Dopri8",
     "SOLVERS",
     "SDE_SOLVERS",
+    "IMPLICIT_SOLVERS",
+    "AbstractESDIRK",
+    "ImplicitEuler",
+    "Kvaerno3",
+    "Kvaerno4",
+    "Kvaerno5",
     "AbstractReversibleSolver",
     "ReversibleHeun",
     "EulerHeun",

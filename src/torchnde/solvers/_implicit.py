@@ -1,0 +1,451 @@
+r"""Diagonally implicit Runge--Kutta steps: Jacobians, simplified Newton and LU reuse.
+
+An ESDIRK method (explicit first stage, then implicit stages with one diagonal entry
+:math:`\gamma`) solves, at each implicit stage :math:`i`,
+
+.. math::
+    Z_i = \psi_i + h\gamma f(t_0 + c_i h, Z_i), \qquad \psi_i = y_0 + h \sum_{j<i} a_{ij} k_j,
+
+and sets :math:`k_i = (Z_i - \psi_i) / (h\gamma)` (this avoids one more evaluation and, for stiff
+components, does not amplify the Newton error by the Jacobian). The nonlinear equations are
+solved by *simplified Newton* iterations (Hairer & Wanner, *Solving ODEs II*, IV.8):
+
+.. math::
+    (I - h\gamma J)\,\Delta^{(m)} = \psi_i + h\gamma f(Z^{(m)}) - Z^{(m)}, \qquad
+    Z^{(m+1)} = Z^{(m)} + \Delta^{(m)},
+
+with one Jacobian :math:`J` and one LU factorisation of :math:`I - h\gamma J` shared by every
+stage of a step and kept across steps:
+
+* **Jacobian** (``torch.func.jacfwd`` by default, ``jacrev`` with ``jacobian="rev"``) is
+  recomputed at the start of a step when the previous accepted step's Newton iterations
+  contracted slowly (rate :math:`\theta > 0.01`), and at the start of the retry of a step whose
+  Newton solve failed (the retry reuses it if it is already fresh there).
+* **LU** is recomputed when the Jacobian changes or when :math:`|h\gamma / (h\gamma)_{LU} - 1| > 0.3`
+  (so a step that grows or shrinks by more than 30 %; in between, the stale factor only slows the
+  iterations down a little).
+* **Convergence** (Hairer & Wanner IV.8): with :math:`\theta_m = \|\Delta^{(m)}\| /
+  \|\Delta^{(m-1)}\|` and :math:`\eta_m = \theta_m / (1 - \theta_m)` (for the first iteration
+  :math:`\eta` of the previous solve to the power 0.8), the iteration stops when
+  :math:`\eta_m \|\Delta^{(m)}\| \le 1`. The norm is the RMS norm scaled by
+  ``newton_atol + newton_rtol * |Z|``. It fails when :math:`\theta_m \ge 0.99` (divergence), when
+  the predicted error after the remaining iterations :math:`\theta_m^{M-m}/(1-\theta_m)
+  \|\Delta^{(m)}\|` is still above 1, when a value is NaN/inf, after ``max_iters`` (default 10)
+  iterations, or when the LU factorisation is singular (``info != 0``).
+
+A failed Newton solve is a **rejected step**, never a crash: the step returns ``y1 = y0`` and an
+error estimate ``1e4 (1 + |y0|)`` (large and finite, so an adaptive controller rejects the step
+and shrinks it by its ``factormin``, and the solve's NaN/inf wall does not count it), and in
+per-sample mode only the failing samples are affected. The step's fifth return value is the
+reason per sample (:data:`NEWTON_OK`, :data:`NEWTON_DIVERGED`, :data:`NEWTON_SINGULAR`), and the
+counters of Newton iterations, failures, Jacobians and factorisations live in
+:class:`NewtonStats` in the solver state.
+
+Shapes. In shared mode the state is one flat ``(N,)`` vector and the Jacobian is ``(N, N)``: a
+batch folded into ``y0`` becomes one large coupled system (``(B n)^2`` entries and an
+:math:`O((Bn)^3)` factorisation), so batches should be solved with ``per_sample=True``, where each
+row gets its own ``(n, n)`` Jacobian (one forward-mode pass over the ``n`` basis directions serves
+all rows, since rows are independent), its own LU (``torch.linalg.lu_factor_ex`` on ``(B, n, n)``),
+its own Newton convergence and its own step. Internally shared mode is a batch of one.
+
+Gradients. Autograd differentiates through the Newton iterations (the Jacobian and its LU are
+treated as constants: they only precondition the iteration, and its fixed point does not depend
+on them). That stores every iteration of every stage; differentiating the converged solution by
+the implicit function theorem instead is a planned improvement.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from ._base import AbstractAdaptiveSolver, _lincomb, _node, hermite_coeffs
+
+__all__ = [
+    "AbstractESDIRK",
+    "DIRKTableau",
+    "NewtonStats",
+    "jacobian",
+    "NEWTON_OK",
+    "NEWTON_DIVERGED",
+    "NEWTON_SINGULAR",
+]
+
+#: Per-sample reasons of a failed step (the fifth value a step returns).
+NEWTON_OK = 0
+NEWTON_DIVERGED = 1  # diverged, too slow, did not converge in max_iters, or NaN/inf
+NEWTON_SINGULAR = 2  # I - h gamma J is singular (LU info != 0)
+
+_THETA_JAC = 0.01  # recompute J after an accepted step whose Newton contraction rate exceeded this
+_REFACTOR = 0.3  # refactor the LU when |h gamma / (h gamma)_LU - 1| exceeds this
+_FAIL_ERROR = 1e4  # error estimate of a failed step, times (1 + |y0|)
+
+
+@dataclass(frozen=True, eq=False)
+class DIRKTableau:
+    """An ESDIRK method: explicit first stage, then implicit stages with diagonal ``gamma``.
+
+    ``a[i]`` holds the ``i`` coefficients of stage ``i`` on the stages before it (``a[0] == ()``);
+    the diagonal entry of every stage ``i >= 1`` is ``gamma``. The propagated solution is the last
+    stage (stiffly accurate: ``b`` is the last row of the full matrix), ``b_hat`` the weights of the
+    embedded solution (for Kværnø's methods the second-to-last stage). The nodes ``c`` are the row
+    sums.
+    """
+
+    a: tuple
+    gamma: float
+    b_hat: tuple
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.a)
+
+    @property
+    def c(self) -> tuple[float, ...]:
+        return tuple(0.0 if i == 0 else float(sum(row)) + self.gamma for i, row in enumerate(self.a))
+
+    @property
+    def b(self) -> tuple[float, ...]:
+        return (*self.a[-1], self.gamma)
+
+    def full_matrix(self):
+        """The ``(s, s)`` Butcher matrix (for order-condition checks)."""
+        s = self.num_stages
+        A = [[0.0] * s for _ in range(s)]
+        for i, row in enumerate(self.a):
+            for j, x in enumerate(row):
+                A[i][j] = float(x)
+            if i:
+                A[i][i] = self.gamma
+        return A
+
+    def tensors(self, dtype, device) -> dict:
+        key = (dtype, device)
+        out = self._cache.get(key)
+        if out is None:
+            err = [float(b) - float(bh) for b, bh in zip(self.b, self.b_hat)]
+            out = {
+                "a": [torch.tensor([float(x) for x in row], dtype=dtype, device=device) for row in self.a],
+                "a_f": [tuple(float(x) for x in row) for row in self.a],
+                "b": torch.tensor([float(x) for x in self.b], dtype=dtype, device=device),
+                "b_f": tuple(float(x) for x in self.b),
+                "err": torch.tensor(err, dtype=dtype, device=device),
+                "err_f": tuple(err),
+            }
+            self._cache[key] = out
+        return out
+
+
+class NewtonStats:
+    """Counters of the nonlinear solves of one solve, shared by every state of it (so they also
+    count the work of rejected steps). Per sample in per-sample mode (``(B,)`` tensors), else
+    ``(1,)`` tensors.
+
+    Attributes:
+        iterations: Newton iterations (each one vector-field evaluation and one LU solve).
+        failures: failed Newton solves (each one rejected step).
+        jacobians: Jacobian evaluations (Python int; one batched evaluation in per-sample mode).
+        factorizations: LU factorisations (Python int).
+    """
+
+    __slots__ = ("iterations", "failures", "jacobians", "factorizations", "fail_t", "jac_t", "jac")
+
+    def __init__(self, B: int, dtype, device):
+        self.iterations = torch.zeros(B, dtype=torch.long, device=device)
+        self.failures = torch.zeros(B, dtype=torch.long, device=device)
+        self.jacobians = 0
+        self.factorizations = 0
+        # the time of the step start where a Newton solve last failed, and where J was last computed
+        self.fail_t = torch.full((B,), math.nan, dtype=dtype, device=device)
+        self.jac_t = torch.full((B,), math.nan, dtype=dtype, device=device)
+        self.jac = None
+
+    def as_dict(self) -> dict:
+        return {
+            "newton_iterations": self.iterations,
+            "newton_failures": self.failures,
+            "num_jacobians": self.jacobians,
+            "num_lu": self.factorizations,
+        }
+
+
+def jacobian(term, t, y: torch.Tensor, batched: bool, mode: str = "fwd") -> torch.Tensor:
+    """The Jacobian of the flat vector field ``term.vf(t, .)`` at ``y``, detached.
+
+    Shared mode: ``y`` is ``(N,)`` and the result ``(N, N)``. Per-sample mode: ``y`` is
+    ``(B, n)`` (rows independent) and the result ``(B, n, n)``: forward mode pushes each basis
+    direction ``e_j`` through all rows at once (``jacfwd`` of ``v -> f(t, y + v)``), reverse mode
+    pulls back each output coordinate summed over rows. ``mode`` is ``"fwd"`` (``n`` JVPs) or
+    ``"rev"`` (``n`` VJPs); both need a vector field that ``torch.func`` can transform (no
+    ``.item()``, no in-place updates of captured tensors).
+    """
+    y = y.detach()
+    with torch.no_grad():
+        if mode == "fwd":
+            v0 = torch.zeros(y.shape[-1], dtype=y.dtype, device=y.device)
+            return torch.func.jacfwd(lambda v: term.vf(t, y + v))(v0)
+        if batched:
+            J = torch.func.jacrev(lambda Y: term.vf(t, Y).sum(0))(y)  # (n, B, n)
+            return J.permute(1, 0, 2)
+        return torch.func.jacrev(lambda Y: term.vf(t, Y))(y)
+
+
+def _where(mask, a, b):
+    """Row selection: ``mask`` is ``(B,)``; ``a`` and ``b`` have the batch first."""
+    return torch.where(mask.view(-1, *([1] * (a.dim() - 1))), a, b)
+
+
+class AbstractESDIRK(AbstractAdaptiveSolver):
+    """An ESDIRK method with simplified Newton iterations (see :mod:`torchnde.solvers._implicit`).
+
+    Args:
+        newton_rtol, newton_atol: the Newton iterations stop when the predicted remaining error is
+            below ``newton_atol + newton_rtol * |Z|`` (RMS over the state). Keep them about 100
+            times tighter than the step-size controller's tolerances. ``newton_rtol`` is raised to
+            at least ``100 eps`` and ``newton_atol`` to ``10 eps`` of the state's dtype.
+        max_iters: iterations allowed per stage before the step is rejected.
+        jacobian: ``"fwd"`` (forward-mode ``torch.func.jacfwd``, default) or ``"rev"``
+            (``jacrev``).
+    """
+
+    tableau: ClassVar[DIRKTableau]
+    #: filter the error estimate by (I - h gamma J)^-1 (for estimates that are large on stiff
+    #: components, such as implicit Euler's)
+    filter_error: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        newton_rtol: float = 1e-7,
+        newton_atol: float = 1e-11,
+        max_iters: int = 10,
+        jacobian: str = "fwd",
+    ):
+        for name, v in (("newton_rtol", newton_rtol), ("newton_atol", newton_atol)):
+            if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
+                raise ValueError(f"{type(self).__name__}({name}=...) must be a finite float > 0, got {v!r}")
+        if not (isinstance(max_iters, int) and max_iters >= 1):
+            raise ValueError(f"{type(self).__name__}(max_iters=...) must be an int >= 1, got {max_iters!r}")
+        if jacobian not in ("fwd", "rev"):
+            raise ValueError(f"{type(self).__name__}(jacobian=...) must be 'fwd' or 'rev', got {jacobian!r}")
+        self.newton_rtol, self.newton_atol = float(newton_rtol), float(newton_atol)
+        self.max_iters = max_iters
+        self.jacobian = jacobian
+
+    def _key(self):
+        return (type(self), self.newton_rtol, self.newton_atol, self.max_iters, self.jacobian)
+
+    def __eq__(self, other):
+        return isinstance(other, AbstractESDIRK) and self._key() == other._key()
+
+    def __hash__(self):
+        return hash(self._key())
+
+    def __repr__(self):
+        default = type(self)()
+        args = [
+            f"{k}={getattr(self, k)!r}"
+            for k in ("newton_rtol", "newton_atol", "max_iters", "jacobian")
+            if getattr(self, k) != getattr(default, k)
+        ]
+        return f"{type(self).__name__}({', '.join(args)})"
+
+    # --- state: (f0, J, LU, pivots, hg_lu, jac_stale, eta, stats), batch first (B = 1 in shared mode)
+
+    def init(self, term, t0, y0):
+        if term.rough:
+            raise TypeError(f"{type(self).__name__} solves ODEs only; SDEs need an SDE solver (see SDE_SOLVERS)")
+        if y0.is_complex():
+            raise TypeError(f"{type(self).__name__} needs a real state, got dtype {y0.dtype}")
+        batched = getattr(term, "batched", False)
+        f0 = term.vf(t0, y0)
+        yb = y0 if batched else y0.unsqueeze(0)
+        B, n = yb.shape
+        kw = dict(dtype=yb.dtype, device=yb.device)
+        J = torch.zeros(B, n, n, **kw)
+        piv = torch.ones(B, n, dtype=torch.int32, device=yb.device)
+        return (
+            f0,
+            J,
+            J.clone(),
+            piv,
+            torch.zeros(B, **kw),
+            torch.ones(B, dtype=torch.bool, device=yb.device),
+            torch.ones(B, **kw),
+            NewtonStats(B, yb.dtype, yb.device),
+        )
+
+    def initial_derivative(self, state):
+        return state[0]
+
+    def _tols(self, dtype):
+        eps = torch.finfo(dtype).eps
+        return max(self.newton_rtol, 100 * eps), max(self.newton_atol, 10 * eps)
+
+    def step(self, term, t0, t1, y0, state):
+        f0, J, LU, piv, hg_lu, stale, eta, stats = state
+        batched = getattr(term, "batched", False)
+        tab = self.tableau
+        coef = tab.tensors(y0.dtype, y0.device)
+        yb = y0 if batched else y0.unsqueeze(0)
+        kw = dict(dtype=yb.dtype, device=yb.device)
+        h = t1 - t0
+        if batched:
+            dt = h.to(yb.dtype).unsqueeze(-1)  # (B, 1)
+            t0_row = t0
+        else:
+            dt = float(h)
+            t0_row = torch.full((1,), float(t0), **kw)
+        hg = (dt * tab.gamma) if batched else torch.full((1, 1), dt * tab.gamma, **kw)  # (B, 1)
+
+        def F(t, z):
+            return term.vf(t, z) if batched else term.vf(t, z[0]).unsqueeze(0)
+
+        # J is stale after slow convergence, and where a Newton solve from this step start failed
+        need_jac = stale | (stats.fail_t == t0_row)
+        J, LU, piv, hg_lu, singular = self._refresh(term, t0, y0, t0_row, hg, J, LU, piv, hg_lu, need_jac, stats)
+        f0b = f0 if batched else f0.unsqueeze(0)
+        ks, failed, theta_max, eta = self._stages(F, t0, h, dt, yb, f0b, hg, LU, piv, eta, ~singular, coef, stats)
+        # a failure with a Jacobian from an earlier step: retry those rows once with a fresh one
+        retry = failed & ~need_jac
+        if bool(retry.any()):
+            J, LU, piv, hg_lu, sing2 = self._refresh(term, t0, y0, t0_row, hg, J, LU, piv, hg_lu, retry, stats)
+            ks2, failed2, theta2, eta2 = self._stages(
+                F, t0, h, dt, yb, f0b, hg, LU, piv, eta, retry & ~sing2, coef, stats
+            )
+            ks = [_where(retry, k2, k) for k, k2 in zip(ks, ks2)]
+            failed = torch.where(retry, failed2 | sing2, failed)
+            singular = singular | (retry & sing2)
+            theta_max = torch.where(retry, theta2, theta_max)
+            eta = torch.where(retry, eta2, eta)
+        failed = failed | singular
+        y1 = _lincomb(yb, dt, ks, coef["b"], coef["b_f"])
+        y_err = _lincomb(None, dt, ks, coef["err"], coef["err_f"])
+        if self.filter_error:
+            y_err = torch.linalg.lu_solve(LU, piv, y_err.unsqueeze(-1)).squeeze(-1)
+        f1 = ks[-1]
+
+        # --- failed rows: y1 = y0 and a large finite error, so the controller rejects them
+        code = torch.where(singular, NEWTON_SINGULAR, torch.where(failed, NEWTON_DIVERGED, NEWTON_OK))
+        if bool(failed.any()):
+            stats.failures += failed.long()
+            stats.fail_t = torch.where(failed, t0_row, stats.fail_t)
+            big = torch.finfo(yb.dtype).max / (100.0 * max(yb.shape[-1], 1))
+            fail_err = (_FAIL_ERROR * (1 + yb.detach().abs())).clamp(max=big)
+            y1 = _where(failed, yb, y1)
+            y_err = _where(failed, fail_err, torch.nan_to_num(y_err.detach()))
+            f1 = _where(failed, f0b, f1)
+            eta = torch.where(failed, torch.ones_like(eta), eta)
+        stale1 = theta_max > _THETA_JAC
+        state1 = (f1 if batched else f1[0], J, LU, piv, hg_lu, stale1, eta, stats)
+        if not batched:
+            y1, y_err, f1, code = y1[0], y_err[0], f1[0], code[0]
+        return y1, y_err, (t0, t1, y0, y1, f0, f1), state1, code
+
+    def _refresh(self, term, t0, y0, t0_row, hg, J, LU, piv, hg_lu, need_jac, stats):
+        """A fresh Jacobian at ``(t0, y0)`` on the rows in ``need_jac`` (reusing one already computed
+        at this ``t0``), and the LU of ``I - h gamma J`` where J changed or ``h gamma`` moved by
+        more than 30 %. Returns ``(J, LU, piv, hg_lu, singular)``."""
+        batched = getattr(term, "batched", False)
+        if bool(need_jac.any()):
+            have = stats.jac_t == t0_row
+            if stats.jac is not None and bool((have | ~need_jac).all()):
+                Jn = stats.jac
+            else:
+                Jn = jacobian(term, t0, y0, batched, self.jacobian)
+                Jn = Jn if batched else Jn.unsqueeze(0)
+                stats.jacobians += 1
+                stats.jac = Jn
+                stats.jac_t = t0_row
+            J = _where(need_jac, Jn, J)
+        hg_row = hg.squeeze(-1)
+        ratio = hg_row / hg_lu
+        need_lu = need_jac | ~torch.isfinite(ratio) | ((ratio - 1).abs() > _REFACTOR)
+        singular = torch.zeros_like(need_jac)
+        if bool(need_lu.any()):
+            eye = torch.eye(J.shape[-1], dtype=J.dtype, device=J.device)
+            LUn, pivn, info = torch.linalg.lu_factor_ex(eye - hg.unsqueeze(-1) * J)
+            stats.factorizations += 1
+            LU = _where(need_lu, LUn, LU)
+            piv = _where(need_lu, pivn, piv)
+            hg_lu = torch.where(need_lu, hg_row, hg_lu)
+            singular = need_lu & (info != 0)
+        return J, LU, piv, hg_lu, singular
+
+    def _stages(self, F, t0, h, dt, yb, f0b, hg, LU, piv, eta, active, coef, stats):
+        """The implicit stages on the rows in ``active``. Returns ``(ks, failed, theta_max, eta)``."""
+        tab = self.tableau
+        rtol, atol = self._tols(yb.dtype)
+        ks = [f0b]
+        failed = torch.zeros_like(active)
+        theta_max = torch.zeros_like(eta)
+        hg_safe = torch.where(hg == 0, torch.ones_like(hg), hg)  # finished samples (h = 0): k = 0
+        for i in range(1, tab.num_stages):
+            psi = _lincomb(yb, dt, ks, coef["a"][i], coef["a_f"][i])
+            z0 = psi + hg * ks[-1]  # predictor: the previous stage's slope
+            ti = _node(t0, h, float(tab.c[i]))
+            z, bad, theta, eta = self._newton(F, ti, psi, z0, hg, LU, piv, eta, active & ~failed, rtol, atol, stats)
+            failed = failed | bad
+            theta_max = torch.maximum(theta_max, theta)
+            ks.append((z - psi) / hg_safe)
+        return ks, failed, theta_max, eta
+
+    def _newton(self, F, t, psi, z, hg, LU, piv, eta, active, rtol, atol, stats):
+        """Simplified Newton for ``z = psi + hg f(t, z)`` on the rows in ``active``.
+
+        Returns ``(z, failed, theta, eta)``: the solution (rows that fail keep their last finite
+        iterate), the rows that failed, the largest contraction rate seen and the last eta."""
+        done = ~active
+        failed = torch.zeros_like(active)
+        theta_max = torch.zeros_like(eta)
+        eps = torch.finfo(z.dtype).eps
+        eta_it = eta.clamp(min=eps) ** 0.8
+        nrm_old = None
+        theta = torch.zeros_like(eta)
+        M = self.max_iters
+        for m in range(M):
+            run = ~done
+            stats.iterations += run.long()
+            fz = F(t, z)
+            r = psi + hg * fz - z
+            dz = torch.linalg.lu_solve(LU, piv, r.unsqueeze(-1)).squeeze(-1)
+            with torch.no_grad():
+                scale = atol + rtol * z.detach().abs()
+                nrm = torch.linalg.vector_norm(dz.detach() / scale, dim=-1) / math.sqrt(max(z.shape[-1], 1))
+                nrm = torch.nan_to_num(nrm, nan=math.inf)
+                bad = ~torch.isfinite(nrm)
+                if m > 0:
+                    th = nrm / nrm_old.clamp(min=1e-300)
+                    # Hairer & Wanner: the geometric mean of the last two rates after the second
+                    theta = th if m == 1 else torch.sqrt(th * theta)
+                    eta_it = theta / (1 - theta).clamp(min=eps)
+                    # the error predicted after the iterations left is still too large
+                    slow = eta_it * theta ** (M - 1 - m) * nrm > 1
+                    bad = bad | (theta >= 0.99) | slow
+                    theta_max = torch.where(run, torch.maximum(theta_max, theta.nan_to_num(1.0)), theta_max)
+                bad = bad & run
+                conv = run & ~bad & (eta_it * nrm <= 1)
+            upd = run & ~bad
+            z = _where(upd, z + dz, z)
+            eta = torch.where(conv, eta_it, eta)
+            failed = failed | bad
+            done = done | conv | bad
+            if not bool((~done).any()):
+                break
+            nrm_old = torch.where(run, nrm, torch.ones_like(nrm))
+        failed = failed | ~done  # not converged in max_iters
+        theta_max = torch.where(failed, torch.ones_like(theta_max), theta_max)
+        return z, failed, theta_max, eta
+
+    def dense_coeffs(self, term, dense_info):
+        t0, t1, y0, y1, f0, f1 = dense_info
+        h = t1 - t0
+        dt = h if isinstance(h, float) else h.to(y0.dtype).unsqueeze(-1)
+        return hermite_coeffs(y0, y1, f0, f1, dt)
+
+
+def _state_stats(state) -> dict[str, Any]:  # pragma: no cover - convenience for debugging
+    return state[-1].as_dict()
