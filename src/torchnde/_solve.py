@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import cmath
 import dataclasses
 import math
 import numbers
@@ -11,21 +10,26 @@ from typing import Any
 
 import torch
 
+from ._failure import NONFINITE_REJECTIONS as NONFINITE_REJECTIONS
 from ._flat import flat_term
+from ._loop import BatchLoop, SharedLoop
+from ._loop import _where_state as _where_state
 from ._ops import BatchOps, ScalarOps
-from ._progress import make_progress
-from ._results import Result, SolveError
 from ._saveat import SaveAt
-from ._solution import DenseInterpolation, Solution
+from ._saver import _compact as _compact
+from ._solution import Solution
 from ._terms import AbstractTerm, ODETerm, SDETerm, normalize_terms
 from ._tree import Flattener, tree_map, tree_zip
 from .adjoints import AbstractAdjoint, DirectAdjoint
 from .controllers import AbstractController, ConstantStepSize, PIDController
 from .controllers._base import with_step_ts
 from .solvers import AbstractAdaptiveSolver, AbstractSolver
-from .solvers._base import LazyDerivative
 
 __all__ = ["solve"]
+
+# The step loop is in _loop.py (its phases), _stops.py (step_ts / jump_ts), _saver.py (SaveAt and the
+# assembled ts / ys) and _failure.py (the NaN wall, failure messages); NONFINITE_REJECTIONS,
+# _compact and _where_state, which used to live here, are re-exported ("x as x" above).
 
 _DEFAULT_SAVEAT = SaveAt(t1=True)
 _DEFAULT_ADJOINT = DirectAdjoint()
@@ -380,83 +384,13 @@ def _save_times(ts, t0, t1, sign, flat, per_sample, time_dtype):
     return [min(max(v, t0), t1) for v in vals]
 
 
-def _where_state(ops, accept, a, b):
-    if not ops.batched:
-        return a if accept else b
-    if a is None:
-        return None
-
-    def pick(x, y):
-        return torch.where(accept.view(-1, *([1] * (x.dim() - 1))), x, y)
-
-    if isinstance(a, torch.Tensor):
-        return pick(a, b)
-    if not isinstance(a, (tuple, list)):
-        return a  # a Python value that does not change between steps
-    return type(a)(pick(x, y) if isinstance(x, torch.Tensor) else x for x, y in zip(a, b))
-
-
-def _compact(rows: list, masks: list, pad_value=math.nan):
-    """Per-sample compaction: rows (S, B, ...) with masks (S, B) -> (B, S', ...) with the selected
-    rows of each sample first (in order) and ``pad_value`` after."""
-    R = torch.stack(rows)  # (S, B, ...)
-    M = torch.stack(masks)  # (S, B)
-    order = torch.argsort((~M).to(torch.int8), dim=0, stable=True)
-    idx = order.view(*order.shape, *([1] * (R.dim() - 2))).expand_as(R)
-    R = torch.gather(R, 0, idx)
-    Ms = torch.gather(M, 0, order)
-    count = int(M.sum(0).max()) if M.numel() else 0
-    R = R[:count]
-    Ms = Ms[:count]
-    fill = Ms.view(*Ms.shape, *([1] * (R.dim() - 2)))
-    R = torch.where(fill, R, torch.full_like(R, pad_value))
-    return R.movedim(0, 1), Ms.movedim(0, 1)
-
-
 # --------------------------------------------------------------------------------------------
 # the loop
 
-#: An adaptive solve ends with ``Result.nonfinite`` after this many rejected steps with a NaN/inf
-#: state or error estimate that it could not get past (see :class:`_NonfiniteWall`).
-NONFINITE_REJECTIONS = 20
-
-
-class _NonfiniteWall:
-    """Ends a solve that keeps failing in front of the same NaN/inf.
-
-    Each rejected step whose state or error estimate is NaN/inf is a *strike*; the earliest end
-    of such a step is the *wall*. An accepted step that reaches the wall clears the strikes (the
-    failed step was merely too long), and :data:`NONFINITE_REJECTIONS` strikes in front of one wall
-    end the solve. Without this rule a vector field that is NaN beyond some time (or state) makes
-    an adaptive solve creep towards it, each step shorter than the last, for all of ``max_steps``.
-    The wall is cleared lazily, at the next strike: times only increase, so a solve that is past
-    the wall then was past it at some accepted step before. Works on Python numbers (one step size)
-    or ``(batch,)`` tensors (per-sample mode, where ``bad`` masks the samples that struck).
-    """
-
-    def __init__(self, ops):
-        self.batched = ops.batched
-        self.wall = ops.full(math.inf)
-        self.strikes = ops.full(0).long() if ops.batched else 0
-        self.total = ops.full(0).long() if ops.batched else 0  # for Solution.stats
-
-    def strike(self, bad, t, t_next):
-        """Record the non-finite rejected steps ``t -> t_next`` where ``bad``; returns where the
-        solve must stop."""
-        passed = t >= self.wall  # got past the previous wall: these strikes start a new count
-        if self.batched:
-            self.strikes = torch.where(bad, torch.where(passed, 1, self.strikes + 1), self.strikes)
-            nearest = torch.where(passed, t_next, torch.minimum(self.wall, t_next))
-            self.wall = torch.where(bad, nearest, self.wall)
-            self.total = self.total + bad
-        else:
-            self.strikes = 1 if passed else self.strikes + 1
-            self.wall = t_next if passed else min(self.wall, t_next)
-            self.total += 1
-        return self.strikes >= NONFINITE_REJECTIONS
-
 
 def _integrate(p: _Problem) -> Solution:
+    """Check and normalise the times of ``p`` (internal time runs forward: ``tau = sign * t``),
+    then run the step loop of the batch mode (:mod:`torchnde._loop`)."""
     per_sample = p.per_sample
     flat = Flattener(p.y0, batch=per_sample)
     real_dtype = flat.dtype.to_real() if flat.dtype.is_complex else flat.dtype
@@ -496,410 +430,18 @@ def _integrate(p: _Problem) -> Solution:
         if not per_sample:
             dt0 = float(dt0)
 
-    saveat = p.saveat
-    ts_save = None if saveat.ts is None else _save_times(saveat.ts, tau0, tau1, sign, flat, per_sample, time_dtype)
-
-    y = flat.flatten(p.y0)
+    ts_save = None if p.saveat.ts is None else _save_times(p.saveat.ts, tau0, tau1, sign, flat, per_sample, time_dtype)
     term = flat_term(p.terms, flat, p.args, sign, per_sample)
-    solver, controller = p.solver, p.controller
-
-    sstate = solver.init(term, tau0, y)
-    adaptive = isinstance(controller, PIDController)
-    if adaptive and dt0 is None and isinstance(sstate, LazyDerivative):
-        sstate.get()  # the automatic initial step needs f(t0, y0); the first step then reuses it
-    dt, cstate = controller.init(term, solver, tau0, tau1, y, solver.initial_derivative(sstate), dt0, ops)
-    error_order = getattr(solver, "error_order", None) if adaptive else None
-
-    # stop times (step_ts / jump_ts) in internal time, strictly inside (t0, t1)
-    stops, jumps = _stop_times(controller, sign)
-    if per_sample:
-        stops_t = torch.tensor(stops + [math.inf], dtype=time_dtype, device=flat.device)
-        is_jump_t = torch.tensor([s in jumps for s in stops] + [False], device=flat.device)
-        stop_ptr = torch.searchsorted(stops_t, tau0, right=True)
-    else:
-        stop_ptr = 0
-        while stop_ptr < len(stops) and stops[stop_ptr] <= tau0:
-            stop_ptr += 1
-
-    B = flat.batch_size
-    dev = flat.device
-    if per_sample:
-        result = torch.zeros(B, dtype=torch.long, device=dev)
-        running_hist: list = []  # per-iteration masks; the per-sample counts are summed at the end
-        accept_hist: list = []
-        running = torch.ones(B, dtype=torch.bool, device=dev)
-    else:
-        result = Result.successful
-        n_steps = n_acc = n_rej = 0
-        running = True
-
-    # initial state must be finite
-    f0 = solver.initial_derivative(sstate)
-    check0 = y if f0 is None else y + f0  # one reduction covers both
-    if per_sample:
-        bad0 = ~torch.isfinite(check0.sum(-1))
-        result = torch.where(bad0, Result.nonfinite, result)
-        running = running & ~bad0
-    elif not cmath.isfinite(check0.sum().item()):
-        result = Result.nonfinite
-        running = False
-
-    # saving
-    save_t0, save_t1 = saveat.t0, saveat.t1
-    saved_y, saved_t = [], []  # shared mode lists of (N,) and floats
-    if ts_save is not None:
-        if per_sample:
-            T = ts_save.shape[1]
-            ts_out = torch.full((B, T, flat.size), math.nan, dtype=flat.dtype, device=dev)
-            ts_vals: list = []  # (bidx, pidx, values) batches, assembled at the end
-            ts_ptr = (ts_save <= tau0.unsqueeze(-1)).sum(-1)
-            at0 = ts_ptr > 0  # save points at exactly t0
-        else:
-            T = len(ts_save)
-            ts_ptr = 0
-            while ts_ptr < T and ts_save[ts_ptr] <= tau0:
-                saved_y.append(y)
-                ts_ptr += 1
-    step_rows: list = []
-    step_masks: list = []
-    dense_rows: list = []
-
-    if ts_save is not None and per_sample and at0.any():
-        bi = at0.nonzero().flatten()
-        ts_vals.append((bi, torch.zeros_like(bi), y[bi]))
-        # more than one save time equal to t0 cannot happen (ts strictly monotone)
-
-    meter = make_progress(p.progress, tau0, tau1, sign)
-    eps_land = 1e-9
-    last_nonfinite = ops.false()
-    wall = _NonfiniteWall(ops)
-    iteration = 0
-    recorded: list = []
-    t = tau0
-    y_t0 = y
-
-    try:
-        while ops.any(running):
-            if p.max_steps is not None and iteration >= p.max_steps:
-                # said as it is, even when the last rejection was NaN/inf (the message adds that)
-                result = ops.where(running, Result.max_steps_reached, result)
-                break
-            # --- propose the end of the step, landing on t1 and on step/jump times
-            if per_sample and not stops:
-                # samples that have finished sit at t1 and take empty steps (h = 0)
-                land = torch.add(t, dt, alpha=1 + eps_land) >= tau1
-                t_next = torch.where(land, tau1, t + dt)
-            elif per_sample:
-                nxt = torch.minimum(stops_t[stop_ptr], tau1)
-                t_try = t + dt
-                land = t_try >= nxt - eps_land * dt
-                t_next = torch.where(land, nxt, t_try)
-                land_jump = land & is_jump_t[stop_ptr] & (nxt < tau1)
-                t_next = torch.where(land_jump, torch.nextafter(nxt, torch.full_like(nxt, -math.inf)), t_next)
-                t_next = torch.where(running, t_next, t)
-            else:
-                nxt = stops[stop_ptr] if stop_ptr < len(stops) else tau1
-                nxt = min(nxt, tau1)
-                t_try = t + dt
-                land = t_try >= nxt - eps_land * dt
-                t_next = nxt if land else t_try
-                land_jump = land and nxt < tau1 and nxt in jumps
-                if land_jump:
-                    t_next = math.nextafter(nxt, -math.inf)
-
-            y1, y_err, dinfo, sstate1, _ = solver.step(term, t, t_next, y, sstate)
-
-            # --- accept / reject
-            # one reduction: the sum is NaN/inf iff some entry is (or the sum overflows)
-            y1_sum = y1.sum(-1) if per_sample else y1.sum()
-            finite = torch.isfinite(y1_sum) if per_sample else cmath.isfinite(y1_sum.item())
-            if adaptive:
-                accept, dt_new, cstate, cres = controller.adapt(t, t_next, y, y1, y_err, error_order, cstate, ops)
-                accept = ops.and_(accept, finite)
-                # a non-finite state shrinks the step even if the error estimate was finite
-                dt_new = ops.where(finite, dt_new, (t_next - t) * controller.factormin)
-                if cres is not None:
-                    mask, code = cres
-                    fail = ops.and_(mask, running)
-                    result = ops.where(fail, code, result) if per_sample else (code if fail else result)
-                    running = ops.and_(running, ops.not_(fail))
-                    accept = ops.and_(accept, ops.not_(fail))
-            else:
-                accept, dt_new, cstate, _ = controller.adapt(t, t_next, y, y1, y_err, None, cstate, ops)
-                accept = finite
-                notfin = ops.and_(running, ops.not_(finite))
-                if per_sample:
-                    result = torch.where(notfin, Result.nonfinite, result)
-                elif notfin:
-                    result = Result.nonfinite
-                running = ops.and_(running, finite)
-            accept = ops.and_(accept, running)
-            iteration += 1
-
-            # --- save inside the accepted step
-            if ops.any(accept):
-                C = None
-                if ts_save is not None:
-                    if per_sample:
-                        C = _save_ts_batch(solver, term, dinfo, t, t_next, y, y1, accept, ts_save, ts_ptr, ts_vals, ops)
-                        ts_ptr = C[1]
-                        C = C[0]
-                    else:
-                        h = t_next - t
-                        while ts_ptr < T and ts_save[ts_ptr] <= t_next + eps_land * h:
-                            tau_s = ts_save[ts_ptr]
-                            if tau_s >= t_next:
-                                saved_y.append(y1)
-                            else:
-                                if C is None:
-                                    C = solver.dense_coeffs(term, dinfo)
-                                theta = (tau_s - t) / h
-                                saved_y.append(_poly(y, C, theta))
-                            ts_ptr += 1
-                if saveat.steps:
-                    if per_sample:
-                        step_rows.append(torch.cat([t_next.to(flat.dtype).unsqueeze(-1), y1], -1))
-                        step_masks.append(accept)
-                    else:
-                        saved_t.append(t_next)
-                        saved_y.append(y1)
-                if saveat.dense:
-                    if C is None:
-                        C = solver.dense_coeffs(term, dinfo)
-                    dense_rows.append((t, t_next, y, C, accept))
-
-            # --- commit
-            # the cause of the last rejection is remembered: a solve that keeps producing NaN/inf
-            # near one time (and so exhausts max_steps or the step size) reports it as non-finite
-            if per_sample:
-                running_hist.append(running)
-                accept_hist.append(accept)
-                t = torch.where(accept, t_next, t)
-                y = torch.where(accept.unsqueeze(-1), y1, y)
-                sstate = _where_state(ops, accept, sstate1, sstate)
-                if len(stops):
-                    landed = accept & land
-                    jumped = landed & land_jump
-                    t = torch.where(jumped, nxt, t)
-                    stop_ptr = stop_ptr + (landed & (nxt < tau1))
-                    if jumped.any():
-                        sstate = _where_state(ops, jumped, solver.init(term, t, y), sstate)
-                dt = dt_new
-                rejected = running & ~accept
-                if rejected.any():
-                    # a NaN/inf state or error estimate (the sum is NaN/inf iff one of them is)
-                    bad = rejected & ~torch.isfinite(y1_sum if y_err is None else y1_sum + y_err.sum(-1))
-                    last_nonfinite = torch.where(rejected, bad, last_nonfinite)
-                    # step-size underflow: the next try would not be shorter than the rejected one,
-                    # or would not move t at all
-                    h_next = (t + dt) - t
-                    stuck = rejected & ((h_next >= t_next - t) | (h_next <= 0))
-                    if bad.any():
-                        stuck = stuck | wall.strike(bad, t, t_next)
-                    if stuck.any():
-                        code = torch.where(last_nonfinite, Result.nonfinite, Result.dt_min_reached)
-                        result = torch.where(stuck, code, result)
-                        running = running & ~stuck
-                running = running & (t < tau1)
-                if meter is not None:
-                    meter.update(float(t[running].min()) if running.any() else float(tau1.min()))
-            else:
-                n_steps += 1
-                if accept:
-                    n_acc += 1
-                    if p.record:
-                        recorded.append(t_next)
-                    t, y, sstate = t_next, y1, sstate1
-                    if land and nxt < tau1:
-                        stop_ptr += 1
-                        if land_jump:
-                            t = nxt
-                            sstate = solver.init(term, t, y)
-                else:
-                    n_rej += 1
-                    last_nonfinite = not finite or (y_err is not None and not cmath.isfinite(y_err.sum().item()))
-                    # step-size underflow: the next try would not be shorter than the rejected one,
-                    # or would not move t at all
-                    h_next = (t + dt_new) - t
-                    stuck = h_next >= t_next - t or h_next <= 0
-                    if last_nonfinite:
-                        stuck = wall.strike(True, t, t_next) or stuck
-                dt = dt_new
-                if running and not accept and stuck:
-                    result = Result.nonfinite if last_nonfinite else Result.dt_min_reached
-                    running = False
-                running = running and t < tau1
-                if meter is not None:
-                    meter.update(t)
-    finally:
-        if meter is not None:
-            meter.close()
-
-    # --- assemble the solution
-    interp = None
-    if saveat.dense and (dense_rows or B == 0):  # (an empty batch: an interpolation of nothing)
-        interp = _build_dense(dense_rows, per_sample, sign, flat, time_dtype)
-    ts_list = []
-    ys_parts = []
-    if per_sample:
-        parts_t, parts_y = [], []
-        if save_t0:
-            parts_t.append((tau0 * sign).unsqueeze(-1))
-            parts_y.append(y_t0.unsqueeze(1))
-        if ts_save is not None:
-            if ts_vals:  # one scatter of everything saved (differentiable, no in-place writes)
-                bi, pi, vals = (torch.cat(parts) for parts in zip(*ts_vals))
-                ts_out = ts_out.index_put((bi, pi), vals)
-            parts_t.append(ts_save * sign)
-            parts_y.append(ts_out)
-        if saveat.steps:
-            # (no step taken, e.g. an empty batch: no rows)
-            R = _compact(step_rows, step_masks)[0] if step_rows else y.new_zeros(B, 0, flat.size + 1)
-            parts_t.append(R[..., 0].real.to(time_dtype) * sign)
-            parts_y.append(R[..., 1:])
-        t_final = torch.where(result == Result.successful, tau1, t) * sign
-        if save_t1:
-            parts_t.append(t_final.unsqueeze(-1))
-            parts_y.append(y.unsqueeze(1))
-        ts_all = torch.cat(parts_t, 1) if parts_t else None
-        ys_all = torch.cat(parts_y, 1) if parts_y else None
-        ys = None
-        if ys_all is not None:
-            ys = tree_map(lambda x: x.movedim(0, 1), flat.unflatten(ys_all.movedim(1, 0)))
-        if running_hist:
-            n_steps = torch.stack(running_hist).sum(0)
-            n_acc = torch.stack(accept_hist).sum(0)
-        else:
-            n_steps = n_acc = torch.zeros(B, dtype=torch.long, device=dev)
-        stats = {"num_steps": n_steps, "num_accepted": n_acc, "num_rejected": n_steps - n_acc}
-    else:
-        if save_t0:
-            ts_list.append(tau0)
-            ys_parts.append(y_t0)
-        if ts_save is not None:
-            n_saved = len(saved_y)
-            ts_list.extend(ts_save[:n_saved])
-            ys_parts.extend(saved_y)
-            if n_saved < T:  # failed before the last save times: pad with NaN
-                ts_list.extend(ts_save[n_saved:])
-                ys_parts.extend([torch.full_like(y, math.nan)] * (T - n_saved))
-        if saveat.steps:
-            ts_list.extend(saved_t)
-            ys_parts.extend(saved_y)
-        t_end = tau1 if result == Result.successful else t  # internal time
-        t_final = t_end * sign
-        if save_t1:
-            ts_list.append(t_end)
-            ys_parts.append(y)
-        ts_all = torch.tensor([v * sign for v in ts_list], dtype=time_dtype, device=dev) if ts_list else None
-        ys = flat.unflatten(torch.stack(ys_parts)) if ys_parts else None
-        stats = {"num_steps": n_steps, "num_accepted": n_acc, "num_rejected": n_rej}
-        result = Result(result)
-    stats["num_rejected_nonfinite"] = wall.total
-    stats["nfe"] = term.nfe
-
-    if term.rough:
-        stats["nfe_diffusion"] = term.nfe_diffusion
-    sol = Solution(
-        ts=ts_all, ys=ys, stats=stats, result=result, t0=p.t0, t1=p.t1, interpolation=interp, t_final=t_final
+    loop = (BatchLoop if per_sample else SharedLoop)(
+        p,
+        flat=flat,
+        term=term,
+        ops=ops,
+        tau0=tau0,
+        tau1=tau1,
+        sign=sign,
+        dt0=dt0,
+        ts_save=ts_save,
+        time_dtype=time_dtype,
     )
-    if p.record:
-        sol.internal = {"step_ends": recorded, "t0": tau0, "sign": sign, "y": y, "solver_state": sstate}
-    if p.throw and not sol.successful:
-        raise SolveError(_failure_message(result, t_final, last_nonfinite, stats), result=result, solution=sol)
-    return sol
-
-
-def _poly(y0, C, theta):
-    from ._solution import _horner
-
-    return y0 + _horner(C, theta)
-
-
-def _save_ts_batch(solver, term, dinfo, t, t_next, y, y1, accept, ts_save, ts_ptr, ts_vals, ops):
-    """Per-sample: save every requested time that falls inside each sample's accepted step."""
-    T = ts_save.shape[1]
-    C = None
-    h = t_next - t
-    h_safe = torch.where(h > 0, h, torch.ones_like(h))
-    while True:
-        inb = ts_ptr < T
-        cand = torch.gather(ts_save, 1, ts_ptr.clamp(max=T - 1).unsqueeze(-1)).squeeze(-1)
-        m = accept & inb & (cand <= t_next + 1e-9 * h)
-        if not m.any():
-            return C, ts_ptr
-        if C is None:
-            C = solver.dense_coeffs(term, dinfo)
-        theta = ((cand - t) / h_safe).clamp(0, 1).to(y.real.dtype if y.is_complex() else y.dtype).unsqueeze(-1)
-        vals = _poly(y, C, theta)
-        vals = torch.where((cand >= t_next).unsqueeze(-1), y1, vals)
-        bi = m.nonzero().flatten()
-        ts_vals.append((bi, ts_ptr[bi], vals[bi]))
-        ts_ptr = ts_ptr + m
-
-
-def _stop_times(controller, sign):
-    step_ts = getattr(controller, "step_ts", None)
-    jump_ts = getattr(controller, "jump_ts", None)
-    stops, jumps = set(), set()
-    for ts, is_jump in ((step_ts, False), (jump_ts, True)):
-        if ts is None:
-            continue
-        for v in ts.tolist():
-            stops.add(v * sign)
-            if is_jump:
-                jumps.add(v * sign)
-    return sorted(stops), jumps
-
-
-def _build_dense(rows, per_sample, sign, flat, time_dtype):
-    if per_sample and not rows:  # an empty batch
-        TS = torch.zeros(flat.batch_size, 0, dtype=time_dtype, device=flat.device)
-        Y = torch.zeros(flat.batch_size, 0, flat.size, dtype=flat.dtype, device=flat.device)
-        return DenseInterpolation(TS, TS, Y, Y.unsqueeze(-2), sign, flat, True)
-    if per_sample:
-        t_s = [r[0] for r in rows]
-        t_e = [r[1] for r in rows]
-        masks = [r[4] for r in rows]
-        TS, _ = _compact(t_s, masks)
-        TE, M = _compact(t_e, masks, pad_value=math.inf)
-        Y, _ = _compact([r[2] for r in rows], masks)
-        C, _ = _compact([r[3] for r in rows], masks)
-        TS = torch.where(M, TS, TE)
-        return DenseInterpolation(TS, TE, Y, C, sign, flat, True)
-    dev = flat.device
-    TS = torch.tensor([r[0] for r in rows], dtype=torch.float64, device=dev)
-    TE = torch.tensor([r[1] for r in rows], dtype=torch.float64, device=dev)
-    Y = torch.stack([r[2] for r in rows])
-    C = torch.stack([r[3] for r in rows])
-    return DenseInterpolation(TS, TE, Y, C, sign, flat, False)
-
-
-def _failure_message(result, t_final, last_nonfinite, stats) -> str:
-    """What failed, where (time and, per sample, which samples) and what to try."""
-    if isinstance(result, torch.Tensor):
-        bad = (result != Result.successful).nonzero().flatten()
-        codes = sorted({int(result[i]) for i in bad})
-        lines = [f"solve failed for {len(bad)} of {result.shape[0]} samples:"]
-        for c in codes:
-            idx = (result == c).nonzero().flatten()
-            shown = idx[:10].tolist()
-            times = [round(float(t_final[i]), 10) for i in shown]
-            more = f" (and {len(idx) - 10} more)" if len(idx) > 10 else ""
-            lines.append(f"  {Result(c).name} for samples {shown}{more} at t = {times}: {Result(c).message}")
-            if c == Result.max_steps_reached:
-                nan = idx[last_nonfinite[idx]].tolist()
-                if nan:
-                    lines.append(f"    (the last rejected step of samples {nan[:10]} had a NaN/inf state: {_NAN_HINT})")
-        lines.append("Pass throw=False to get the partial solution with per-sample codes in Solution.result.")
-        return "\n".join(lines)
-    r = Result(result)
-    msg = f"solve failed ({r.name}) at t = {t_final!r}: {r.message} "
-    if r == Result.max_steps_reached and last_nonfinite:
-        msg += (
-            f"The last rejected step had a NaN/inf state ({stats['num_rejected_nonfinite']} such steps): {_NAN_HINT}. "
-        )
-    return msg + "Pass throw=False to get the partial solution and the code in Solution.result."
-
-
-_NAN_HINT = "the vector field may be undefined just after this time"
+    return loop.run()

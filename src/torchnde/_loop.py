@@ -1,0 +1,346 @@
+"""The step loop behind ``solve``.
+
+Each iteration builds one :class:`Step` record and passes it through the phases of
+:meth:`_Loop.run`::
+
+    propose  -> where the step ends (t1, step_ts, just before a jump_ts)         [mode-specific]
+    attempt  -> solver.step (in run)                                            [shared code]
+    decide   -> accept/reject, controller, result codes                         [shared code]
+    events   -> (hook, a no-op today) event location on the accepted steps      [shared code]
+    save     -> saver.save(step) inside the accepted step: ts, steps, dense     (_saver.py)
+    commit   -> advance t/y/solver state, stop pointers, jumps; on rejection the
+                cause, step-size underflow and the NaN wall; the running mask   [mode-specific]
+
+Stop times are in _stops.py, saving and the assembled ts/ys in _saver.py, the NaN wall and the
+failure message in _failure.py; :meth:`_Loop.finish` builds the :class:`Solution`.
+
+:class:`SharedLoop` has one step size for the whole state (Python-float times, ``ScalarOps``);
+:class:`BatchLoop` steps each sample on its own (``(batch,)`` tensors, ``BatchOps``). Both share
+``attempt``/``decide``/``events``, written against the ops namespace.
+"""
+
+from __future__ import annotations
+
+import cmath
+
+import torch
+
+from ._failure import NONFINITE_REJECTIONS, NonfiniteWall, failure_message
+from ._progress import make_progress
+from ._results import Result, SolveError
+from ._saver import BatchSaver, SharedSaver
+from ._solution import Solution
+from ._stops import BatchStops, SharedStops
+from .controllers import PIDController
+from .solvers._base import LazyDerivative
+
+__all__ = ["NONFINITE_REJECTIONS", "Step", "SharedLoop", "BatchLoop"]
+
+
+class Step:
+    """One iteration of the loop, passed from phase to phase.
+
+    ``t -> t_next`` from state ``y`` (internal time; floats or ``(batch,)`` tensors); the solver's
+    ``y1``, ``y_err``, ``dinfo`` (what its dense output needs) and ``sstate1`` (its state after
+    the step); ``accept`` (bool or mask) and ``dt_new`` from :meth:`_Loop.decide`; ``land``
+    (the step ends on the stop time ``nxt``, which is ``t1`` or a ``step_ts``/``jump_ts``) and
+    ``land_jump`` (``nxt`` is a jump: ``t_next`` is one float before it). ``C`` is the step's
+    dense-output polynomial, computed on first use (at most once per step) and assignable.
+    """
+
+    __slots__ = ("t", "t_next", "y", "y1", "y_err", "dinfo", "sstate1", "accept", "land", "land_jump", "nxt")
+    __slots__ += ("finite", "y1_sum", "dt_new", "_C", "_coeffs")
+
+    def __init__(self, t, y, coeffs, t_next, land, land_jump, nxt):
+        self.t, self.y, self._coeffs, self._C = t, y, coeffs, None
+        self.t_next, self.land, self.land_jump, self.nxt = t_next, land, land_jump, nxt
+
+    @property
+    def C(self):
+        if self._C is None:
+            self._C = self._coeffs(self.dinfo)
+        return self._C
+
+    @C.setter
+    def C(self, value):
+        self._C = value
+
+
+class _Loop:
+    """What both modes share: the set-up, the phases written against ``ops``, and the result."""
+
+    batched = False
+
+    def __init__(self, p, *, flat, term, ops, tau0, tau1, sign, dt0, ts_save, time_dtype):
+        self.p, self.flat, self.term, self.ops = p, flat, term, ops
+        self.tau0, self.tau1, self.sign = tau0, tau1, sign
+        solver, controller = self.solver, self.controller = p.solver, p.controller
+        self.y = y = flat.flatten(p.y0)
+        self.sstate = solver.init(term, tau0, y)
+        self.adaptive = adaptive = isinstance(controller, PIDController)
+        if adaptive and dt0 is None and isinstance(self.sstate, LazyDerivative):
+            self.sstate.get()  # the automatic initial step needs f(t0, y0); the first step then reuses it
+        f0 = solver.initial_derivative(self.sstate)
+        self.dt, self.cstate = controller.init(term, solver, tau0, tau1, y, f0, dt0, ops)
+        self.error_order = getattr(solver, "error_order", None) if adaptive else None
+        self._coeffs = lambda dinfo: solver.dense_coeffs(term, dinfo)
+        self._setup(p, flat, time_dtype)
+        # the initial state must be finite (one reduction covers y0 and f(t0, y0))
+        f0 = solver.initial_derivative(self.sstate)
+        bad0 = ops.not_(self._isfinite(self._sum(y if f0 is None else y + f0)))
+        self.result = ops.where(bad0, Result.nonfinite, self.result)
+        self.running = ops.and_(self.running, ops.not_(bad0))
+        saver = BatchSaver if self.batched else SharedSaver
+        self.saver = saver(p.saveat, ts_save, flat, tau0, y, sign, time_dtype)
+        self.last_nonfinite = ops.false()
+        self.wall = NonfiniteWall(ops)
+        self.iteration = 0
+        self.record = p.record
+        self.recorded: list = []  # accepted step ends (shared mode), for p.record
+        self.t = tau0
+        self.meter = None
+
+    def run(self) -> Solution:
+        ops, max_steps = self.ops, self.p.max_steps
+        self.meter = make_progress(self.p.progress, self.tau0, self.tau1, self.sign)
+        propose, decide, events, commit = self.propose, self.decide, self.events, self.commit
+        solver_step, term = self.solver.step, self.term
+        saveat = self.p.saveat
+        save = self.saver.save if (saveat.ts is not None or saveat.steps or saveat.dense) else None
+        try:
+            while ops.any(self.running):
+                if max_steps is not None and self.iteration >= max_steps:
+                    # said as it is, even when the last rejection was NaN/inf (the message adds that)
+                    self.result = ops.where(self.running, Result.max_steps_reached, self.result)
+                    break
+                step = propose()
+                # attempt (inline: one call less per step)
+                step.y1, step.y_err, step.dinfo, step.sstate1, _ = solver_step(
+                    term, step.t, step.t_next, step.y, self.sstate
+                )
+                decide(step)
+                self.iteration += 1
+                events(step)  # the hook for event location (a no-op today)
+                if save is not None and ops.any(step.accept):
+                    save(step)
+                commit(step)
+        finally:
+            if self.meter is not None:
+                self.meter.close()
+        return self.finish()
+
+    def decide(self, s: Step) -> None:
+        """Accept or reject the step (per sample in per-sample mode); a step with a NaN/inf state
+        is rejected (adaptive: and shrunk) or ends the solve (fixed steps); the controller may end
+        it with a code of its own (e.g. ``dt_min_reached``)."""
+        ops, controller, running, result = self.ops, self.controller, self.running, self.result
+        # one reduction: the sum is NaN/inf iff some entry is (or the sum overflows)
+        s.y1_sum = self._sum(s.y1)
+        s.finite = finite = self._isfinite(s.y1_sum)
+        if self.adaptive:
+            accept, dt_new, self.cstate, cres = controller.adapt(
+                s.t, s.t_next, s.y, s.y1, s.y_err, self.error_order, self.cstate, ops
+            )
+            accept = ops.and_(accept, finite)
+            # a non-finite state shrinks the step even if the error estimate was finite
+            dt_new = ops.where(finite, dt_new, (s.t_next - s.t) * controller.factormin)
+            if cres is not None:
+                mask, code = cres
+                fail = ops.and_(mask, running)
+                result = ops.where(fail, code, result)
+                running = ops.and_(running, ops.not_(fail))
+                accept = ops.and_(accept, ops.not_(fail))
+        else:
+            _, dt_new, self.cstate, _ = controller.adapt(s.t, s.t_next, s.y, s.y1, s.y_err, None, self.cstate, ops)
+            accept = finite
+            result = ops.where(ops.and_(running, ops.not_(finite)), Result.nonfinite, result)
+            running = ops.and_(running, finite)
+        s.dt_new = dt_new
+        s.accept = ops.and_(accept, running)
+        self.running, self.result = running, result
+
+    def events(self, s: Step) -> None:
+        """Hook for event location, between the decision and saving (no events yet: a no-op).
+
+        Events will be located here on the accepted steps' dense output (``s.C``). An event may
+        shorten an accepted step (replace ``s.t_next``, ``s.y1`` and ``s.C`` for some samples and
+        clear ``s.land`` for them, so no stop pointer advances); ``commit`` then replaces ``y``
+        and re-initialises the solver state where the event resets the state, or stops those
+        samples where it is terminal."""
+
+    def finish(self) -> Solution:
+        """The Solution: saved values, statistics, result code; raises if asked and failed."""
+        p, term = self.p, self.term
+        t_end = self._t_end()
+        t_final = t_end * self.sign
+        ts, ys, interp = self.saver.assemble(t_end, self.y)
+        stats, result = self._stats(), self._result()
+        stats["num_rejected_nonfinite"] = self.wall.total
+        stats["nfe"] = term.nfe
+        if term.rough:
+            stats["nfe_diffusion"] = term.nfe_diffusion
+        sol = Solution(
+            ts=ts, ys=ys, stats=stats, result=result, t0=p.t0, t1=p.t1, interpolation=interp, t_final=t_final
+        )
+        if p.record:
+            sol.internal = {
+                "step_ends": self.recorded,
+                "t0": self.tau0,
+                "sign": self.sign,
+                "y": self.y,
+                "solver_state": self.sstate,
+            }
+        if p.throw and not sol.successful:
+            msg = failure_message(result, t_final, self.last_nonfinite, stats)
+            raise SolveError(msg, result=result, solution=sol)
+        return sol
+
+
+class SharedLoop(_Loop):
+    """One step size for the whole state: times are Python floats, decisions Python bools."""
+
+    def _setup(self, p, flat, time_dtype):
+        self.stops = SharedStops(self.controller, self.sign, self.tau0)
+        self.result, self.running = Result.successful, True
+        self.n_steps = self.n_acc = self.n_rej = 0
+        self._sum = torch.Tensor.sum
+
+    @staticmethod
+    def _isfinite(x):
+        return cmath.isfinite(x.item())
+
+    def propose(self) -> Step:
+        return Step(self.t, self.y, self._coeffs, *self.stops.propose(self.t, self.dt, self.tau1))
+
+    def commit(self, s: Step) -> None:
+        self.n_steps += 1
+        t = self.t
+        if s.accept:
+            self.n_acc += 1
+            if self.record:
+                self.recorded.append(s.t_next)
+            t, self.y, self.sstate = s.t_next, s.y1, s.sstate1
+            if s.land and s.nxt < self.tau1:
+                self.stops.ptr += 1
+                if s.land_jump:
+                    t = s.nxt
+                    self.sstate = self.solver.init(self.term, t, self.y)
+        else:
+            self.n_rej += 1
+            # the cause of the last rejection is remembered: a solve that keeps producing NaN/inf
+            # near one time (and so exhausts max_steps or the step size) reports it as non-finite
+            y_err = s.y_err
+            self.last_nonfinite = not s.finite or (y_err is not None and not cmath.isfinite(y_err.sum().item()))
+            # step-size underflow: the next try would not be shorter than the rejected one,
+            # or would not move t at all
+            h_next = (t + s.dt_new) - t
+            stuck = h_next >= s.t_next - t or h_next <= 0
+            if self.last_nonfinite:
+                stuck = self.wall.strike(True, t, s.t_next) or stuck
+            if self.running and stuck:
+                self.result = Result.nonfinite if self.last_nonfinite else Result.dt_min_reached
+                self.running = False
+        self.dt = s.dt_new
+        self.t = t
+        self.running = self.running and t < self.tau1
+        if self.meter is not None:
+            self.meter.update(t)
+
+    def _t_end(self):
+        return self.tau1 if self.result == Result.successful else self.t
+
+    def _stats(self):
+        return {"num_steps": self.n_steps, "num_accepted": self.n_acc, "num_rejected": self.n_rej}
+
+    def _result(self):
+        return Result(self.result)
+
+
+class BatchLoop(_Loop):
+    """Per-sample stepping: times, step sizes, decisions and codes are ``(batch,)`` tensors.
+    Samples that have finished take empty steps until all have."""
+
+    batched = True
+
+    def _setup(self, p, flat, time_dtype):
+        self.stops = BatchStops(self.controller, self.sign, self.tau0, time_dtype, flat.device)
+        B, dev = flat.batch_size, flat.device
+        self.result = torch.zeros(B, dtype=torch.long, device=dev)
+        self.running = torch.ones(B, dtype=torch.bool, device=dev)
+        self.running_hist: list = []  # per-iteration masks; the per-sample counts are summed at the end
+        self.accept_hist: list = []
+        self._isfinite = torch.isfinite
+
+    @staticmethod
+    def _sum(x):
+        return x.sum(-1)
+
+    def propose(self) -> Step:
+        return Step(self.t, self.y, self._coeffs, *self.stops.propose(self.t, self.dt, self.tau1, self.running))
+
+    def commit(self, s: Step) -> None:
+        ops, accept, running, tau1 = self.ops, s.accept, self.running, self.tau1
+        self.running_hist.append(running)
+        self.accept_hist.append(accept)
+        t = torch.where(accept, s.t_next, self.t)
+        y = self.y = torch.where(accept.unsqueeze(-1), s.y1, self.y)
+        self.sstate = _where_state(ops, accept, s.sstate1, self.sstate)
+        if self.stops.any:
+            landed = accept & s.land
+            jumped = landed & s.land_jump
+            t = torch.where(jumped, s.nxt, t)
+            self.stops.ptr = self.stops.ptr + (landed & (s.nxt < tau1))
+            if jumped.any():
+                self.sstate = _where_state(ops, jumped, self.solver.init(self.term, t, y), self.sstate)
+        dt = self.dt = s.dt_new
+        rejected = running & ~accept
+        if rejected.any():
+            # the cause of the last rejection is remembered (see SharedLoop.commit): a NaN/inf
+            # state or error estimate (the sum is NaN/inf iff one of them is)
+            bad = rejected & ~torch.isfinite(s.y1_sum if s.y_err is None else s.y1_sum + s.y_err.sum(-1))
+            self.last_nonfinite = torch.where(rejected, bad, self.last_nonfinite)
+            # step-size underflow: the next try would not be shorter than the rejected one,
+            # or would not move t at all
+            h_next = (t + dt) - t
+            stuck = rejected & ((h_next >= s.t_next - t) | (h_next <= 0))
+            if bad.any():
+                stuck = stuck | self.wall.strike(bad, t, s.t_next)
+            if stuck.any():
+                code = torch.where(self.last_nonfinite, Result.nonfinite, Result.dt_min_reached)
+                self.result = torch.where(stuck, code, self.result)
+                running = running & ~stuck
+        self.running = running = running & (t < tau1)
+        self.t = t
+        if self.meter is not None:
+            self.meter.update(float(t[running].min()) if running.any() else float(tau1.min()))
+
+    def _t_end(self):
+        return torch.where(self.result == Result.successful, self.tau1, self.t)
+
+    def _stats(self):
+        if self.running_hist:
+            n_steps = torch.stack(self.running_hist).sum(0)
+            n_acc = torch.stack(self.accept_hist).sum(0)
+        else:
+            n_steps = n_acc = torch.zeros(self.flat.batch_size, dtype=torch.long, device=self.flat.device)
+        return {"num_steps": n_steps, "num_accepted": n_acc, "num_rejected": n_steps - n_acc}
+
+    def _result(self):
+        return self.result
+
+
+def _where_state(ops, accept, a, b):
+    """The solver state ``a`` where ``accept``, else ``b`` (per sample, leaf by leaf)."""
+    if not ops.batched:
+        return a if accept else b
+    if a is None:
+        return None
+
+    def pick(x, y):
+        return torch.where(accept.view(-1, *([1] * (x.dim() - 1))), x, y)
+
+    if isinstance(a, torch.Tensor):
+        return pick(a, b)
+    if not isinstance(a, (tuple, list)):
+        return a  # a Python value that does not change between steps
+    return type(a)(pick(x, y) if isinstance(x, torch.Tensor) else x for x, y in zip(a, b))
