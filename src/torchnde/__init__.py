@@ -4,6 +4,7 @@ One :func:`solve` for every problem: terms integrated by a solver, with step-siz
 saving, gradients and failure handling passed in as small policy objects.
 """
 
+from ._events import Event, EventRecord
 from ._results import Result, SolveError
 from ._saveat import SaveAt
 from ._solution import Solution
@@ -62,6 +63,8 @@ __version__ = "0.1.0"
 __all__ = [
     "solve",
     "Solution",
+    "Event",
+    "EventRecord",
     "SaveAt",
     "Result",
     "SolveError",

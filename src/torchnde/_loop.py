@@ -6,7 +6,8 @@ Each iteration builds one :class:`Step` record and passes it through the phases 
     propose  -> where the step ends (t1, step_ts, just before a jump_ts)         [mode-specific]
     attempt  -> solver.step (in run)                                            [shared code]
     decide   -> accept/reject, controller, result codes                         [shared code]
-    events   -> (hook, a no-op today) event location on the accepted steps      [shared code]
+    events   -> event location on the accepted steps (_events.py); may shorten
+                them to the event time                                          [shared code]
     save     -> saver.save(step) inside the accepted step: ts, steps, dense     (_saver.py)
     commit   -> advance t/y/solver state, stop pointers, jumps; on rejection the
                 cause, step-size underflow and the NaN wall; the running mask   [mode-specific]
@@ -25,6 +26,7 @@ import cmath
 
 import torch
 
+from ._events import _Events
 from ._failure import NONFINITE_REJECTIONS, NonfiniteWall, failure_message
 from ._progress import make_progress
 from ._results import Result, SolveError
@@ -46,13 +48,14 @@ class Step:
     (the step ends on the stop time ``nxt``, which is ``t1`` or a ``step_ts``/``jump_ts``) and
     ``land_jump`` (``nxt`` is a jump: ``t_next`` is one float before it). ``C`` is the step's
     dense-output polynomial, computed on first use (at most once per step) and assignable.
+    ``fired`` is what an event did in the step (:class:`~torchnde._events.Fired`) or ``None``.
     """
 
     __slots__ = ("t", "t_next", "y", "y1", "y_err", "dinfo", "sstate1", "accept", "land", "land_jump", "nxt")
-    __slots__ += ("finite", "y1_sum", "dt_new", "_C", "_coeffs")
+    __slots__ += ("finite", "y1_sum", "dt_new", "_C", "_coeffs", "fired")
 
     def __init__(self, t, y, coeffs, t_next, land, land_jump, nxt):
-        self.t, self.y, self._coeffs, self._C = t, y, coeffs, None
+        self.t, self.y, self._coeffs, self._C, self.fired = t, y, coeffs, None, None
         self.t_next, self.land, self.land_jump, self.nxt = t_next, land, land_jump, nxt
 
     @property
@@ -99,11 +102,16 @@ class _Loop:
         self.recorded: list = []  # accepted step ends (shared mode), for p.record
         self.t = tau0
         self.meter = None
+        self.evs = None
+        if p.events:
+            self.evs = _Events(p.events, term, flat, p.args, sign, self.batched, p.max_events, time_dtype)
+            self.evs.init(tau0, y)
 
     def run(self) -> Solution:
         ops, max_steps = self.ops, self.p.max_steps
         self.meter = make_progress(self.p.progress, self.tau0, self.tau1, self.sign)
-        propose, decide, events, commit = self.propose, self.decide, self.events, self.commit
+        propose, decide, commit = self.propose, self.decide, self.commit
+        events = self.events if self.evs is not None else None
         solver_step, term = self.solver.step, self.term
         saveat = self.p.saveat
         save = self.saver.save if (saveat.ts is not None or saveat.steps or saveat.dense) else None
@@ -120,7 +128,8 @@ class _Loop:
                 )
                 decide(step)
                 self.iteration += 1
-                events(step)  # the hook for event location (a no-op today)
+                if events is not None:
+                    events(step)
                 if save is not None and ops.any(step.accept):
                     save(step)
                 commit(step)
@@ -164,13 +173,34 @@ class _Loop:
         self.running, self.result = running, result
 
     def events(self, s: Step) -> None:
-        """Hook for event location, between the decision and saving (no events yet: a no-op).
-
-        Events will be located here on the accepted steps' dense output (``s.C``). An event may
-        shorten an accepted step (replace ``s.t_next``, ``s.y1`` and ``s.C`` for some samples and
-        clear ``s.land`` for them, so no stop pointer advances); ``commit`` then replaces ``y``
-        and re-initialises the solver state where the event resets the state, or stops those
-        samples where it is terminal."""
+        """Event location on the accepted steps' dense output (``s.C``), between the decision and
+        saving. An event shortens its accepted step to the event time (``s.t_next``, ``s.y1`` and
+        ``s.C`` for those samples; ``s.land`` cleared, so no stop pointer advances); ``commit``
+        then continues from the post-event state with a fresh solver state, or stops the sample."""
+        if not self.ops.any(s.accept):
+            return
+        fired = s.fired = self.evs.check(s.t, s.t_next, s.y, s.y1, lambda: s.C, s.accept)
+        if fired is None:
+            return
+        C = s.C
+        rdt = C.real.dtype
+        powers = torch.arange(1, C.shape[-2] + 1, device=C.device, dtype=rdt)  # C[p] multiplies theta^(p+1)
+        if self.batched:
+            m = fired.mask
+            scale = fired.theta.to(rdt).view(-1, 1, 1) ** powers.view(1, -1, 1)
+            s.C = torch.where(m.view(-1, 1, 1), C * scale, C)
+            s.t_next = torch.where(m, fired.tau, s.t_next)
+            s.y1 = torch.where(m.unsqueeze(-1), fired.y_minus, s.y1)
+            s.land = s.land & ~m
+            if isinstance(s.land_jump, torch.Tensor):
+                s.land_jump = s.land_jump & ~m
+        elif bool(fired.mask):
+            s.C = C * (fired.theta.to(rdt) ** powers).view(-1, 1)
+            s.t_next = float(fired.tau)
+            s.y1 = fired.y_minus
+            s.land = s.land_jump = False
+        else:
+            s.fired = None
 
     def finish(self) -> Solution:
         """The Solution: saved values, statistics, result code; raises if asked and failed."""
@@ -186,6 +216,8 @@ class _Loop:
         sol = Solution(
             ts=ts, ys=ys, stats=stats, result=result, t0=p.t0, t1=p.t1, interpolation=interp, t_final=t_final
         )
+        if self.evs is not None:
+            sol.events = self.evs.record()
         if p.record:
             sol.internal = {
                 "step_ends": self.recorded,
@@ -219,6 +251,12 @@ class SharedLoop(_Loop):
             if self.record:
                 self.recorded.append(s.t_next)
             t, self.y, self.sstate = s.t_next, s.y1, s.sstate1
+            if s.fired is not None:  # an event ended the step: go on from its post-event state, or stop
+                self.y = s.fired.y_next
+                if bool(s.fired.stop):
+                    self.running = False
+                else:
+                    self.sstate = self.solver.init(self.term, t, self.y)
             if s.land and s.nxt < self.tau1:
                 self.stops.ptr += 1
                 if s.land_jump:
@@ -246,6 +284,8 @@ class SharedLoop(_Loop):
             self.meter.update(t)
 
     def _t_end(self):
+        if self.evs is not None and bool(self.evs.terminated[0]):
+            return self.t
         return self.tau1 if self.result == Result.successful else self.t
 
     def _stats(self):
@@ -279,6 +319,13 @@ class BatchLoop(_Loop):
         t = torch.where(accept, s.t_next, self.t)
         y = self.y = torch.where(accept.unsqueeze(-1), s.y1, self.y)
         self.sstate = _where_state(ops, accept, s.sstate1, self.sstate)
+        if s.fired is not None:  # events: go on from the post-event states, or stop those samples
+            fired = s.fired
+            y = self.y = torch.where(fired.mask.unsqueeze(-1), fired.y_next, y)
+            go_on = fired.mask & ~fired.stop
+            if go_on.any():
+                self.sstate = _where_state(ops, go_on, self.solver.init(self.term, t, y), self.sstate)
+            running = running & ~fired.stop
         if self.stops.any:
             landed = accept & s.land
             jumped = landed & s.land_jump
@@ -309,7 +356,8 @@ class BatchLoop(_Loop):
             self.meter.update(float(t[running].min()) if running.any() else float(tau1.min()))
 
     def _t_end(self):
-        return torch.where(self.result == Result.successful, self.tau1, self.t)
+        t_end = torch.where(self.result == Result.successful, self.tau1, self.t)
+        return t_end if self.evs is None else torch.where(self.evs.terminated, self.t, t_end)
 
     def _stats(self):
         if self.running_hist:

@@ -114,7 +114,10 @@ class Solution:
         result: a :class:`Result` (per-sample mode: an int tensor of codes, one per sample).
         t0, t1: the interval that was solved.
         t_final: where the solve stopped: ``t1`` if it succeeded, else the time of its last
-            accepted step, where it failed (a float; per-sample mode: a ``(batch,)`` tensor).
+            accepted step, where it failed (a float; per-sample mode: a ``(batch,)`` tensor); the
+            event time if a terminal event ended it.
+        events: with ``solve(..., event=...)``: an :class:`~torchnde.EventRecord` (event times,
+            which event fired, the states before and after, counts); ``None`` otherwise.
     """
 
     ts: torch.Tensor | None
@@ -126,6 +129,7 @@ class Solution:
     interpolation: DenseInterpolation | None = field(default=None, repr=False)
     internal: dict | None = field(default=None, repr=False)  # for adjoints: steps, final state
     t_final: Any = None
+    events: Any = None
 
     @property
     def successful(self) -> bool:

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from ._event_segments import solve_by_segments
+from ._events import as_events
 from ._failure import NONFINITE_REJECTIONS as NONFINITE_REJECTIONS
 from ._flat import flat_term
 from ._loop import BatchLoop, SharedLoop
@@ -34,7 +36,10 @@ __all__ = ["solve"]
 _DEFAULT_SAVEAT = SaveAt(t1=True)
 _DEFAULT_ADJOINT = DirectAdjoint()
 
-_KEYWORDS = ("dt0", "args", "saveat", "controller", "adjoint", "max_steps", "throw", "progress", "per_sample")
+_KEYWORDS = (
+    "dt0", "args", "saveat", "controller", "adjoint", "max_steps", "throw", "progress", "per_sample", "event",
+    "max_events",
+)  # fmt: skip
 _HINTS = {
     "rtol": "tolerances belong to the controller: controller=PIDController(rtol=..., atol=...)",
     "atol": "tolerances belong to the controller: controller=PIDController(rtol=..., atol=...)",
@@ -63,6 +68,8 @@ class _Problem:
     throw: bool
     progress: Any
     per_sample: bool
+    events: list | None = None  # Event objects (checked), or None
+    max_events: int | None = None
     record: bool = False  # internal: keep the accepted step ends and the final solver state
 
 
@@ -82,6 +89,8 @@ def solve(
     throw: bool = True,
     progress=None,
     per_sample: bool = False,
+    event=None,
+    max_events: int | None = None,
     **unknown,
 ) -> Solution:
     r"""Solve a differential equation from ``t0`` to ``t1``.
@@ -111,6 +120,11 @@ def solve(
             own step sizes, accept/reject decisions, status and statistics (and optionally its own
             ``t0``, ``t1`` and save times). The vector field then receives ``t`` as a
             ``(batch,)`` tensor.
+        event: an :class:`Event` or a list of them: conditions located after every accepted step
+            that end the solve (``terminal``) or reset the state and continue; recorded in
+            ``Solution.events`` with differentiable event times (see docs/events.md).
+        max_events: with ``event``: the ``max_events``-th event of a solve (per sample) ends it
+            as if terminal; ``None`` for no limit.
 
     Returns:
         A :class:`Solution`.
@@ -133,7 +147,17 @@ def solve(
         terms = normalize_terms(terms, backward=_is_backward(t0, t1))
     controller = _check_policies(terms, solver, saveat, adjoint, controller, dt0, max_steps)
     _check_not_meta(y0)
+    events = as_events(event)
+    if max_events is not None and (
+        isinstance(max_events, bool) or not isinstance(max_events, numbers.Integral) or max_events < 1
+    ):
+        raise ValueError(f"max_events must be a positive int or None, got {max_events!r}")
     timed = [x for x in (t0, t1, saveat.ts) if isinstance(x, torch.Tensor) and x.requires_grad]
+    if timed and events:
+        raise NotImplementedError(
+            "gradients with respect to t0, t1 or save times are not supported together with events; "
+            "pass the times detached (event times themselves are differentiable: Solution.events.t)"
+        )
     if timed and isinstance(terms, SDETerm):
         raise NotImplementedError(
             "gradients with respect to t0, t1 or save times are not defined for SDEs (the Brownian path "
@@ -150,8 +174,15 @@ def solve(
     if isinstance(terms, SDETerm) and saveat.ts is not None and not per_sample:
         # between steps an SDE's solution is not smooth: land on the save times instead of interpolating
         controller = with_step_ts(controller, saveat.ts)
-    problem = _Problem(terms, solver, controller, t0, t1, y0, dt0, args, saveat, max_steps, throw, progress, per_sample)
-    sol = adjoint.loop(problem, _integrate)
+    problem = _Problem(
+        terms, solver, controller, t0, t1, y0, dt0, args, saveat, max_steps, throw, progress, per_sample, events,
+        max_events,
+    )  # fmt: skip
+    if events and not isinstance(adjoint, DirectAdjoint) and torch.is_grad_enabled():
+        # adjoints that do not differentiate the loop itself: solve between the events
+        sol = solve_by_segments(problem, adjoint, _integrate)
+    else:
+        sol = adjoint.loop(problem, _integrate)
     if timed and (_requires_grad(t1) or _requires_grad(saveat.ts)):
         sol = _time_gradients(sol, terms, args, t1, saveat)
     return sol
