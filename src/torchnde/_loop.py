@@ -48,11 +48,13 @@ class Step:
     (the step ends on the stop time ``nxt``, which is ``t1`` or a ``step_ts``/``jump_ts``) and
     ``land_jump`` (``nxt`` is a jump: ``t_next`` is one float before it). ``C`` is the step's
     dense-output polynomial, computed on first use (at most once per step) and assignable.
-    ``fired`` is what an event did in the step (:class:`~torchnde._events.Fired`) or ``None``.
+    ``fired`` is what an event did in the step (:class:`~torchnde._events.Fired`) or ``None``;
+    ``code`` the solver's own failure reason (implicit solvers: 0 converged, 1 Newton diverged, 2
+    singular matrix; ``None`` for solvers without one) and ``newton`` it as a result code.
     """
 
     __slots__ = ("t", "t_next", "y", "y1", "y_err", "dinfo", "sstate1", "accept", "land", "land_jump", "nxt")
-    __slots__ += ("finite", "y1_sum", "dt_new", "_C", "_coeffs", "fired")
+    __slots__ += ("finite", "y1_sum", "dt_new", "_C", "_coeffs", "fired", "code", "newton")
 
     def __init__(self, t, y, coeffs, t_next, land, land_jump, nxt):
         self.t, self.y, self._coeffs, self._C, self.fired = t, y, coeffs, None, None
@@ -96,6 +98,7 @@ class _Loop:
         saver = BatchSaver if self.batched else SharedSaver
         self.saver = saver(p.saveat, ts_save, flat, tau0, y, sign, time_dtype)
         self.last_nonfinite = ops.false()
+        self.last_newton = ops.full(0).long() if self.batched else 0  # result code of the last Newton failure
         self.wall = NonfiniteWall(ops)
         self.iteration = 0
         self.record = p.record
@@ -123,7 +126,7 @@ class _Loop:
                     break
                 step = propose()
                 # attempt (inline: one call less per step)
-                step.y1, step.y_err, step.dinfo, step.sstate1, _ = solver_step(
+                step.y1, step.y_err, step.dinfo, step.sstate1, step.code = solver_step(
                     term, step.t, step.t_next, step.y, self.sstate
                 )
                 decide(step)
@@ -168,6 +171,18 @@ class _Loop:
             accept = finite
             result = ops.where(ops.and_(running, ops.not_(finite)), Result.nonfinite, result)
             running = ops.and_(running, finite)
+        s.newton = 0
+        if s.code is not None:  # an implicit solver: a failed Newton solve is a rejected step
+            code = s.code
+            newton = torch.where(code == 2, Result.singular_jacobian, Result.nonlinear_divergence)
+            s.newton = newton = torch.where(code != 0, newton, 0)
+            if not self.batched:
+                s.newton = newton = int(newton)
+            if not self.adaptive:  # fixed steps cannot be shrunk: the solve (that sample) ends here
+                fail = ops.and_(newton != 0, running)
+                result = ops.where(fail, newton, result)
+                running = ops.and_(running, ops.not_(fail))
+                accept = ops.and_(accept, ops.not_(fail))
         s.dt_new = dt_new
         s.accept = ops.and_(accept, running)
         self.running, self.result = running, result
@@ -274,8 +289,9 @@ class SharedLoop(_Loop):
             stuck = h_next >= s.t_next - t or h_next <= 0
             if self.last_nonfinite:
                 stuck = self.wall.strike(True, t, s.t_next) or stuck
+            self.last_newton = s.newton
             if self.running and stuck:
-                self.result = Result.nonfinite if self.last_nonfinite else Result.dt_min_reached
+                self.result = Result.nonfinite if self.last_nonfinite else (self.last_newton or Result.dt_min_reached)
                 self.running = False
         self.dt = s.dt_new
         self.t = t
@@ -340,6 +356,7 @@ class BatchLoop(_Loop):
             # state or error estimate (the sum is NaN/inf iff one of them is)
             bad = rejected & ~torch.isfinite(s.y1_sum if s.y_err is None else s.y1_sum + s.y_err.sum(-1))
             self.last_nonfinite = torch.where(rejected, bad, self.last_nonfinite)
+            self.last_newton = torch.where(rejected, s.newton, self.last_newton)
             # step-size underflow: the next try would not be shorter than the rejected one,
             # or would not move t at all
             h_next = (t + dt) - t
@@ -347,7 +364,8 @@ class BatchLoop(_Loop):
             if bad.any():
                 stuck = stuck | self.wall.strike(bad, t, s.t_next)
             if stuck.any():
-                code = torch.where(self.last_nonfinite, Result.nonfinite, Result.dt_min_reached)
+                code = torch.where(self.last_newton != 0, self.last_newton, Result.dt_min_reached)
+                code = torch.where(self.last_nonfinite, Result.nonfinite, code)
                 self.result = torch.where(stuck, code, self.result)
                 running = running & ~stuck
         self.running = running = running & (t < tau1)

@@ -16,6 +16,8 @@ class Result(enum.IntEnum):
     max_steps_reached = 1
     dt_min_reached = 2
     nonfinite = 3
+    nonlinear_divergence = 4
+    singular_jacobian = 5
 
     @property
     def message(self) -> str:
@@ -39,6 +41,18 @@ _MESSAGES = {
         "they began). Check the vector field for overflow, division by zero, log or sqrt of negative "
         "numbers, or a formula valid only up to some time (then end the solve before it), and the "
         "initial condition for NaNs."
+    ),
+    Result.nonlinear_divergence: (
+        "the implicit solver's Newton iterations did not converge: with fixed steps at this step size "
+        "(which cannot be shrunk), with an adaptive controller at every step size it tried. Try an "
+        "adaptive controller or a smaller dt0, a Rosenbrock method, or check the vector field for a "
+        "discontinuity or blow-up here."
+    ),
+    Result.singular_jacobian: (
+        "the implicit solver's matrix I - h*gamma*J was singular (its LU factorisation failed): with "
+        "fixed steps at this step size, with an adaptive controller at every step size it tried. Try "
+        "another step size, check the Jacobian for NaN/inf, or the problem for an algebraic "
+        "constraint (a DAE), which an ODE solver cannot handle."
     ),
 }
 
