@@ -5,9 +5,10 @@ v becomes -e v. We observe its height at 60 fixed times through four bounces (ge
 e = 0.8, g = 9.81 and small noise, fixed seed) and recover e and g by gradient descent through
 `solve(..., event=Event(height, direction=-1, terminal=False, reset=bounce))` with DirectAdjoint.
 The gradient flows through every located impact time (implicit function theorem) and every
-reset (saltation): see docs/events.md.
+reset (saltation): see docs/events.md. The full run recovers e = 0.8016 and g = 9.85 from a
+start at e = 0.6, g = 8.0 (loss 1.14 -> 0.00074; 0.00045 at the true values).
 
-    python examples/bouncing_ball.py            # a few seconds on a CPU
+    python examples/bouncing_ball.py            # about 5 s on a CPU
     python examples/bouncing_ball.py --iters 10 # a short run (the tests)
 """
 

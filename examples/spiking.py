@@ -18,8 +18,10 @@ its own spikes: `per_sample=True`.
 
 The input weights w are trained so that each neuron's mean first-spike time matches a target, by
 gradient descent through `solve(..., event=Event(cond, direction=1, terminal=False, reset=...))`.
+The full run takes the loss from 1.37 to 0.0004: mean first-spike times (1.64, 1.52, 1.58) s ->
+(0.615, 1.001, 1.413) s for the targets (0.6, 1.0, 1.4).
 
-    python examples/spiking.py             # about 15 s on a CPU
+    python examples/spiking.py             # 15-30 s on a CPU
     python examples/spiking.py --iters 5   # a short run (the tests)
 """
 

@@ -34,3 +34,19 @@ def test_latent_sde_example_runs_and_improves(tmp_path):
     out = _run("latent_sde.py", "--iters", "30", "--threads", "1", "--out", str(tmp_path))
     elbos = [float(x) for x in re.findall(r"ELBO\s+(-?[0-9.]+)", out)]
     assert len(elbos) >= 2 and elbos[-1] > elbos[0], out
+
+
+def test_bouncing_ball_fit_improves():
+    """Ten steps already halve the loss (the full run's recovered e and g: the example's docstring)."""
+    out = _run("bouncing_ball.py", "--iters", "10", "--threads", "1")
+    first = float(re.search(r"initial loss ([0-9.]+)", out).group(1))
+    last = float(re.search(r"final loss ([0-9.]+)", out).group(1))
+    e = float(re.search(r"recovered e ([0-9.]+)", out).group(1))
+    assert last < 0.5 * first and 0.6 < e < 0.9, out
+
+
+def test_spiking_network_trains():
+    out = _run("spiking.py", "--iters", "4", "--trials", "8", "--threads", "1")
+    before = float(re.search(r"before: loss ([0-9.]+)", out).group(1))
+    after = float(re.search(r"after:  loss ([0-9.]+)", out).group(1))
+    assert after < before, out
