@@ -226,6 +226,9 @@ class _Loop:
         stats, result = self._stats(), self._result()
         stats["num_rejected_nonfinite"] = self.wall.total
         stats["nfe"] = term.nfe
+        solver_stats = getattr(self.solver, "solution_stats", None)
+        if solver_stats is not None:  # a solver's own counters (e.g. Newton iterations, stiffness)
+            stats.update(solver_stats(self.sstate))
         if term.rough:
             stats["nfe_diffusion"] = term.nfe_diffusion
         sol = Solution(
