@@ -416,3 +416,19 @@ def test_other_adjoints_by_segments_match_direct(adjoint):
     assert torch.allclose(got.events.t.detach(), ref.events.t.detach(), atol=1e-9, rtol=0)
     assert torch.allclose(got.ys, ref.ys, atol=1e-7, rtol=0, equal_nan=True)
     assert abs(float(d_got) - float(d_ref)) < 1e-5 * max(1.0, abs(float(d_ref)))
+
+
+def test_condition_never_sees_finished_samples_as_nan():
+    """Samples that are done take empty steps; an event in another sample must not hand NaN rows to
+    the user's functions."""
+    seen = []
+
+    def cond(t, y, a):
+        seen.append(bool(torch.isnan(y).any()))
+        return y[:, 1] - torch.tensor([0.3, 0.25, 0.41], dtype=F64)
+
+    term = ODETerm(lambda t, y, a: torch.stack([-y[:, 0], torch.ones_like(y[:, 0])], 1))
+    ev = Event(cond, direction=1, terminal=False, reset=lambda t, y, a, w: y * torch.tensor([1.0, 0.0], dtype=F64))
+    t1 = torch.tensor([1.0, 1.0, 0.5], dtype=F64)
+    sol = solve(term, tn.Euler(), 0.0, t1, torch.zeros(3, 2, dtype=F64), dt0=0.07, event=ev, per_sample=True)
+    assert not any(seen) and sol.events.count.tolist() == [3, 4, 1]

@@ -524,7 +524,8 @@ class _Events:
         # then differentiated exactly as computed, also for an SDE's linear dense output
         rdt = ys.real.dtype if ys.is_complex() else ys.dtype
         th = theta.to(rdt).unsqueeze(-1)
-        f_minus = (_horner_derivative(Cs.detach(), th) / h.to(rdt).unsqueeze(-1)).detach()
+        h_safe = torch.where(h != 0, h, torch.ones_like(h)).to(rdt)  # (finished samples take empty steps)
+        f_minus = (_horner_derivative(Cs.detach(), th) / h_safe.unsqueeze(-1)).detach()
         y_minus, y_plus, y_next, stop = self.jump(tau_d, y_d, f_minus, col, ties, rows)
         # conditions at the new start: the sign a condition left on its surface moves to
         with torch.no_grad():
