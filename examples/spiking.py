@@ -68,8 +68,7 @@ def diffusion(t, y, w):  # noise on the membranes only: L (and c) are drift-only
 
 def crossed(t, y, w):  # (B, N): L_i - E_i, with E_i the threshold of neuron i's next spike
     L, c = y[:, N : 2 * N], y[:, 2 * N :]
-    # (nan_to_num: the rows of trials that have already finished may hold NaN)
-    k = c.detach().nan_to_num().round().long().clamp(0, MAX_SPIKES).unsqueeze(-1)
+    k = c.detach().round().long().clamp(0, MAX_SPIKES).unsqueeze(-1)
     return L - E.gather(2, k).squeeze(-1)
 
 
