@@ -397,7 +397,7 @@ def test_start_on_the_surface_moving_away(direction):
     assert sol.events.count == 1 and abs(float(sol.events.t[0].detach()) - 10 / G) < 1e-10
 
 
-@pytest.mark.parametrize("adjoint", [tn.CheckpointAdjoint(), tn.BacksolveAdjoint()], ids=repr)
+@pytest.mark.parametrize("adjoint", [tn.CheckpointAdjoint(), tn.BacksolveAdjoint(), tn.ReversibleAdjoint()], ids=repr)
 def test_other_adjoints_by_segments_match_direct(adjoint):
     """Cut at the events, each piece under the adjoint: the same event times, states and gradients."""
     y0 = torch.tensor([10.0, 0.0], dtype=F64)
