@@ -2,6 +2,7 @@
 
 from ._base import AbstractAdaptiveERK, AbstractAdaptiveSolver, AbstractERK, AbstractSolver
 from ._implicit import AbstractESDIRK
+from ._rosenbrock import AbstractRosenbrock
 from ._tableau import ButcherTableau
 from .bosh3 import Bosh3
 from .dopri5 import Dopri5
@@ -18,6 +19,8 @@ from .milstein import ItoMilstein, StratonovichMilstein
 from .ralston import Ralston
 from .reversible_heun import AbstractReversibleSolver, ReversibleHeun
 from .rk4 import RK4
+from .rodas5p import Rodas5P
+from .rosenbrock23 import Rosenbrock23
 from .shark import ShARK
 from .spark import SPaRK
 from .sra1 import SRA1
@@ -27,6 +30,9 @@ from .tsit5 import Tsit5
 SOLVERS = (Euler, Heun, Midpoint, Ralston, RK4, Bosh3, Dopri5, Tsit5, Dopri8)
 #: implicit (ESDIRK) solvers for stiff ODEs: simplified Newton with Jacobian and LU reuse
 IMPLICIT_SOLVERS = (ImplicitEuler, Kvaerno3, Kvaerno4, Kvaerno5)
+#: Rosenbrock (linearly implicit) solvers for stiff ODEs: one Jacobian and one LU a step, no
+#: Newton iterations
+ROSENBROCK_SOLVERS = (Rosenbrock23, Rodas5P)
 #: every solver of SDEs (each declares ``strong_order``, ``calculus`` and ``levy_area``)
 SDE_SOLVERS = (
     Euler,
@@ -59,6 +65,10 @@ __all__ = [
     "SOLVERS",
     "SDE_SOLVERS",
     "IMPLICIT_SOLVERS",
+    "ROSENBROCK_SOLVERS",
+    "AbstractRosenbrock",
+    "Rosenbrock23",
+    "Rodas5P",
     "AbstractESDIRK",
     "ImplicitEuler",
     "Kvaerno3",
