@@ -194,8 +194,10 @@ def test_errors_name_the_valid_choices():
         odeint(f, y0, t, options=dict(rtol=1e-3))
     with pytest.raises(TypeError, match=r"unknown options.*'first_step'.*Valid options are: step_size"):
         odeint(f, y0, t, method="rk4", options=dict(first_step=0.1))
-    with pytest.raises(NotImplementedError, match="events are not supported"):
-        odeint(f, y0, t, event_fn=lambda t, y: y[0])
+    with pytest.raises(ValueError, match=r"event_fn.*length 2.*len\(t\) = 3"):
+        odeint(f, y0, torch.tensor([0.0, 1.0, 2.0]), event_fn=lambda t, y: y[0])
+    with pytest.raises(ValueError, match=r"'rk4' needs options\['step_size'\]"):
+        odeint(f, y0, t, method="rk4", event_fn=lambda t, y: y[0])
     with pytest.raises(NotImplementedError, match="per-element"):
         odeint(f, y0, t, rtol=torch.tensor([1e-3, 1e-4]))
     with pytest.raises(NotImplementedError, match="interp='linear'"):
@@ -418,11 +420,9 @@ def test_adjoint_gradients_agree_with_torchdiffeq(td, case):
 # drop-in parity (issue 16): names, times that require grad, callbacks, perturb, jumps, failures
 
 
-def test_odeint_event_says_events_are_coming_and_odeint_dense_evaluates_anywhere():
-    from torchnde.compat.torchdiffeq import odeint_dense, odeint_event
+def test_odeint_dense_evaluates_anywhere():
+    from torchnde.compat.torchdiffeq import odeint_dense
 
-    with pytest.raises(NotImplementedError, match=r"odeint_event.*not supported yet.*Meanwhile"):
-        odeint_event(lambda t, y: -y, torch.ones(1), torch.tensor(0.0), event_fn=lambda t, y: y - 0.5)
     y0 = torch.tensor([1.0, 0.5], dtype=F64, requires_grad=True)
     dense = odeint_dense(linear, y0, torch.tensor(0.0, dtype=F64), torch.tensor(2.0, dtype=F64))
     s = torch.tensor([0.0, 0.3, 1.7, 2.0], dtype=F64)
@@ -636,11 +636,20 @@ def test_scipy_solver_runs_solve_ivp_forwards_and_backwards_in_time():
 
 @pytest.mark.parametrize("method", ["explicit_adams", "implicit_adams", "fixed_adams"])
 def test_adams_methods_converge_at_order_four(method):
+    # as in torchdiffeq, the history holds max_order - 1 derivatives: Adams-Bashforth of order
+    # max_order - 1, Adams-Moulton of order max_order
+    order = 5 if method == "explicit_adams" else 4
     y0 = torch.tensor([1.0, 0.5], dtype=F64)
     t = torch.tensor([0.0, 2.0], dtype=F64)
     exact = linear_exact(y0, t)[-1]
     errs = [
-        (odeint(linear, y0, t, method=method, options=dict(step_size=h, max_order=4))[-1] - exact).abs().max()
+        # (tight tolerances: the corrector iterates to them)
+        (
+            odeint(linear, y0, t, method=method, options=dict(step_size=h, max_order=order), rtol=1e-13, atol=1e-15)[-1]
+            - exact
+        )
+        .abs()
+        .max()
         for h in (0.02, 0.01)
     ]
     assert abs(math.log2(errs[0] / errs[1]) - 4) < 0.3
@@ -656,3 +665,146 @@ def test_implicit_adams_agrees_with_torchdiffeq(td):
     theirs = td.odeint(pendulum, y0, t, method="implicit_adams", options=dict(step_size=0.05, interp="cubic"))
     exact = pendulum_reference(y0, t)
     assert (ours - exact).abs().max() <= 3 * (theirs - exact).abs().max() + 1e-9
+
+
+def test_explicit_adams_agrees_with_torchdiffeq(td):
+    # same history length (max_order - 1), same RK4 start, sums in double precision
+    y0 = torch.tensor([1.0, 0.2], dtype=F64)
+    t = torch.linspace(0.0, 2.0, 5, dtype=F64)
+    for max_order in (4, 12):
+        options = dict(step_size=0.05, max_order=max_order)
+        ours = odeint(pendulum, y0, t, method="explicit_adams", options=options)
+        theirs = td.odeint(pendulum, y0, t, method="explicit_adams", options=dict(options, interp="cubic"))
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-7)  # (a different order: 1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# events: odeint_event and odeint(..., event_fn=...) (issue 10)
+
+G, H = 9.8, 10.0  # a ball dropped from H hits the ground at sqrt(2 H / G)
+
+
+def falling(g):
+    """Height and velocity of a ball under gravity ``g`` (a tensor state of shape (2,))."""
+
+    def f(t, y):
+        return torch.stack([y[1], -g * torch.ones_like(y[1])])
+
+    return f
+
+
+def height(t, y):
+    return y[0]
+
+
+def test_odeint_event_stops_a_falling_ball_at_the_ground():
+    from torchnde.compat.torchdiffeq import odeint_event
+
+    y0 = torch.tensor([H, 0.0], dtype=F64)
+    t_hit = math.sqrt(2 * H / G)
+    event_t, ys = odeint_event(falling(G), y0, torch.tensor(0.0, dtype=F64), event_fn=height)
+    assert event_t.shape == () and event_t.dtype == F64 and ys.shape == (2, 2)  # torchdiffeq's shapes
+    assert torch.equal(ys[0], y0)
+    assert abs(float(event_t) - t_hit) < 1e-9
+    torch.testing.assert_close(ys[1], torch.tensor([0.0, -G * t_hit], dtype=F64), rtol=0, atol=1e-8)
+    # a tuple state, a t0 of shape (1,) (torchdiffeq's examples), a float32 t0: event_t follows t0
+    state = (torch.tensor([H]), torch.tensor([0.0]))
+    event_t, (pos, vel) = odeint_event(
+        lambda t, s: (s[1], -G * torch.ones_like(s[1])), state, torch.tensor([1.0]), event_fn=lambda t, s: s[0]
+    )
+    assert event_t.shape == () and event_t.dtype == torch.float32 and pos.shape == vel.shape == (2, 1)
+    assert abs(float(event_t) - 1.0 - t_hit) < 1e-5
+    # odeint's event mode: t = [t0, anything later], the same (event_t, solution)
+    t2, ys2 = odeint(falling(G), y0, torch.tensor([0.0, 1.0], dtype=F64), event_fn=height)
+    assert abs(float(t2) - t_hit) < 1e-9 and ys2.shape == (2, 2)
+
+
+@pytest.mark.parametrize("fn", ["odeint", "odeint_adjoint", "rk4"])
+def test_odeint_event_time_gradients_match_the_closed_form(fn):
+    from torchnde.compat.torchdiffeq import odeint_event
+
+    g = torch.tensor(G, dtype=F64, requires_grad=True)
+    h = torch.tensor(H, dtype=F64, requires_grad=True)
+    ground = torch.tensor(0.5, dtype=F64, requires_grad=True)  # used by event_fn directly
+    t0 = torch.tensor([0.25], dtype=F64, requires_grad=True)
+    y0 = torch.stack([h, torch.zeros_like(h)])
+    kwargs = {"odeint_adjoint": dict(odeint_interface=odeint_adjoint, adjoint_params=(g,))}.get(fn, {})
+    if fn == "rk4":  # exact on this quadratic trajectory, cubic Hermite in between
+        kwargs = dict(method="rk4", options=dict(step_size=0.1))
+    event_t, ys = odeint_event(falling(g), y0, t0, event_fn=lambda t, y: y[0] - ground, **kwargs)
+    tau = math.sqrt(2 * (H - 0.5) / G)  # time of fall
+    assert abs(float(event_t) - 0.25 - tau) < 1e-9
+    dg, dh, dground, dt0 = torch.autograd.grad(event_t, (g, h, ground, t0), retain_graph=True)
+    expected = (-tau / (2 * G), 1 / (G * tau), -1 / (G * tau), 1.0)
+    for got, want in zip((dg, dh, dground, dt0), expected):
+        assert abs(float(got) - want) < 1e-7, (fn, float(got), want)
+    # the state at the event has the total derivative: v(event) = -g tau, dv/dh = -g dtau/dh
+    (dv_dh,) = torch.autograd.grad(ys[-1][1], h)
+    assert abs(float(dv_dh) + G / (G * tau)) < 1e-7
+
+
+def test_odeint_event_reverse_time():
+    from torchnde.compat.torchdiffeq import odeint_event
+
+    g = torch.tensor(G, dtype=F64, requires_grad=True)
+    y0 = torch.tensor([H, 0.0], dtype=F64)
+    for fn in (odeint, lambda *a, **k: odeint_adjoint(*a, adjoint_params=(g,), **k)):
+        event_t, ys = odeint_event(
+            falling(g), y0, torch.tensor(1.0, dtype=F64), event_fn=height, reverse_time=True, odeint_interface=fn
+        )
+        tau = math.sqrt(2 * H / G)
+        assert abs(float(event_t) - (1.0 - tau)) < 1e-9
+        assert abs(float(ys[-1][1]) - G * tau) < 1e-8  # falling backwards in time: upward velocity
+        (dg,) = torch.autograd.grad(event_t, g)
+        assert abs(float(dg) - tau / (2 * G)) < 1e-7  # event_t = 1 - tau(g)
+
+
+def test_odeint_event_edge_cases():
+    from torchnde.compat.torchdiffeq import SolveError, odeint_event
+
+    y0 = torch.tensor([H, 0.0], dtype=F64)
+    t0 = torch.tensor(0.0, dtype=F64)
+    # an element that is zero at t0 is an event at t0 (torchdiffeq)
+    event_t, ys = odeint_event(falling(G), y0, t0, event_fn=lambda t, y: y)
+    assert float(event_t) == 0.0 and torch.equal(ys[1], y0)
+    # the first crossing of any element, in either direction: the velocity passes -5 first
+    event_t, ys = odeint_event(falling(G), y0, t0, event_fn=lambda t, y: torch.stack([y[0], y[1] + 5]))
+    assert abs(float(event_t) - 5 / G) < 1e-9
+    # no event: the search ends at t0 + 1e300 (here quickly: a constant solution takes growing steps;
+    # fixed-grid methods stop after torchdiffeq's 20000 steps)
+    with pytest.raises(SolveError, match="no event"):
+        odeint_event(lambda t, y: torch.zeros_like(y), torch.ones(1, dtype=F64), t0, event_fn=lambda t, y: y + 1)
+
+
+@pytest.mark.parametrize("interface", ["odeint", "odeint_adjoint", "torchdiffeq.odeint"])
+@pytest.mark.parametrize("method", ["dopri5", "rk4"])
+def test_odeint_event_agrees_with_torchdiffeq(td, interface, method):
+    from torchnde.compat.torchdiffeq import odeint_event
+
+    # a damped oscillator released at x = 1: stops where x crosses 0.3 (tuple state)
+    k = torch.tensor(4.0, dtype=F64, requires_grad=True)
+    x0 = torch.tensor([1.0], dtype=F64, requires_grad=True)
+
+    def f(t, s):
+        x, v = s
+        return v, -k * x - 0.3 * v + 0.1 * t
+
+    def event_fn(t, s):
+        return s[0] - 0.3
+
+    kwargs = dict(rtol=1e-10, atol=1e-12, method=method)
+    if method == "rk4":
+        kwargs["options"] = dict(step_size=0.01, interp="cubic")
+    out = []
+    for lib in ("ours", "theirs"):
+        fn = odeint_event if lib == "ours" else td.odeint_event
+        iface = {"odeint": odeint, "odeint_adjoint": odeint_adjoint, "torchdiffeq.odeint": td.odeint}[interface]
+        if lib == "theirs":
+            iface = td.odeint_adjoint if interface == "odeint_adjoint" else td.odeint
+        kw = dict(kwargs, adjoint_params=(k,)) if interface == "odeint_adjoint" else kwargs
+        s0 = (x0, torch.zeros(1, dtype=F64))
+        event_t, (x, v) = fn(f, s0, torch.tensor(0.0, dtype=F64), event_fn=event_fn, odeint_interface=iface, **kw)
+        grads = torch.autograd.grad(event_t + v[-1].sum(), (k, x0))
+        out.append((event_t.detach(), x.detach(), v.detach(), *grads))
+    for ours, theirs in zip(*out):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)

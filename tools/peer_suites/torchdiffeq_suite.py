@@ -6,15 +6,15 @@ outside the repository, a shim package named ``torchdiffeq`` whose ``__init__`` 
 torchdiffeq checkout (default ``/work/peers/torchdiffeq``; e.g. ``git clone
 https://github.com/rtqichen/torchdiffeq``) with pytest, one file at a time, each in its own
 process with a timeout. It prints, per file, the cases that passed and failed (a case is a
-``subTest`` of a test, or a test without subtests) and sorts the failures by cause: events
-(the events issue), implicit methods (the stiff-solver issue), the other methods torchnde does
-not provide, torchdiffeq internals the tests inspect, and anything else ("other", which is a bug
-to fix).
+``subTest`` of a test, or a test without subtests) and sorts the failures by cause:
+implicit methods (the stiff-solver issue), the other methods torchnde does not provide,
+torchdiffeq internals the tests inspect, failures explained by torchdiffeq's own behaviour, and
+anything else ("other", which is a bug to fix).
 
 Usage::
 
     python tools/peer_suites/torchdiffeq_suite.py [--peer DIR] [--files odeint_tests.py ...]
-        [--native] [--timeout S] [-k EXPR] [--show-other]
+        [--native] [--src DIR] [--timeout S] [-k EXPR] [--show-other]
     python tools/peer_suites/torchdiffeq_suite.py --example ode_demo.py -- --niters 10
 
 ``--native`` runs the same files against the installed torchdiffeq instead (the reference).
@@ -64,7 +64,6 @@ FILES = ("api_tests.py", "event_tests.py", "gradient_tests.py", "norm_tests.py",
 #: failure causes declared unsupported, matched on the exception message (first match wins)
 CAUSES = (
     ("method unknown to this torchdiffeq (--native with a release older than the suite)", ("Invalid method",)),
-    ("events (the events issue)", ("event_fn", "events are not supported", "odeint_event")),
     ("implicit methods (the stiff-solver issue)", ("implicit (stiff)",)),
     ("Adams multistep methods (not in torchnde)", ("multistep methods",)),
     ("scipy_solver in odeint_adjoint (no gradients through SciPy)", ("scipy_solver",)),
@@ -75,8 +74,18 @@ CAUSES = (
 )
 
 
-#: (test id, message) fragments of failures that torchdiffeq itself has with the same SciPy
-KNOWN_NATIVE = ((("TestMinMaxStep", "not less than 50"), "fails natively too (SciPy's LSODA with min_step)"),)
+#: (test id, message) fragments of failures explained by torchdiffeq itself: the same failure with
+#: the same SciPy, and event_tests' only explicit_adams tolerance (7e-2), missed on the float32
+#: "sine" problem: torchdiffeq's fixed-grid loop turns a 0-d float32 state into float64 (a 0-d
+#: float64 step is added to it), so its order-11 Adams-Bashforth runs in double precision, while
+#: torchnde keeps float32, whose rounding that weakly stable method amplifies (rel. error 0.089)
+KNOWN_NATIVE = (
+    (("TestMinMaxStep", "not less than 50"), "fails natively too (SciPy's LSODA with min_step)"),
+    (
+        ("test_odeint", "not less than 0.07"),
+        "explicit_adams, float32: torchdiffeq silently computes a 0-d float32 state in float64",
+    ),
+)
 
 
 def cause(msg: str, test_id: str = "") -> str:
@@ -149,6 +158,7 @@ def main(argv=None) -> int:
     ap.add_argument("--peer", default="/work/peers/torchdiffeq", help="a torchdiffeq checkout (with tests/, examples/)")
     ap.add_argument("--files", nargs="*", default=list(FILES), help="test files under tests/ to run")
     ap.add_argument("--native", action="store_true", help="run against the installed torchdiffeq (no shim)")
+    ap.add_argument("--src", default=None, help="the torchnde sources to test (default: this checkout's src/)")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per file")
     ap.add_argument("-k", default=None, help="pytest -k expression")
     ap.add_argument("--show-other", action="store_true", help="list the failures of no declared cause")
@@ -156,7 +166,7 @@ def main(argv=None) -> int:
     ap.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for --example, after --")
     args = ap.parse_args(argv)
     peer = Path(args.peer).resolve()
-    repo_src = Path(__file__).resolve().parents[2] / "src"
+    repo_src = Path(args.src).resolve() if args.src else Path(__file__).resolve().parents[2] / "src"
     with tempfile.TemporaryDirectory(prefix="torchdiffeq_shim_") as tmp:
         root = build_shim(Path(tmp))
         if args.native:  # only the report plugin; torchdiffeq is the installed one

@@ -48,11 +48,20 @@ norms. What differs (values agree to within the tolerances, not bit for bit):
 
 The fixed-grid Adams methods (``"explicit_adams"``, ``"implicit_adams"``, ``"fixed_adams"``,
 options ``max_order``/``max_iters``) are torchdiffeq's: equal-step coefficients on the history of
-the steps taken, started by RK4 (as in torchdiffeq, ``explicit_adams`` at its default
-``max_order=12`` is unstable at all but small steps).
+the steps taken (``max_order - 1`` derivatives), started by two RK4 steps, with the weighted sums
+in double precision.
 
-Not supported (each raises an error saying so): events (``event_fn``, :func:`odeint_event`;
-planned), per-element or per-tensor tolerances, ``scipy_solver`` in ``odeint_adjoint``, the implicit methods
+Events: :func:`odeint_event`, and ``odeint(..., event_fn=...)`` / ``odeint_adjoint(...,
+event_fn=...)`` with ``t = [t0, t_any]``, return torchdiffeq's ``(event_t, solution)``; the
+whole state stops at the first zero crossing of any element of ``event_fn(t, y)`` (torchnde's
+terminal :class:`~torchnde.Event` in the shared mode). Unlike torchdiffeq, the ``event_t`` and
+``solution[-1]`` of ``odeint``/``odeint_adjoint`` themselves already carry the event time's
+gradient (torchdiffeq links it up only in ``odeint_event``), parameters used directly by
+``event_fn`` get gradients too, and the event is located to about ``10 eps |t|`` on the method's
+dense output (torchdiffeq: bisection to ``atol``; with the fixed-grid methods on its default
+linear interpolant).
+
+Not supported (each raises an error saying so): per-element or per-tensor tolerances, ``scipy_solver`` in ``odeint_adjoint``, the implicit methods
 (``implicit_euler``, ``radauIIA5``, ...: planned with torchnde's stiff solvers), the option
 ``interp="linear"`` (with intermediate output times) and a callable ``adjoint_options["norm"]``.
 """
@@ -70,6 +79,7 @@ from fractions import Fraction as F
 import torch
 from torch import nn
 
+from .._events import Event
 from .._results import SolveError as _SolveError
 from .._saveat import SaveAt
 from .._solve import solve
@@ -167,9 +177,11 @@ def _adams_weights(k: int, implicit: bool) -> list:
 class _Adams(AbstractSolver):
     """torchdiffeq's fixed-grid Adams methods: ``"explicit_adams"`` (Adams--Bashforth) and
     ``"implicit_adams"``/``"fixed_adams"`` (an Adams--Bashforth predictor with up to
-    ``max_iters`` Adams--Moulton corrections), of order up to ``max_order`` on the history of
-    the steps taken, with the equal-step coefficients, started by RK4 (3/8 rule) until four
-    derivatives are known. Cubic Hermite dense output."""
+    ``max_iters`` Adams--Moulton corrections) on the history of the steps taken, with the
+    equal-step coefficients. As in torchdiffeq the history holds ``max_order - 1`` derivatives
+    (so the predictor's order is at most ``max_order - 1``: Adams--Bashforth of order 12 is
+    unstable at any practical step, order 11 is not) and the first two steps are RK4 (3/8 rule),
+    until three derivatives are known. Cubic Hermite dense output."""
 
     order = 4
     dense_order = 3
@@ -190,22 +202,26 @@ class _Adams(AbstractSolver):
     def step(self, term, t0, t1, y0, hist):
         h = t1 - t0
         f0 = term.vf(t0, y0)
-        hist = (f0, *hist)[: self.max_order]
-        if len(hist) < min(4, self.max_order):
+        keep = max(self.max_order - 1, 1)
+        hist = (f0, *hist)[:keep]
+        if len(hist) < 3:
             y1 = self.rk4.step(term, t0, t1, y0, f0)[0]
         else:
             k = len(hist)
-            y1 = y0 + h * sum(w * f for w, f in zip(self.ab[k], hist))
+            # the weighted sums in double precision, as torchdiffeq (its coefficients are float64):
+            # the high-order weights cancel strongly, which single precision cannot resolve
+            wide = torch.complex128 if y0.is_complex() else torch.float64
+            y1 = y0 + (h * sum(w * f.to(wide) for w, f in zip(self.ab[k], hist))).to(y0.dtype)
             if self.implicit:
-                w = self.am[max(1, min(k, self.max_order - 1))]
-                rest = y0 + h * sum(wi * f for wi, f in zip(w[1:], hist))
+                w = self.am[k]
+                rest = y0 + (h * sum(wi * f.to(wide) for wi, f in zip(w[1:], hist))).to(y0.dtype)
                 for _ in range(self.max_iters):
                     y_old = y1
-                    y1 = rest + (h * w[0]) * term.vf(t1, y1)
+                    y1 = rest + ((h * w[0]) * term.vf(t1, y1).to(wide)).to(y0.dtype)
                     scale = self.atol + self.rtol * torch.maximum(y_old.abs(), y1.abs())
                     if bool(((y1 - y_old).abs() <= scale).all()):
                         break
-        return y1, None, (t0, t1, y0, y1, f0), hist[: self.max_order - 1], None
+        return y1, None, (t0, t1, y0, y1, f0), hist[: keep - 1], None
 
     def dense_coeffs(self, term, dense_info):
         t0, t1, y0, y1, f0 = dense_info
@@ -635,11 +651,13 @@ def _grid(grid_constructor, func, y0, t, sign, what):
 
 def _prepare(func, y0, t, rtol, atol, method, options, event_fn, fname):
     if event_fn is not None:
-        raise NotImplementedError(
-            f"events are not supported yet by torchnde: {fname}(..., event_fn=...) must be None (event "
-            "handling is planned: see odeint_event). Meanwhile use torchdiffeq for event handling, or solve "
-            "to a fixed time."
-        )
+        if not callable(event_fn):
+            raise TypeError(f"{fname}: event_fn must be callable as event_fn(t, y), got {type(event_fn).__name__}")
+        if isinstance(t, torch.Tensor) and t.dim() == 1 and len(t) != 2:
+            raise ValueError(
+                f"{fname}(..., event_fn=...) needs t = [t0, t_any] of length 2 (only t[0] and the direction of "
+                f"t[1] are used; the solve runs until the event), got len(t) = {len(t)}"
+            )
     if not callable(func):
         raise TypeError(f"func must be callable as func(t, y), got {type(func).__name__}")
     if isinstance(y0, torch.Tensor):
@@ -652,6 +670,12 @@ def _prepare(func, y0, t, rtol, atol, method, options, event_fn, fname):
     sign = 1.0 if len(ts) < 2 or ts[1] > ts[0] else -1.0
     flat = Flattener(y0, batch=False)
     plan = _plan_method(method, options, rtol, atol, flat, ts, sign, "options")
+    if event_fn is not None and not plan.adaptive and plan.step_size is None:
+        raise ValueError(
+            f"{fname}(..., event_fn=...) with the fixed-grid method {plan.name!r} needs options['step_size'] (as "
+            "in torchdiffeq: the event is searched for step by step, without an end time); got "
+            f"options={options!r}"
+        )
     if not plan.adaptive and plan.grid_constructor is not None and len(ts) > 1:
         plan.controller = StepEnds(_grid(plan.grid_constructor, func, y0, t, sign, "")[1:])
     # torchdiffeq casts the time it passes to func to y0's real dtype
@@ -718,6 +742,150 @@ def _solve(plan, y0, adjoint):
     return sol.ys
 
 
+# --------------------------------------------------------------------------------------------
+# events: torchdiffeq's event mode of odeint / odeint_adjoint, and odeint_event
+
+#: an adaptive event search has no end time in torchdiffeq; torchnde's solve needs one
+_EVENT_HORIZON = 1e300
+#: torchdiffeq's fixed-grid event search stops after this many steps
+_FIXED_EVENT_STEPS = 20000
+
+
+class _EventCond:
+    """torchdiffeq's ``event_fn(t, y)`` as a torchnde event condition ``cond(t, y, args)``: ``t``
+    reaches it as a 0-d tensor of y0's real dtype (as ``func`` gets it), keeping its graph (the
+    event's total time derivative needs ``∂event_fn/∂t``)."""
+
+    def __init__(self, event_fn, dtype, device):
+        self.event_fn, self.dtype, self.device = event_fn, dtype, device
+
+    def time(self, t) -> torch.Tensor:
+        if isinstance(t, torch.Tensor):
+            return t.to(dtype=self.dtype, device=self.device)
+        return torch.tensor(t, dtype=self.dtype, device=self.device)
+
+    def __call__(self, t, y, args=None):
+        out = self.event_fn(self.time(t), y)
+        if not isinstance(out, torch.Tensor):
+            out = torch.as_tensor(out, device=self.device)
+        if out.is_complex():
+            raise TypeError(
+                f"event_fn(t, y) must return a real tensor (an event is where an element crosses zero), got "
+                f"{out.dtype}; return e.g. its .real part"
+            )
+        return out
+
+
+def _first(tree):
+    """The first row of every leaf of ``tree`` (a tensor or a tuple of tensors)."""
+    return tuple(x[0] for x in tree) if isinstance(tree, tuple) else tree[0]
+
+
+def _with_y0(y0, y_event):
+    """torchdiffeq's event-mode solution: ``y0`` and the state at the event, stacked."""
+    if isinstance(y0, torch.Tensor):
+        return torch.stack([y0, y_event.to(y0.dtype)])
+    return tuple(torch.stack([a, b.to(a.dtype)]) for a, b in zip(y0, y_event))
+
+
+def _event_time_graph(func, cond: _EventCond, tau: torch.Tensor, y, k):
+    """The event time ``tau`` (located, detached) and the state ``y`` there (with the graph of a
+    solve that ended at ``tau``), given the derivatives of a moving event time by the implicit
+    function theorem: with ``g`` the ``k``-th element of the condition and
+    ``ġ = ∂g/∂t + ∂g/∂y · f`` at the event,
+
+        t = tau - (g - sg[g]) / sg[ġ],    y_event = y + sg[f] (t - tau),
+
+    which are ``tau`` and ``y`` in value, with ``dt/dθ = -(∂g/∂θ + ∂g/∂y dy/dθ) / ġ`` and the
+    state's total derivative ``dy/dθ + f dt/dθ`` (``sg``: stop-gradient). ``k`` is a long 0-d
+    tensor indexing the flattened condition."""
+    leaves = list(y) if isinstance(y, tuple) else [y]
+    with torch.enable_grad():
+        tl = tau.detach().clone().requires_grad_(True)
+        yl = [x.detach().clone().requires_grad_(True) for x in leaves]
+        yt = tuple(yl) if isinstance(y, tuple) else yl[0]
+        gk = cond(tl, yt).reshape(-1)[k]
+        f = func(cond.time(tl.detach()), yt)
+        f = list(f) if isinstance(f, tuple) else [f]
+        if gk.requires_grad:
+            grads = torch.autograd.grad(gk, [tl, *yl], allow_unused=True)
+        else:
+            grads = [None] * (1 + len(yl))
+    gdot = torch.zeros((), dtype=tau.dtype, device=tau.device) if grads[0] is None else grads[0].detach()
+    for gy, fi in zip(grads[1:], f):
+        if gy is not None:
+            gdot = gdot + (gy.detach() * fi.detach()).real.sum().to(gdot.dtype)
+    g = cond(tau, y).reshape(-1)[k]
+    if not g.requires_grad or not bool(torch.isfinite(gdot)) or bool(gdot == 0):
+        return tau, y  # (nothing to differentiate, or a tangential crossing: no derivative)
+    delta = -(g - g.detach()).to(gdot.dtype) / gdot
+    event_y = [x + fi.detach().to(x.dtype) * delta.to(x.real.dtype) for x, fi in zip(leaves, f)]
+    return tau + delta, tuple(event_y) if isinstance(y, tuple) else event_y[0]
+
+
+def _event_solve(plan, y0, event_fn, adjoint=None):
+    """torchdiffeq's event mode: solve from ``t[0]`` in the direction of ``t[1]`` until an element
+    of ``event_fn(t, y)`` crosses zero (the whole state stops at the first crossing of any
+    element, in either direction); return ``(event_t, solution)``, ``solution`` holding ``y0``
+    and the state at the event.
+
+    One solve with torchnde's terminal :class:`~torchnde.Event`, whose event time and state are
+    differentiable (implicit function theorem), through the loop (``adjoint=None``, ``odeint``)
+    or by ``adjoint`` (``odeint_adjoint``: BacksolveAdjoint, which handles events).
+    """
+    t, sign, flat = plan.t, plan.sign, plan.flat
+    out_dtype = t.dtype
+    cond = _EventCond(event_fn, plan.vf.dtype, flat.device)
+    # torchdiffeq: an element that is zero at t0 is an event at t0
+    with torch.no_grad():
+        g0 = cond(plan.ts[0], y0)
+    if bool((g0 == 0).any()):
+        return t[0].to(device=flat.device, dtype=out_dtype).clone(), _with_y0(y0, y0)
+    y_start = y0
+    if t.requires_grad and torch.is_grad_enabled():
+        # the gradient with respect to t0 (the solve itself starts at the detached time): the flow
+        # from (t0, y0) equals the flow from the fixed start with y0 - (t0 - sg[t0]) f(t0, y0)
+        shift = (t[0] - t[0].detach()).to(flat.device)
+        f0 = plan.vf(plan.ts[0], y0, None)
+        if isinstance(y0, tuple):
+            y_start = tuple(y - shift.to(y.real.dtype) * f.detach() for y, f in zip(y0, f0))
+        else:
+            y_start = y0 - shift.to(y0.real.dtype) * f0.detach()
+    if plan.adaptive:
+        end, max_steps = plan.ts[0] + sign * _EVENT_HORIZON, plan.max_steps
+    else:
+        end, max_steps = plan.ts[0] + sign * plan.step_size * _FIXED_EVENT_STEPS, None
+    try:
+        sol = solve(
+            _term(plan.vf),
+            plan.solver,
+            plan.ts[0],
+            end,
+            y_start,
+            dt0=plan.dt0,
+            controller=plan.controller,
+            adjoint=DirectAdjoint() if adjoint is None else adjoint,
+            max_steps=max_steps,
+            event=Event(cond, terminal=True, name="event_fn"),
+        )
+    except _SolveError as e:
+        if isinstance(e, SolveError):
+            raise
+        raise SolveError(str(e), e.result, e.solution) from None
+    if not sol.events.count:
+        raise SolveError(
+            f"no event: no element of event_fn(t, y) crossed zero between t0 = {plan.ts[0]} and t = {end:.6g}"
+            + ("" if plan.adaptive else f" ({_FIXED_EVENT_STEPS} steps of step_size, torchdiffeq's limit)"),
+            sol.result,
+            sol,
+        )
+    event_t = sol.events.t[0]
+    y_event = _first(sol.events.y_minus)
+    event_t = event_t.to(device=flat.device, dtype=out_dtype)
+    event_t._torchnde_event_time = True  # (odeint_event: its gradient is already linked up)
+    return event_t, _with_y0(y0, y_event)
+
+
 def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, event_fn=None):
     """Integrate ``dy/dt = func(t, y)`` from ``y(t[0]) = y0``, returning ``y`` at every time of ``t``.
 
@@ -745,10 +913,13 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
             ``norm``. Fixed-grid methods: ``step_size`` or ``grid_constructor`` (default: step
             from one output time to the next), ``interp="cubic"``, ``perturb`` (Adams methods:
             also ``max_order``, ``max_iters``). Any other key raises ``TypeError``.
-        event_fn: must be ``None`` (events are not supported yet).
+        event_fn: ``event_fn(t, y)`` (a real tensor): solve from ``t[0]`` (``t`` of length 2; only
+            the direction of ``t[1]`` is used) until an element of it crosses zero, and return
+            ``(event_t, solution)`` as :func:`odeint_event` does (with its gradients).
 
     Returns:
-        A tensor of shape ``(len(t), *y0.shape)``, or for a tuple ``y0`` a tuple of such tensors.
+        A tensor of shape ``(len(t), *y0.shape)``, or for a tuple ``y0`` a tuple of such tensors
+        (with ``event_fn``: ``(event_t, solution)``, ``solution`` of length 2).
 
     Raises:
         ValueError: unknown method, invalid ``t``. TypeError: unknown option.
@@ -767,6 +938,8 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
     if isinstance(method, str) and method == "scipy_solver" and event_fn is None:
         return _scipy_odeint(func, y0, t, rtol, atol, options)
     plan = _prepare(func, y0, t, rtol, atol, method, options, event_fn, "odeint")
+    if event_fn is not None:
+        return _event_solve(plan, y0, event_fn)
     return _solve(plan, y0, DirectAdjoint())
 
 
@@ -876,22 +1049,79 @@ def odeint_dense(func, y0, t0, t1, *, rtol=1e-7, atol=1e-9, method=None, options
     return dense_output_fn
 
 
-def odeint_event(func, y0, t0, *, event_fn, reverse_time=False, odeint_interface=None, **kwargs):
-    """torchdiffeq's ``odeint_event`` (solve until ``event_fn(t, y)`` crosses zero): not available yet.
+def odeint_event(func, y0, t0, *, event_fn, reverse_time=False, odeint_interface=odeint, **kwargs):
+    """Solve from ``t0`` until ``event_fn(t, y)`` crosses zero; return ``(event_t, solution)``.
+
+    torchdiffeq's ``odeint_event``. The solve runs forwards from ``t0`` (backwards with
+    ``reverse_time=True``) until the first time any element of ``event_fn(t, y)`` changes sign (in
+    either direction; an element that is zero at ``t0`` is an event at ``t0``): the whole state
+    stops there, as in torchdiffeq. ``event_t`` is a 0-d tensor (``t0``'s dtype) and
+    ``solution`` holds ``[y0, y(event_t)]`` (shape ``(2, *y0.shape)``, or a tuple of such
+    tensors for a tuple ``y0``).
+
+    ``event_t`` is differentiable with respect to ``y0``, ``t0`` and the parameters of ``func``
+    by the implicit function theorem, ``dt/dθ = -(∂g/∂θ + ∂g/∂y dy/dθ) / (∂g/∂t + ∂g/∂y · f)``,
+    and ``solution[-1]`` has the total derivative of the state at the moving event time, as in
+    torchdiffeq. Unlike torchdiffeq, parameters that ``event_fn`` uses directly (not through the
+    state) get their gradient too (the ``∂g/∂θ`` term, which torchdiffeq drops).
+
+    The event is located on the method's dense output (torchnde's :class:`~torchnde.Event`: a
+    secant/bisection root finder to about ``10 eps |t|``, torchdiffeq: bisection to ``atol``),
+    so event times agree with torchdiffeq's to about ``atol`` and the method's accuracy; the
+    fixed-grid methods need ``options=dict(step_size=...)`` (as in torchdiffeq) and use the
+    cubic Hermite interpolant (torchdiffeq's default for them is ``interp="linear"``).
+
+    Args:
+        func, y0: as in :func:`odeint`.
+        t0: the initial time, a tensor with one element (a float is accepted too).
+        event_fn: ``event_fn(t, y)`` returning a real tensor of any shape.
+        reverse_time: solve backwards in time from ``t0``.
+        odeint_interface: :func:`odeint` (default) or :func:`odeint_adjoint` (or a function with
+            their signature, e.g. a wrapper; if it returns an event time without the implicit
+            gradient, as torchdiffeq's ``odeint`` does, the gradient is linked up here).
+        **kwargs: passed on to ``odeint_interface`` (``rtol``, ``atol``, ``method``,
+            ``options``, ``adjoint_*``).
 
     Raises:
-        NotImplementedError: always. Event handling (terminating events with gradients with
-            respect to the event time) is planned for torchnde's solver core; until it lands, use
-            torchdiffeq's ``odeint_event`` for such problems, or solve to a fixed time with
-            :func:`odeint` on a fine ``t`` and locate the first sign change of ``event_fn`` on
-            the result yourself.
+        SolveError: no event (the search ran to ``t0 ± 1e300``, or 20000 steps of a fixed-grid
+            method), or the solve failed.
+
+    Example:
+        >>> import torch
+        >>> from torchnde.compat.torchdiffeq import odeint_event
+        >>> g = torch.tensor(9.8, dtype=torch.float64, requires_grad=True)
+        >>> f = lambda t, y: torch.stack([y[1], -g * torch.ones_like(y[1])])  # height, velocity
+        >>> y0 = torch.tensor([10.0, 0.0], dtype=torch.float64)
+        >>> t, ys = odeint_event(f, y0, torch.tensor(0.0, dtype=torch.float64), event_fn=lambda t, y: y[0])
+        >>> round(float(t), 6), ys.shape  # sqrt(2 h / g)
+        (1.428571, torch.Size([2, 2]))
+        >>> (dt_dg,) = torch.autograd.grad(t, g)
+        >>> round(float(dt_dg), 6)  # -t / (2 g)
+        -0.072886
     """
-    raise NotImplementedError(
-        "odeint_event is not supported yet by torchnde: event handling (stopping when event_fn(t, y) "
-        "crosses zero, with gradients with respect to the event time) is planned but not built. "
-        "Meanwhile use torchdiffeq.odeint_event for this problem, or call odeint on a fine grid of t and "
-        "find the first sign change of event_fn on the result."
-    )
+    if not isinstance(t0, torch.Tensor):
+        t0 = torch.as_tensor(t0, dtype=torch.get_default_dtype())
+    if t0.numel() != 1:
+        raise ValueError(f"odeint_event: t0 must hold one time, got shape {tuple(t0.shape)}")
+    start = t0.reshape(-1)
+    t = torch.cat([start, start.detach() + (-1.0 if reverse_time else 1.0)])
+    event_t, solution = odeint_interface(func, y0, t, event_fn=event_fn, **kwargs)
+    if getattr(event_t, "_torchnde_event_time", False):
+        return event_t, solution
+    # another interface (e.g. torchdiffeq's own odeint): its event time has no gradient, and the
+    # state at it has the gradient of a solve to that fixed time; link up the event time's
+    dtype = y0.dtype if isinstance(y0, torch.Tensor) else y0[0].dtype
+    cond = _EventCond(event_fn, dtype.to_real() if dtype.is_complex else dtype, event_t.device)
+    y_end = tuple(x[-1] for x in solution) if isinstance(solution, tuple) else solution[-1]
+    with torch.no_grad():  # torchdiffeq's rule: the element that crossed from its sign at t0
+        k = (cond(t[0], y0).sign() * cond(event_t, y_end)).reshape(-1).argmin()
+    tau = event_t.detach().to(torch.float64)
+    new_t, y_event = _event_time_graph(func, cond, tau, y_end, k)
+    if isinstance(solution, tuple):
+        solution = tuple(torch.cat([s[:-1], e.unsqueeze(0)]) for s, e in zip(solution, y_event))
+    else:
+        solution = torch.cat([solution[:-1], y_event.unsqueeze(0)])
+    return new_t.to(event_t), solution
 
 
 class _DetachExcluded(nn.Module):
@@ -960,6 +1190,9 @@ def odeint_adjoint(
     not use it), as in torchdiffeq. Other tensors that ``func`` uses and that require gradients
     (tensors a closure captures) receive gradients whether or not they are listed (torchnde
     finds them by walking the autograd graph of one evaluation).
+
+    ``event_fn``: as in :func:`odeint` (the event time and state differentiated by the
+    BacksolveAdjoint, which handles events).
 
     Example:
         >>> import torch
@@ -1045,13 +1278,16 @@ def odeint_adjoint(
     )
     # the norm (with or without the parameter gradients) is set above, so BacksolveAdjoint keeps it
     adjoint = BacksolveAdjoint(solver=back.solver, controller=back.controller, seminorm=False)
-    ys = _solve(plan, y0, adjoint)
+    if event_fn is not None:
+        event_t, ys = _event_solve(plan, y0, event_fn, adjoint)
+    else:
+        ys = _solve(plan, y0, adjoint)
     if adjoint_params and torch.is_grad_enabled():
         if isinstance(ys, torch.Tensor):
             ys = _ZeroGrads.apply(ys, *adjoint_params)
         else:
             ys = (_ZeroGrads.apply(ys[0], *adjoint_params), *ys[1:])
-    return ys
+    return ys if event_fn is None else (event_t, ys)
 
 
 def _adjoint_norm(state_norm, n: int, seminorm: bool):
