@@ -770,6 +770,12 @@ def test_odeint_event_edge_cases():
     # the first crossing of any element, in either direction: the velocity passes -5 first
     event_t, ys = odeint_event(falling(G), y0, t0, event_fn=lambda t, y: torch.stack([y[0], y[1] + 5]))
     assert abs(float(event_t) - 5 / G) < 1e-9
+    # a condition that jumps to exactly zero (torchdiffeq's learn_physics.py stops at a final time
+    # so): the event is the jump, not the end of the (here large) step that first sees the zero
+    event_t, _ = odeint_event(
+        falling(G), y0, t0, event_fn=lambda t, y: torch.zeros_like(t) if t > 0.5 else y[0] + 1e3
+    )  # fmt: skip
+    assert abs(float(event_t) - 0.5) < 1e-12
     # no event: the search ends at t0 + 1e300 (here quickly: a constant solution takes growing steps;
     # fixed-grid methods stop after torchdiffeq's 20000 steps)
     with pytest.raises(SolveError, match="no event"):

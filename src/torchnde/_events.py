@@ -476,7 +476,9 @@ class _Events:
         sa = s_a.gather(1, col.unsqueeze(1)).squeeze(1)  # the sign at a (at 0 maybe a reset surface's side)
         side = torch.zeros_like(col)  # Illinois: which end moved last (+1 b, -1 a)
         for _ in range(_MAX_ITER):
-            act = single & (b - a > tol) & (fb != 0)
+            # (fb == 0 keeps going: the secant is then b itself, so this bisects towards the first
+            # point where the condition left its side, e.g. a condition that jumps to exactly 0)
+            act = single & (b - a > tol)
             if not bool(act.any()):
                 break
             secant = (a * fb - b * fa) / (fb - fa)
