@@ -10,18 +10,24 @@ from __future__ import annotations
 
 import torch
 
-from ._terms import ODETerm, SDETerm, cached_time, time_dtype, time_table
+from ._terms import ODETerm, SDETerm, _SumODE, cached_time, time_dtype, time_table
 from ._tree import Flattener, tree_leaves, tree_map
 
 __all__ = ["flat_term"]
 
 
 class _FlatTerm:
-    """The user's term seen by solvers: flat state, forward internal time, args bound, NFE counted."""
+    """The user's term seen by solvers: flat state, forward internal time, args bound, NFE counted.
+
+    ``vf(t, y)`` is the whole vector field. A ``MultiTerm`` of several ODE terms (summed by
+    :func:`~torchnde._terms.normalize_terms`) keeps its parts: ``num_parts`` says how many, and
+    IMEX solvers evaluate them apart with ``vf_explicit`` (the first) and ``vf_implicit`` (the
+    second), each counted as one evaluation in ``nfe``.
+    """
 
     rough = False
 
-    __slots__ = ("term", "flat", "args", "sign", "nfe", "batched", "checked", "times")
+    __slots__ = ("term", "flat", "args", "sign", "nfe", "batched", "checked", "times", "checked_parts")
 
     def __init__(self, term, flat: Flattener, args, sign: float, batched: bool):
         self.term = term
@@ -37,6 +43,36 @@ class _FlatTerm:
         if type(term).vf is ODETerm.vf and not term.time_as_float:
             dtype = time_dtype(flat.dtype)
             self.times = (time_table(dtype, flat.device), dtype, flat.device)
+        self.checked_parts = [False, False]
+
+    @property
+    def num_parts(self) -> int:
+        """How many terms the vector field is the sum of (``MultiTerm(ODETerm(f), ODETerm(g))``
+        gives 2, a single ``ODETerm`` 1)."""
+        return len(self.term.terms) if isinstance(self.term, _SumODE) else 1
+
+    def vf_explicit(self, t, y):
+        """The first part of a two-part sum (the non-stiff term of an IMEX split)."""
+        return self._part(0, t, y)
+
+    def vf_implicit(self, t, y):
+        """The second part of a two-part sum (the stiff term of an IMEX split)."""
+        return self._part(1, t, y)
+
+    def _part(self, i: int, t, y):
+        if self.num_parts != 2:
+            raise TypeError(
+                f"vf_explicit/vf_implicit need a MultiTerm of two ODE terms (explicit, implicit); "
+                f"the term is {self.term!r} ({self.num_parts} part(s))"
+            )
+        self.nfe += 1
+        part = self.term.terms[i]
+        out = part.vf(-t if self.sign < 0 else t, self.flat.state_to_tree(y), self.args)
+        if not self.checked_parts[i]:
+            self.flat.check_output(out, f"the vector field of {part!r}")
+            self.checked_parts[i] = True
+        out = self.flat.tree_to_state(out)
+        return -out if self.sign < 0 else out
 
     def vf(self, t, y):
         self.nfe += 1
