@@ -432,3 +432,12 @@ def test_condition_never_sees_finished_samples_as_nan():
     t1 = torch.tensor([1.0, 1.0, 0.5], dtype=F64)
     sol = solve(term, tn.Euler(), 0.0, t1, torch.zeros(3, 2, dtype=F64), dt0=0.07, event=ev, per_sample=True)
     assert not any(seen) and sol.events.count.tolist() == [3, 4, 1]
+
+
+def test_fixed_steps_keep_their_grid_after_an_event():
+    y0 = torch.tensor([10.0, 0.0], dtype=F64)
+    ev = Event(height, direction=-1, terminal=False, reset=bounce)
+    sol = solve(ODETerm(fall), tn.RK4(), 0.0, 2.0, y0, args=(G, 0.5), dt0=0.25, event=ev, saveat=SaveAt(steps=True))
+    t = sol.ts.tolist()
+    assert abs(t[5] - drop_time(10.0)) < 1e-9  # the interrupted step ends at the event ...
+    assert t[:5] == [0.25, 0.5, 0.75, 1.0, 1.25] and t[6:] == [1.5, 1.75, 2.0]  # ... the grid stays

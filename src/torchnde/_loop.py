@@ -191,13 +191,17 @@ class _Loop:
         """Event location on the accepted steps' dense output (``s.C``), between the decision and
         saving. An event shortens its accepted step to the event time (``s.t_next``, ``s.y1`` and
         ``s.C`` for those samples; ``s.land`` cleared, so no stop pointer advances); ``commit``
-        then continues from the post-event state with a fresh solver state, or stops the sample."""
+        then continues from the post-event state with a fresh solver state, or stops the sample.
+        With fixed steps the step after the event ends where the interrupted one would have, so
+        the grid does not move with the event time (and neither do an SDE's Brownian increments
+        after it)."""
         if not self.ops.any(s.accept):
             return
         fired = s.fired = self.evs.check(s.t, s.t_next, s.y, s.y1, lambda: s.C, s.accept)
         if fired is None:
             return
         C = s.C
+        end = s.t_next  # where the interrupted step would have ended
         rdt = C.real.dtype
         powers = torch.arange(1, C.shape[-2] + 1, device=C.device, dtype=rdt)  # C[p] multiplies theta^(p+1)
         if self.batched:
@@ -209,11 +213,16 @@ class _Loop:
             s.land = s.land & ~m
             if isinstance(s.land_jump, torch.Tensor):
                 s.land_jump = s.land_jump & ~m
+            if not self.adaptive:  # fixed steps: the next step ends where this one would have
+                rest = end - fired.tau
+                s.dt_new = torch.where(m & ~fired.stop & (rest > 0), rest, s.dt_new)
         elif bool(fired.mask):
             s.C = C * (fired.theta.to(rdt) ** powers).view(-1, 1)
             s.t_next = float(fired.tau)
             s.y1 = fired.y_minus
             s.land = s.land_jump = False
+            if not self.adaptive and end > s.t_next:  # fixed steps: the grid is kept (see above)
+                s.dt_new = end - s.t_next
         else:
             s.fired = None
 
