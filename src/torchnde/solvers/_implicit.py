@@ -383,11 +383,17 @@ class AbstractESDIRK(AbstractAdaptiveSolver):
         failed = torch.zeros_like(active)
         theta_max = torch.zeros_like(eta)
         hg_safe = torch.where(hg == 0, torch.ones_like(hg), hg)  # finished samples (h = 0): k = 0
+        shared = isinstance(dt, float)
         for i in range(1, tab.num_stages):
             psi = _lincomb(yb, dt, ks, coef["a"][i], coef["a_f"][i])
             z0 = psi + hg * ks[-1]  # predictor: the previous stage's slope
             ti = _node(t0, h, float(tab.c[i]))
-            z, bad, theta, eta = self._newton(F, ti, psi, z0, hg, LU, piv, eta, active & ~failed, rtol, atol, stats)
+            if shared:
+                z, bad, theta, eta = self._newton_shared(
+                    F, ti, psi, z0, hg, LU, piv, eta, active & ~failed, rtol, atol, stats
+                )
+            else:
+                z, bad, theta, eta = self._newton(F, ti, psi, z0, hg, LU, piv, eta, active & ~failed, rtol, atol, stats)
             failed = failed | bad
             theta_max = torch.maximum(theta_max, theta)
             ks.append((z - psi) / hg_safe)
@@ -398,6 +404,8 @@ class AbstractESDIRK(AbstractAdaptiveSolver):
 
         Returns ``(z, failed, theta, eta)``: the solution (rows that fail keep their last finite
         iterate), the rows that failed, the largest contraction rate seen and the last eta."""
+        if not bool(active.any()):
+            return z, torch.zeros_like(active), torch.zeros_like(eta), eta
         done = ~active
         failed = torch.zeros_like(active)
         theta_max = torch.zeros_like(eta)
@@ -437,8 +445,61 @@ class AbstractESDIRK(AbstractAdaptiveSolver):
                 break
             nrm_old = torch.where(run, nrm, torch.ones_like(nrm))
         failed = failed | ~done  # not converged in max_iters
+        if fz.requires_grad:
+            z = _where(failed, z, self._grad_iteration(F, t, psi, z, hg, LU, piv))
         theta_max = torch.where(failed, torch.ones_like(theta_max), theta_max)
         return z, failed, theta_max, eta
+
+    @staticmethod
+    def _grad_iteration(F, t, psi, z, hg, LU, piv):
+        """One more iteration after convergence, for autograd only: the derivative of an iterate
+        is that of the residual at the iterate before it, so without it a solve that converged in
+        one iteration would differentiate the residual at the predictor (exact values, wrong
+        gradients)."""
+        r = psi + hg * F(t, z) - z
+        return z + torch.linalg.lu_solve(LU, piv, r.unsqueeze(-1)).squeeze(-1)
+
+    def _newton_shared(self, F, t, psi, z, hg, LU, piv, eta, active, rtol, atol, stats):
+        """:meth:`_newton` for shared mode (one system): the same iteration and tests, with the
+        convergence control on Python floats (one host sync per iteration, as the batched version
+        has too) instead of a dozen small tensor ops."""
+        fail = torch.ones(1, dtype=torch.bool, device=z.device)
+        if not bool(active[0]):
+            return z, ~fail, torch.zeros_like(eta), eta
+        eps = torch.finfo(z.dtype).eps
+        e = float(eta[0])
+        eta_it = max(e, eps) ** 0.8
+        theta = theta_max = 0.0
+        nrm_old = 1.0
+        M = self.max_iters
+        hgf = float(hg[0, 0])
+        inv_sqrt_n = 1.0 / math.sqrt(max(z.shape[-1], 1))
+        for m in range(M):
+            stats.iterations += 1
+            r = torch.add(psi, F(t, z), alpha=hgf) - z
+            dz = torch.linalg.lu_solve(LU, piv, r.unsqueeze(-1)).squeeze(-1)
+            with torch.no_grad():
+                scale = torch.add(z.detach().abs(), atol / rtol).mul_(rtol)
+                nrm = float(torch.linalg.vector_norm(dz.detach() / scale)) * inv_sqrt_n
+            if not math.isfinite(nrm):
+                break
+            if m > 0:
+                th = nrm / max(nrm_old, 1e-300)
+                theta = th if m == 1 else math.sqrt(th * theta)
+                theta_max = max(theta_max, theta)
+                if theta >= 0.99:
+                    break
+                eta_it = theta / max(1 - theta, eps)
+                if eta_it * theta ** (M - 1 - m) * nrm > 1:
+                    break
+            z = z + dz
+            if eta_it * nrm <= 1:
+                if r.requires_grad:
+                    z = self._grad_iteration(F, t, psi, z, hg, LU, piv)
+                kw = dict(dtype=eta.dtype, device=eta.device)
+                return z, ~fail, torch.full((1,), theta_max, **kw), torch.full((1,), eta_it, **kw)
+            nrm_old = nrm
+        return z, fail, torch.ones_like(eta), eta
 
     def dense_coeffs(self, term, dense_info):
         t0, t1, y0, y1, f0, f1 = dense_info
