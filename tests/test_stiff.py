@@ -171,7 +171,7 @@ def test_error_estimate_order(solver):
 def test_dense_output(solver):
     """Dense output (cubic Hermite) matches the solution inside the steps."""
     f, y0, _, T = _problems()["linear"]
-    rtol, tol = (1e-3, 5e-2) if solver.order == 1 else (1e-6, 1e-4)
+    rtol, tol = (1e-2, 0.2) if solver.order == 1 else (1e-6, 1e-4)
     ctrl = tn.PIDController(rtol=rtol, atol=rtol)
     sol = tn.solve(tn.ODETerm(f), solver(), 0.0, T, y0, controller=ctrl, saveat=tn.SaveAt(dense=True))
     for t in (0.37, 1.111, 1.9):
@@ -199,7 +199,11 @@ def _rober_ref(t1, k=(0.04, 3e7, 1e4)):
     return solve_ivp(f, (0, t1), [1, 0, 0], method="Radau", rtol=1e-12, atol=1e-16).y[:, -1]
 
 
-@pytest.mark.parametrize("solver", [tn.Kvaerno3, tn.Kvaerno4, tn.Kvaerno5], ids=lambda s: s.__name__)
+@pytest.mark.parametrize(
+    "solver",
+    [pytest.param(tn.Kvaerno3, marks=pytest.mark.slow), pytest.param(tn.Kvaerno4, marks=pytest.mark.slow), tn.Kvaerno5],
+    ids=lambda s: s.__name__,
+)
 def test_robertson(solver):
     """Robertson's chemical kinetics to t = 1e3 at rtol = 1e-6, atol = 1e-10, float64.
 
@@ -267,13 +271,15 @@ def test_van_der_pol_stiff(T):
 # --- per-sample ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("solver", [tn.Kvaerno3, tn.Kvaerno5], ids=lambda s: s.__name__)
+@pytest.mark.parametrize(
+    "solver", [pytest.param(tn.Kvaerno3, marks=pytest.mark.slow), tn.Kvaerno5], ids=lambda s: s.__name__
+)
 def test_per_sample_matches_alone(solver):
     """Van der Pol (Hairer's scaling) with eps = 1, 1e-3, 1e-6 per sample (non-stiff to stiff):
     each sample equals its own solve, with its own Newton convergence, Jacobian, LU and steps."""
     eps = torch.tensor([1.0, 1e-3, 1e-6], dtype=torch.float64)
     y0 = torch.tensor([[2.0, 0.0], [1.0, 0.5], [2.0, -0.66]], dtype=torch.float64)
-    ctrl = tn.PIDController(rtol=1e-5, atol=1e-5)
+    ctrl = tn.PIDController(rtol=1e-4, atol=1e-4)
     kw = dict(controller=ctrl, saveat=tn.SaveAt(ts=[0.1, 0.2, 0.3]), per_sample=True)
     both = tn.solve(tn.ODETerm(vdp_scaled), solver(), 0.0, 0.3, y0, args=eps, **kw)
     assert (both.result == 0).all()
@@ -286,7 +292,7 @@ def test_per_sample_matches_alone(solver):
 
 
 def test_per_sample_jacobian_blocks():
-    """Per-sample Jacobians are the (n, n) blocks of each row, by both AD modes."""
+    """Per-sample Jacobians are the (n, n) blocks of each row, by every AD mode."""
     from torchnde._flat import _FlatTerm
     from torchnde._tree import Flattener
     from torchnde.solvers._implicit import jacobian
@@ -295,7 +301,7 @@ def test_per_sample_jacobian_blocks():
     y = torch.tensor([[2.0, 0.3], [1.0, 0.5]], dtype=torch.float64)
     ft = _FlatTerm(tn.ODETerm(vdp), Flattener(y, batch=True), mu, 1.0, True)
     t = torch.zeros(2, dtype=torch.float64)
-    for mode in ("fwd", "rev"):
+    for mode in ("loop", "fwd", "rev"):
         J = jacobian(ft, t, y, True, mode)
         assert J.shape == (2, 2, 2)
         for b in range(2):
@@ -406,7 +412,7 @@ def test_gradient_adaptive_nonlinear():
             1.0,
             y0,
             args=k,
-            controller=tn.PIDController(rtol=1e-10, atol=1e-12),
+            controller=tn.PIDController(rtol=1e-8, atol=1e-10),
         )
         return sol.ys[-1].sum()
 
@@ -416,8 +422,8 @@ def test_gradient_adaptive_nonlinear():
     d = 1e-3
     with torch.no_grad():
         fd = (loss(k + d) - loss(k - d)) / (2 * d)
-    assert g.item() == pytest.approx(exact, rel=1e-5)
-    assert fd.item() == pytest.approx(exact, rel=1e-5)
+    assert g.item() == pytest.approx(exact, rel=1e-4)
+    assert fd.item() == pytest.approx(exact, rel=1e-4)
 
 
 # --- dtypes, modules, direction -----------------------------------------------------------
@@ -455,6 +461,7 @@ def test_solver_policy_objects():
     assert hash(tn.Kvaerno5()) == hash(tn.Kvaerno5())
     assert repr(tn.Kvaerno5()) == "Kvaerno5()"
     assert repr(tn.Kvaerno3(jacobian="rev")) == "Kvaerno3(jacobian='rev')"
+    assert tn.Kvaerno3(jacobian="fwd") != tn.Kvaerno3()
     with pytest.raises(ValueError, match="jacobian"):
         tn.Kvaerno5(jacobian="numeric")
     with pytest.raises(ValueError, match="max_iters"):
