@@ -5,6 +5,7 @@ from ._imex import AbstractKenCarp
 from ._implicit import AbstractESDIRK
 from ._rosenbrock import AbstractRosenbrock
 from ._tableau import ButcherTableau
+from .auto_switch import AutoSwitch
 from .bosh3 import Bosh3
 from .dopri5 import Dopri5
 from .dopri8 import Dopri8
@@ -74,6 +75,7 @@ __all__ = [
     "IMPLICIT_SOLVERS",
     "IMEX_SOLVERS",
     "ROSENBROCK_SOLVERS",
+    "AutoSwitch",
     "AbstractRosenbrock",
     "Rosenbrock23",
     "Rodas5P",
