@@ -93,6 +93,7 @@ class ARKTableau:
                 for ai, ae in zip(self.implicit.a, self.explicit)
             ]
             out = {
+                "c": tuple(float(x) for x in self.implicit.c),
                 "aIE": [torch.tensor(r, dtype=dtype, device=device) for r in rows],
                 "aIE_f": rows,
                 "dense": None
@@ -234,15 +235,17 @@ class AbstractKenCarp(AbstractESDIRK):
         failed = torch.zeros_like(active)
         theta_max = torch.zeros_like(eta)
         hg_safe = torch.where(hg == 0, torch.ones_like(hg), hg)  # finished samples (h = 0): k = 0
-        c = tab.c
+        c = arkc["c"]
+        shared = isinstance(dt, float)  # one system: Newton control on Python floats
         for i in range(1, tab.num_stages):
             if kE is None:
                 psi = _lincomb(yb, dt, kI, coef["a"][i], coef["a_f"][i])
             else:
                 psi = _lincomb(yb, dt, kI + kE, arkc["aIE"][i], arkc["aIE_f"][i])
             z0 = psi + hg * kI[-1]  # predictor: the previous stage's implicit slope
-            ti = _node(t0, h, float(c[i]))
-            z, bad, theta, eta = self._newton(FI, ti, psi, z0, hg, LU, piv, eta, active & ~failed, rtol, atol, stats)
+            ti = _node(t0, h, c[i])
+            newton = self._newton_shared if shared else self._newton
+            z, bad, theta, eta = newton(FI, ti, psi, z0, hg, LU, piv, eta, active & ~failed, rtol, atol, stats)
             failed = failed | bad
             theta_max = torch.maximum(theta_max, theta)
             kI.append((z - psi) / hg_safe)
