@@ -470,3 +470,15 @@ def test_solver_policy_objects():
         tn.solve(
             tn.ODETerm(lambda t, y, a: -y), tn.Kvaerno3(), 0.0, 1.0, torch.ones(2, dtype=torch.complex128), dt0=0.1
         )
+
+
+def test_shared_mode_large_state_warns():
+    """A large flattened state in shared mode gets one dense Jacobian: say so, and point at
+    per_sample=True."""
+    from torchnde._flat import _FlatTerm
+    from torchnde._tree import Flattener
+
+    y0 = torch.zeros(64, 40)  # 2560 states
+    ft = _FlatTerm(tn.ODETerm(lambda t, y, a: -y), Flattener(y0, batch=False), None, 1.0, False)
+    with pytest.warns(UserWarning, match="per_sample=True"):
+        tn.Kvaerno3().init(ft, 0.0, y0.flatten())

@@ -58,6 +58,7 @@ the implicit function theorem instead is a planned improvement.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -83,6 +84,7 @@ NEWTON_SINGULAR = 2  # I - h gamma J is singular (LU info != 0)
 _THETA_JAC = 0.01  # recompute J after an accepted step whose Newton contraction rate exceeded this
 _REFACTOR = 0.3  # refactor the LU when |h gamma / (h gamma)_LU - 1| exceeds this
 _LOOP_MAX = 16  # jacobian="auto": backward passes for at most this many states, jacfwd above
+_DENSE_WARN = 2048  # shared mode: warn above this many states (a dense Jacobian of the whole state)
 _FAIL_ERROR = 1e4  # error estimate of a failed step, times (1 + |y0|)
 
 
@@ -156,14 +158,14 @@ class NewtonStats:
 
     __slots__ = ("iterations", "failures", "jacobians", "factorizations", "fail_t", "jac_t", "jac")
 
-    def __init__(self, B: int, dtype, device):
+    def __init__(self, B: int, time_dtype, device):
         self.iterations = torch.zeros(B, dtype=torch.long, device=device)
         self.failures = torch.zeros(B, dtype=torch.long, device=device)
         self.jacobians = 0
         self.factorizations = 0
         # the time of the step start where a Newton solve last failed, and where J was last computed
-        self.fail_t = torch.full((B,), math.nan, dtype=dtype, device=device)
-        self.jac_t = torch.full((B,), math.nan, dtype=dtype, device=device)
+        self.fail_t = torch.full((B,), math.nan, dtype=time_dtype, device=device)
+        self.jac_t = torch.full((B,), math.nan, dtype=time_dtype, device=device)
         self.jac = None
 
     def as_dict(self) -> dict:
@@ -288,6 +290,13 @@ class AbstractESDIRK(AbstractAdaptiveSolver):
         f0 = term.vf(t0, y0)
         yb = y0 if batched else y0.unsqueeze(0)
         B, n = yb.shape
+        if not batched and n > _DENSE_WARN:
+            warnings.warn(
+                f"{type(self).__name__} builds a dense ({n}, {n}) Jacobian and LU of the flattened state "
+                f"({2 * n * n * yb.element_size() / 2**30:.2f} GiB). If y0 is a batch of independent problems, "
+                "pass per_sample=True: each sample then gets its own small Jacobian.",
+                stacklevel=2,
+            )
         kw = dict(dtype=yb.dtype, device=yb.device)
         J = torch.zeros(B, n, n, **kw)
         piv = torch.ones(B, n, dtype=torch.int32, device=yb.device)
@@ -299,7 +308,7 @@ class AbstractESDIRK(AbstractAdaptiveSolver):
             torch.zeros(B, **kw),
             torch.ones(B, dtype=torch.bool, device=yb.device),
             torch.ones(B, **kw),
-            NewtonStats(B, yb.dtype, yb.device),
+            NewtonStats(B, t0.dtype if batched else torch.float64, yb.device),
         )
 
     def initial_derivative(self, state):
@@ -322,7 +331,7 @@ class AbstractESDIRK(AbstractAdaptiveSolver):
             t0_row = t0
         else:
             dt = float(h)
-            t0_row = torch.full((1,), float(t0), **kw)
+            t0_row = torch.full((1,), float(t0), dtype=torch.float64, device=yb.device)
         hg = (dt * tab.gamma) if batched else torch.full((1, 1), dt * tab.gamma, **kw)  # (B, 1)
 
         def F(t, z):
