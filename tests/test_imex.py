@@ -449,3 +449,16 @@ def test_gradient_matches_finite_differences(solver):
     explicit part) and the diffusivity (the implicit part) to 1e-6 relative."""
     g, fd = _fisher_loss(solver)
     torch.testing.assert_close(g, fd, rtol=1e-6, atol=1e-9)
+
+
+def test_checkpoint_adjoint_matches_direct():
+    """CheckpointAdjoint (recomputing the steps) gives DirectAdjoint's gradient, adaptive steps."""
+    reaction, diffusion, u0 = _fisher(n=8, D=0.5)
+
+    def grad(adjoint):
+        k = torch.tensor(3.0, **F64, requires_grad=True)
+        term = tn.MultiTerm(tn.ODETerm(lambda t, u, a: a * u * (1 - u)), tn.ODETerm(diffusion))
+        sol = tn.solve(term, tn.KenCarp4(), 0.0, 0.3, u0, args=k, controller=_ctrl(1e-7), adjoint=adjoint)
+        return torch.autograd.grad(sol.ys[-1].sum(), k)[0]
+
+    torch.testing.assert_close(grad(tn.CheckpointAdjoint()), grad(tn.DirectAdjoint()), rtol=1e-8, atol=0)
