@@ -120,9 +120,10 @@ def test_nonstiff_stays_explicit(per_sample):
 @pytest.mark.parametrize("implicit", [tn.Kvaerno5, tn.Rodas5P], ids=lambda s: s.__name__)
 def test_stiff_van_der_pol_switches(implicit):
     """Van der Pol, mu = 1000, on its slow branch (t in [0, 50]), rtol = atol = 1e-6: the solve
-    switches once, within its first 0.1 time units, and needs about 40 steps (measured: 41 with
-    Kvaerno5, 28 of them explicit), where Tsit5 alone stops at max_steps = 2000 before t = 3.
-    Agrees with SciPy's Radau (rtol 1e-10) to 1e-5."""
+    switches once, within its first 0.1 time units, and needs about 30 steps (measured with either
+    implicit solver: switch at t = 0.022, 33 steps, 29 accepted of which 8 implicit, ~220
+    evaluations), where Tsit5 alone stops at max_steps = 2000 before t = 3. Agrees with SciPy's
+    Radau (rtol 1e-10) to 1e-5."""
     pytest.importorskip("scipy")
     y0 = torch.tensor([2.0, 0.0], dtype=F64)
     ctrl = tn.PIDController(rtol=1e-6, atol=1e-6)
@@ -147,12 +148,13 @@ def test_stiff_van_der_pol_switches(implicit):
 def test_stiff_van_der_pol_long():
     """Van der Pol, mu = 1000, over [0, 3000] (three fast jumps), rtol = atol = 1e-6, float64.
 
-    Measured (this machine): AutoSwitch(Tsit5, Kvaerno5) 840 steps, 568 accepted of which 247
-    implicit, 7 switches (to implicit at t = 0.03, back to explicit for each jump: t = 807.06 to
-    807.13, 1614.26 to 1614.33, 2421.46 to 2421.53), ~10.4k evaluations; Kvaerno5 alone 699 steps,
-    ~12k evaluations; AutoSwitch(Tsit5, Rodas5P) 750 steps / 5.5k evaluations, Rodas5P alone 688 /
-    5.5k; Tsit5 alone stops at max_steps (it would need ~3000 / (3.5 / 3000) ~ 2.6e6 steps).
-    SciPy Radau at rtol 1e-10 takes 8.6k steps. Agreement with it: 1e-4 (relative)."""
+    Measured (this machine, 1 thread): AutoSwitch(Tsit5, Kvaerno5) 808 steps, 535 accepted of
+    which 255 implicit, 7 switches (to implicit at t = 0.022, back to explicit for each jump:
+    t = 807.064 to 807.112, 1614.265 to 1614.313, 2421.465 to 2421.512), 10.3k evaluations, 3.1 s;
+    Kvaerno5 alone 699 steps, 12.1k evaluations, 2.9 s; AutoSwitch(Tsit5, Rodas5P) 715 steps /
+    5.3k evaluations / 1.2 s, Rodas5P alone 688 / 5.5k / 1.2 s; Tsit5 alone stops at max_steps
+    (it would need about 3000 / (3.5 / 3000) ~ 2.6e6 steps). SciPy Radau at rtol 1e-10 takes 8.6k
+    steps. Agreement with it: 1e-4 (relative)."""
     pytest.importorskip("scipy")
     y0 = torch.tensor([2.0, 0.0], dtype=F64)
     ctrl = tn.PIDController(rtol=1e-6, atol=1e-6)
@@ -241,10 +243,11 @@ def ramp(t, y, a):
 
 def test_becomes_stiff_midway():
     """rtol 1e-6, atol 1e-8. Tsit5's accepted steps become stability-limited (h k rises past 3.0
-    of its 3.5) from about t = 4.9 (k = 800); AutoSwitch switches once, at t = 5.0 (measured
-    5.04, k = 1.1e3). Totals (measured): 357 steps, 3.0k evaluations, 40 of them implicit; Kvaerno5
-    alone 134 steps, 2.8k evaluations (its steps exceed Tsit5's stability limit from t = 3.7,
-    k = 53); Tsit5 alone reaches only t = 7.9 in 100k steps."""
+    of its 3.5) from about t = 4.9 (k = 800); AutoSwitch switches once, at t = 5.03 (measured,
+    k = 1.1e3). Totals (measured): 306 steps, 2.9k evaluations, 62 of the 274 accepted steps
+    implicit; Kvaerno5 alone 134 steps, 2.8k evaluations (its steps exceed Tsit5's stability
+    limit from t = 3.7, k = 53: detection along the explicit steps is later than ideal here);
+    Tsit5 alone reaches only t = 7.9 in 100k steps."""
     y0 = torch.tensor([0.0], dtype=F64)
     s = _Spy()
     s.log = []
