@@ -814,3 +814,35 @@ def test_odeint_event_agrees_with_torchdiffeq(td, interface, method):
         out.append((event_t.detach(), x.detach(), v.detach(), *grads))
     for ours, theirs in zip(*out):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+
+
+def bouncing(g):
+    return lambda t, s: (s[1], -g)
+
+
+@pytest.mark.parametrize("interface", ["odeint", "odeint_adjoint"])
+def test_chained_bounces_agree_with_torchdiffeq(td, interface):
+    # torchdiffeq's bouncing-ball pattern: each impact time is the next solve's t0 (a tensor in
+    # the graph), the state is a tuple, the velocity is reversed and damped at each impact
+    from torchnde.compat.torchdiffeq import odeint_event
+
+    out = []
+    for lib in ("ours", "theirs"):
+        g = torch.tensor([G], dtype=F64, requires_grad=True)
+        e = torch.tensor([0.8], dtype=F64, requires_grad=True)
+        t0 = torch.tensor([0.1], dtype=F64, requires_grad=True)
+        f = bouncing(g)
+        fn = odeint_event if lib == "ours" else td.odeint_event
+        if interface == "odeint":
+            iface = odeint if lib == "ours" else td.odeint
+            kw = {}
+        else:
+            iface = odeint_adjoint if lib == "ours" else td.odeint_adjoint
+            kw = dict(adjoint_params=(g,))
+        state, t = (torch.tensor([H], dtype=F64), torch.tensor([0.0], dtype=F64)), t0
+        for _ in range(3):
+            t, sol = fn(f, state, t, event_fn=lambda t, s: s[0], odeint_interface=iface, atol=1e-10, rtol=1e-10, **kw)
+            state = (sol[0][-1] + 1e-7, -e * sol[1][-1])
+        out.append((t.detach(), *torch.autograd.grad(t, (g, e, t0))))
+    for ours, theirs in zip(*out):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
