@@ -18,10 +18,10 @@ with one Jacobian :math:`J` and one LU factorisation of :math:`I - h\gamma J` sh
 stage of a step and kept across steps:
 
 * **Jacobian** (autograd: ``n`` backward passes for up to 16 states, ``torch.func.jacfwd``
-  above; see :func:`jacobian`) is
-  recomputed at the start of a step when the previous accepted step's Newton iterations
-  contracted slowly (rate :math:`\theta > 0.01`), and at the start of the retry of a step whose
-  Newton solve failed (the retry reuses it if it is already fresh there).
+  above; see :func:`jacobian`) is recomputed at the start of a step when the previous accepted
+  step's Newton iterations contracted slowly (rate :math:`\theta > 0.01`), and at the start of
+  the retry of a step whose Newton solve failed (the retry reuses it if it is already fresh
+  there).
 * **LU** is recomputed when the Jacobian changes or when :math:`|h\gamma / (h\gamma)_{LU} - 1| > 0.3`
   (so a step that grows or shrinks by more than 30 %; in between, the stale factor only slows the
   iterations down a little).
@@ -30,9 +30,10 @@ stage of a step and kept across steps:
   :math:`\eta` of the previous solve to the power 0.8), the iteration stops when
   :math:`\eta_m \|\Delta^{(m)}\| \le 1`. The norm is the RMS norm scaled by
   ``newton_atol + newton_rtol * |Z|``. It fails when :math:`\theta_m \ge 0.99` (divergence), when
-  the predicted error after the remaining iterations :math:`\theta_m^{M-m}/(1-\theta_m)
-  \|\Delta^{(m)}\|` is still above 1, when a value is NaN/inf, after ``max_iters`` (default 10)
-  iterations, or when the LU factorisation is singular (``info != 0``).
+  the error predicted after the remaining iterations, :math:`\eta_m \theta_m^{M-1-m}
+  \|\Delta^{(m)}\|`, is still above 1, when a value is NaN/inf, after ``max_iters`` (default 10)
+  iterations, or when the LU factorisation is singular (``info != 0``). A failure with a Jacobian
+  from an earlier step is retried once within the step with a fresh one.
 
 A failed Newton solve is a **rejected step**, never a crash: the step returns ``y1 = y0`` and an
 error estimate ``1e4 (1 + |y0|)`` (large and finite, so an adaptive controller rejects the step
@@ -45,14 +46,17 @@ counters of Newton iterations, failures, Jacobians and factorisations live in
 Shapes. In shared mode the state is one flat ``(N,)`` vector and the Jacobian is ``(N, N)``: a
 batch folded into ``y0`` becomes one large coupled system (``(B n)^2`` entries and an
 :math:`O((Bn)^3)` factorisation), so batches should be solved with ``per_sample=True``, where each
-row gets its own ``(n, n)`` Jacobian (one forward-mode pass over the ``n`` basis directions serves
-all rows, since rows are independent), its own LU (``torch.linalg.lu_factor_ex`` on ``(B, n, n)``),
+row gets its own ``(n, n)`` Jacobian (one batched evaluation and ``n`` backward passes serve all
+rows, since rows are independent), its own LU (``torch.linalg.lu_factor_ex`` on ``(B, n, n)``),
 its own Newton convergence and its own step. Internally shared mode is a batch of one.
 
 Gradients. Autograd differentiates through the Newton iterations (the Jacobian and its LU are
 treated as constants: they only precondition the iteration, and its fixed point does not depend
-on them). That stores every iteration of every stage; differentiating the converged solution by
-the implicit function theorem instead is a planned improvement.
+on them). When autograd is recording, each stage takes one more iteration after convergence: the
+derivative of an iterate is that of the residual at the iterate before it, so a stage that
+converged in one iteration would otherwise carry the derivative at its predictor. That stores
+every iteration of every stage; differentiating the converged solution by the implicit function
+theorem instead is a planned improvement.
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
@@ -539,7 +543,3 @@ class AbstractESDIRK(AbstractAdaptiveSolver):
         h = t1 - t0
         dt = h if isinstance(h, float) else h.to(y0.dtype).unsqueeze(-1)
         return hermite_coeffs(y0, y1, f0, f1, dt)
-
-
-def _state_stats(state) -> dict[str, Any]:  # pragma: no cover - convenience for debugging
-    return state[-1].as_dict()
