@@ -196,7 +196,8 @@ class AutoSwitch(AbstractAdaptiveSolver):
     level, where the same-time estimate mixes in the smooth direction and reads 1-2.5) the solve
     stays explicit and costs what the explicit solver alone costs; lower ``stiff_fraction`` (0.6
     switches in both examples) or use the implicit solver directly. Events and ``jump_ts`` restart the solver (explicit) after they fire, so a stiff
-    problem spends ``stiff_steps`` explicit steps re-detecting stiffness after each;
+    problem spends ``stiff_steps`` explicit steps re-detecting stiffness after each (terminal
+    events are fine), and the counters in ``Solution.stats`` restart there too;
     ``CheckpointAdjoint`` replays its segments from a fresh (explicit) state, so it does not
     reproduce the switched forward solve: use ``DirectAdjoint`` (tested against finite
     differences; ``BacksolveAdjoint`` runs AutoSwitch on the adjoint system, untested).
