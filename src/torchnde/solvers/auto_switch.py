@@ -189,19 +189,23 @@ class AutoSwitch(AbstractAdaptiveSolver):
     interpolant, the ESDIRK's cubic Hermite, Rodas5P's own), zero-padded to one polynomial degree
     for the whole solve and selected per row in per-sample mode.
 
-    Limitations: the detection sees stiffness only where the explicit steps are held at the
-    stability boundary. Where Tsit5's error estimate holds them lower (a stiff mode driven by a
-    smooth forcing at tight tolerances: on y' = 1000 (y - cos t) at rtol 1e-7 its steps sit at
-    h rho = 2.39, 0.68 of the boundary; or a decayed stiff transient whose mode is at the noise
-    level, where the same-time estimate mixes in the smooth direction and reads 1-2.5) the solve
-    stays explicit and costs what the explicit solver alone costs; lower ``stiff_fraction`` (0.6
-    switches in both examples) or use the implicit solver directly. Events and ``jump_ts`` restart the solver (explicit) after they fire, so a stiff
-    problem spends ``stiff_steps`` explicit steps re-detecting stiffness after each (terminal
-    events are fine), and the counters in ``Solution.stats`` restart there too;
-    ``CheckpointAdjoint`` replays its segments from a fresh (explicit) state, so it does not
-    reproduce the switched forward solve: use ``DirectAdjoint`` (tested against finite
-    differences; ``BacksolveAdjoint`` runs AutoSwitch on the adjoint system, untested).
-    Shared mode costs two host synchronisations a step (the mode, and whether to switch).
+    Limitations:
+
+    * The detection sees stiffness only where the explicit steps are held at the stability
+      boundary. Where Tsit5's error estimate holds them lower (a stiff mode driven by a smooth
+      forcing at tight tolerances: on y' = 1000 (y - cos t) at rtol 1e-7 its steps sit at
+      h rho = 2.39, 0.68 of the boundary; or a decayed stiff transient whose mode is at the noise
+      level, where the same-time estimate mixes in the smooth direction and reads 1-2.5) the solve
+      stays explicit and costs what the explicit solver alone costs: lower ``stiff_fraction``
+      (0.6 switches in both examples) or use the implicit solver directly.
+    * Non-terminal events and ``jump_ts`` restart the solver (explicit) after they fire, so a
+      stiff problem spends ``stiff_steps`` explicit steps re-detecting stiffness after each, and
+      the counters in ``Solution.stats`` restart there too.
+    * Gradients: use ``DirectAdjoint`` (tested against finite differences).
+      ``CheckpointAdjoint`` replays its segments on the recorded steps from a fresh (explicit)
+      state, so a segment that starts where the forward solve was implicit takes explicit steps
+      far beyond the stability boundary and fails (``nonfinite``).
+    * Shared mode costs two host synchronisations a step (the mode, and whether to switch).
     """
 
     def __init__(
