@@ -185,9 +185,12 @@ def test_errors_name_the_valid_choices():
     f = lambda t, y: -y
     with pytest.raises(ValueError, match=r"Invalid method 'rk45'.*'dopri5'.*'rk4'"):
         odeint(f, y0, t, method="rk45")
-    for method in ["implicit_euler", "radauIIA5", "sdirk2"]:
-        with pytest.raises(NotImplementedError, match="use '"):
-            odeint(f, y0, t, method=method)
+    with pytest.raises(ValueError, match=r"Invalid method 'radauIIA7'.*'radauIIA5'.*'trbdf2'"):
+        odeint(f, y0, t, method="radauIIA7")
+    with pytest.raises(TypeError, match=r"unknown options.*'max_order'"):
+        odeint(f, y0, t, method="gl4", options=dict(max_order=3))
+    with pytest.raises(ValueError, match=r"max_iters.*int >= 1"):
+        odeint(f, y0, t, method="gl4", options=dict(max_iters=0))
     with pytest.raises(TypeError, match=r"unknown options.*'step_size'.*fixed-grid.*first_step"):
         odeint(f, y0, t, options=dict(step_size=0.1))
     with pytest.raises(TypeError, match=r"unknown options.*'rtol'.*Valid options are: first_step"):
@@ -676,6 +679,110 @@ def test_explicit_adams_agrees_with_torchdiffeq(td):
         ours = odeint(pendulum, y0, t, method="explicit_adams", options=options)
         theirs = td.odeint(pendulum, y0, t, method="explicit_adams", options=dict(options, interp="cubic"))
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-7)  # (a different order: 1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# torchdiffeq's fixed-grid implicit Runge-Kutta methods (issue 11)
+
+IRK = {
+    "implicit_euler": 1,
+    "implicit_midpoint": 2,
+    "trapezoid": 2,
+    "radauIIA3": 3,
+    "gl4": 4,
+    "radauIIA5": 5,
+    "gl6": 6,
+    "sdirk2": 2,
+    "trbdf2": 2,
+}
+
+
+def forced(t, y):
+    """u' = -u + cos t, v' = t v: linear, non-autonomous (the stage times matter)."""
+    return torch.stack([-y[0] + torch.cos(t), t * y[1]])
+
+
+def forced_exact(s):
+    return torch.tensor([(math.cos(s) + math.sin(s)) / 2 + 0.5 * math.exp(-s), math.exp(s * s / 2)], dtype=F64)
+
+
+@pytest.mark.parametrize("method", list(IRK))
+def test_implicit_rk_methods_converge_at_their_order(method):
+    from torchnde.compat._torchdiffeq_implicit import IRK_METHODS
+
+    order = IRK[method]
+    cls = IRK_METHODS[method]
+    assert cls.order == order
+    # tableau: row sums are the nodes, and b integrates polynomials of degree < order exactly
+    for ci, row in zip(cls.c, cls.a):
+        assert abs(sum(row) - ci) < 1e-15
+    for k in range(1, order + 1):
+        assert abs(sum(bi * ci ** (k - 1) for bi, ci in zip(cls.b, cls.c)) - 1 / k) < 1e-14
+    y0 = torch.tensor([1.0, 1.0], dtype=F64)
+    t = torch.tensor([0.0, 1.0], dtype=F64)
+    steps = (8, 16) if order <= 3 else (4, 8)
+    errs = [
+        (odeint(forced, y0, t, method=method, options=dict(step_size=1 / n))[-1] - forced_exact(1.0)).abs().max()
+        for n in steps
+    ]
+    assert abs(math.log2(errs[0] / errs[1]) - order) < 0.3, errs
+
+
+@pytest.mark.parametrize("method", ["implicit_euler", "trapezoid", "gl4", "radauIIA5", "trbdf2"])
+def test_implicit_rk_step_is_the_tableaus_stability_function(method):
+    # on y' = M y one step is y1 = y0 + h (b kron I) (I - h A kron M)^-1 (1 kron M y0): computed
+    # here independently from the tableau, with a stiff eigenvalue (-1e3) among the others
+    from torchnde.compat._torchdiffeq_implicit import IRK_METHODS
+
+    cls = IRK_METHODS[method]
+    M = torch.tensor([[-1000.0, 1.0, 0.0], [0.0, -0.5, 2.0], [0.0, -2.0, -0.5]], dtype=F64)
+    y0 = torch.tensor([1.0, -1.0, 0.5], dtype=F64)
+    h, s = 0.1, len(cls.c)
+    Ab, b = torch.tensor(cls.a, dtype=F64), torch.tensor(cls.b, dtype=F64)
+    big = torch.eye(3 * s, dtype=F64) - h * torch.kron(Ab, M)
+    K = torch.linalg.solve(big, torch.kron(torch.ones(s, dtype=F64), M @ y0)).view(s, 3)
+    y1 = y0 + h * (b @ K)
+    ours = odeint(lambda t, y: M @ y, y0, torch.tensor([0.0, h], dtype=F64), method=method)[-1]
+    torch.testing.assert_close(ours, y1, rtol=1e-11, atol=1e-12)
+
+
+def test_implicit_rk_per_sample_gradients_and_newton_failure():
+    from torchnde.compat._torchdiffeq_implicit import IRK_METHODS
+
+    # per sample: each row equals its own solve (its own Newton iteration and LU)
+    y0 = torch.tensor([[1.0, 0.0], [0.5, -1.0], [2.0, 0.3]], dtype=F64)
+    term = tn.ODETerm(lambda t, y, args: torch.stack([y[..., 1], -torch.sin(y[..., 0]) - 5 * y[..., 1]], -1))
+    kw = dict(dt0=0.1, controller=tn.ConstantStepSize())
+    solver = IRK_METHODS["radauIIA5"]()
+    batch = tn.solve(term, solver, 0.0, 1.0, y0, per_sample=True, **kw).ys[:, -1]
+    for i in range(3):
+        torch.testing.assert_close(
+            batch[i], tn.solve(term, solver, 0.0, 1.0, y0[i], **kw).ys[-1], rtol=1e-12, atol=1e-13
+        )
+    # gradients through the Newton iterations match finite differences
+    z0 = torch.tensor([0.7, -0.2], dtype=F64, requires_grad=True)
+    k = torch.tensor(1.5, dtype=F64, requires_grad=True)
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=F64)
+    fn = lambda z0, k: odeint(lambda t, y: torch.stack([y[1], -k * torch.sin(y[0])]), z0, t, method="gl4")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (z0, k))
+    # a Newton iteration that cannot converge (y = y0 + h y^2 has no real root for 4 h y0 > 1):
+    # a clear error, never a silently wrong answer (torchdiffeq warns and returns the last iterate)
+    with pytest.raises(tn.SolveError, match="nonlinear_divergence|Newton"):
+        odeint(
+            lambda t, y: y**2, torch.ones(1, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64), method="implicit_euler"
+        )
+    # ... and only that sample fails in per-sample mode
+    sol = tn.solve(
+        tn.ODETerm(lambda t, y, args: y**2),
+        IRK_METHODS["implicit_euler"](),
+        0.0,
+        1.0,
+        torch.tensor([[1.0], [0.1]], dtype=F64),
+        per_sample=True,
+        throw=False,
+        **kw,
+    )
+    assert [int(r) for r in sol.result] == [int(tn.Result.nonlinear_divergence), int(tn.Result.successful)]
 
 
 # --------------------------------------------------------------------------------------------

@@ -61,9 +61,21 @@ gradient (torchdiffeq links it up only in ``odeint_event``), parameters used dir
 dense output (torchdiffeq: bisection to ``atol``; with the fixed-grid methods on its default
 linear interpolant).
 
-Not supported (each raises an error saying so): per-element or per-tensor tolerances, ``scipy_solver`` in ``odeint_adjoint``, the implicit methods
-(``implicit_euler``, ``radauIIA5``, ...: planned with torchnde's stiff solvers), the option
-``interp="linear"`` (with intermediate output times) and a callable ``adjoint_options["norm"]``.
+The fixed-grid implicit Runge--Kutta methods of torchdiffeq's current sources
+(``"implicit_euler"``, ``"implicit_midpoint"``, ``"trapezoid"``, ``"radauIIA3"``, ``"gl4"``,
+``"radauIIA5"``, ``"gl6"``, ``"sdirk2"``, ``"trbdf2"``; option ``max_iters``, default 100) have
+the same Butcher tableaus (``gl4`` with its published nodes, see
+:mod:`torchnde.compat._torchdiffeq_implicit`); their stages are solved together by simplified
+Newton iterations with the Jacobian at the step start and one LU per step (torchdiffeq: Broyden
+iterations), to about ``1e-12`` relative (float64; ``100 eps`` in lower precision). A Newton
+iteration that does not converge raises :class:`SolveError` (``nonlinear_divergence`` or
+``singular_jacobian``) where torchdiffeq warns and continues with the last iterate. Like
+torchdiffeq's, they do not use ``rtol``/``atol`` and have no error control; a complex state is
+refused (pass its real and imaginary parts).
+
+Not supported (each raises an error saying so): per-element or per-tensor tolerances, ``scipy_solver`` in
+``odeint_adjoint``, the option ``interp="linear"`` (with intermediate output times) and a callable
+``adjoint_options["norm"]``.
 """
 
 from __future__ import annotations
@@ -102,6 +114,7 @@ from ..solvers import (
     Tsit5,
 )
 from ..solvers._base import hermite_coeffs
+from ._torchdiffeq_implicit import IRK_METHODS
 
 __all__ = ["odeint", "odeint_adjoint", "odeint_dense", "odeint_event", "SolveError"]
 
@@ -244,28 +257,11 @@ _FIXED = {
     "heun2": Heun,
     "heun3": _Heun3,
     **dict.fromkeys(_ADAMS, _Adams),
+    **IRK_METHODS,
 }
-_IMPLICIT_HINT = (
-    "implicit (stiff) methods are not in torchnde yet (they come with the stiff-solver issue); meanwhile use "
-    "'dopri5' with a small max_step, or torchdiffeq for stiff problems"
-)
 _UNSUPPORTED = {
     "scipy_solver": "it is available in odeint only (SciPy's solvers give no gradients, so there is no adjoint "
     "pass); use 'dopri5'/'dopri8'",
-    **{
-        m: _IMPLICIT_HINT
-        for m in (
-            "implicit_euler",
-            "implicit_midpoint",
-            "trapezoid",
-            "radauIIA3",
-            "gl4",
-            "radauIIA5",
-            "gl6",
-            "sdirk2",
-            "trbdf2",
-        )
-    },
 }
 _VALID_METHODS = (*_ADAPTIVE, *_FIXED)
 
@@ -402,6 +398,8 @@ def _plan_method(method, options, rtol, atol, flat, ts, sign, what):
     adaptive = name in _ADAPTIVE
     # the Adams methods' own options
     adams = {k: options.pop(k) for k in ("max_order", "max_iters") if k in options} if name in _ADAMS else {}
+    # the implicit Runge-Kutta methods' own option (their root solve's iterations)
+    irk = {k: options.pop(k) for k in ("max_iters",) if k in options} if name in IRK_METHODS else {}
     _check_options(name, adaptive, options, what)
     p = _Plan()
     p.name, p.adaptive = name, adaptive
@@ -413,6 +411,11 @@ def _plan_method(method, options, rtol, atol, flat, ts, sign, what):
             rtol=_scalar_tol(rtol, "rtol"),
             atol=_scalar_tol(atol, "atol"),
         )
+    elif name in IRK_METHODS:
+        max_iters = irk.get("max_iters", 100)
+        if isinstance(max_iters, bool) or not isinstance(max_iters, numbers.Integral) or max_iters < 1:
+            raise ValueError(f"{what}['max_iters'] must be an int >= 1, got {max_iters!r}")
+        p.solver = cls(max_iters=int(max_iters))
     else:
         p.solver = cls()
     p.max_num_steps = options.get("max_num_steps")
@@ -905,14 +908,16 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
         method: ``"dopri5"`` (default), ``"dopri8"``, ``"bosh3"``, ``"fehlberg2"``,
             ``"adaptive_heun"``, ``"tsit5"`` (adaptive); ``"euler"``, ``"midpoint"``, ``"rk4"``
             (3/8 rule), ``"heun2"``, ``"heun3"``, ``"explicit_adams"``, ``"implicit_adams"``,
-            ``"fixed_adams"`` (fixed grid); ``"scipy_solver"`` (SciPy's
+            ``"fixed_adams"``, and the implicit ``"implicit_euler"``, ``"implicit_midpoint"``,
+            ``"trapezoid"``, ``"radauIIA3"``, ``"gl4"``, ``"radauIIA5"``, ``"gl6"``,
+            ``"sdirk2"``, ``"trbdf2"`` (fixed grid); ``"scipy_solver"`` (SciPy's
             ``solve_ivp`` with ``options=dict(solver="LSODA", min_step=..., max_step=...)``; not
             differentiable).
         options: adaptive methods: ``first_step``, ``min_step``, ``max_step``, ``step_t``,
             ``jump_t``, ``safety``, ``ifactor``, ``dfactor``, ``max_num_steps``, ``dtype``,
             ``norm``. Fixed-grid methods: ``step_size`` or ``grid_constructor`` (default: step
             from one output time to the next), ``interp="cubic"``, ``perturb`` (Adams methods:
-            also ``max_order``, ``max_iters``). Any other key raises ``TypeError``.
+            also ``max_order``, ``max_iters``; implicit Runge--Kutta methods: ``max_iters``). Any other key raises ``TypeError``.
         event_fn: ``event_fn(t, y)`` (a real tensor): solve from ``t[0]`` (``t`` of length 2; only
             the direction of ``t[1]`` is used) until an element of it crosses zero, and return
             ``(event_t, solution)`` as :func:`odeint_event` does (with its gradients).
