@@ -268,6 +268,7 @@ class AutoSwitch(AbstractAdaptiveSolver):
         aj = [float(x) for x in tab.a[j]] + [0.0] * (tab.num_stages - j)
         # Y_j - Y_i = h sum_k (a_jk - a_ik) k_k (formed directly: no cancellation)
         self._dY = tuple(y - x for x, y in zip(ai, aj))
+        self._cache: dict = {}
 
     def _key(self):
         return (
@@ -301,6 +302,8 @@ class AutoSwitch(AbstractAdaptiveSolver):
     def init(self, term, t0, y0):
         if term.rough:
             raise TypeError("AutoSwitch solves ODEs only; SDEs need an SDE solver (see SDE_SOLVERS)")
+        if y0.is_complex():
+            raise TypeError(f"AutoSwitch needs a real state (its implicit solver does), got dtype {y0.dtype}")
         batched = getattr(term, "batched", False)
         es = self.explicit.init(term, t0, y0)
         B = y0.shape[0] if batched else 1
@@ -337,22 +340,25 @@ class AutoSwitch(AbstractAdaptiveSolver):
         """``h rho`` per row from the explicit step's two same-time stages, and the direction
         ``Y_j - Y_i`` (detached)."""
         t0, t1, y0, y1, f0, f1, ks = dinfo
-        i, j = self._pair
         with torch.no_grad():
-            dk = ks[j] - ks[i]
-            dY = None
-            for c, k in zip(self._dY, ks):
-                if c != 0.0:
-                    dY = k * c if dY is None else dY.add(k, alpha=c)
-            if isinstance(t1 - t0, torch.Tensor):  # per sample
-                num = torch.linalg.vector_norm(dk, dim=-1)
-                den = torch.linalg.vector_norm(dY, dim=-1)
-            else:
-                num = torch.linalg.vector_norm(dk).reshape(1)
-                den = torch.linalg.vector_norm(dY).reshape(1)
-            # dY = (Y_j - Y_i) / h, so h rho = |h| ||dk|| / ||Y_j - Y_i|| = ||dk|| / ||dY||
+            K = torch.stack(ks).view(len(ks), -1)  # (s, N) or (s, B n)
+            # rows: k_j - k_i and (Y_j - Y_i) / h (one matrix product)
+            D = (self._diff_matrix(K.dtype, K.device) @ K).view(2, *ks[0].shape)
+            nrm = torch.linalg.vector_norm(D, dim=-1)
+            num, den = nrm[0].reshape(-1), nrm[1].reshape(-1)
+            # h rho = |h| ||k_j - k_i|| / ||Y_j - Y_i|| = ||k_j - k_i|| / ||(Y_j - Y_i) / h||
             hrho = torch.where(den > 0, num / den.clamp(min=torch.finfo(den.dtype).tiny), torch.zeros_like(num))
-            return hrho, dY if isinstance(t1 - t0, torch.Tensor) else dY.reshape(1, -1)
+            return hrho, D[1].reshape(num.shape[0], -1)
+
+    def _diff_matrix(self, dtype, device):
+        key = (dtype, device)
+        M = self._cache.get(key)
+        if M is None:
+            i, j = self._pair
+            dk = [0.0] * len(self._dY)
+            dk[i], dk[j] = -1.0, 1.0
+            M = self._cache[key] = torch.tensor([dk, list(self._dY)], dtype=dtype, device=device)
+        return M
 
     def _stiffness_implicit(self, term, state, t0, t1, y1, v, batched):
         """``h rho_J`` per row after an implicit step, and the power-iteration vector: from the
@@ -385,11 +391,11 @@ class AutoSwitch(AbstractAdaptiveSolver):
         mode, count, calm, hrho, switches, n_imp, v, es, is_ = self._unpack(state)
         batched = getattr(term, "batched", False)
         if batched:
-            use_imp = mode & (t1 != t0)  # finished samples (zero steps) need neither solver
-            use_exp = ~mode & (t1 != t0)
-            run_imp, run_exp = bool(use_imp.any()), bool(use_exp.any())
-            if not run_imp:
-                run_exp = True  # (all finished: some solver must make the empty step)
+            moving = t1 != t0  # finished samples (zero steps) need neither solver
+            use_imp = mode & moving
+            run_imp = bool(use_imp.any())
+            # (all finished: some solver must make the empty step)
+            run_exp = not run_imp or bool((moving & ~mode).any())
         else:
             run_imp = bool(mode[0])  # a Python bool would do, but the state is uniform
             run_exp = not run_imp
@@ -424,33 +430,39 @@ class AutoSwitch(AbstractAdaptiveSolver):
 
         # --- counters and switches (take effect only if the loop accepts the step)
         with torch.no_grad():
-            if run_exp:
+            count1, calm1, switch = count, calm, None
+            if run_exp:  # stiff-looking steps count up; calm_steps calm ones in a row reset the count
                 stiff = hrho_e > self.stiff_fraction * self.boundary
-                calm_e = torch.where(stiff, torch.zeros_like(calm), calm + 1)
-                count_e = torch.where(stiff, count + 1, count)
-                count_e = torch.where(calm_e >= self.calm_steps, torch.zeros_like(count_e), count_e)
-                to_imp = ~mode & (count_e >= self.stiff_steps)
-            if run_imp:
-                easy = hrho_i < self.back_fraction * self.boundary
-                count_i = torch.where(easy, count + 1, torch.zeros_like(count))
-                to_exp = mode & (count_i >= self.back_steps)
+                calm_e = (calm + 1).masked_fill_(stiff, 0)
+                count_e = (count + stiff).masked_fill_(calm_e >= self.calm_steps, 0)
+                to_imp = count_e >= self.stiff_steps
+                if batched:
+                    to_imp &= ~mode
+                count1, calm1, switch = count_e, calm_e, to_imp
+            if run_imp:  # consecutive steps well inside the explicit stability region (NaN: not)
+                count_i = (count + 1).masked_fill_(~(hrho_i < self.back_fraction * self.boundary), 0)
+                to_exp = count_i >= self.back_steps
+                if batched:
+                    to_exp &= mode
+                count1, switch = count_i, to_exp
             if run_exp and run_imp:
                 count1 = torch.where(mode, count_i, count_e)
                 calm1 = torch.where(mode, calm, calm_e)
-            elif run_imp:
-                count1, calm1, to_imp = count_i, calm, torch.zeros_like(mode)
-            else:
-                count1, calm1, to_exp = count_e, calm_e, torch.zeros_like(mode)
-            switch = to_imp | to_exp
+                switch = to_imp | to_exp
             any_imp = any_exp = False
-            if bool(switch.any()):  # (one host sync a step; the other two only on a switch)
-                any_imp, any_exp = bool(to_imp.any()), bool(to_exp.any())
-                count1 = torch.where(switch, torch.zeros_like(count1), count1)
-                calm1 = torch.where(switch, torch.zeros_like(calm1), calm1)
-            mode1 = (mode | to_imp) & ~to_exp
-            switches1 = switches + switch.long()
-            n_imp1 = n_imp + use_imp.long()
-            hrho1 = hrho_new.to(hrho.dtype)
+            mode1, switches1 = mode, switches
+            if bool(switch.any()):  # (one host sync a step; the others only on a switch)
+                any_imp = run_exp and bool(to_imp.any())
+                any_exp = run_imp and bool(to_exp.any())
+                count1 = count1.masked_fill(switch, 0)
+                calm1 = calm1.masked_fill(switch, 0)
+                if any_imp:
+                    mode1 = mode1 | to_imp
+                if any_exp:
+                    mode1 = mode1 & ~to_exp
+                switches1 = switches + switch
+            n_imp1 = n_imp + use_imp if run_imp else n_imp
+            hrho1 = hrho_new if hrho_new.dtype == hrho.dtype else hrho_new.to(hrho.dtype)
         if any_imp:  # re-initialise the implicit solver at (t1, y1) with the explicit derivative there
             v1 = torch.where(to_imp.unsqueeze(-1), dir_e.to(v1.dtype), v1)  # the stiff direction
             f1 = _resolve(de[5])
