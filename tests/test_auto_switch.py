@@ -430,8 +430,8 @@ def test_terminal_event_through_switch():
     assert sol.stats["num_switches"] == 1
     assert sol.t_final == pytest.approx(ref.t_final, rel=1e-6)
     batch = tn.solve(
-        tn.ODETerm(vdp), AutoSwitch(), 0.0, 3000.0, y0.expand(2, 2).clone(), args=torch.tensor([1000.0, 1.0], dtype=F64),
-        controller=ctrl, event=ev, per_sample=True,
+        tn.ODETerm(vdp), AutoSwitch(), 0.0, 3000.0, y0.expand(2, 2).clone(),
+        args=torch.tensor([1000.0, 1.0], dtype=F64), controller=ctrl, event=ev, per_sample=True,
     )  # fmt: skip
     assert batch.stats["num_switches"].tolist() == [1, 0]
     assert batch.t_final[0].item() == pytest.approx(sol.t_final, rel=1e-12)
