@@ -43,3 +43,26 @@ def test_adaptive_newton_failures_are_rejected_steps():
         controller=tn.PIDController(rtol=1e-8, atol=1e-8),
     )
     assert sol.stats["num_rejected"] >= 1 and abs(float(sol.ys[-1, 0]) - 10.0) < 1e-3
+
+
+def test_newton_counters_reach_the_solution_stats():
+    sol = tn.solve(
+        tn.ODETerm(lambda t, y, a: -50 * y),
+        tn.Kvaerno3(),
+        0.0,
+        1.0,
+        torch.ones(2, dtype=F64),
+        controller=tn.PIDController(rtol=1e-6, atol=1e-6),
+    )
+    s = sol.stats
+    assert isinstance(s["newton_iterations"], int) and s["newton_iterations"] > 0 and s["num_lu"] >= 1
+    sol = tn.solve(
+        tn.ODETerm(lambda t, y, a: -50 * y),
+        tn.Kvaerno3(),
+        0.0,
+        1.0,
+        torch.ones(3, 1, dtype=F64),
+        controller=tn.PIDController(rtol=1e-6, atol=1e-6),
+        per_sample=True,
+    )
+    assert sol.stats["newton_iterations"].shape == (3,) and (sol.stats["newton_failures"] == 0).all()

@@ -160,9 +160,10 @@ class NewtonStats:
         factorizations: LU factorisations (Python int).
     """
 
-    __slots__ = ("iterations", "failures", "jacobians", "factorizations", "fail_t", "jac_t", "jac")
+    __slots__ = ("iterations", "failures", "jacobians", "factorizations", "fail_t", "jac_t", "jac", "batched")
 
-    def __init__(self, B: int, time_dtype, device):
+    def __init__(self, B: int, time_dtype, device, batched: bool = True):
+        self.batched = batched
         self.iterations = torch.zeros(B, dtype=torch.long, device=device)
         self.failures = torch.zeros(B, dtype=torch.long, device=device)
         self.jacobians = 0
@@ -173,9 +174,11 @@ class NewtonStats:
         self.jac = None
 
     def as_dict(self) -> dict:
+        """The counters for ``Solution.stats`` (per-sample tensors, or ints in the shared mode)."""
+        per = (lambda x: x) if self.batched else (lambda x: int(x[0]))
         return {
-            "newton_iterations": self.iterations,
-            "newton_failures": self.failures,
+            "newton_iterations": per(self.iterations),
+            "newton_failures": per(self.failures),
             "num_jacobians": self.jacobians,
             "num_lu": self.factorizations,
         }
@@ -312,11 +315,16 @@ class AbstractESDIRK(AbstractAdaptiveSolver):
             torch.zeros(B, **kw),
             torch.ones(B, dtype=torch.bool, device=yb.device),
             torch.ones(B, **kw),
-            NewtonStats(B, t0.dtype if batched else torch.float64, yb.device),
+            NewtonStats(B, t0.dtype if batched else torch.float64, yb.device, batched),
         )
 
     def initial_derivative(self, state):
         return state[0]
+
+    def solution_stats(self, state) -> dict:
+        """Newton iterations and failures, Jacobian and LU counts, for ``Solution.stats``."""
+        stats = next((x for x in state if isinstance(x, NewtonStats)), None)
+        return {} if stats is None else stats.as_dict()
 
     def _tols(self, dtype):
         eps = torch.finfo(dtype).eps
