@@ -18,7 +18,16 @@ def test_readme_python_blocks_run():
 
 # the tutorials whose Python blocks run in order as one program (cli.md trains for minutes and
 # writes files; the others hold fragments)
-RUNNABLE_DOCS = ["diffusion.md", "cnf.md", "brownian.md", "migrating_torchsde.md", "cde.md", "sde.md", "events.md"]
+RUNNABLE_DOCS = [
+    "diffusion.md",
+    "cnf.md",
+    "brownian.md",
+    "migrating_torchsde.md",
+    "cde.md",
+    "sde.md",
+    "events.md",
+    "stiff.md",
+]
 
 
 @pytest.mark.parametrize("name", RUNNABLE_DOCS)
