@@ -66,3 +66,20 @@ def test_newton_counters_reach_the_solution_stats():
         per_sample=True,
     )
     assert sol.stats["newton_iterations"].shape == (3,) and (sol.stats["newton_failures"] == 0).all()
+
+
+def test_explicit_solver_on_a_stiff_problem_suggests_an_implicit_one():
+    try:
+        tn.solve(
+            tn.ODETerm(lambda t, y, a: -1e5 * (y - torch.cos(t))),
+            tn.Tsit5(),
+            0.0,
+            1.0,
+            torch.zeros(1, dtype=F64),
+            controller=tn.PIDController(rtol=1e-6, atol=1e-6),
+            max_steps=200,
+        )
+    except tn.SolveError as e:
+        assert e.result == Result.max_steps_reached and "Kvaerno5()" in str(e) and "stiff" in str(e)
+    else:  # pragma: no cover
+        raise AssertionError("no SolveError")

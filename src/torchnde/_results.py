@@ -28,7 +28,8 @@ _MESSAGES = {
     Result.successful: "the solve reached t1",
     Result.max_steps_reached: (
         "the maximum number of steps was reached before t1. Try increasing max_steps=..., loosening "
-        "rtol/atol, or check whether the problem is stiff (an explicit solver then needs tiny steps)."
+        "rtol/atol, or check whether the problem is stiff (an explicit solver then needs tiny steps): "
+        "use an implicit solver such as Kvaerno5() or Rodas5P(), or AutoSwitch() (docs/stiff.md)."
     ),
     Result.dt_min_reached: (
         "the step size fell below dtmin (or below the resolution of t) while errors stayed too large. "
