@@ -120,17 +120,19 @@ def loss_fn():
 with torch.no_grad():
     first = float(loss_fn())
 print(f"before: loss {first:.4e}  k = {[f'{k:.3g}' for k in model.log_k.exp().tolist()]}")
-times = []
+times, cpu = [], []
 for it in range(cli.iters):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.thread_time()
     opt.zero_grad()
     loss = loss_fn()
     loss.backward()
     opt.step()
     times.append(time.perf_counter() - t0)
+    cpu.append(time.thread_time() - c0)
     if it % 5 == 0 or it == cli.iters - 1:
         print(f"step {it:3d}  loss {loss.item():.4e}  {times[-1]:.2f} s/step")
 with torch.no_grad():
     last = float(loss_fn())
 print(f"after:  loss {last:.4e}  k = {[f'{k:.3g}' for k in model.log_k.exp().tolist()]} (true {list(K_TRUE)})")
-print(f"{cli.solver}: {sum(times) / max(len(times), 1):.2f} s per training step (forward + backward)")
+n = max(len(times), 1)
+print(f"{cli.solver}: {sum(times) / n:.2f} s ({sum(cpu) / n:.2f} s CPU) per training step (forward + backward)")
