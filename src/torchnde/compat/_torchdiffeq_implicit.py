@@ -74,6 +74,35 @@ def _where(mask, a, b):
     return torch.where(mask.view(-1, *([1] * (a.dim() - 1))), a, b)
 
 
+def _fd_jacobian(term, t, y: torch.Tensor) -> torch.Tensor:
+    """Forward differences, ``(..., n, n)``: for vector fields that the autograd modes cannot
+    differentiate (one that itself calls ``torch.autograd.grad``, such as an adjoint system,
+    under ``torch.func``). ``n + 1`` evaluations; in per-sample mode each direction moves all rows."""
+    with torch.no_grad():
+        y = y.detach()
+        f0 = term.vf(t, y)
+        delta = torch.finfo(y.dtype).eps ** 0.5 * y.abs().clamp(min=1.0)
+        cols = []
+        for j in range(y.shape[-1]):
+            yj = y.clone()
+            yj[..., j] += delta[..., j]
+            cols.append((term.vf(t, yj) - f0) / delta[..., j : j + 1])
+        return torch.stack(cols, -1)
+
+
+def _jacobian(term, t, y, batched, mode):
+    """torchnde's :func:`jacobian` (detached), or forward differences where ``mode`` is ``"fd"``.
+    Returns ``(J, mode)``: a ``torch.func`` mode that the vector field does not support falls back
+    to forward differences, for this step and (through the solver state) the next ones."""
+    if mode != "fd":
+        try:
+            return jacobian(term, t, y, batched, mode), mode
+        except RuntimeError as e:
+            if "functorch" not in str(e) and "transform" not in str(e):
+                raise
+    return _fd_jacobian(term, t, y), "fd"
+
+
 class FixedIRK(AbstractSolver):
     """A fixed-step implicit Runge--Kutta method (see the module docstring). Subclasses set
     ``c``, ``a`` (rows of the full ``(s, s)`` matrix), ``b`` and ``order``.
@@ -83,7 +112,10 @@ class FixedIRK(AbstractSolver):
         newton_rtol, newton_atol: the iteration stops when the predicted error is below
             ``newton_atol + newton_rtol * |Y|`` (RMS over the stages); raised to at least
             ``100 eps`` and ``10 eps`` of the state's dtype.
-        jacobian: ``"auto"``, ``"loop"``, ``"fwd"`` or ``"rev"`` (as for torchnde's ESDIRK solvers).
+        jacobian: ``"auto"``, ``"loop"``, ``"fwd"`` or ``"rev"`` (as for torchnde's ESDIRK solvers),
+            or ``"fd"`` (forward differences). A ``torch.func`` mode that the vector field does not
+            support (e.g. an adjoint system that calls ``torch.autograd.grad``) falls back to
+            ``"fd"``.
     """
 
     c: tuple
@@ -97,9 +129,9 @@ class FixedIRK(AbstractSolver):
         for name, v in (("newton_rtol", newton_rtol), ("newton_atol", newton_atol)):
             if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
                 raise ValueError(f"{type(self).__name__}({name}=...) must be a finite float > 0, got {v!r}")
-        if jacobian not in ("auto", "loop", "fwd", "rev"):
+        if jacobian not in ("auto", "loop", "fwd", "rev", "fd"):
             raise ValueError(
-                f"{type(self).__name__}(jacobian=...) must be 'auto', 'loop', 'fwd' or 'rev', got {jacobian!r}"
+                f"{type(self).__name__}(jacobian=...) must be 'auto', 'loop', 'fwd', 'rev' or 'fd', got {jacobian!r}"
             )
         self.max_iters = max_iters
         self.newton_rtol, self.newton_atol = float(newton_rtol), float(newton_atol)
@@ -148,13 +180,13 @@ class FixedIRK(AbstractSolver):
             )
         f0 = term.vf(t0, y0)
         B = y0.shape[0] if getattr(term, "batched", False) else 1
-        return f0, torch.ones(B, dtype=y0.dtype, device=y0.device)
+        return f0, torch.ones(B, dtype=y0.dtype, device=y0.device), self.jacobian
 
     def initial_derivative(self, state):
         return state[0]
 
     def step(self, term, t0, t1, y0, state):
-        f0, eta = state
+        f0, eta, jac_mode = state
         batched = getattr(term, "batched", False)
         yb = y0 if batched else y0.unsqueeze(0)
         f0b = f0 if batched else f0.unsqueeze(0)
@@ -181,7 +213,7 @@ class FixedIRK(AbstractSolver):
             base = hb * co["a_i0"].view(1, m, 1) * f0b.unsqueeze(1)
 
         # Jacobian at (t0, y0) and the LU of I - h (A kron J), (B, m n, m n)
-        J = jacobian(term, t0, y0, batched, self.jacobian)
+        J, jac_mode = _jacobian(term, t0, y0, batched, jac_mode)
         J = J if batched else J.unsqueeze(0)
         M = hb.view(B, 1, 1, 1, 1) * A.view(1, m, 1, m, 1) * J.view(B, 1, n, 1, n)
         M = torch.eye(m * n, dtype=yb.dtype, device=yb.device) - M.reshape(B, m * n, m * n)
@@ -251,7 +283,7 @@ class FixedIRK(AbstractSolver):
         if not batched:
             y1, code = y1[0], code[0]
         f1 = term.vf(t1, y1)
-        return y1, None, (t0, t1, y0, y1, f0, f1), (f1, eta_new), code
+        return y1, None, (t0, t1, y0, y1, f0, f1), (f1, eta_new, jac_mode), code
 
     def dense_coeffs(self, term, dense_info):
         t0, t1, y0, y1, f0, f1 = dense_info
