@@ -145,7 +145,7 @@ def test_global_order(solver, problem):
     """Constant steps, float64: the slope of log error vs log h within 0.3 of the order (Rodas5P
     on the linear problem: 6, see test_rodas5p_order_conditions)."""
     f, y0, exact, T = _problems()[problem]
-    ns = [16, 32, 64, 128] if solver.order == 2 else [8, 12, 16, 24]
+    ns = [10, 20, 40, 80] if solver.order == 2 else [8, 12, 16, 24]
     hs, errs = [], []
     for n in ns:
         sol = tn.solve(tn.ODETerm(f), solver(), 0.0, T, y0, dt0=T / n)
@@ -328,11 +328,11 @@ def test_per_sample_matches_alone(solver):
     Jacobian, LU and steps)."""
     mu = torch.tensor([1.0, 30.0, 1000.0], dtype=F64)
     y0 = torch.tensor([[2.0, 0.0], [1.0, 0.5], [2.0, -0.6]], dtype=F64)
-    kw = dict(controller=tn.PIDController(rtol=1e-4, atol=1e-6), saveat=tn.SaveAt(ts=[0.5, 1.0]), per_sample=True)
-    both = tn.solve(tn.ODETerm(vdp), solver(), 0.0, 1.0, y0, args=mu, **kw)
+    kw = dict(controller=tn.PIDController(rtol=1e-3, atol=1e-5), saveat=tn.SaveAt(ts=[0.25, 0.5]), per_sample=True)
+    both = tn.solve(tn.ODETerm(vdp), solver(), 0.0, 0.5, y0, args=mu, **kw)
     assert (both.result == 0).all()
     for i in range(3):
-        alone = tn.solve(tn.ODETerm(vdp), solver(), 0.0, 1.0, y0[i : i + 1], args=mu[i : i + 1], **kw)
+        alone = tn.solve(tn.ODETerm(vdp), solver(), 0.0, 0.5, y0[i : i + 1], args=mu[i : i + 1], **kw)
         torch.testing.assert_close(both.ys[i], alone.ys[0], atol=1e-12, rtol=0)
         assert both.stats["num_steps"][i] == alone.stats["num_steps"][0]
     assert both.stats["num_steps"][2] > both.stats["num_steps"][0]
