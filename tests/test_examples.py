@@ -60,3 +60,13 @@ def test_stiff_kinetics_trains_where_tsit5_stops():
     before = float(re.search(r"before: loss ([0-9.e+-]+)", out).group(1))
     after = float(re.search(r"after:  loss ([0-9.e+-]+)", out).group(1))
     assert after < 0.5 * before, out
+
+
+def test_stiff_pde_closure_trains_through_imex():
+    """Tsit5 stops at max_steps on the method-of-lines Fisher-KPP problem; three KenCarp4 Adam
+    steps lower the loss (the full run's numbers: the example's docstring)."""
+    out = _run("stiff_pde_closure.py", "--iters", "3", "--threads", "1")
+    assert "Tsit5, max_steps=500: max_steps_reached" in out, out
+    before = float(re.search(r"before: loss ([0-9.e+-]+)", out).group(1))
+    after = float(re.search(r"after:  loss ([0-9.e+-]+)", out).group(1))
+    assert after < 0.8 * before, out
