@@ -467,3 +467,34 @@ def test_gradient_wrt_initial_state_and_no_spurious_graph():
         controller=tn.PIDController(rtol=1e-4, atol=1e-8),
     )
     assert not out.ys.requires_grad
+
+
+@pytest.mark.parametrize("solver", ROSENBROCK_SOLVERS, **IDS)
+def test_checkpoint_adjoint_matches_direct(solver):
+    """CheckpointAdjoint recomputes the steps under autograd (the Jacobian then enters the graph
+    again) and gives DirectAdjoint's gradient."""
+
+    def grad(adjoint):
+        k = torch.tensor(500.0, dtype=F64, requires_grad=True)
+        sol = tn.solve(
+            tn.ODETerm(lambda t, y, k: -k * (y - torch.cos(t))),
+            solver(),
+            0.0,
+            1.0,
+            torch.tensor([0.0, 0.5], dtype=F64),
+            args=k,
+            dt0=0.05,
+            adjoint=adjoint,
+        )
+        return torch.autograd.grad((sol.ys[-1] ** 2).sum(), k)[0]
+
+    torch.testing.assert_close(grad(tn.CheckpointAdjoint()), grad(tn.DirectAdjoint()), rtol=1e-10, atol=0)
+
+
+def test_options_validated():
+    assert tn.Rodas5P() == tn.Rodas5P() and tn.Rodas5P() != tn.Rodas5P(jacobian="fwd")
+    assert repr(tn.Rosenbrock23(time_derivative="fd")) == "Rosenbrock23(time_derivative='fd')"
+    with pytest.raises(ValueError, match="jacobian"):
+        tn.Rodas5P(jacobian="auto")
+    with pytest.raises(ValueError, match="time_derivative"):
+        tn.Rosenbrock23(time_derivative="exact")
