@@ -48,6 +48,18 @@ def test_event_arguments_are_checked():
     y0 = torch.tensor([10.0, 0.0], dtype=F64)
     with pytest.raises(TypeError, match="Event"):
         solve(ODETerm(fall), Tsit5(), 0.0, 3.0, y0, args=(G,), event=height, **TIGHT)
+    with pytest.raises(ValueError, match="reset of"):
+        solve(
+            ODETerm(_ramp),
+            Tsit5(),
+            0.0,
+            1.0,
+            torch.zeros(2, dtype=F64),
+            dt0=0.5,
+            event=Event(lambda t, y, a: y[0] - 0.3, terminal=False, reset=lambda t, y, a, w: y[:1]),
+        )
+    with pytest.raises(ValueError, match="max_events"):
+        solve(ODETerm(fall), Tsit5(), 0.0, 3.0, y0, args=(G,), event=Event(height), max_events=0, **TIGHT)
     with pytest.raises(ValueError, match="per_sample=True"):
         solve(
             ODETerm(fall),

@@ -571,7 +571,13 @@ class _Events:
                 continue
             which = self.col_comp[col] if ps else self.col_comp[col].reshape(())
             out = e.reset(self._t_user(tau), self._tree(y_minus), self.args, which)
-            out = self.flat.tree_to_state(out) if ps else self.flat.tree_to_state(out).unsqueeze(0)
+            try:
+                out = self.flat.tree_to_state(out) if ps else self.flat.tree_to_state(out).unsqueeze(0)
+            except (RuntimeError, ValueError, TypeError, AttributeError, IndexError) as err:
+                raise ValueError(
+                    f"the reset of {e!r} must return a state with the structure and shapes of y; "
+                    f"converting what it returned failed: {err}"
+                ) from err
             if out.shape != y_minus.shape:
                 raise ValueError(
                     f"the reset of {e!r} returned a state of flat shape {tuple(out.shape)}; expected the "
