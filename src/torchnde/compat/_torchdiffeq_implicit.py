@@ -30,10 +30,11 @@ step whose Newton iteration failed, so they do not risk a stale one).
 
 Convergence (Hairer & Wanner IV.8): with :math:`\theta_m = \|\Delta^{(m)}\| /
 \|\Delta^{(m-1)}\|`, stop after at least two iterations when :math:`\theta_m / (1 - \theta_m)
-\|\Delta^{(m)}\| \le 1` in the RMS norm scaled by ``newton_atol + newton_rtol * |y_0 + Z|``;
-fail when :math:`\theta_m \ge 0.99` (unless the iteration has stalled within ``1e3`` tolerances,
-at the rounding level of the residual), a value is NaN/inf, after ``max_iters`` iterations, or
-when the LU factorisation is singular. A failure is the step's fifth return value
+\|\Delta^{(m)}\| \le 1` in the RMS norm scaled by
+``newton_atol + newton_rtol * max(|y_0|, |y_0 + Z|)``; fail when :math:`\theta_m \ge 0.99`
+(unless the iteration has stalled, at the rounding level of the residual, within a relative
+``max(1e-9, sqrt(eps))``: 1.5e-8 in float64, 3.5e-4 in float32), a value is NaN/inf, after
+``max_iters`` iterations, or when the LU factorisation is singular. A failure is the step's fifth return value
 (:data:`~torchnde.solvers._implicit.NEWTON_DIVERGED` / ``NEWTON_SINGULAR``), which the loop turns
 into ``Result.nonlinear_divergence`` / ``Result.singular_jacobian`` (fixed steps cannot be
 shrunk). torchdiffeq instead runs Broyden iterations on the whole flattened batch and only
@@ -64,8 +65,9 @@ from ..solvers._implicit import NEWTON_DIVERGED, NEWTON_OK, NEWTON_SINGULAR, jac
 
 __all__ = ["FixedIRK", "IRK_METHODS"]
 
-#: a Newton iteration that stops contracting (rounding) within this many tolerances is converged
-_STALL_OK = 1e3
+#: a Newton iteration that stops contracting (rounding) within this relative error (or the square
+#: root of the dtype's eps, if larger) is converged
+_STALL_OK = 1e-9
 
 _S2, _S3, _S6, _S15 = math.sqrt(2.0), math.sqrt(3.0), math.sqrt(6.0), math.sqrt(15.0)
 
@@ -222,6 +224,7 @@ class FixedIRK(AbstractSolver):
 
         eps = torch.finfo(yb.dtype).eps
         rtol, atol = max(self.newton_rtol, 100 * eps), max(self.newton_atol, 10 * eps)
+        stall_ok = max(1.0, max(_STALL_OK, eps**0.5) / rtol)  # in units of the tolerance
         # predictor: Z_i = c_i h f0
         c_imp = torch.tensor([self.c[i] for i in self.imp], dtype=yb.dtype, device=yb.device)
         Z = hb * c_imp.view(1, m, 1) * f0b.unsqueeze(1)
@@ -233,6 +236,7 @@ class FixedIRK(AbstractSolver):
         def solve_lin(r):
             return torch.linalg.lu_solve(LU, piv, r.reshape(B, m * n, 1)).view(B, m, n)
 
+        y0_abs = yb.detach().abs().unsqueeze(1)
         done = singular.clone()
         failed = singular.clone()
         nrm_old = torch.ones(B, dtype=yb.dtype, device=yb.device)
@@ -242,7 +246,10 @@ class FixedIRK(AbstractSolver):
             run = ~done
             dZ = solve_lin(residual(Z))
             with torch.no_grad():
-                scale = atol + rtol * (yb.unsqueeze(1) + Z).detach().abs()
+                # (the size of the state at the step start too: a stage value near zero of a
+                # large component, e.g. a stiff mode that changes sign, cannot be resolved better
+                # than the rounding of that component)
+                scale = atol + rtol * torch.maximum((yb.unsqueeze(1) + Z).detach().abs(), y0_abs)
                 nrm = torch.linalg.vector_norm((dZ.detach() / scale).reshape(B, -1), dim=-1) / math.sqrt(m * n)
                 nrm = torch.nan_to_num(nrm, nan=math.inf)
                 bad = ~torch.isfinite(nrm)
@@ -254,7 +261,7 @@ class FixedIRK(AbstractSolver):
                     conv = conv | (eta_it * nrm <= 1)
                     # stalled at the rounding level of the residual, close enough to the solution
                     slow = theta >= 0.99
-                    conv = conv | (slow & (nrm <= _STALL_OK))
+                    conv = conv | (slow & (nrm <= stall_ok))
                     bad = bad | (slow & ~conv)
                     eta_new = torch.where(run & conv & ~bad, eta_it, eta_new)
                 bad = bad & run
