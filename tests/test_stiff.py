@@ -510,3 +510,315 @@ def test_other_adjoints_agree_with_direct(adjoint):
         return torch.autograd.grad(sol.ys[-1].sum(), k)[0].item()
 
     assert grad(adjoint) == pytest.approx(grad(tn.DirectAdjoint()), rel=1e-4)
+
+
+# --- gradients by the implicit function theorem -------------------------------------------
+
+#: Newton solved to roundoff, so that central differences see the exact stage solutions
+TIGHTER = dict(newton_rtol=1e-13, newton_atol=1e-15, max_iters=40)
+_P = [2.0, 400.0, 30.0]
+_Y0 = [0.5, 0.3, -0.3]
+
+
+def _stiff3(t, y, p):
+    """A small stiff nonlinear system: ``a`` relaxes slowly to ``cos t``, ``b`` fast (rate
+    ``p1``) to ``a^2 / 2``, ``c`` to ``b`` with a cubic loss; ``p`` per sample when batched (rows
+    of ``y`` and ``p``)."""
+    a, b, c = y[..., 0], y[..., 1], y[..., 2]
+    tt = torch.as_tensor(t, dtype=y.dtype)
+    return torch.stack(
+        [-p[..., 0] * (a - torch.cos(tt)) + b * c, -p[..., 1] * (b - a * a / 2), -p[..., 2] * (c - b) - c**3], -1
+    )
+
+
+def _central(loss, x, rel=1e-4):
+    """Central differences of the per-row losses ``loss(x)`` (``(B,)``) at ``x`` (``(B, m)``,
+    float64; rows independent, so one coordinate of every row is stepped at once), each step
+    ``rel`` times the coordinate's size."""
+    out = torch.zeros_like(x)
+    with torch.no_grad():
+        for i in range(x.shape[-1]):
+            d = rel * x[:, i].abs().clamp(min=1e-2)
+            e = torch.zeros_like(x)
+            e[:, i] = d
+            out[:, i] = (loss(x + e) - loss(x - e)) / (2 * d)
+    return out
+
+
+def _grad(loss, x):
+    x = x.clone().requires_grad_(True)
+    return torch.autograd.grad(loss(x).sum(), x)[0]
+
+
+def _stiff3_loss(solver, per_sample, **kw):
+    """``theta = (p, y0) -> sum(y(t) w)`` over two saved times, one row (loss) per sample."""
+    w = torch.tensor([1.0, 3.0, 2.0], dtype=torch.float64)
+
+    def loss(theta):
+        p, y0 = theta[..., :3], theta[..., 3:]
+        if not per_sample:
+            p, y0 = p[0], y0[0]
+        sol = tn.solve(
+            tn.ODETerm(_stiff3),
+            solver,
+            0.0,
+            0.5,
+            y0,
+            args=p,
+            saveat=tn.SaveAt(ts=[0.2, 0.5]),
+            per_sample=per_sample,
+            **kw,
+        )
+        return (sol.ys * w).sum((-2, -1)).reshape(-1)
+
+    rows = [_P + _Y0, [3.0, 1000.0, 60.0, 0.8, 0.2, 0.1]]
+    theta = torch.tensor(rows if per_sample else rows[:1], dtype=torch.float64)
+    return loss, theta
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
+@pytest.mark.parametrize("solver", [tn.Kvaerno3, tn.Kvaerno5], ids=lambda s: s.__name__)
+@pytest.mark.parametrize("path", ["dense", "refined"])
+def test_ift_gradient_matches_finite_differences(solver, per_sample, path, monkeypatch):
+    """Gradients with respect to the rates and y0 of a stiff nonlinear system (fixed steps,
+    h * stiffness up to 50), through the implicit-function-theorem stage derivative, against
+    central differences to 1e-7 relative: the adjoint stage system solved directly with the exact
+    Jacobian at Z (``dense``: the path for up to 8 states) and by refinement preconditioned with
+    the forward LU (``refined``: forced here; the path for larger systems)."""
+    from torchnde.solvers import _implicit
+
+    if path == "refined":
+        monkeypatch.setattr(_implicit, "_ADJ_DENSE", 0)
+    loss, theta = _stiff3_loss(solver(**TIGHTER), per_sample, dt0=0.05)
+    torch.testing.assert_close(_grad(loss, theta), _central(loss, theta), rtol=1e-7, atol=1e-12)
+
+
+def test_ift_refinement_with_a_stale_factorisation(monkeypatch):
+    """The refinement's answer does not depend on how stale the forward LU is: with Jacobians
+    kept across steps (a loose Newton tolerance keeps them longer) it equals the direct solve with
+    the exact Jacobian at every stage, as does the dense fallback (no refinement allowed)."""
+    from torchnde.solvers import _implicit
+
+    loss, theta = _stiff3_loss(tn.Kvaerno5(newton_rtol=1e-5), False, dt0=0.05)
+    dense = _grad(loss, theta)
+    monkeypatch.setattr(_implicit, "_ADJ_DENSE", 0)
+    refined = _grad(loss, theta)
+    monkeypatch.setattr(_implicit, "_ADJ_ITERS", 0)
+    fallback = _grad(loss, theta)
+    torch.testing.assert_close(refined, dense, rtol=1e-9, atol=0)
+    torch.testing.assert_close(fallback, dense, rtol=1e-12, atol=0)
+
+
+def test_ift_gradient_adaptive():
+    """Adaptive Kvaerno5: autograd treats the accepted step sizes as constants, so the gradient
+    is that of the solve on the same grid, which central differences on that grid match to
+    1e-7 (the forward values under autograd equal those without it, so the grid is the same)."""
+    ctrl = tn.PIDController(rtol=1e-6, atol=1e-9)
+    loss, theta = _stiff3_loss(tn.Kvaerno5(**TIGHTER), False, controller=ctrl)
+    with torch.no_grad():
+        steps = tn.solve(
+            tn.ODETerm(_stiff3),
+            tn.Kvaerno5(**TIGHTER),
+            0.0,
+            0.5,
+            theta[0, 3:],
+            args=theta[0, :3],
+            controller=ctrl,
+            saveat=tn.SaveAt(steps=True),
+        ).ts
+    grid, _ = _stiff3_loss(tn.Kvaerno5(**TIGHTER), False, controller=tn.StepTo(torch.cat([steps.new_zeros(1), steps])))
+    g = _grad(loss, theta)
+    torch.testing.assert_close(g, _grad(grid, theta), rtol=1e-10, atol=0)
+    torch.testing.assert_close(g, _central(grid, theta), rtol=1e-7, atol=1e-12)
+
+
+def _fisher_kpp(n):
+    """Fisher--KPP ``u_t = D u_xx + k u (1 - u)`` on ``n`` cells (no-flux ends): the reaction
+    explicit, the diffusion implicit; ``theta = (k, D, u0 scale)`` per row."""
+    dx = 1.0 / n
+    x = (torch.arange(n, dtype=torch.float64) + 0.5) * dx
+    bump = torch.exp(-(((x - 0.3) / 0.2) ** 2))
+
+    def diffusion(t, u, th):
+        up = torch.cat([u[..., :1], u, u[..., -1:]], -1)
+        return th[..., 1:2] * (up[..., 2:] - 2 * u + up[..., :-2]) / dx**2
+
+    def reaction(t, u, th):
+        return th[..., 0:1] * u * (1 - u)
+
+    term = tn.MultiTerm(tn.ODETerm(reaction), tn.ODETerm(diffusion))
+    return term, x, bump
+
+
+@pytest.mark.parametrize("n", [6, 12], ids=["dense", "refined"])
+@pytest.mark.parametrize("steps", ["fixed", "adaptive"])
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
+def test_ift_gradient_kencarp4(n, steps, per_sample):
+    """KenCarp4 (reaction explicit, diffusion implicit) on Fisher--KPP with 6 cells (adjoint
+    stage solves direct) and 12 (refined with the forward LU): gradients with respect to the
+    reaction rate, the diffusivity and the initial amplitude against central differences to 1e-7
+    with fixed steps; with adaptive ones equal (1e-10) to the gradient on the same fixed grid, and
+    to its central differences as far as the forward solve's smoothness there allows."""
+    term, x, bump = _fisher_kpp(n)
+
+    def make(controller):
+        def loss(th):
+            u0 = 0.1 + th[..., 2:3] * bump
+            args = th
+            if not per_sample:
+                u0, args = u0[0], th[0]
+            sol = tn.solve(term, tn.KenCarp4(**TIGHTER), 0.0, 0.1, u0, args=args, per_sample=per_sample, **controller)
+            return (sol.ys[..., -1, :] * x).sum(-1).reshape(-1)
+
+        return loss
+
+    theta = torch.tensor([[3.0, 0.5, 0.3], [5.0, 0.2, 0.5]][: 2 if per_sample else 1], dtype=torch.float64)
+    if steps == "fixed":
+        loss = grid = make(dict(dt0=0.01))
+    else:
+        ctrl = tn.PIDController(rtol=1e-8, atol=1e-10)
+        loss = make(dict(controller=ctrl))
+        with torch.no_grad():
+            th = theta[0]
+            ts = tn.solve(
+                term,
+                tn.KenCarp4(**TIGHTER),
+                0.0,
+                0.1,
+                0.1 + th[2] * bump,
+                args=th,
+                controller=ctrl,
+                saveat=tn.SaveAt(steps=True),
+            ).ts
+        grid = make(dict(controller=tn.StepTo(torch.cat([ts.new_zeros(1), ts]))))
+        if per_sample:  # each row has its own steps: difference the first row on its grid
+            theta = theta[:1]
+            loss, grid = make(dict(controller=ctrl)), grid
+    g = _grad(loss, theta)
+    if steps == "fixed":
+        torch.testing.assert_close(g, _central(grid, theta), rtol=1e-7, atol=1e-12)
+    else:
+        torch.testing.assert_close(g, _grad(grid, theta), rtol=1e-10, atol=0)
+        # on this non-uniform grid the forward Newton iterations stop early (their first-iteration
+        # test uses the previous solve's rate, which a refactorised LU invalidates): the loss is
+        # only smooth to ~5e-9 there, hence larger difference steps and a looser match
+        torch.testing.assert_close(g, _central(grid, theta, rel=1e-3), rtol=3e-5, atol=1e-12)
+
+
+def test_graph_does_not_grow_with_newton_iterations():
+    """The recorded graph holds one evaluation of f per stage, however many Newton iterations the
+    stage took: a 1e-13 Newton tolerance takes more iterations than 1e-4 but records the same
+    graph (nodes and saved tensors)."""
+
+    def record(newton_rtol):
+        s = tn.Kvaerno5(newton_rtol=newton_rtol, newton_atol=1e-15, max_iters=40)
+        seen = _spy(s)
+        p = torch.tensor(_P, dtype=torch.float64, requires_grad=True)
+        sol = tn.solve(tn.ODETerm(_stiff3), s, 0.0, 0.5, torch.tensor(_Y0, dtype=torch.float64), args=p, dt0=0.05)
+        nodes, todo = set(), [sol.ys.grad_fn]
+        while todo:
+            fn = todo.pop()
+            if fn is not None and fn not in nodes:
+                nodes.add(fn)
+                todo.extend(f for f, _ in fn.next_functions)
+        saved = sum(
+            isinstance(getattr(fn, a, None), torch.Tensor) for fn in nodes for a in dir(fn) if a.startswith("_saved_")
+        )
+        return int(seen["stats"].iterations.sum()), len(nodes), saved
+
+    loose, tight = record(1e-4), record(1e-13)
+    assert tight[0] > loose[0] * 1.3, (loose, tight)
+    assert tight[1:] == loose[1:], (loose, tight)
+
+
+def test_values_under_autograd_equal_no_grad():
+    """The Newton iterations are the same with and without autograd: equal values and steps."""
+    p = torch.tensor(_P, dtype=torch.float64)
+    y0 = torch.tensor(_Y0, dtype=torch.float64)
+    kw = dict(controller=tn.PIDController(rtol=1e-6, atol=1e-9))
+    with torch.no_grad():
+        ref = tn.solve(tn.ODETerm(_stiff3), tn.Kvaerno5(), 0.0, 1.0, y0, args=p, **kw)
+    sol = tn.solve(tn.ODETerm(_stiff3), tn.Kvaerno5(), 0.0, 1.0, y0, args=p.clone().requires_grad_(True), **kw)
+    assert sol.ys.requires_grad
+    assert torch.equal(sol.ys.detach(), ref.ys)
+    assert sol.stats["num_steps"] == ref.stats["num_steps"]
+
+
+@pytest.mark.parametrize("solver", [tn.Kvaerno5, tn.KenCarp4], ids=lambda s: s.__name__)
+def test_ift_checkpoint_equals_direct(solver):
+    """CheckpointAdjoint replays the steps and differentiates them the same way: equal to
+    DirectAdjoint (adaptive steps; Newton solved to roundoff, since the replay restarts the
+    Newton state at each checkpoint and so iterates differently)."""
+
+    def grad(adjoint):
+        p = torch.tensor(_P, dtype=torch.float64, requires_grad=True)
+        y0 = torch.tensor(_Y0, dtype=torch.float64)
+        ctrl = tn.PIDController(rtol=1e-7, atol=1e-10)
+        sol = tn.solve(tn.ODETerm(_stiff3), solver(**TIGHTER), 0.0, 1.0, y0, args=p, controller=ctrl, adjoint=adjoint)
+        return torch.autograd.grad(sol.ys[-1][1], p)[0]
+
+    torch.testing.assert_close(grad(tn.CheckpointAdjoint(checkpoints=3)), grad(tn.DirectAdjoint()), rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
+def test_ift_gradient_time_dependent_parameters(per_sample):
+    """Parameters reached through the stage time: a forcing ``a sin(w t)`` (gradients with
+    respect to a and w pass through the recorded evaluation at each stage's time) and a rate
+    ``q`` switched on only after t = 0.5 (no gradient is needed at the first stages, so the
+    solver finds out from the first Newton evaluation of the stages after the switch)."""
+
+    def f(t, y, th):
+        a, w, q = th[..., 0:1], th[..., 1:2], th[..., 2:3]
+        tt = torch.as_tensor(t, dtype=y.dtype)
+        tt = tt.unsqueeze(-1) if tt.dim() else tt
+        on = (tt > 0.5).to(y.dtype)
+        return -50.0 * (y - a * torch.sin(w * tt)) - on * q * y**2
+
+    y0 = torch.tensor([[0.2, -0.1]], dtype=torch.float64)
+
+    def loss(th):
+        args, y = (th, y0) if per_sample else (th[0], y0[0])
+        sol = tn.solve(tn.ODETerm(f), tn.Kvaerno5(**TIGHTER), 0.0, 1.0, y, args=args, dt0=0.05, per_sample=per_sample)
+        return (sol.ys[..., -1, :] * torch.tensor([1.0, 3.0], dtype=torch.float64)).sum(-1).reshape(-1)
+
+    th = torch.tensor([[0.7, 3.0, 2.0]], dtype=torch.float64)
+    g = _grad(loss, th)
+    assert (g.abs() > 1e-4).all()
+    torch.testing.assert_close(g, _central(loss, th), rtol=1e-7, atol=1e-12)
+
+
+def test_ift_gradient_per_sample_with_a_failed_sample():
+    """Per sample, a sample whose Newton solves fail (rejected, retried smaller) does not touch
+    the other's gradient, and its own gradient is that of its lone solve."""
+
+    def f(t, y, k):
+        return -k.unsqueeze(-1) * y**3
+
+    y0 = torch.tensor([[1.0], [1.0]], dtype=torch.float64)
+    ctrl = tn.PIDController(rtol=1e-8, atol=1e-10)
+
+    def grads(k, rows):
+        k = k.clone().requires_grad_(True)
+        s = tn.Kvaerno5(**TIGHT)
+        seen = _spy(s)
+        sol = tn.solve(tn.ODETerm(f), s, 0.0, 2.0, y0[rows], args=k, dt0=1.0, controller=ctrl, per_sample=True)
+        return torch.autograd.grad(sol.ys[:, -1].sum(), k)[0], sol, seen["stats"]
+
+    k = torch.tensor([1000.0, 1.0], dtype=torch.float64)
+    g, sol, stats = grads(k, slice(0, 2))
+    assert (sol.result == 0).all() and stats.failures[0] > stats.failures[1]
+    for i in range(2):
+        gi, _, _ = grads(k[i : i + 1], slice(i, i + 1))
+        torch.testing.assert_close(g[i : i + 1], gi, rtol=1e-10, atol=0)
+        exact = -2.0 * (1 + 4 * k[i].item()) ** -1.5  # y(2) = (1 + 4 k)^-1/2
+        assert g[i].item() == pytest.approx(exact, rel=1e-5)
+
+
+def test_ift_second_derivative_raises():
+    """The stage backward is not itself differentiable: create_graph=True raises a clear error
+    instead of returning a second derivative that misses terms."""
+    k = torch.tensor(5.0, dtype=torch.float64, requires_grad=True)
+    y0 = torch.ones(1, dtype=torch.float64)
+    sol = tn.solve(tn.ODETerm(lambda t, y, k: -k * y**3), tn.Kvaerno3(), 0.0, 1.0, y0, args=k, dt0=0.1)
+    with pytest.raises(RuntimeError, match="create_graph=True"):
+        torch.autograd.grad(sol.ys.sum(), k, create_graph=True)
