@@ -79,7 +79,10 @@ class _Loop:
     def __init__(self, p, *, flat, term, ops, tau0, tau1, sign, dt0, ts_save, time_dtype):
         self.p, self.flat, self.term, self.ops = p, flat, term, ops
         self.tau0, self.tau1, self.sign = tau0, tau1, sign
-        solver, controller = self.solver, self.controller = p.solver, p.controller
+        solver, controller = p.solver, p.controller
+        if isinstance(controller, PIDController) and hasattr(solver, "with_tolerances"):
+            solver = solver.with_tolerances(controller.rtol, controller.atol)  # e.g. Newton tolerances
+        self.solver, self.controller = solver, controller
         self.y = y = flat.flatten(p.y0)
         self.sstate = solver.init(term, tau0, y)
         self.adaptive = adaptive = isinstance(controller, PIDController)

@@ -100,6 +100,7 @@ evaluation.
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -133,6 +134,10 @@ _FAIL_ERROR = 1e4  # error estimate of a failed step, times (1 + |y0|)
 # corrections reached round-off is an artefact (seen down to 1e-13), and with it one iteration
 # was accepted with a correction 1e10 times the tolerance (KenCarp4 on Fisher--KPP)
 _ETA_FLOOR = 1e-3
+#: Newton tolerances as a fraction of the step-size controller's (Hairer & Wanner II, IV.8: kappa)
+_KAPPA = 0.03
+#: Newton tolerances with fixed steps (no controller tolerances to derive them from)
+_NEWTON_RTOL, _NEWTON_ATOL = 1e-7, 1e-11
 
 
 @dataclass(frozen=True, eq=False)
@@ -373,9 +378,10 @@ class AbstractESDIRK(AbstractAdaptiveSolver):
 
     Args:
         newton_rtol, newton_atol: the Newton iterations stop when the predicted remaining error is
-            below ``newton_atol + newton_rtol * |Z|`` (RMS over the state). Keep them about 100
-            times tighter than the step-size controller's tolerances. ``newton_rtol`` is raised to
-            at least ``100 eps`` and ``newton_atol`` to ``10 eps`` of the state's dtype.
+            below ``newton_atol + newton_rtol * |Z|`` (RMS over the state). ``None`` (default):
+            ``0.03`` times the adaptive controller's ``rtol`` / ``atol`` (Hairer & Wanner's
+            κ·tol), and ``1e-7`` / ``1e-11`` with fixed steps. ``newton_rtol`` is raised to at
+            least ``100 eps`` and ``newton_atol`` to ``10 eps`` of the state's dtype.
         max_iters: iterations allowed per stage before the step is rejected.
         jacobian: how the Jacobian is computed: ``"auto"`` (default: ``"loop"`` up to 16 states,
             ``"fwd"`` above), ``"loop"`` (``n`` backward passes of ``torch.autograd.grad``),
@@ -389,13 +395,13 @@ class AbstractESDIRK(AbstractAdaptiveSolver):
 
     def __init__(
         self,
-        newton_rtol: float = 1e-7,
-        newton_atol: float = 1e-11,
+        newton_rtol: float | None = None,
+        newton_atol: float | None = None,
         max_iters: int = 10,
         jacobian: str = "auto",
     ):
         for name, v in (("newton_rtol", newton_rtol), ("newton_atol", newton_atol)):
-            if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
+            if v is not None and not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
                 raise ValueError(f"{type(self).__name__}({name}=...) must be a finite float > 0, got {v!r}")
         if not (isinstance(max_iters, int) and max_iters >= 1):
             raise ValueError(f"{type(self).__name__}(max_iters=...) must be an int >= 1, got {max_iters!r}")
@@ -403,9 +409,23 @@ class AbstractESDIRK(AbstractAdaptiveSolver):
             raise ValueError(
                 f"{type(self).__name__}(jacobian=...) must be 'auto', 'loop', 'fwd' or 'rev', got {jacobian!r}"
             )
-        self.newton_rtol, self.newton_atol = float(newton_rtol), float(newton_atol)
+        self.newton_rtol = None if newton_rtol is None else float(newton_rtol)
+        self.newton_atol = None if newton_atol is None else float(newton_atol)
         self.max_iters = max_iters
         self.jacobian = jacobian
+
+    def with_tolerances(self, rtol: float, atol: float):
+        """This solver with the Newton tolerances left at ``None`` set from the step-size
+        controller's (called by the loop for adaptive solves; the solver object itself is not
+        changed)."""
+        if self.newton_rtol is not None and self.newton_atol is not None:
+            return self
+        out = copy.copy(self)
+        if out.newton_rtol is None:
+            out.newton_rtol = _KAPPA * float(rtol)
+        if out.newton_atol is None:
+            out.newton_atol = _KAPPA * float(atol)
+        return out
 
     def _key(self):
         return (type(self), self.newton_rtol, self.newton_atol, self.max_iters, self.jacobian)
@@ -467,7 +487,9 @@ class AbstractESDIRK(AbstractAdaptiveSolver):
 
     def _tols(self, dtype):
         eps = torch.finfo(dtype).eps
-        return max(self.newton_rtol, 100 * eps), max(self.newton_atol, 10 * eps)
+        rtol = _NEWTON_RTOL if self.newton_rtol is None else self.newton_rtol
+        atol = _NEWTON_ATOL if self.newton_atol is None else self.newton_atol
+        return max(rtol, 100 * eps), max(atol, 10 * eps)
 
     def step(self, term, t0, t1, y0, state):
         f0, J, LU, piv, hg_lu, stale, eta, stats = state
@@ -585,7 +607,8 @@ class AbstractESDIRK(AbstractAdaptiveSolver):
 
     def _adj_tol(self, dtype) -> float:
         """Relative tolerance of the adjoint stage solve (see the module docstring)."""
-        return max(100 * torch.finfo(dtype).eps, min(1e-10, 1e-3 * self.newton_rtol))
+        rtol = _NEWTON_RTOL if self.newton_rtol is None else self.newton_rtol
+        return max(100 * torch.finfo(dtype).eps, min(1e-10, 1e-3 * rtol))
 
     def _newton(self, F, t, psi, z, hg, LU, piv, eta, active, rtol, atol, stats):
         """Simplified Newton for ``z = psi + hg f(t, z)`` on the rows in ``active``.

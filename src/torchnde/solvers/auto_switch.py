@@ -41,6 +41,7 @@ modes pays for both steps on every row.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -289,6 +290,18 @@ class AutoSwitch(AbstractAdaptiveSolver):
 
     def __repr__(self):
         return f"AutoSwitch({self.explicit!r}, {self.implicit!r})"
+
+    def with_tolerances(self, rtol: float, atol: float):
+        """The implicit solver's Newton tolerances from the controller's (see its own method)."""
+        bind = getattr(self.implicit, "with_tolerances", None)
+        if bind is None:
+            return self
+        implicit = bind(rtol, atol)
+        if implicit is self.implicit:
+            return self
+        out = copy.copy(self)
+        out.implicit = implicit
+        return out
 
     # --- state: (mode, count, calm, hrho, switches, n_implicit, v, spec, *explicit, *implicit) -
     # mode: True where implicit; count: stiff-looking explicit steps / calm implicit steps; calm:
