@@ -153,20 +153,8 @@ class AbstractKenCarp(AbstractESDIRK):
         fI0, J, LU, piv, hg_lu, stale, eta, stats, fE0 = state
         split = fE0 is not None
         imp = _ImplicitPart(term, split)
-        batched = imp.batched
-        tab = self.tableau
-        coef = tab.tensors(y0.dtype, y0.device)
+        batched, coef, yb, kw, h, dt, t0_row, hg = self._setup(imp, t0, t1, y0)
         arkc = self.ark.tensors(y0.dtype, y0.device)
-        yb = y0 if batched else y0.unsqueeze(0)
-        kw = dict(dtype=yb.dtype, device=yb.device)
-        h = t1 - t0
-        if batched:
-            dt = h.to(yb.dtype).unsqueeze(-1)  # (B, 1)
-            t0_row = t0
-        else:
-            dt = float(h)
-            t0_row = torch.full((1,), float(t0), **kw)
-        hg = (dt * tab.gamma) if batched else torch.full((1, 1), dt * tab.gamma, **kw)  # (B, 1)
 
         def rows(vf):
             return vf if batched else (lambda t, z: vf(t, z[0]).unsqueeze(0))

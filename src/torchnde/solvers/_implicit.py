@@ -491,8 +491,10 @@ class AbstractESDIRK(AbstractAdaptiveSolver):
         atol = _NEWTON_ATOL if self.newton_atol is None else self.newton_atol
         return max(rtol, 100 * eps), max(atol, 10 * eps)
 
-    def step(self, term, t0, t1, y0, state):
-        f0, J, LU, piv, hg_lu, stale, eta, stats = state
+    def _setup(self, term, t0, t1, y0):
+        """What every implicit step starts from, batch first (``B = 1`` in the shared mode):
+        ``(batched, coef, yb, kw, h, dt, t0_row, hg)`` with ``dt`` a float or ``(B, 1)``, the step
+        start ``t0_row`` as ``(B,)`` (float64 in the shared mode) and ``hg = h gamma`` ``(B, 1)``."""
         batched = getattr(term, "batched", False)
         tab = self.tableau
         coef = tab.tensors(y0.dtype, y0.device)
@@ -506,6 +508,11 @@ class AbstractESDIRK(AbstractAdaptiveSolver):
             dt = float(h)
             t0_row = torch.full((1,), float(t0), dtype=torch.float64, device=yb.device)
         hg = (dt * tab.gamma) if batched else torch.full((1, 1), dt * tab.gamma, **kw)  # (B, 1)
+        return batched, coef, yb, kw, h, dt, t0_row, hg
+
+    def step(self, term, t0, t1, y0, state):
+        f0, J, LU, piv, hg_lu, stale, eta, stats = state
+        batched, coef, yb, kw, h, dt, t0_row, hg = self._setup(term, t0, t1, y0)
 
         def F(t, z):
             return term.vf(t, z) if batched else term.vf(t, z[0]).unsqueeze(0)
