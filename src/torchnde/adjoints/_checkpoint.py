@@ -58,6 +58,13 @@ class CheckpointAdjoint(AbstractAdjoint):
                 "CheckpointAdjoint does not support SaveAt(dense=True) yet; save at times with "
                 "SaveAt(ts=...), or use adjoint=DirectAdjoint() for differentiable dense output"
             )
+        # the replays step with StepEnds, not the adaptive controller: bind what the solver takes
+        # from the controller (implicit solvers' Newton tolerances) once, so every pass agrees
+        from ..controllers import PIDController
+
+        if isinstance(problem.controller, PIDController) and hasattr(problem.solver, "with_tolerances"):
+            bound = problem.solver.with_tolerances(problem.controller.rtol, problem.controller.atol)
+            problem = dataclasses.replace(problem, solver=bound)
         # 1. find the steps (no graph)
         with torch.no_grad():
             first = integrate(dataclasses.replace(problem, saveat=SaveAt(steps=True)))
