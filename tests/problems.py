@@ -511,3 +511,26 @@ def reference(problem: ODEProblem | str, ts: Sequence[float] | np.ndarray | torc
     if PROBLEMS.get(problem.name) is problem:
         return _cached_reference(problem.name, times)
     return _integrate_reference(problem, times)
+
+
+# --------------------------------------------------------------------------------------------
+# stiff: Robertson's chemical kinetics (shared by the implicit-solver tests)
+
+
+def rober(t, y, args):
+    """Robertson's chemical kinetics, rate constants ``args`` (default 0.04, 3e7, 1e4); stiff."""
+    k1, k2, k3 = (0.04, 3e7, 1e4) if args is None else args
+    y1, y2, y3 = y[..., 0], y[..., 1], y[..., 2]
+    return torch.stack([-k1 * y1 + k3 * y2 * y3, k1 * y1 - k3 * y2 * y3 - k2 * y2**2, k2 * y2**2], -1)
+
+
+def rober_reference(t1, k=(0.04, 3e7, 1e4)):
+    """Robertson from (1, 0, 0) to ``t1`` by SciPy's Radau at rtol 1e-12, atol 1e-16."""
+    from scipy.integrate import solve_ivp
+
+    k1, k2, k3 = k
+
+    def f(t, y):
+        return [-k1 * y[0] + k3 * y[1] * y[2], k1 * y[0] - k3 * y[1] * y[2] - k2 * y[1] ** 2, k2 * y[1] ** 2]
+
+    return solve_ivp(f, (0, t1), [1, 0, 0], method="Radau", rtol=1e-12, atol=1e-16).y[:, -1]

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import torchnde as tn
+from problems import rober
 from torchnde.solvers.auto_switch import AutoSwitch, stability_boundary
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -351,12 +352,6 @@ def test_gradient_adaptive_matches_implicit_alone():
 
 
 # --- Robertson, direction of time, float32 --------------------------------------------------
-
-
-def rober(t, y, args):
-    k1, k2, k3 = 0.04, 3e7, 1e4
-    y1, y2, y3 = y[..., 0], y[..., 1], y[..., 2]
-    return torch.stack([-k1 * y1 + k3 * y2 * y3, k1 * y1 - k3 * y2 * y3 - k2 * y2**2, k2 * y2**2], -1)
 
 
 def test_robertson():

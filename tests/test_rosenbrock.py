@@ -9,6 +9,10 @@ import pytest
 import torch
 
 import torchnde as tn
+from _trees import density as _density
+from _trees import rooted_trees as _trees
+from problems import rober
+from problems import rober_reference as _rober_ref
 from torchnde._flat import _FlatTerm
 from torchnde._tree import Flattener
 from torchnde.solvers import ROSENBROCK_SOLVERS
@@ -23,31 +27,6 @@ IDS = dict(ids=lambda s: s.__name__)
 
 
 # --- order conditions ---------------------------------------------------------------------
-
-
-def _trees(order):
-    """Rooted trees by size up to ``order``, each a sorted tuple of its children."""
-    levels = {1: [()]}
-    for n in range(2, order + 1):
-        found = set()
-
-        def grow(t):
-            yield tuple(sorted((*t, ())))
-            for i, child in enumerate(t):
-                for g in grow(child):
-                    yield tuple(sorted((*t[:i], g, *t[i + 1 :])))
-
-        for t in levels[n - 1]:
-            found.update(grow(t))
-        levels[n] = sorted(found)
-    return levels
-
-
-def _density(t):
-    def size(u):
-        return 1 + sum(size(c) for c in u)
-
-    return size(t) * math.prod(_density(c) for c in t)
 
 
 def _row_method(tab):
@@ -251,21 +230,6 @@ def test_time_derivative_matters():
 
 
 # --- stiff reference problems -------------------------------------------------------------
-
-
-def rober(t, y, args):
-    k1, k2, k3 = 0.04, 3e7, 1e4
-    y1, y2, y3 = y[..., 0], y[..., 1], y[..., 2]
-    return torch.stack([-k1 * y1 + k3 * y2 * y3, k1 * y1 - k3 * y2 * y3 - k2 * y2**2, k2 * y2**2], -1)
-
-
-def _rober_ref(t1):
-    from scipy.integrate import solve_ivp
-
-    def f(t, y):
-        return [-0.04 * y[0] + 1e4 * y[1] * y[2], 0.04 * y[0] - 1e4 * y[1] * y[2] - 3e7 * y[1] ** 2, 3e7 * y[1] ** 2]
-
-    return solve_ivp(f, (0, t1), [1, 0, 0], method="Radau", rtol=1e-10, atol=1e-12).y[:, -1]
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,10 @@ import pytest
 import torch
 
 import torchnde as tn
+from _trees import density as _density
+from _trees import rooted_trees as _trees
+from problems import rober
+from problems import rober_reference as _rober_ref
 from torchnde.solvers import IMPLICIT_SOLVERS
 from torchnde.solvers._implicit import NEWTON_DIVERGED, NEWTON_OK, NEWTON_SINGULAR
 
@@ -32,32 +36,6 @@ def _spy(solver):
 
 
 # --- tableaus -----------------------------------------------------------------------------
-
-
-def _trees(order):
-    """Rooted trees up to ``order`` in canonical form (a sorted tuple of children)."""
-    levels = {1: [()]}
-    for n in range(2, order + 1):
-        found = set()
-
-        def grow(t):
-            yield tuple(sorted((*t, ())))  # a new leaf on the root
-            for i, child in enumerate(t):
-                for g in grow(child):
-                    yield tuple(sorted((*t[:i], g, *t[i + 1 :])))
-
-        for t in levels[n - 1]:
-            found.update(grow(t))
-        levels[n] = sorted(found)
-    return levels
-
-
-def _size(t):
-    return 1 + sum(_size(c) for c in t)
-
-
-def _density(t):
-    return _size(t) * math.prod(_density(c) for c in t)
 
 
 def _phi(A, t):
@@ -180,23 +158,6 @@ def test_dense_output(solver):
 
 
 # --- stiff reference problems -------------------------------------------------------------
-
-
-def rober(t, y, args):
-    k1, k2, k3 = (0.04, 3e7, 1e4) if args is None else args
-    y1, y2, y3 = y[..., 0], y[..., 1], y[..., 2]
-    return torch.stack([-k1 * y1 + k3 * y2 * y3, k1 * y1 - k3 * y2 * y3 - k2 * y2**2, k2 * y2**2], -1)
-
-
-def _rober_ref(t1, k=(0.04, 3e7, 1e4)):
-    from scipy.integrate import solve_ivp
-
-    k1, k2, k3 = k
-
-    def f(t, y):
-        return [-k1 * y[0] + k3 * y[1] * y[2], k1 * y[0] - k3 * y[1] * y[2] - k2 * y[1] ** 2, k2 * y[1] ** 2]
-
-    return solve_ivp(f, (0, t1), [1, 0, 0], method="Radau", rtol=1e-12, atol=1e-16).y[:, -1]
 
 
 @pytest.mark.parametrize(

@@ -30,6 +30,7 @@ import pytest
 import torch
 
 import torchnde as tn
+from problems import rober as robertson
 
 F64 = torch.float64
 
@@ -66,11 +67,6 @@ def hires(t, y, args):
         ],
         -1,
     )
-
-
-def robertson(t, y, args):
-    y1, y2, y3 = y.unbind(-1)
-    return torch.stack([-0.04 * y1 + 1e4 * y2 * y3, 0.04 * y1 - 1e4 * y2 * y3 - 3e7 * y2**2, 3e7 * y2**2], -1)
 
 
 def _check(term, solver, T, y0, ref, atol, scipy):
