@@ -253,6 +253,11 @@ class AbstractRosenbrock(AbstractAdaptiveSolver):
     def initial_derivative(self, state):
         return state[0]
 
+    def solution_stats(self, state) -> dict:
+        """Jacobian and LU counts (one each per step tried), for ``Solution.stats``."""
+        stats = state[-1]
+        return {"num_jacobians": stats.jacobians, "num_lu": stats.factorizations}
+
     def step(self, term, t0, t1, y0, state):
         f_init, probe, stats = state
         batched = getattr(term, "batched", False)
