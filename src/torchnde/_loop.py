@@ -26,6 +26,7 @@ import cmath
 
 import torch
 
+from ._compile import compiled_step
 from ._events import _Events
 from ._failure import NONFINITE_REJECTIONS, NonfiniteWall, failure_message
 from ._progress import make_progress
@@ -83,6 +84,7 @@ class _Loop:
         if isinstance(controller, PIDController) and hasattr(solver, "with_tolerances"):
             solver = solver.with_tolerances(controller.rtol, controller.atol)  # e.g. Newton tolerances
         self.solver, self.controller = solver, controller
+        self.solver_step = compiled_step(solver, term, p) if p.compile else solver.step
         self.y = y = flat.flatten(p.y0)
         self.sstate = solver.init(term, tau0, y)
         self.adaptive = adaptive = isinstance(controller, PIDController)
@@ -118,7 +120,7 @@ class _Loop:
         self.meter = make_progress(self.p.progress, self.tau0, self.tau1, self.sign)
         propose, decide, commit = self.propose, self.decide, self.commit
         events = self.events if self.evs is not None else None
-        solver_step, term = self.solver.step, self.term
+        solver_step, term = self.solver_step, self.term
         saveat = self.p.saveat
         save = self.saver.save if (saveat.ts is not None or saveat.steps or saveat.dense) else None
         try:

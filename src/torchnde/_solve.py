@@ -38,7 +38,7 @@ _DEFAULT_ADJOINT = DirectAdjoint()
 
 _KEYWORDS = (
     "dt0", "args", "saveat", "controller", "adjoint", "max_steps", "throw", "progress", "per_sample", "event",
-    "max_events",
+    "max_events", "compile",
 )  # fmt: skip
 _HINTS = {
     "rtol": "tolerances belong to the controller: controller=PIDController(rtol=..., atol=...)",
@@ -71,6 +71,7 @@ class _Problem:
     events: list | None = None  # Event objects (checked), or None
     max_events: int | None = None
     record: bool = False  # internal: keep the accepted step ends and the final solver state
+    compile: bool = False  # solve(..., compile=True): the step runs compiled (see _compile.py)
 
 
 def solve(
@@ -91,6 +92,7 @@ def solve(
     per_sample: bool = False,
     event=None,
     max_events: int | None = None,
+    compile: bool = False,
     **unknown,
 ) -> Solution:
     r"""Solve a differential equation from ``t0`` to ``t1``.
@@ -125,6 +127,8 @@ def solve(
             ``Solution.events`` with differentiable event times (see docs/events.md).
         max_events: with ``event``: the ``max_events``-th event of a solve (per sample) ends it
             as if terminal; ``None`` for no limit.
+        compile: run the solver's step (with the vector field) through ``torch.compile``; the
+            compiled code is reused by later solves of the same shapes (see docs/performance.md).
 
     Returns:
         A :class:`Solution`.
@@ -176,7 +180,7 @@ def solve(
         controller = with_step_ts(controller, saveat.ts)
     problem = _Problem(
         terms, solver, controller, t0, t1, y0, dt0, args, saveat, max_steps, throw, progress, per_sample, events,
-        max_events,
+        max_events, compile=bool(compile),
     )  # fmt: skip
     if events and not isinstance(adjoint, DirectAdjoint) and torch.is_grad_enabled():
         # adjoints that do not differentiate the loop itself: solve between the events
