@@ -8,7 +8,7 @@ import torch
 from scipy import stats
 
 from torchnde.paths import _brownian as brownian
-from torchnde.paths import _rng
+from torchnde.paths import _descent, _rng
 from torchnde.paths._brownian import BrownianGrid, VirtualBrownianTree
 
 F64 = torch.float64
@@ -200,7 +200,7 @@ def test_speculative_blocks_equal_direct_queries(levy, direction, per_level, mon
     # speculation: no two consecutive queries are adjacent) must give the same bits.
     # per_level: pieces accumulated level by level (the large-shape mode) instead of at once
     if per_level:
-        monkeypatch.setattr(brownian, "_BATCH_ELEMENTS", 0)
+        monkeypatch.setattr(_descent, "_BATCH_ELEMENTS", 0)
     n, dt = 57, 1.0 / 50
     spec = VirtualBrownianTree(0.0, 1.1, (3, 2), levy_area=levy, seed=9, dtype=F64)
     t, times = (0.0, [0.0]) if direction > 0 else (1.1, [1.1])

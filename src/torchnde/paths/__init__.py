@@ -1,9 +1,10 @@
 """Paths that drive control terms: Brownian motion and interpolations of data, and signatures of paths."""
 
 from ._base import AbstractBrownianPath, AbstractPath, BrownianIncrement
-from ._brownian import BrownianGrid, VirtualBrownianTree
+from ._grid import BrownianGrid
 from ._interp import CubicSpline, HermiteCubic, LinearInterpolation, RectilinearInterpolation, pad_sequences
 from ._logsig import logsignature, logsignature_channels, lyndon_words, signature
+from ._tree import VirtualBrownianTree
 
 __all__ = [
     "AbstractPath",

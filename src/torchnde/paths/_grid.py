@@ -1,0 +1,166 @@
+"""A Brownian path sampled up front on a fixed grid (:class:`BrownianGrid`)."""
+
+from __future__ import annotations
+
+import bisect
+import math
+
+import numpy as np
+import torch
+
+from . import _rng
+from ._base import BrownianIncrement
+from ._brownian_common import _STREAM_GRID, _PathBase, _row_shape
+from ._levy import _scale_rows, _to_levy, _unit_sqrt
+
+__all__ = ["BrownianGrid"]
+
+
+class BrownianGrid(_PathBase):
+    """Brownian motion sampled up front on a fixed grid ``ts`` (for fixed steps known in advance).
+
+    Every cell ``[ts[i], ts[i+1]]`` gets its increment (and ``H``, ``K``) from the same counter
+    RNG as :class:`VirtualBrownianTree` (keyed by the cell index), with the same statistics. A query
+    must be a union of consecutive cells (to rounding); otherwise a ValueError suggests the tree.
+    One-cell queries are an indexing op; longer ones combine the cells exactly. ``ts`` is a
+    1-d sequence/tensor of increasing times (``BrownianGrid.uniform(t0, t1, num_steps, shape)``
+    for equal cells). Per-sample
+    seeds as for the tree; per-sample (B,) query times are served row by row (slow path).
+    """
+
+    def __init__(self, ts, shape, *, levy_area=None, seed=0, dtype=torch.float32, device=None):
+        grid = [float(v) for v in (ts.detach().cpu().reshape(-1).tolist() if isinstance(ts, torch.Tensor) else ts)]
+        if len(grid) < 2:
+            raise ValueError(f"ts needs at least two times; got {grid}")
+        if any(b <= a for a, b in zip(grid, grid[1:])):
+            raise ValueError("ts must be strictly increasing")
+        self._init_common(grid[0], grid[-1], shape, levy_area, seed, dtype, device)
+        self.ts = grid
+        self._last_key = None
+        self._last = None
+        self._rows_cache = None
+        d, idt, dev = self._d, self._idt, self.device
+        lengths = np.diff(np.array(grid))
+        self._lengths = lengths.tolist()
+        ekeys = _rng.element_keys(seed, self._layout.cols, device=dev)
+        n = len(lengths)
+        z = _rng.normals(
+            ekeys, np.stack([_rng.node_keys(_STREAM_GRID, np.arange(n), j) for j in range(d)], 1).reshape(-1), dtype=idt
+        )
+        z = z.view(n, d, -1)
+        # Cov(cell of length l) = S C(1) S with S = diag(l^0.5, l^1.5, l^2.5): one square root
+        sq = torch.tensor(_scale_rows(lengths, d)[:, :, None] * _unit_sqrt(d)[None], dtype=idt, device=dev)
+        # (n, d, M) local stats; without Levy areas the (1, 1) factors make it a plain product
+        self._cells = sq * z if d == 1 else torch.bmm(sq, z)
+        # one-cell answers, precomputed in the output dtype
+        self._w1 = self._cells[:, 0].to(dtype)
+        self._h1 = self._k1 = None
+        if d >= 2:
+            h = torch.tensor(lengths, dtype=idt, device=dev).view(n, 1)
+            c = self._cells
+            self._h1 = (c[:, 1] / h - c[:, 0] / 2).to(dtype)
+            self._k1 = (c[:, 1] / (2 * h) - c[:, 2] / h**2 + c[:, 0] / 12).to(dtype) if d >= 3 else None
+        self._tol = 1e-9 * (self.t1 - self.t0) + self._slack
+        # fast path of evaluate(): one-cell increments between exact grid times, in the leaf's shape
+        self._pos = {v: i for i, v in enumerate(grid)}
+        leaves = self._layout.leaves
+        one = self._layout.single and len(leaves) == 1 and self._w1[0].numel() == math.prod(leaves[0])
+        self._w_shaped = self._w1.view(n, *leaves[0]) if one else None
+
+    def evaluate(self, s, t=None):
+        if t is not None and self._w_shaped is not None and type(s) is float and type(t) is float:
+            i, j = self._pos.get(s), self._pos.get(t)
+            if i is not None and j is not None:
+                if j == i + 1:
+                    return self._w_shaped[i]
+                if i == j + 1:
+                    return -self._w_shaped[j]
+        return super().evaluate(s, t)
+
+    @classmethod
+    def uniform(cls, t0, t1, num_steps: int, shape, **kwargs) -> BrownianGrid:
+        """The grid of ``num_steps`` equal cells on ``[t0, t1]``."""
+        if not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps must be a positive int; got {num_steps!r}")
+        t0, t1 = float(t0), float(t1)
+        grid = [t0 + (t1 - t0) * i / num_steps for i in range(num_steps)] + [t1]
+        return cls(grid, shape, **kwargs)
+
+    def __repr__(self):
+        seed = f"tensor{tuple(self.seed.shape)}" if isinstance(self.seed, torch.Tensor) else self.seed
+        return (
+            f"BrownianGrid(t0={self.t0}, t1={self.t1}, num_cells={len(self._lengths)}, shape={self.shape}, "
+            f"levy_area={self.levy_area!r}, seed={seed}, dtype={self.dtype}, device={self.device})"
+        )
+
+    def _make_row(self, b: int):
+        return BrownianGrid(
+            self.ts,
+            _row_shape(self.shape),
+            levy_area=self.levy_area,
+            seed=int(self.seed[b]),
+            dtype=self.dtype,
+            device=self.device,
+        )
+
+    def _index(self, t: float) -> int:
+        i = bisect.bisect_left(self.ts, t)
+        cands = [j for j in (i - 1, i) if 0 <= j < len(self.ts)]
+        j = min(cands, key=lambda j: abs(self.ts[j] - t))
+        if abs(self.ts[j] - t) <= self._tol:
+            return j
+        raise ValueError(
+            f"BrownianGrid: time {t!r} is not on its grid (nearest grid times "
+            f"{self.ts[max(i - 1, 0)]!r}, {self.ts[min(i, len(self.ts) - 1)]!r}); queries must be unions "
+            f"of grid cells. Use VirtualBrownianTree for arbitrary query times."
+        )
+
+    def increment(self, s, t) -> BrownianIncrement:
+        s_ = self._time(s, "s")
+        t_ = self._time(t, "t")
+        if isinstance(s_, list) or isinstance(t_, list):
+            return self._per_sample_times(s_, t_, s, t)
+        i, j = self._index(s_), self._index(t_)
+        sign = 1.0
+        if i > j:
+            i, j, sign = j, i, -1.0
+        if j == i + 1:  # one cell: indexing only
+            split = self._layout.split
+            w = self._w1[i]
+            return BrownianIncrement(
+                dt=t - s,
+                W=split(w if sign > 0 else -w),
+                H=None if self._h1 is None else split(self._h1[i]),
+                K=None if self._k1 is None else split(self._k1[i] if sign > 0 else -self._k1[i]),
+            )
+        key = (i, j, sign)
+        if self._last_key == key:
+            return self._last
+        if i == j:
+            x = torch.zeros_like(self._cells[0])
+            h = 0.0
+        else:
+            x, h = self._combine_cells(i, j)
+        out = _to_levy(x, h, self._d, sign, self.dtype, self._layout)._replace(dt=t - s)
+        self._last_key, self._last = key, out
+        return out
+
+    def _combine_cells(self, i: int, j: int) -> tuple[torch.Tensor, float]:
+        """Local stats of ``[ts[i], ts[j]]`` as weighted sums over its cells (exact combination)."""
+        d = self._d
+        s, t = self.ts[i], self.ts[j]
+        a = np.array(self.ts[i:j])
+        b = np.array(self.ts[i + 1 : j + 1])
+        cells = self._cells[i:j]  # (m, d, M)
+        w = cells[:, 0].sum(0)
+        rows = [w]
+        if d >= 2:
+            # I = sum I_c + sum W_c (t - b_c)
+            wt = torch.tensor(t - b, dtype=self._idt, device=self.device)
+            rows.append(cells[:, 1].sum(0) + wt @ cells[:, 0])
+        if d >= 3:
+            # J = sum [J_c + (a_c - s) I_c] + sum W_c ((t-s)^2 - (b_c-s)^2)/2
+            wa = torch.tensor(a - s, dtype=self._idt, device=self.device)
+            wj = torch.tensor(((t - s) ** 2 - (b - s) ** 2) / 2, dtype=self._idt, device=self.device)
+            rows.append(cells[:, 2].sum(0) + wa @ cells[:, 1] + wj @ cells[:, 0])
+        return torch.stack(rows), t - s
