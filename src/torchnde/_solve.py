@@ -13,6 +13,7 @@ import torch
 from ._event_segments import solve_by_segments
 from ._events import as_events
 from ._failure import NONFINITE_REJECTIONS as NONFINITE_REJECTIONS
+from ._fixed import FixedLoop, fusable
 from ._flat import flat_term
 from ._loop import BatchLoop, SharedLoop
 from ._loop import _where_state as _where_state
@@ -466,17 +467,16 @@ def _integrate(p: _Problem) -> Solution:
             dt0 = float(dt0)
 
     ts_save = None if p.saveat.ts is None else _save_times(p.saveat.ts, tau0, tau1, sign, flat, per_sample, time_dtype)
-    term = flat_term(p.terms, flat, p.args, sign, per_sample)
-    loop = (BatchLoop if per_sample else SharedLoop)(
-        p,
-        flat=flat,
-        term=term,
-        ops=ops,
-        tau0=tau0,
-        tau1=tau1,
-        sign=sign,
-        dt0=dt0,
-        ts_save=ts_save,
-        time_dtype=time_dtype,
-    )
-    return loop.run()
+
+    def loop(cls):
+        term = flat_term(p.terms, flat, p.args, sign, per_sample)
+        kw = dict(flat=flat, term=term, ops=ops, tau0=tau0, tau1=tau1, sign=sign, dt0=dt0, ts_save=ts_save)
+        return cls(p, time_dtype=time_dtype, **kw)
+
+    if per_sample:
+        return loop(BatchLoop).run()
+    if fusable(p):  # fixed step times: the fused loop; a failed solve is repeated by the general one
+        sol = loop(FixedLoop).run()
+        if sol is not None:
+            return sol
+    return loop(SharedLoop).run()

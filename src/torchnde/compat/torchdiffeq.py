@@ -344,6 +344,8 @@ def _state_norm(flat: Flattener, user_norm) -> Callable:
 class _OneStep(AbstractController):
     """One step over the whole interval (the adjoint of a fixed-grid solve on the output times)."""
 
+    fixed_grid = True
+
     def init(self, term, solver, t0, t1, y0, f0, dt0, ops):
         return t1 - t0, None
 
@@ -354,6 +356,8 @@ class _OneStep(AbstractController):
 class _StepSize(AbstractController):
     """Constant steps of a given size, whatever ``dt0`` the solve passes (the adjoint's own
     ``step_size``)."""
+
+    fixed_grid = True
 
     def __init__(self, h: float):
         self.h = h
@@ -598,12 +602,15 @@ def _with_callbacks(controller, callbacks, sign: float, unflatten, dtype, device
 
     wrapped = copy.copy(controller)
     wrapped.adapt = adapt
+    wrapped.fixed_grid = False  # the callbacks see each step's state: the general loop calls them
     return wrapped
 
 
 class _GridEnds(AbstractController):
     """Steps ending at the given (internal, increasing) grid times, from wherever the solve starts:
     the backward solve of ``odeint_adjoint`` with ``grid_constructor`` (one solve per interval)."""
+
+    fixed_grid = True
 
     def __init__(self, ends: list):
         self.ends = ends

@@ -19,6 +19,10 @@ class AbstractController:
     step_ts: Any = None
     jump_ts: Any = None
     dtmax: float | None = None
+    #: True for controllers that accept every step and choose step times that do not depend on
+    #: the state (``adapt`` reads only the times and its own state): such solves are planned
+    #: ahead and run by the fused fixed-step loop (see ``torchnde/_fixed.py``).
+    fixed_grid: bool = False
 
     def init(self, term, solver, t0, t1, y0, f0, dt0, ops) -> Any:  # pragma: no cover
         raise NotImplementedError

@@ -14,6 +14,8 @@ class ConstantStepSize(AbstractController):
     solvers without an error estimate.
     """
 
+    fixed_grid = True
+
     def init(self, term, solver, t0, t1, y0, f0, dt0, ops):
         if dt0 is None:
             raise ValueError(

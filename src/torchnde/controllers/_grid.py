@@ -14,6 +14,8 @@ class StepEnds(AbstractController):
     times (``torchnde.compat.torchdiffeq``). The last step also lands on ``t1``.
     """
 
+    fixed_grid = True
+
     def __init__(self, ends: list):
         self.ends = ends
 
