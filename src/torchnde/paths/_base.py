@@ -18,6 +18,9 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, NamedTuple
 
+import numpy as np
+import torch
+
 __all__ = ["AbstractPath", "AbstractBrownianPath", "BrownianIncrement"]
 
 
@@ -66,5 +69,74 @@ class AbstractBrownianPath(AbstractPath):
     def increment(self, s, t) -> BrownianIncrement:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def increments(self, s, t) -> BrownianIncrement:
+        """Many intervals at once: ``increment(s[k], t[k])`` for ``k < N``, stacked.
+
+        Args:
+            s, t: 1-d sequences of ``N`` times each (lists of floats, numpy arrays or 1-d
+                tensors); ``s[k] > t[k]`` (a reversed interval) is allowed, as in
+                :meth:`increment`.
+
+        Returns:
+            a :class:`BrownianIncrement` whose ``W`` (and ``H``, ``K`` where the path has them)
+            have a leading dimension ``N`` before the path's shape (on every leaf of a tree
+            shape), and ``dt`` the float64 CPU tensor ``t - s`` of shape ``(N,)``. Row ``k`` is
+            ``increment(float(s[k]), float(t[k]))`` bit for bit, and asking changes no value of
+            later queries.
+
+        This default asks :meth:`increment` once per interval; :class:`VirtualBrownianTree`
+        (one vectorised descent) and :class:`BrownianGrid` (indexing its cells) override it.
+        """
+        ss, tt = interval_times(s, t)
+        rows = [self.increment(a, b) for a, b in zip(ss, tt)]
+        if not rows:  # N = 0: the shapes from one (empty) query
+            one = self.increment(self.t0, self.t0)
+            stacked = [None if v is None else tree_map(lambda x: x.new_empty((0, *x.shape)), v) for v in one[1:]]
+        else:
+            stacked = [None if rows[0][i] is None else stack_trees([r[i] for r in rows]) for i in (1, 2, 3)]
+        return BrownianIncrement(interval_dt(ss, tt), *stacked)
+
     def derivative(self, t, left: bool = False):
         raise TypeError("Brownian motion has no derivative; solve a ControlTerm on it with an SDE solver")
+
+
+def interval_times(s, t) -> tuple[list[float], list[float]]:
+    """The ``(s, t)`` of :meth:`AbstractBrownianPath.increments` as two lists of Python floats
+    (one host transfer for a tensor); ValueError unless both are 1-d of the same length."""
+    out = []
+    for name, x in (("s", s), ("t", t)):
+        if isinstance(x, torch.Tensor):
+            if x.dim() != 1:
+                raise ValueError(f"increments: {name} must be 1-d (N times); got a tensor of shape {tuple(x.shape)}")
+            out.append(x.detach().to("cpu", torch.float64).tolist())
+            continue
+        a = np.asarray([float(v) for v in x] if isinstance(x, (list, tuple)) else x, dtype=np.float64)
+        if a.ndim != 1:
+            raise ValueError(f"increments: {name} must be a 1-d sequence of N times; got shape {a.shape}")
+        out.append(a.tolist())
+    if len(out[0]) != len(out[1]):
+        raise ValueError(f"increments: s and t must have the same length; got {len(out[0])} and {len(out[1])}")
+    return out[0], out[1]
+
+
+def interval_dt(ss: list[float], tt: list[float]) -> torch.Tensor:
+    """``t - s`` per interval, a float64 CPU tensor (the differences of the Python floats)."""
+    return torch.tensor([b - a for a, b in zip(ss, tt)], dtype=torch.float64)
+
+
+def tree_map(fn, tree):
+    if isinstance(tree, dict):
+        return {k: tree_map(fn, v) for k, v in tree.items()}
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(tree_map(fn, v) for v in tree)
+    return fn(tree)
+
+
+def stack_trees(trees: list):
+    """Trees of the same structure -> one tree whose leaves are the stacked leaves (dim 0)."""
+    first = trees[0]
+    if isinstance(first, dict):
+        return {k: stack_trees([x[k] for x in trees]) for k in first}
+    if isinstance(first, (tuple, list)):
+        return type(first)(stack_trees([x[i] for x in trees]) for i in range(len(first)))
+    return torch.stack(trees)

@@ -15,7 +15,7 @@ import math
 import numpy as np
 import torch
 
-from ._base import AbstractBrownianPath, BrownianIncrement
+from ._base import AbstractBrownianPath, BrownianIncrement, interval_times
 from ._levy import _to_levy
 
 _LEVY = {None: 1, "space-time": 2, "space-time-time": 3}
@@ -106,6 +106,14 @@ class _Layout:
             outs = [flat[a:b].reshape(shape) for a, b, shape in zip(self.offsets, self.offsets[1:], self.leaves)]
         return _unflatten(self.tree, outs)
 
+    def split_rows(self, flat: torch.Tensor):
+        """``flat`` of shape ``(N, cols)`` (shared seeds) -> the tree of leaves, each ``(N, *leaf)``."""
+        n = flat.shape[0]
+        if len(self.leaves) == 1:
+            return _unflatten(self.tree, [flat.reshape(n, *self.leaves[0])])
+        outs = [flat[:, a:b].reshape(n, *shape) for a, b, shape in zip(self.offsets, self.offsets[1:], self.leaves)]
+        return _unflatten(self.tree, outs)
+
 
 # ------------------------------------------------------------------------------- common front end
 def _check_common(t0, t1, levy_area, dtype):
@@ -150,6 +158,35 @@ class _PathBase(AbstractBrownianPath):
                 raise ValueError(f"{name}={t!r} is after t1={self.t1!r} of {type(self).__name__}")
             return self.t1
         return t
+
+    def _clamp_array(self, t: list[float], name: str) -> np.ndarray:
+        """:meth:`_clamp` of many times (the same comparisons), as a float64 array."""
+        a = np.array(t, dtype=np.float64)
+        if not np.isfinite(a).all():
+            raise ValueError(f"{name} has a non-finite time: {a[~np.isfinite(a)][0]!r}")
+        low = a <= self.t0 + self._slack
+        high = ~low & (a >= self.t1 - self._slack)
+        if (a < self.t0 - self._slack).any():
+            raise ValueError(
+                f"{name}={a[a < self.t0 - self._slack][0]!r} is before t0={self.t0!r} of {type(self).__name__}"
+            )
+        if (a > self.t1 + self._slack).any():
+            raise ValueError(
+                f"{name}={a[a > self.t1 + self._slack][0]!r} is after t1={self.t1!r} of {type(self).__name__}"
+            )
+        a[low] = self.t0
+        a[high] = self.t1
+        return a
+
+    def _intervals(self, s, t):
+        """The user times of :meth:`increments` (lists of floats) and their clamped arrays."""
+        if self._layout.per_sample:
+            raise NotImplementedError(
+                f"{type(self).__name__}.increments needs a path with one shared seed; this one has per-sample seeds "
+                "(a (B,) seed tensor): call increment(s, t) per interval instead"
+            )
+        ss, tt = interval_times(s, t)
+        return ss, tt, self._clamp_array(ss, "s"), self._clamp_array(tt, "t")
 
     def _time(self, t, name: str):
         """A Python float (shared time) or a list of B floats (per-sample times)."""

@@ -9,11 +9,22 @@ import numpy as np
 import torch
 
 from . import _rng
-from ._base import BrownianIncrement
+from ._base import BrownianIncrement, interval_dt
 from ._brownian_common import _STREAM_GRID, _PathBase, _row_shape
 from ._levy import _scale_rows, _to_levy, _unit_sqrt
 
 __all__ = ["BrownianGrid"]
+
+
+class _FlatLayout:
+    """A layout that leaves a flat vector flat (for :func:`_to_levy` rows)."""
+
+    @staticmethod
+    def split(flat: torch.Tensor) -> torch.Tensor:
+        return flat
+
+
+_FLAT = _FlatLayout()
 
 
 class BrownianGrid(_PathBase):
@@ -36,6 +47,7 @@ class BrownianGrid(_PathBase):
             raise ValueError("ts must be strictly increasing")
         self._init_common(grid[0], grid[-1], shape, levy_area, seed, dtype, device)
         self.ts = grid
+        self._grid_np = np.array(grid, dtype=np.float64)
         self._last_key = None
         self._last = None
         self._rows_cache = None
@@ -114,6 +126,52 @@ class BrownianGrid(_PathBase):
             f"{self.ts[max(i - 1, 0)]!r}, {self.ts[min(i, len(self.ts) - 1)]!r}); queries must be unions "
             f"of grid cells. Use VirtualBrownianTree for arbitrary query times."
         )
+
+    def _index_array(self, t: np.ndarray) -> np.ndarray:
+        """:meth:`_index` of many (clamped) times: the nearest grid index (the earlier on a tie)."""
+        g = self._grid_np
+        n = g.shape[0]
+        i = np.searchsorted(g, t, side="left")  # bisect_left
+        before = np.where(i >= 1, np.abs(g[np.maximum(i - 1, 0)] - t), np.inf)
+        after = np.where(i < n, np.abs(g[np.minimum(i, n - 1)] - t), np.inf)
+        j = np.where(before <= after, i - 1, i)
+        off = np.minimum(before, after) > self._tol
+        if off.any():
+            self._index(float(t[off][0]))  # raises, with the nearest grid times
+        return j
+
+    def increments(self, s, t) -> BrownianIncrement:
+        """``increment(s[k], t[k])`` for ``k < N``, stacked (:meth:`AbstractBrownianPath.increments`):
+        one-cell intervals (the steps of the grid, either direction) by one gather from the
+        precomputed cells, longer ones combined as :meth:`increment` combines them; row ``k``
+        equals ``increment(s[k], t[k])`` bit for bit. Shared seeds only."""
+        ss, tt, sa, ta = self._intervals(s, t)
+        i, j = self._index_array(sa), self._index_array(ta)
+        lo, hi = np.minimum(i, j), np.maximum(i, j)
+        flip = i > j
+        one = hi == lo + 1
+        dev = self.device
+        idx = torch.as_tensor(np.where(one, lo, 0), device=dev)
+        neg = torch.as_tensor(flip, device=dev).view(-1, 1) if flip.any() else None
+        outs = []
+        for v, odd in ((self._w1, True), (self._h1, False), (self._k1, True)):
+            if v is None:
+                outs.append(None)
+                continue
+            x = v.index_select(0, idx)
+            outs.append(torch.where(neg, -x, x) if odd and neg is not None else x)
+        for k in np.flatnonzero(~one).tolist():  # empty or several cells: as increment() computes them
+            a, b, sign = int(lo[k]), int(hi[k]), -1.0 if flip[k] else 1.0
+            if a == b:
+                x, h = torch.zeros_like(self._cells[0]), 0.0
+            else:
+                x, h = self._combine_cells(a, b)
+            row = _to_levy(x, h, self._d, sign, self.dtype, _FLAT)
+            for out, v in zip(outs, row[1:]):
+                if out is not None:
+                    out[k] = v
+        split = self._layout.split_rows
+        return BrownianIncrement(interval_dt(ss, tt), *(None if v is None else split(v) for v in outs))
 
     def increment(self, s, t) -> BrownianIncrement:
         s_ = self._time(s, "s")

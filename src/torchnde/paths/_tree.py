@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from . import _descent, _rng
-from ._base import BrownianIncrement
+from ._base import BrownianIncrement, interval_dt
 from ._brownian_common import _STREAM_LEAF, _STREAM_ROOT, _STREAM_SPLIT, _PathBase, _row_shape
 from ._chains import ChainCache, levy_numpy
 from ._descent import _sibling_maps, _Work
@@ -42,6 +42,9 @@ _BLOCK_MIN, _BLOCK_MAX, _BLOCK_ELEMENTS = 8, 256, 1 << 16
 # speculate after this many adjacent equal-length queries in a row (one run of 2 is common
 # without constant steps: the two half steps of step doubling, whose block would be wasted)
 _SPEC_RUN = 2
+# increments(): intervals per vectorised descent, as a cap on intervals * d * elements (a chunk's
+# scratch buffers are about 100 bytes per counted value: ~50 MiB, kept between calls)
+_INCREMENTS_ELEMENTS = 1 << 19
 
 
 class VirtualBrownianTree(_PathBase):
@@ -263,6 +266,30 @@ class VirtualBrownianTree(_PathBase):
         out = self._answer(vals, 0, sign, t - s)
         self._last_key, self._last = key, out
         return out
+
+    def increments(self, s, t) -> BrownianIncrement:
+        """``increment(s[k], t[k])`` for ``k < N``, stacked (:meth:`AbstractBrownianPath.increments`):
+        the intervals are answered by vectorised descents of at most ``_INCREMENTS_ELEMENTS``
+        values each (:meth:`_compute`, the function every single query is also computed by, so
+        row ``k`` equals ``increment(s[k], t[k])`` bit for bit). Shared seeds only."""
+        ss, tt, sa, ta = self._intervals(s, t)
+        ns, nt = self._lattice_array(sa), self._lattice_array(ta)
+        lo, hi = np.minimum(ns, nt), np.maximum(ns, nt)
+        sign = np.where(ns <= nt, 1.0, -1.0)
+        n = lo.shape[0]
+        chunk = max(1, _INCREMENTS_ELEMENTS // (self._d * self._layout.cols or 1))
+        parts = []
+        for a in range(0, n, chunk):
+            b = min(a + chunk, n)
+            x = self._compute(lo[a:b], hi[a:b], None)
+            parts.append(_levy_rows(x, (hi[a:b] - lo[a:b]) * self._q, sign[a:b], self.dtype, self._work))
+        self._work.trim()
+        if not parts:
+            empty = torch.empty(0, self._layout.cols, dtype=self.dtype, device=self.device)
+            parts = [tuple(None if i >= self._d else empty for i in range(3))]
+        split = self._layout.split_rows
+        vals = [None if p[0] is None else split(p[0] if len(p) == 1 else torch.cat(p)) for p in zip(*parts)]
+        return BrownianIncrement(interval_dt(ss, tt), *vals)
 
     def _speculate(self, s: float, h: float) -> None:
         """Compute and cache the steps ``[s + k h, s + (k + 1) h]``, ``k < K`` (clipped at the ends)."""
