@@ -27,6 +27,7 @@ import torch
 
 from ._loop import SharedLoop, Step
 from ._ops import ScalarOps
+from ._terms import prefill_times, time_dtype
 from ._tree import tree_map
 from .paths._base import BrownianIncrement
 
@@ -53,6 +54,9 @@ class FixedLoop(SharedLoop):
         path = getattr(term, "path", None) if term.rough else None
         if path is not None and len(plan) > 1 and hasattr(path, "increments"):
             term.path = Prefetched(path, [term._times(a[0], a[1]) for a in plan])
+        flat = self.flat
+        if len(plan) > 1 and not torch.compiler.is_compiling():  # the step starts' time tensors, made at once
+            prefill_times([a[0] * self.sign for a in plan], time_dtype(flat.dtype), flat.device)
         saveat = self.p.saveat
         save = self.saver.save if (saveat.ts is not None or saveat.steps or saveat.dense) else None
         record, recorded, coeffs = self.record, self.recorded, self._coeffs

@@ -62,6 +62,20 @@ def cached_time(t: float, table: dict, dtype: torch.dtype, device) -> torch.Tens
     return out
 
 
+def prefill_times(ts: list, dtype: torch.dtype, device) -> None:
+    """Put the times ``ts`` (Python floats) into the cache of :func:`cached_time` with one tensor
+    construction: a fixed-step solve knows its step times before the first step (see
+    ``torchnde/_fixed.py``), so its vector-field calls at them become lookups. The entries are
+    views of one tensor, equal to what :func:`cached_time` would make."""
+    table = time_table(dtype, device)
+    new = list(dict.fromkeys(t for t in ts if t not in table))[:_TIME_CACHE_SIZE]
+    if not new:
+        return
+    if len(table) + len(new) > _TIME_CACHE_SIZE:
+        table.clear()
+    table.update(zip(new, torch.tensor(new, dtype=dtype, device=device).unbind()))
+
+
 def time_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of times for a state of ``dtype``: its real counterpart."""
     if dtype.is_floating_point:
