@@ -534,3 +534,31 @@ def rober_reference(t1, k=(0.04, 3e7, 1e4)):
         return [-k1 * y[0] + k3 * y[1] * y[2], k1 * y[0] - k3 * y[1] * y[2] - k2 * y[1] ** 2, k2 * y[1] ** 2]
 
     return solve_ivp(f, (0, t1), [1, 0, 0], method="Radau", rtol=1e-12, atol=1e-16).y[:, -1]
+
+
+# --------------------------------------------------------------------------------------------
+# stiff: Van der Pol with mu = 1e3 (MATLAB's vdp1000, Shampine & Reichelt 1997)
+
+VDP_MU = 1e3
+
+
+def vdp(t, y, args):
+    """Van der Pol, ``y1' = y2``, ``y2' = mu (1 - y1^2) y2 - y1`` with ``mu = args`` (default 1e3).
+
+    With ``t = mu tau`` and ``z2 = mu y2`` this is Hairer & Wanner's scaled VDPOL,
+    ``z1' = z2``, ``z2' = ((1 - z1^2) z2 - z1) / eps`` with ``eps = 1 / mu^2 = 1e-6`` on
+    ``tau in [0, 2]``: ``[0, 2000]`` here is about 1.24 periods (period ~ (3 - 2 ln 2) mu), with
+    two relaxation jumps (near t = 807 and 1614). The form ``y2' = mu ((1 - y1^2) y2 - y1)``
+    (eps = 1 / mu = 1e-3 in the scaled form) has period ~1.6 instead, so on ``[0, 2000]`` it would
+    cross about 1240 periods and 2500 jumps: a different, far costlier problem whose end value is
+    dominated by the accumulated phase error."""
+    mu = VDP_MU if args is None else args
+    y1, y2 = y[..., 0], y[..., 1]
+    return torch.stack([y2, mu * (1 - y1 * y1) * y2 - y1], -1)
+
+
+#: y(2000) of :func:`vdp` from y(0) = (2, 0): SciPy 1.x Radau with the analytic Jacobian at
+#: rtol 1e-13, atol 1e-16 (335759 evaluations); at rtol 1e-12, atol 1e-14 it agrees to 4e-14
+#: (y1) and 4e-17 (y2), and the scaled form (above) at rtol 1e-12 to 5e-14 and 1e-17 (computed
+#: once offline, 2026-12-06).
+VDP_REF_2000 = (1.7061677321704618, -0.00089280970102482)
