@@ -1,10 +1,219 @@
-"""``solve(..., compile=True)``: the solver's step, with the vector field, through ``torch.compile``."""
+"""``solve(..., compile=True)``: the solver's step, with the vector field, through ``torch.compile``.
+
+What is compiled is one step of an explicit Runge--Kutta method on an ODE (all its stages, the
+vector-field evaluations, the stage combinations and the error estimate) as one graph
+(``fullgraph=True``). The loop around it (step-size control, saving, events) stays eager.
+
+How the compiled code is reused. ``torch.compile`` keeps its compiled graphs on the *code
+object* of the function it compiles, behind guards (on shapes, dtypes, devices, the attributes
+the trace read). This module gives each (solver class, vector-field code) pair a code object of
+its own (:func:`_entry`), so that
+
+* a training loop re-solving the same problem (a new solver object, a new ``ODETerm``, a new
+  batch of the same shape each iteration, updated parameters) finds the graph of the first solve
+  and compiles nothing more;
+* a different problem gets its own graphs and does not use up the recompile limit of another.
+
+Two things are kept out of the graph so that nothing in it changes from step to step:
+
+* times: the loop's shared-mode times are Python floats, which ``torch.compile`` would bake into
+  the graph as constants (a recompilation each step). They enter as 0-d tensors of the state's
+  real dtype, as per-sample times always do (:func:`_as_time`); ``t`` reaches the vector field as
+  that tensor (``ODETerm(..., time_as_float=True)`` is not supported compiled);
+* counting: the term seen inside the graph (:class:`_Traced`) counts its evaluations while it is
+  traced; the count is a constant of the graph, returned with the step and added to the solve's
+  ``nfe`` outside. The one-time check of the vector field's output is done eagerly before the
+  first compiled step (the loop's ``solver.init``, or one eager step).
+
+A step that cannot be compiled (no C++ compiler for inductor on CPU, no triton on GPU, a vector
+field ``torch.compile`` cannot trace as one graph) is not an error: the solve warns once per
+(solver, vector field) pair and runs that pair eagerly from then on. Terms and solvers the compiled
+path does not cover (SDEs, CDE paths, implicit and Rosenbrock solvers) run eagerly with a warning.
+"""
 
 from __future__ import annotations
 
-__all__ = ["compiled_step"]
+import types
+import warnings
+
+import torch
+
+from ._flat import _FlatTerm
+from ._terms import ODETerm, time_dtype
+from .solvers._base import AbstractERK, LazyDerivative
+
+__all__ = ["compiled_step", "clear_cache"]
+
+#: the ``torch.compile`` backend (tests use ``"eager"`` to check the caching without inductor's cost)
+_BACKEND = "inductor"
+_OPTIONS: dict | None = None
+
+# (solver class, vector-field key, backend) -> _Entry; a code object per entry (see the docstring)
+_CACHE: dict = {}
+
+
+def clear_cache() -> None:
+    """Forget the compiled steps (their graphs are dropped with their code objects)."""
+    _CACHE.clear()
+
+
+class _Traced:
+    """The term a solver sees inside the compiled step: ``_FlatTerm.vf`` without the counting in
+    the solve's statistics and the output check (both done outside the graph)."""
+
+    rough = False
+    __slots__ = ("term", "flat", "args", "sign", "batched", "calls")
+
+    def __init__(self, term, flat, args, sign, batched):
+        self.term, self.flat, self.args, self.sign, self.batched = term, flat, args, sign, batched
+        self.calls = 0
+
+    def vf(self, t, y):
+        self.calls += 1  # at trace time: a constant of the graph
+        neg = self.sign < 0
+        out = self.term.vf(-t if neg else t, self.flat.state_to_tree(y), self.args)
+        out = self.flat.tree_to_state(out)
+        return -out if neg else out
+
+
+def _step(solver, term, flat, args, sign, batched, t0, t1, y, f0, lazy_t, lazy_y):
+    """One solver step on the traced term; what the compiled function runs.
+
+    ``f0`` is the start derivative, or ``None`` when the loop holds it unevaluated (a
+    :class:`LazyDerivative` at ``(lazy_t, lazy_y)``): it is evaluated here, inside the graph.
+    The step's own unevaluated end derivative (non-FSAL methods) leaves the graph as its state
+    (``lazy_next``) and the positions in ``dinfo`` that held it (``lazy_at``); the caller
+    rebuilds one :class:`LazyDerivative` on the eager term for them.
+    """
+    tt = _Traced(term, flat, args, sign, batched)
+    if f0 is None:
+        f0 = tt.vf(lazy_t, lazy_y)
+    y1, y_err, dinfo, s1, code = solver.step(tt, t0, t1, y, f0)
+    lazy_next = None
+    if isinstance(s1, LazyDerivative):
+        lazy_next, s1 = s1.y, None
+    lazy_at = ()
+    if isinstance(dinfo, tuple):
+        lazy_at = tuple(i for i, x in enumerate(dinfo) if isinstance(x, LazyDerivative))
+        if lazy_at:
+            dinfo = tuple(None if i in lazy_at else x for i, x in enumerate(dinfo))
+    return y1, y_err, dinfo, s1, code, tt.calls, f0, lazy_next, lazy_at
+
+
+class _Entry:
+    """One compiled step function (its own code object) and whether compiling it failed."""
+
+    __slots__ = ("fn", "failed", "name")
+
+    def __init__(self, name: str):
+        code = _step.__code__.replace(co_name=name, co_qualname=name)
+        fresh = types.FunctionType(code, _step.__globals__, name)
+        self.fn = torch.compile(fresh, backend=_BACKEND, fullgraph=True, options=_OPTIONS)
+        self.failed = False
+        self.name = name
+
+
+def _vf_key(term):
+    """What identifies a vector field across solves: its code (a function or lambda, so a new
+    closure over the same model each iteration still matches) or its type (a module)."""
+    vf = term.vector_field if isinstance(term, ODETerm) else term
+    fn = getattr(vf, "__func__", vf)  # bound methods: the function
+    code = getattr(fn, "__code__", None)
+    return code if code is not None else type(vf)
+
+
+def _entry(solver, term) -> _Entry:
+    key = (type(solver), _vf_key(term), _BACKEND)
+    entry = _CACHE.get(key)
+    if entry is None:
+        entry = _CACHE[key] = _Entry(f"torchnde_step_{type(solver).__name__}_{len(_CACHE)}")
+    return entry
+
+
+def _unsupported(solver, term) -> str | None:
+    """Why the compiled path does not cover this solve (``None`` if it does)."""
+    if not isinstance(term, _FlatTerm):
+        return f"only ODE terms are compiled (got {type(term).__name__}: an SDE or another term)"
+    if not isinstance(solver, AbstractERK):
+        return f"only explicit Runge-Kutta solvers are compiled (got {solver!r})"
+    if getattr(term.term, "time_as_float", False) and not term.batched:
+        return "a term with time_as_float=True (its vector field wants Python-float times)"
+    return None
 
 
 def compiled_step(solver, term, problem):
-    """The step function the loop calls (``solver.step``'s signature), compiled."""
-    raise NotImplementedError("solve(..., compile=True) is not implemented yet")
+    """The step function the loop calls (``solver.step``'s signature), compiled.
+
+    Falls back to ``solver.step`` with a warning where the solve is not covered (see the module
+    docstring).
+    """
+    why = _unsupported(solver, term)
+    if why is not None:
+        warnings.warn(f"solve(..., compile=True): {why}; this solve runs eagerly", stacklevel=4)
+        return solver.step
+    return _CompiledStep(solver, term, _entry(solver, term.term))
+
+
+def _as_time(t, dtype, device):
+    return t if isinstance(t, torch.Tensor) else torch.full((), t, dtype=dtype, device=device)
+
+
+class _CompiledStep:
+    """``solver.step(term, t0, t1, y, state)`` through the entry's compiled function."""
+
+    __slots__ = ("solver", "entry", "tdtype", "device", "prepared")
+
+    def __init__(self, solver, term, entry):
+        self.solver, self.entry = solver, entry
+        flat = term.flat
+        self.tdtype, self.device = time_dtype(flat.dtype), flat.device
+        self.prepared = False
+
+    def __call__(self, term, t0, t1, y, state):
+        solver, entry = self.solver, self.entry
+        if entry.failed or not term.checked:
+            # the first evaluation checks the vector field's output eagerly (clear messages)
+            return solver.step(term, t0, t1, y, state)
+        if not self.prepared:  # the tableau's coefficient tensors exist before tracing
+            solver.tableau.tensors(y.dtype, y.device)
+            self.prepared = True
+        lazy = state if isinstance(state, LazyDerivative) else None
+        f0, lazy_t, lazy_y = state, None, None
+        if lazy is not None:
+            f0 = lazy.f
+            if f0 is None:
+                lazy_t = _as_time(lazy.t, self.tdtype, self.device)
+                lazy_y = lazy.y
+        tt0 = _as_time(t0, self.tdtype, self.device)
+        tt1 = _as_time(t1, self.tdtype, self.device)
+        try:
+            out = entry.fn(
+                solver, term.term, term.flat, term.args, term.sign, term.batched, tt0, tt1, y, f0, lazy_t, lazy_y
+            )
+        except Exception as err:  # noqa: BLE001 - any failure to compile: eager from here on
+            entry.failed = True
+            warnings.warn(
+                f"solve(..., compile=True): torch.compile could not compile the {type(solver).__name__} step "
+                f"with this vector field ({type(err).__name__}: {_first_line(err)}); running it eagerly",
+                stacklevel=3,
+            )
+            return solver.step(term, t0, t1, y, state)
+        y1, y_err, dinfo, s1, code, calls, f0, lazy_next, lazy_at = out
+        term.nfe += calls
+        if lazy is not None and lazy.f is None:
+            lazy.f = f0  # as eagerly: a rejected step's retry reuses the start derivative
+        if lazy_next is not None or lazy_at:
+            nxt = LazyDerivative(term, t1, y1 if lazy_next is None else lazy_next)
+            if lazy_next is not None:
+                s1 = nxt
+            if lazy_at:
+                dinfo = tuple(nxt if i in lazy_at else x for i, x in enumerate(dinfo))
+        if not isinstance(t0, torch.Tensor) and isinstance(dinfo, tuple) and len(dinfo) > 2:
+            # ERK dense information starts with (t0, t1): the loop's float times again
+            dinfo = (t0, t1, *dinfo[2:])
+        return y1, y_err, dinfo, s1, code
+
+
+def _first_line(err) -> str:
+    s = str(err).strip().splitlines()
+    return s[0][:300] if s else ""
