@@ -599,3 +599,80 @@ def test_adjoint_with_constant_or_parameter_free_fields(method):
         ys.sum().backward()
         assert torch.equal(sde.unused.grad, torch.zeros_like(sde.unused))
         assert (sde.p.grad.abs().sum() > 0) == uses_param
+
+
+def _torchsde_loop_grid(t0, t1, dt, dtype):
+    """torchsde's own fixed-step times: ``t <- min(t + dt, t1)`` on a 0-d tensor of ``ts``'s dtype."""
+    t, end, out = torch.tensor(t0, dtype=dtype), torch.tensor(t1, dtype=dtype), []
+    while True:
+        t = torch.minimum(t + dt, end)
+        if t >= end:
+            return out
+        out.append(float(t))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fixed_grid_is_torchsdes_accumulated_time(dtype):
+    """The grid (accumulated by numpy in chunks) is torchsde's step-by-step ``t + dt``, bit for bit,
+    including float32's last sliver step; a dt below the dtype's resolution raises instead of hanging."""
+    from torchnde.compat.torchsde import _torchsde_grid
+
+    for t0, t1, dt in ((0.0, 1.0, 0.01), (-0.3, 2.7, 0.013), (5.0, 5.5, 1e-3), (0.0, 64.0, 1.0), (0.0, 1.0, 0.7)):
+        a, b = float(torch.tensor(t0, dtype=dtype)), float(torch.tensor(t1, dtype=dtype))
+        assert _torchsde_grid(a, b, dt, dtype) == _torchsde_loop_grid(a, b, dt, dtype)
+    assert len(_torchsde_grid(0.0, 1.0, 0.01, torch.float32)) == 100  # 101 steps: float32 ends short of 1
+    with pytest.raises(ValueError, match="resolution"):
+        _torchsde_grid(1e4, 1e4 + 1, 1e-5, torch.float32)
+
+
+@pytest.mark.parametrize("method", ["euler", "heun", "reversible_heun"])
+def test_float32_ts_equals_native_solve_on_the_same_grid(method):
+    """sdeint with float32 ts is torchnde's solve on torchsde's float32 grid (StepTo), on the
+    same VirtualBrownianTree: the same values to rounding error, with and without gradients."""
+    import torchnde as tn
+    from torchnde.compat.torchsde import _torchsde_grid
+
+    sde_type = "ito" if method == "euler" else "stratonovich"
+    sde = SDE("diagonal", sde_type, dtype=torch.float32)
+    y0 = torch.full((B, D), 0.7)
+    tt = torch.tensor([0.0, 1.0])
+    bm = bm_for("diagonal", levy="none", dtype=torch.float32)
+    ours = ts.sdeint(sde, y0, tt, bm=bm, method=method, dt=0.02)
+    solver = {"euler": tn.Euler, "heun": tn.Heun, "reversible_heun": tn.ReversibleHeun}[method]()
+    term = tn.MultiTerm(
+        tn.ODETerm(lambda t, y, args: sde.f(t, y)),
+        tn.ControlTerm(lambda t, y, args: sde.g(t, y), bm._tree, noise="diagonal", calculus=sde_type),
+    )
+    grid = _torchsde_grid(0.0, 1.0, 0.02, torch.float32)
+    native = tn.solve(term, solver, 0.0, 1.0, y0, controller=tn.StepTo(grid)).ys[-1]
+    torch.testing.assert_close(ours[-1], native, rtol=0, atol=1e-6)
+    (g_ours,) = torch.autograd.grad(ours[-1].sum(), sde.a)
+    (g_native,) = torch.autograd.grad(
+        tn.solve(term, solver, 0.0, 1.0, y0, controller=tn.StepTo(grid)).ys[-1].sum(), sde.a
+    )
+    torch.testing.assert_close(g_ours, g_native, rtol=1e-5, atol=1e-6)
+
+
+def test_time_tensors_are_ts_dtype_and_reused():
+    """The drift gets 0-d tensors of ts's dtype (not y0's); a step's end time is the same tensor
+    as the next step's start (torchnde's time cache), and changing it in place does not leak."""
+    seen = []
+
+    class Rec:
+        noise_type, sde_type = "diagonal", "stratonovich"
+
+        def f(self, t, y):
+            seen.append(t)
+            return -y
+
+        def g(self, t, y):
+            return 0.1 * torch.ones_like(y)
+
+    y0 = torch.ones(2, 2)
+    ts.sdeint(Rec(), y0, torch.tensor([0.0, 0.5], dtype=F64), method="heun", dt=0.25)
+    assert all(t.dtype == F64 and t.dim() == 0 for t in seen)
+    assert seen[2] is seen[3]  # heun: f(t1) of step 1 is f(t0) of step 2
+    seen[-1].add_(100.0)  # modified by user code: not handed out again
+    seen.clear()
+    ts.sdeint(Rec(), y0, torch.tensor([0.0, 0.5], dtype=F64), method="heun", dt=0.25)
+    assert float(seen[-1]) == 0.5

@@ -62,13 +62,14 @@ import math
 import numbers
 import warnings
 
+import numpy as np
 import torch
 from torch import nn
 
 from .._results import SolveError
 from .._saveat import SaveAt
 from .._solve import solve
-from .._terms import ControlTerm, MultiTerm, ODETerm
+from .._terms import ControlTerm, MultiTerm, ODETerm, cached_time, time_table
 from ..adjoints import BacksolveAdjoint, DirectAdjoint, ReversibleAdjoint
 from ..controllers import ConstantStepSize, PIDController, StepTo
 from ..paths import AbstractBrownianPath, BrownianIncrement
@@ -589,6 +590,12 @@ class _TreeBrownian(_BrownianBase):
     def increment(self, s, t) -> BrownianIncrement:
         return self._tree.increment(s, t)
 
+    @property
+    def increments(self):
+        """The tree's vectorised query over many intervals, where the tree has one (an
+        ``AttributeError`` otherwise, so ``hasattr(bm, "increments")`` tells)."""
+        return self._tree.increments
+
 
 def _reject(kwargs: dict, where: str, valid):
     if kwargs:
@@ -865,6 +872,11 @@ class _Fields:
         return fn if callable(fn) else None
 
     def time(self, t):
+        """``t`` as torchsde passes it: a 0-d tensor of ``ts``'s dtype (on ``y0``'s device). Python
+        floats (the loop's times) come from torchnde's cache of time tensors, so a grid time seen
+        before (a step's end is the next step's start) costs a lookup, not a new tensor."""
+        if type(t) is float:
+            return cached_time(t, time_table(self.time_dtype, self.device), self.time_dtype, self.device)
         if isinstance(t, torch.Tensor):
             return t.to(dtype=self.time_dtype, device=self.device)
         return torch.tensor(t, dtype=self.time_dtype, device=self.device)
@@ -928,22 +940,49 @@ class _Grid(StepTo):
 
 def _torchsde_grid(t0, t_end, dt, dtype) -> list:
     """The step ends of torchsde's fixed-step loop: ``t <- min(t + dt, t_end)`` accumulated in the
-    dtype of ``ts`` (as torchsde does), excluding ``t0`` and ``t_end``."""
-    out = []
-    if dtype == torch.float64:
-        t = t0
+    dtype of ``ts`` (as torchsde does), excluding ``t0`` and ``t_end``.
+
+    float32 and float64 (every ``ts`` torchsde users pass) are accumulated by one
+    ``numpy.add.accumulate`` per chunk: a sequential sum rounded to the dtype after every
+    addition, the same numbers as torch's ``t + dt`` on a 0-d tensor one step at a time (a
+    Python loop of tensor operations costs ~25 µs a step, as much as a small solve's step).
+    Other dtypes are accumulated with torch one step at a time."""
+    np_dtype = {torch.float32: np.float32, torch.float64: np.float64}.get(dtype)
+    if np_dtype is None:
+        out = []
+        t = torch.tensor(t0, dtype=dtype)
+        end = torch.tensor(t_end, dtype=dtype)
         while True:
-            t = min(t + dt, t_end)
-            if t >= t_end:
+            t = torch.minimum(t + dt, end)
+            if t >= end:
                 return out
-            out.append(t)
-    t = torch.tensor(t0, dtype=dtype)
-    end = torch.tensor(t_end, dtype=dtype)
+            if float(t) <= (out[-1] if out else t0):
+                raise _stalled(dt, float(t), dtype)
+            out.append(float(t))
+    end = np_dtype(t_end)
+    t = np_dtype(t0)
+    parts = []
     while True:
-        t = torch.minimum(t + dt, end)
-        if t >= end:
-            return out
-        out.append(float(t))
+        n = int(min(max(math.ceil(float(end - t) / dt) + 2, 16), 1 << 20))
+        incs = np.full(n + 1, dt, dtype=np_dtype)
+        incs[0] = t
+        acc = np.add.accumulate(incs, dtype=np_dtype)[1:]
+        past = np.flatnonzero(acc >= end)
+        if past.size:
+            parts.append(acc[: past[0]])
+            break
+        if not acc[-1] > t:
+            raise _stalled(dt, float(t), dtype)
+        parts.append(acc)
+        t = acc[-1]
+    return np.concatenate(parts).astype(np.float64).tolist()
+
+
+def _stalled(dt, t, dtype) -> ValueError:
+    return ValueError(
+        f"dt={dt} is below the resolution of ts's dtype ({dtype}) at t={t}: t + dt rounds back to t, so the "
+        "fixed steps would never reach ts[-1] (torchsde loops forever here); pass a larger dt or float64 ts"
+    )
 
 
 class _TorchsdeSteps(PIDController):
@@ -1182,9 +1221,13 @@ def _attach_levy_area(solver, bm) -> None:
 def _run(p: _Plan, adjoint):
     if len(p.tl) == 1:
         return p.y0.unsqueeze(0).clone()
+    # the Brownian classes of this module are wrappers of a torchnde VirtualBrownianTree: the solve
+    # queries the tree itself (the same values, one call less per step, and the tree's
+    # vectorised queries over a planned grid reach the fixed-step loop)
+    path = p.bm._tree if isinstance(p.bm, _TreeBrownian) else p.bm
     control = ControlTerm(
         p.fields.diffusion,
-        p.bm,
+        path,
         noise=p.noise,
         additive=p.noise_type == "additive",
         calculus=p.sde_type,
