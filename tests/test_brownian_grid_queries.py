@@ -178,3 +178,26 @@ def test_increments_empty_and_errors():
         per = cls(*first, (2, 3), seed=torch.tensor([1, 2]))
         with pytest.raises(NotImplementedError, match="per-sample seeds"):
             per.increments([0.0], [0.5])
+
+
+@pytest.mark.parametrize("levy", LEVY)
+@pytest.mark.parametrize("shape", [(3, 2), TREE_SHAPE, "per-sample"])
+def test_grid_one_cell_fast_path_equals_general_path(levy, shape):
+    # float grid times take a dictionary fast path; 0-d tensor times the general one (clamp,
+    # nearest grid index, cell gather): the same values, both directions, increment and evaluate
+    seed = 5
+    if shape == "per-sample":
+        shape, seed = (2, 3), torch.tensor([4, 9])
+    g = BrownianGrid([0.0, 0.1, 0.35, 0.5, 1.0], shape, levy_area=levy, seed=seed, dtype=F64)
+    for a, b in [(0.1, 0.35), (0.35, 0.1), (0.0, 0.1), (1.0, 0.5), (0.1, 0.5)]:
+        fast, slow = g.increment(a, b), g.increment(torch.tensor(a, dtype=F64), torch.tensor(b, dtype=F64))
+        for i in (1, 2, 3):
+            for x, y in zip(_leaves(fast[i]), _leaves(slow[i])):
+                assert (x is None and y is None) or torch.equal(x, y)
+        for x, y in zip(_leaves(g.evaluate(a, b)), _leaves(fast.W)):
+            assert torch.equal(x, y)
+    # a grid time within clamping slack of t0 is clamped to t0 by the general path: the fast
+    # path must not answer it as its own cell
+    near = BrownianGrid([0.0, 1e-9, 0.5, 1.0], (4,), seed=1, dtype=F64)
+    assert torch.equal(near.increment(1e-9, 0.5).W, near.increment(0.0, 0.5).W)
+    assert torch.equal(near.evaluate(1e-9, 0.5), near.increment(0.0, 0.5).W)

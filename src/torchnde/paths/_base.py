@@ -140,3 +140,14 @@ def stack_trees(trees: list):
     if isinstance(first, (tuple, list)):
         return type(first)(stack_trees([x[i] for x in trees]) for i in range(len(first)))
     return torch.stack(trees)
+
+
+def unstack_tree(tree, n: int) -> list:
+    """A tree whose leaves have a leading dimension ``n`` -> ``n`` trees of their rows (views)."""
+    if isinstance(tree, torch.Tensor):
+        return list(tree.unbind(0))
+    if isinstance(tree, dict):
+        cols = {k: unstack_tree(v, n) for k, v in tree.items()}
+        return [{k: cols[k][r] for k in tree} for r in range(n)]
+    cols = [unstack_tree(v, n) for v in tree]
+    return [type(tree)(c[r] for c in cols) for r in range(n)]

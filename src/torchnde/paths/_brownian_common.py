@@ -10,6 +10,7 @@ of a float64 ``erfinv``). Interval statistics and Lévy areas: :mod:`._levy`.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -89,12 +90,16 @@ class _Layout:
             self.rows = 1
             self.row_shapes = list(self.leaves)
         self.sizes = [math.prod(s) for s in self.row_shapes]
-        self.offsets = np.cumsum([0, *self.sizes]).tolist()
+        self.offsets = [0, *itertools.accumulate(self.sizes)]
         self.cols = self.offsets[-1]
         self.per_sample = isinstance(seed, torch.Tensor)
+        # a single tensor shape (not a tree): split is one reshape
+        self.plain = self.single and not self.per_sample
 
     def split(self, flat: torch.Tensor):
         """``flat`` of shape ``(rows * cols,)`` (or ``(rows, cols)``) -> the tree of leaves."""
+        if self.plain:
+            return flat.reshape(self.leaves[0])
         if self.per_sample:
             flat = flat.reshape(self.rows, self.cols)
             if len(self.leaves) == 1:
@@ -146,6 +151,8 @@ class _PathBase(AbstractBrownianPath):
         self.seed = seed
         # rounding slack for endpoint queries: a few ulps of float32 at the endpoints
         self._slack = 4 * float(torch.finfo(torch.float32).eps) * max(abs(self.t0), abs(self.t1), self.t1 - self.t0)
+        # float times strictly between these are kept as they are by _clamp (its fast path in _time)
+        self._inner = (self.t0 + self._slack, self.t1 - self._slack)
 
     def _clamp(self, t: float, name: str) -> float:
         """Times within float32 rounding of an endpoint are snapped to it; further out is an error."""
@@ -190,6 +197,8 @@ class _PathBase(AbstractBrownianPath):
 
     def _time(self, t, name: str):
         """A Python float (shared time) or a list of B floats (per-sample times)."""
+        if type(t) is float and self._inner[0] < t < self._inner[1]:
+            return t
         if isinstance(t, torch.Tensor):
             if t.dim() == 0 or (t.dim() == 1 and t.shape[0] == 1 and self._layout.rows != 1):
                 return self._clamp(t.item(), name)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import bisect
-import math
 
 import numpy as np
 import torch
 
 from . import _rng
-from ._base import BrownianIncrement, interval_dt
+from ._base import BrownianIncrement, interval_dt, tree_map, unstack_tree
 from ._brownian_common import _STREAM_GRID, _PathBase, _row_shape
 from ._levy import _scale_rows, _to_levy, _unit_sqrt
 
@@ -25,6 +24,10 @@ class _FlatLayout:
 
 
 _FLAT = _FlatLayout()
+
+
+def _neg(tree):
+    return -tree if isinstance(tree, torch.Tensor) else tree_map(torch.neg, tree)
 
 
 class BrownianGrid(_PathBase):
@@ -73,20 +76,47 @@ class BrownianGrid(_PathBase):
             self._h1 = (c[:, 1] / h - c[:, 0] / 2).to(dtype)
             self._k1 = (c[:, 1] / (2 * h) - c[:, 2] / h**2 + c[:, 0] / 12).to(dtype) if d >= 3 else None
         self._tol = 1e-9 * (self.t1 - self.t0) + self._slack
-        # fast path of evaluate(): one-cell increments between exact grid times, in the leaf's shape
+        # fast path of increment()/evaluate(): one-cell queries between exact grid times (float
+        # times that _time keeps as they are: no interior grid time within clamping slack of an end)
         self._pos = {v: i for i, v in enumerate(grid)}
-        leaves = self._layout.leaves
-        one = self._layout.single and len(leaves) == 1 and self._w1[0].numel() == math.prod(leaves[0])
-        self._w_shaped = self._w1.view(n, *leaves[0]) if one else None
+        self._exact = all(self._inner[0] < v < self._inner[1] for v in grid[1:-1])
+        self._rows = None  # per cell, the forward answer (W, H, K) in the path's shape, built on first use
+
+    def _cell_rows(self) -> list:
+        """The one-cell answers ``(W, H, K)`` (trees of views of the precomputed cells), per cell."""
+        if self._rows is None:
+            n = len(self._lengths)
+            cols = []
+            for v in (self._w1, self._h1, self._k1):
+                if v is None:
+                    cols.append([None] * n)
+                elif self._layout.per_sample:
+                    cols.append([self._layout.split(x) for x in v.unbind(0)])
+                else:
+                    cols.append(unstack_tree(self._layout.split_rows(v), n))
+            self._rows = list(zip(*cols))
+        return self._rows
+
+    def _one_cell(self, s: float, t: float):
+        """The answer of a one-cell query between exact grid times, or None."""
+        i, j = self._pos.get(s), self._pos.get(t)
+        if i is None or j is None or not self._exact:
+            return None
+        if j == i + 1:
+            return BrownianIncrement(t - s, *self._cell_rows()[i])
+        if i == j + 1:
+            w, h, k = self._cell_rows()[j]
+            return BrownianIncrement(t - s, _neg(w), h, None if k is None else _neg(k))
+        return None
 
     def evaluate(self, s, t=None):
-        if t is not None and self._w_shaped is not None and type(s) is float and type(t) is float:
+        if t is not None and type(s) is float and type(t) is float:
             i, j = self._pos.get(s), self._pos.get(t)
-            if i is not None and j is not None:
+            if i is not None and j is not None and self._exact:
                 if j == i + 1:
-                    return self._w_shaped[i]
+                    return self._cell_rows()[i][0]
                 if i == j + 1:
-                    return -self._w_shaped[j]
+                    return _neg(self._cell_rows()[j][0])
         return super().evaluate(s, t)
 
     @classmethod
@@ -116,6 +146,9 @@ class BrownianGrid(_PathBase):
         )
 
     def _index(self, t: float) -> int:
+        j = self._pos.get(t)
+        if j is not None:  # a grid time: its own index (the nearest, at distance 0)
+            return j
         i = bisect.bisect_left(self.ts, t)
         cands = [j for j in (i - 1, i) if 0 <= j < len(self.ts)]
         j = min(cands, key=lambda j: abs(self.ts[j] - t))
@@ -174,6 +207,10 @@ class BrownianGrid(_PathBase):
         return BrownianIncrement(interval_dt(ss, tt), *(None if v is None else split(v) for v in outs))
 
     def increment(self, s, t) -> BrownianIncrement:
+        if type(s) is float and type(t) is float:
+            out = self._one_cell(s, t)
+            if out is not None:
+                return out
         s_ = self._time(s, "s")
         t_ = self._time(t, "t")
         if isinstance(s_, list) or isinstance(t_, list):

@@ -47,6 +47,61 @@ _SPEC_RUN = 2
 _INCREMENTS_ELEMENTS = 1 << 19
 
 
+# the constants of a tree's halving, per (span, depth, d) and per (dtype, device): they depend on
+# nothing else, so trees of the same interval share them (exactly the values each would compute)
+_HALVING: dict = {}
+_HALVING_TENSORS: dict = {}
+_HALVING_KEEP = 32
+
+
+def _halving(span: float, depth: int, d: int, idt, dev):
+    """``(split1, ab_cols, root_sqrt)`` of a tree on an interval of length ``span``: per level the
+    halving matrix ``[AA | BB]`` (both children ``= [AA | BB] @ [parent; z]``) as columns
+    ``ab_cols[lev, j]`` (a tensor, read only), ``split1[lev] = (a, b)`` where the children are
+    ``a W + b z`` and ``a W - b z`` (d = 1) else None, and the root's covariance square root."""
+    key = (span, depth, d)
+    consts = _HALVING.get(key)
+    if consts is None:
+        mats = []
+        for lev in range(depth):
+            length = span * 2.0**-lev
+            a, b = _split_scaled(0.5, length, d)
+            ar, br = _uncombine_scaled(0.5, length, d, a, b)
+            mats.append(np.block([[a, b], [ar, br]]))
+        mats = np.array(mats).reshape(-1, 2 * d, 2 * d)
+        # d = 1: the children are a W + b z and a W - b z (exactly these products), two products
+        # and two sums instead of four and two
+        split1 = [
+            (float(m[0, 0]), float(m[0, 1])) if d == 1 and m[1, 0] == m[0, 0] and m[1, 1] == -m[0, 1] else None
+            for m in mats
+        ]
+        if len(_HALVING) >= _HALVING_KEEP:
+            _HALVING.clear()
+        consts = _HALVING[key] = (mats, split1, _psd_sqrt(_cov(span, d)))
+    tkey = (*key, idt, str(dev))
+    tensors = _HALVING_TENSORS.get(tkey)
+    if tensors is None:
+        mats, _, root_sqrt = consts
+        ab = torch.tensor(mats, dtype=idt, device=dev)
+        if len(_HALVING_TENSORS) >= _HALVING_KEEP:
+            _HALVING_TENSORS.clear()
+        tensors = _HALVING_TENSORS[tkey] = (
+            ab.transpose(1, 2).reshape(-1, 2 * d, 1, 2 * d, 1),  # [lev, j] = column j
+            torch.tensor(root_sqrt, dtype=idt, device=dev),
+        )
+    return consts[1], tensors[0], tensors[1]
+
+
+def _root_keys(d: int, dev) -> torch.Tensor:
+    """The node keys of the root's ``d`` components (an int32 tensor, cached per device)."""
+    key = (d, str(dev))
+    out = _HALVING_TENSORS.get(key)
+    if out is None:
+        keys = np.concatenate([_rng.node_keys(_STREAM_ROOT, [1], j) for j in range(d)])
+        out = _HALVING_TENSORS[key] = torch.as_tensor(keys.astype(np.int32), device=dev)
+    return out
+
+
 class VirtualBrownianTree(_PathBase):
     """Brownian motion on ``[t0, t1]`` queried at any times, in any order, in O(1) memory.
 
@@ -118,26 +173,13 @@ class VirtualBrownianTree(_PathBase):
         self._chain = None
         self._chain_buf = None
         # halving matrices per level: both children (2d rows) = [AA | BB] @ [parent; z]
-        mats = []
-        for lev in range(self._depth):
-            length = span * 2.0**-lev
-            a, b = _split_scaled(0.5, length, d)
-            ar, br = _uncombine_scaled(0.5, length, d, a, b)
-            mats.append(np.block([[a, b], [ar, br]]))
-        mats = np.array(mats).reshape(-1, 2 * d, 2 * d)
-        ab = torch.tensor(mats, dtype=idt, device=dev)
-        # d = 1: the children are a W + b z and a W - b z (exactly these products), two products
-        # and two sums instead of four and two
-        self._split1 = [
-            (float(m[0, 0]), float(m[0, 1])) if d == 1 and m[1, 0] == m[0, 0] and m[1, 1] == -m[0, 1] else None
-            for m in mats
-        ]
-        self._ab_cols = ab.transpose(1, 2).reshape(-1, 2 * d, 1, 2 * d, 1)  # [lev, j] = column j
-        root_sqrt = _psd_sqrt(_cov(span, d))
-        z = _rng.normals(
-            self._ekeys, np.concatenate([_rng.node_keys(_STREAM_ROOT, [1], j) for j in range(d)]), dtype=idt
-        )
-        self._root = torch.tensor(root_sqrt, dtype=idt, device=dev) @ z  # (d, M)
+        self._split1, self._ab_cols, root_sqrt = _halving(span, self._depth, d, idt, dev)
+        # the root's normals (as _rng.normals draws them, without recomputing the 32-bit keys)
+        m = self._ek32.shape[0]
+        z = torch.empty(d, m, dtype=torch.float64, device=dev)
+        bits = torch.empty(d, m, dtype=torch.int32, device=dev)
+        _rng.normals_into(z, self._ek32, _root_keys(d, dev), bits, torch.empty_like(bits))
+        self._root = root_sqrt @ (z if idt == torch.float64 else z.to(idt))  # (d, M)
         # answers cache: a speculative block of consecutive steps, and the last direct query
         self._block: dict = {}
         self._block_vals = None
