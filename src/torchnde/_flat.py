@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._terms import ODETerm, SDETerm, _SumODE, cached_time, time_dtype, time_table
+from ._terms import ControlTerm, ODETerm, SDETerm, _SumODE, cached_time, time_dtype, time_table, user_time
 from ._tree import Flattener, tree_leaves, tree_map
 
 __all__ = ["flat_term"]
@@ -101,12 +101,20 @@ class _FlatSDE:
     ``gprod(g, dW)`` their product as a flat increment. The generic pair interface
     ``vf_pair`` / ``contr`` / ``prod`` lets Runge--Kutta-type solvers treat drift and noise
     together: ``prod(vf_pair(t, y), contr(t0, t1))`` is ``f dt + g dW``.
+
+    These run several times per step, so once the first evaluations have checked the user's
+    outputs, a drift that is a plain :class:`~torchnde.ODETerm` and a diffusion that is a plain
+    :class:`~torchnde.ControlTerm` are called directly (their ``vector_field``), with the time
+    converted once per evaluation point from a cache looked up once per solve (as
+    :class:`_FlatTerm` does), and a single-tensor state reshaped without tree handling. Same
+    operations, same values as going through the terms.
     """
 
     rough = True
     __slots__ = (
         "sde", "flat", "args", "sign", "nfe", "nfe_diffusion", "batched", "checked", "checked_g", "checked_w",
         "control", "path", "noise_type", "noise_class", "custom",
+        "_f", "_f_tt", "_g", "_g_tt", "_leaf", "_tcache", "_shape", "_state_shape",
     )  # fmt: skip
 
     def __init__(self, sde: SDETerm, flat: Flattener, args, sign: float, batched: bool):
@@ -125,6 +133,50 @@ class _FlatSDE:
         self.custom = type(sde).vf_prod is not SDETerm.vf_prod
         if self.custom:
             self.checked = self.checked_g = self.checked_w = True
+        # the direct calls (None: through the term's own vf / prod): the user's functions, whether
+        # they take tensor time (_tt), and the leaf product g dW of a single-tensor state
+        drift, control = sde.drift, sde.control
+        plain_f = drift is not None and type(drift).vf is ODETerm.vf
+        plain_g = type(control).vf is ControlTerm.vf
+        self._f = drift.vector_field if plain_f else None
+        self._f_tt = plain_f and not drift.time_as_float
+        self._g = control.vector_field if plain_g else None
+        self._g_tt = plain_g and not control.time_as_float
+        self._leaf = control._leaf_prod if flat.single and type(control).prod is ControlTerm.prod else None
+        self._tcache = None
+        if self._f_tt or self._g_tt:
+            dtype = time_dtype(flat.dtype)
+            self._tcache = (time_table(dtype, flat.device), dtype, flat.device)
+        self._shape = flat.shapes[0] if flat.single else None
+        self._state_shape = flat.state_shape
+
+    def _user_t(self, t, tree):
+        """Internal time ``t`` as the user's time, and as a 0-d tensor for fields that take one
+        (cached; see :func:`~torchnde._terms.user_time`): ``(s, s_tensor)``."""
+        s = -t if self.sign < 0 else t
+        if self._tcache is None:
+            return s, s
+        if type(s) is float:
+            st = self._tcache[0].get(s)
+            if st is None or st._version or st.requires_grad:
+                st = cached_time(s, *self._tcache)
+            return s, st
+        return s, user_time(s, tree)
+
+    def _tree(self, y):
+        return y.view(self._shape) if self._shape is not None else self.flat.state_to_tree(y)
+
+    def _state(self, out):
+        return out.reshape(self._state_shape) if self._shape is not None else self.flat.tree_to_state(out)
+
+    def _fast_f(self, st, s, tree):
+        """The drift (user's direction, flat) through the direct call (checked before)."""
+        self.nfe += 1
+        return self._state(self._f(st if self._f_tt else s, tree, self.args))
+
+    def _fast_g(self, st, s, tree):
+        self.nfe_diffusion += 1
+        return self._g(st if self._g_tt else s, tree, self.args)
 
     def vf(self, t, y):
         """The drift on the flat state (zeros if the SDE has none)."""
@@ -133,7 +185,12 @@ class _FlatSDE:
             return self.vf_prod(t, y, (1.0, zero))
         if self.sde.drift is None:
             return torch.zeros_like(y)
-        out = self._user_drift(t, y)
+        if self._f is not None and self.checked:
+            tree = self._tree(y)
+            s, st = self._user_t(t, tree)
+            out = self._fast_f(st, s, tree)
+        else:
+            out = self._user_drift(t, y)
         return -out if self.sign < 0 else out
 
     drift = vf
@@ -149,9 +206,12 @@ class _FlatSDE:
 
     def diffusion(self, t, y):
         """``g(t, y)`` in the user's shapes (see :class:`~torchnde.ControlTerm`)."""
+        tree = self._tree(y)
+        if self._g is not None and self.checked_g:
+            s, st = self._user_t(t, tree)
+            return self._fast_g(st, s, tree)
         self.nfe_diffusion += 1
         s = -t if self.sign < 0 else t
-        tree = self.flat.state_to_tree(y)
         g = self.control.vf(s, tree, self.args)
         if not self.checked_g:
             _check_diffusion(self.flat, g, self.noise_type, self.control)
@@ -190,6 +250,14 @@ class _FlatSDE:
             out = self.sde.vf_prod(s * t, self.flat.state_to_tree(y), self.args, (s * dt, w))
             return self.flat.tree_to_state(out)
         dt = control[0]
+        if self._f is not None and self._g is not None and self.checked and self.checked_g and type(dt) is float:
+            # the direct calls: drift first, then diffusion (as below), one time conversion
+            tree = self._tree(y)
+            s, st = self._user_t(t, tree)
+            f = self._fast_f(st, s, tree)
+            inc = self.gprod(self._fast_g(st, s, tree), control[1])
+            # backwards in time the drift's sign flip goes into the scalar (one op fewer)
+            return torch.add(inc, f, alpha=-dt if self.sign < 0 else dt)
         if self.sign < 0 and self.sde.drift is not None and isinstance(dt, float):
             # backwards in time: the drift's sign flip goes into the scalar (one op fewer, same values)
             f = self._user_drift(t, y)
@@ -198,9 +266,18 @@ class _FlatSDE:
 
     def gprod(self, g, w):
         """``g dW`` as a flat increment."""
+        leaf = self._leaf
+        if leaf is not None and type(g) is torch.Tensor and type(w) is torch.Tensor:
+            return leaf(g, w).reshape(self._state_shape)
         return self.flat.tree_to_state(self.control.prod(g, w))
 
     def vf_pair(self, t, y):
+        """``(f, g)``: the drift (flat; ``None`` without one) and the diffusion at ``(t, y)``."""
+        if self._f is not None and self._g is not None and self.checked and self.checked_g:
+            tree = self._tree(y)
+            s, st = self._user_t(t, tree)
+            f = self._fast_f(st, s, tree)
+            return (-f if self.sign < 0 else f), self._fast_g(st, s, tree)
         return (self.vf(t, y) if self.sde.drift is not None else None, self.diffusion(t, y))
 
     def contr(self, t0, t1):

@@ -208,22 +208,8 @@ class _ReversibleFn(torch.autograd.Function):
                 continue
             incoming[n] = incoming[n] + grad_ys[j] if n in incoming else grad_ys[j]
 
-        y = internal["y"]
-        z = internal["solver_state"][0]
-        a_y = torch.zeros_like(y)
-        a_z = torch.zeros_like(y)
-        g = [None] * len(wrt)
-        for n in range(len(times) - 1, 0, -1):
-            if n in incoming:
-                a_y = a_y + incoming[n]
-            y, z, a_y, a_z, parts = solver.backward_step(term, times[n - 1], times[n], y, z, a_y, a_z, wrt)
-            for i, part in enumerate(parts):  # one block of len(wrt) per vector-Jacobian product
-                if part is not None:
-                    i %= len(wrt)
-                    g[i] = part if g[i] is None else g[i] + part
-        if 0 in incoming:
-            a_y = a_y + incoming[0]
+        a_y0, g = solver.reverse(term, times, internal["y"], internal["solver_state"][0], incoming, wrt)
         if len(times) > 1:
             check_reached(params, [gi is not None for gi in g[len(ctx.proxy_list) :]])
         grads = [torch.zeros_like(w) if gi is None else gi.to(w.dtype) for gi, w in zip(g, wrt)]
-        return (None,) * 7 + (a_y + a_z, *grads)
+        return (None,) * 7 + (a_y0, *grads)

@@ -133,6 +133,28 @@ def _lincomb(base, scale, ks: list, ct: torch.Tensor, cf: tuple):
     return comb * scale if base is None else torch.addcmul(base, scale, comb)
 
 
+def _sde_comb(base, ks: list, ct: torch.Tensor, cf: tuple):
+    """``base + sum_j cf[j] * ks[j]`` (``base`` may be ``None``) for an SDE step, whose stages are
+    already increments (no step-size scale). Zero coefficients are skipped, and the combinations
+    of the two-stage methods (Heun, midpoint) take at most two ops: one stage ``base + c k``, two
+    stages with equal or opposite weights ``base + c (k_0 +- k_1)`` (the stages summed before the
+    state, as :func:`_lincomb` does); anything else is :func:`_lincomb`."""
+    nz = [(k, c) for k, c in zip(ks, cf) if c != 0.0]
+    if len(nz) == 1:
+        k, c = nz[0]
+        if base is None:
+            return k if c == 1.0 else k * c
+        return torch.add(base, k, alpha=c)
+    if len(nz) == 2:
+        (k0, c0), (k1, c1) = nz
+        if c0 == c1 or c0 == -c1:
+            comb = k0 + k1 if c0 == c1 else k1 - k0
+            if base is not None:
+                return torch.add(base, comb, alpha=c1)
+            return comb if c1 == 1.0 else comb.mul_(c1)
+    return _lincomb(base, 1.0, ks, ct, cf)
+
+
 def _node(t0, h, c: float):
     """The stage time ``t0 + c h`` (one fused op for per-sample time tensors)."""
     return t0 + c * h if isinstance(h, float) else torch.add(t0, h, alpha=c)
@@ -203,13 +225,13 @@ class AbstractERK(AbstractSolver):
         ks = [term.vf_prod(t0, y0, control)]
         a_t, a_f, c = coef["a"], coef["a_f"], coef["c"]
         for i in range(1, tab.num_stages):
-            yi = _lincomb(y0, 1.0, ks, a_t[i], a_f[i])
+            yi = _sde_comb(y0, ks, a_t[i], a_f[i])
             ks.append(term.vf_prod(_node(t0, h, c[i]), yi, control))
         # Euler-Maruyama: y0 + (f dt + g dW), one op
-        y1 = y0 + ks[0] if tab.num_stages == 1 else _lincomb(y0, 1.0, ks, coef["b"], coef["b_f"])
+        y1 = y0 + ks[0] if tab.num_stages == 1 else _sde_comb(y0, ks, coef["b"], coef["b_f"])
         y_error = None
         if coef["b_error"] is not None:
-            y_error = _lincomb(None, 1.0, ks, coef["b_error"], coef["b_error_f"])
+            y_error = _sde_comb(None, ks, coef["b_error"], coef["b_error_f"])
         return y1, y_error, (y0, y1), None, None
 
     def _stages(self, term, t0, h, dt, y0, f0, coef, n: int):

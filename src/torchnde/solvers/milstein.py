@@ -82,11 +82,14 @@ def _milstein_increment(term, t0, t1, y0, ito: bool, params_grad: bool):
             gflat = flat.tree_to_state(g0)
             _, d = _jvp(lambda y: flat.tree_to_state(term.diffusion(t0, y)), y0, gflat)
         d_tree = flat.state_to_tree(d)
-        w2 = tree_map(lambda x: x * x, w)
-        extra = term.gprod(d_tree, w2)
-        if ito:
-            extra = extra - d * h  # gprod(d, 1) = d for diagonal and scalar noise
-        return term.gprod(g0, w) + 0.5 * extra
+        if ito and isinstance(h, float):
+            # d (ΔW² - h) in one product: gprod(d, 1) = d for diagonal and scalar noise
+            extra = term.gprod(d_tree, tree_map(lambda x: x * x - h, w))
+        else:
+            extra = term.gprod(d_tree, tree_map(lambda x: x * x, w))
+            if ito:
+                extra = extra - d * h  # (per-sample h: a column of the flat state)
+        return torch.add(term.gprod(g0, w), extra, alpha=0.5)
     # general commutative noise: the derivative of y -> g(y) ΔW along g(y) ΔW is
     # Σ_jk ΔW_j ΔW_k L^j g^k
     gw = term.gprod(g0, w)

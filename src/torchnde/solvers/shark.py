@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from .sra1 import _AdditiveSRK
+import torch
+
+from .sra1 import _AdditiveSRK, _axpy, _node
 
 __all__ = ["ShARK"]
 
@@ -31,3 +33,10 @@ class ShARK(_AdditiveSRK):
     b = (0.4, 0.6)
     aw = (0.0, 5.0 / 6.0)
     ah = (1.0, 1.0)
+
+    def _drifts(self, term, t0, t1, dt, y0, g0, w, hh, ga):
+        # z_1 = y_n + g H; z_2 = z_1 + 5/6 (h f_1 + g W)
+        z1 = y0 + term.gprod(g0, hh)
+        f1 = term.vf(t0, z1)
+        z2 = torch.add(z1, _axpy(term.gprod(g0, w), f1, dt), alpha=self.a21)
+        return f1, term.vf(_node(t0, t1, self.c2), z2)

@@ -38,6 +38,11 @@ class _AdditiveSRK(AbstractSolver):
     with :math:`\int g\,dW \approx g(t_n)(W/2 + H) + g(t_{n+1})(W/2 - H)`, exact for ``g``
     constant and accurate to the order of the method when ``g`` depends on time (since
     :math:`\int (s - t_n)\,dW_s = h(W/2 - H)`).
+
+    ``g`` depends on time only, so each distinct time is evaluated once: the state carries
+    ``(t_{n+1}, g(t_{n+1}))`` and the next step starting at :math:`t_{n+1}` reuses it (one
+    diffusion evaluation per step, two on the first). Subclasses write their stages in
+    :meth:`_drifts`, with the combinations of ``g`` and the Brownian increments shared.
     """
 
     order = None
@@ -64,30 +69,31 @@ class _AdditiveSRK(AbstractSolver):
             )
         w, hh = _levy(term, t0, t1, type(self).__name__)
         dt = _dt_column(t0, t1)
-        g0 = term.diffusion(t0, y0)
-        gw = term.gprod(g0, w)
-        gh = term.gprod(g0, hh)
-        g1 = term.diffusion(t1, y0)  # additive: only the time matters
-        noise = term.gprod(g0, tree_zip(w, hh, lambda a, b: 0.5 * a + b))
-        noise = noise + term.gprod(g1, tree_zip(w, hh, lambda a, b: 0.5 * a - b))
+        # additive: g depends on the time only; g(t_n) is the previous step's g(t_{n+1}) when that
+        # step ended here (shared Python-float times; per-sample time tensors are not compared)
+        if state is not None and state[0] == t0:
+            g0 = state[1]
+        else:
+            g0 = term.diffusion(t0, y0)
+        g1 = term.diffusion(t1, y0)
+        a = tree_zip(w, hh, lambda x, y: torch.add(y, x, alpha=0.5))  # W/2 + H
+        ga = term.gprod(g0, a)
+        noise = ga + term.gprod(g1, tree_zip(w, a, torch.sub))  # g0 (W/2 + H) + g1 (W/2 - H)
         if term.sde.drift is None:
             y1 = y0 + noise
         else:
-            z1 = self._shift(y0, gw, gh, 0)
-            f1 = term.vf(t0, z1)
-            z2 = _axpy(self._shift(y0, gw, gh, 1), f1, dt * self.a21)
-            f2 = term.vf(_node(t0, t1, self.c2), z2)
-            drift = _axpy(f1 * self.b[0], f2, self.b[1])
-            y1 = _axpy(y0 + noise, drift, dt)
-        return y1, None, (y0, y1), None, None
+            f1, f2 = self._drifts(term, t0, t1, dt, y0, g0, w, hh, ga)
+            b1, b2 = self.b
+            if isinstance(dt, float):
+                inc = torch.add(torch.add(noise, f1, alpha=dt * b1), f2, alpha=dt * b2)
+            else:
+                inc = torch.addcmul(torch.addcmul(noise, f1, dt, value=b1), f2, dt, value=b2)
+            y1 = y0 + inc
+        return y1, None, (y0, y1), ((t1, g1) if type(t1) is float else None), None
 
-    def _shift(self, y0, gw, gh, i):
-        out = y0
-        if self.aw[i]:
-            out = out + self.aw[i] * gw
-        if self.ah[i]:
-            out = out + self.ah[i] * gh
-        return out
+    def _drifts(self, term, t0, t1, dt, y0, g0, w, hh, ga):  # pragma: no cover - interface
+        """``(f(t_n, z_1), f(t_n + c_2 h, z_2))``; ``ga = g(t_n)(W/2 + H)`` (flat)."""
+        raise NotImplementedError
 
     def dense_coeffs(self, term, dense_info):
         return linear_coeffs(*dense_info)
@@ -121,3 +127,9 @@ class SRA1(_AdditiveSRK):
     b = (1.0 / 3.0, 2.0 / 3.0)
     aw = (0.0, 0.75)
     ah = (0.0, 1.5)
+
+    def _drifts(self, term, t0, t1, dt, y0, g0, w, hh, ga):
+        # z_1 = y_n; z_2 = y_n + 3/4 h f_1 + g (3/4 W + 3/2 H) = y_n + 3/4 h f_1 + 3/2 ga
+        f1 = term.vf(t0, y0)
+        z2 = _axpy(torch.add(y0, ga, alpha=1.5), f1, dt * self.a21)
+        return f1, term.vf(_node(t0, t1, self.c2), z2)
