@@ -107,10 +107,11 @@ class ARKTableau:
 class _ImplicitPart:
     """The stiff part of a flat term, seen as a term of its own (for :func:`jacobian`)."""
 
-    __slots__ = ("vf", "batched", "rough")
+    __slots__ = ("vf", "batched", "rough", "base")
 
     def __init__(self, term, split: bool):
         self.vf = term.vf_implicit if split else term.vf
+        self.base = term  # the flat term (state layout, args, time sign) for a user-given jac
         self.batched = getattr(term, "batched", False)
         self.rough = False
 

@@ -115,6 +115,7 @@ __all__ = [
     "DIRKTableau",
     "NewtonStats",
     "jacobian",
+    "user_jacobian",
     "NEWTON_OK",
     "NEWTON_DIVERGED",
     "NEWTON_SINGULAR",
@@ -272,6 +273,78 @@ def jacobian(term, t, y: torch.Tensor, batched: bool, mode: str = "auto") -> tor
         return torch.func.jacrev(lambda Y: term.vf(t, Y))(y)
 
 
+def _flat_base(term):
+    """The solver-facing flat term behind ``term`` (an IMEX solver's implicit part, or the term
+    itself): it carries the flattener, the bound ``args`` and the time sign."""
+    base = getattr(term, "base", term)
+    if not all(hasattr(base, k) for k in ("flat", "args", "sign")):
+        raise TypeError(f"jac=...: the solver got a term without the user's state layout ({type(term).__name__})")
+    return base
+
+
+def user_jacobian(fn, term, t, y: torch.Tensor, batched: bool, graph: bool = False) -> torch.Tensor:
+    r"""The Jacobian of the flat vector field from the user's ``jac(t, y, args)``, batch first:
+    ``(B, n, n)`` in per-sample mode, ``(1, N, N)`` in shared mode.
+
+    ``fn`` gets the time (a tensor, as the vector field does), the state in the user's shape
+    (single-tensor states only) and ``args``, and returns :math:`\partial f/\partial y` in the
+    user's shapes: for a state of shape ``S = (*lead, m)`` either ``S + (m,)`` (one ``(m, m)``
+    block per leading index: the field acts on the last dimension of each row independently; in
+    per-sample mode with ``S = (B, n)`` this is ``(B, n, n)``) or the full ``S + S`` (per-sample:
+    ``(B, *rest, *rest)``). Integration backwards in time (``t1 < t0``) is handled here: the flat
+    field is ``-f(-t, y)``, so its Jacobian is ``-fn(-t, y)``. ``graph``: keep the result in
+    autograd's graph (Rosenbrock gradients); otherwise it is computed without one.
+    """
+    base = _flat_base(term)
+    flat = base.flat
+    if not flat.single:
+        raise TypeError(
+            "jac=... supports a single-tensor state (its Jacobian is one (..., n, n) tensor); this solve's y0 is a "
+            "tuple/dict. Flatten the state into one tensor, or leave jac=None (automatic Jacobians)."
+        )
+    from .._terms import time_dtype
+
+    tdt = time_dtype(y.dtype)
+    tt = t if isinstance(t, torch.Tensor) else torch.tensor(float(t), dtype=tdt, device=y.device)
+    if base.sign < 0:
+        tt = -tt
+    ctx = torch.enable_grad() if graph else torch.no_grad()
+    with ctx:
+        yu = flat.state_to_tree(y if graph else y.detach())
+        J = fn(tt, yu, base.args)
+    S = tuple(yu.shape)
+    if not isinstance(J, torch.Tensor):
+        raise TypeError(f"jac=... must return a tensor (the Jacobian), got {type(J).__name__}")
+    shape = tuple(J.shape)
+    if batched:
+        B, n = y.shape
+        if shape == S + S[1:]:
+            J = J.reshape(B, n, n)
+        else:
+            raise ValueError(
+                f"jac=... returned shape {shape}; for the per-sample state of shape {S} it must be "
+                f"{S + S[1:]} (each sample's Jacobian, d f_b / d y_b)"
+            )
+    else:
+        N = y.shape[-1]
+        if shape == S + S:
+            J = J.reshape(1, N, N)
+        elif len(S) >= 2 and shape == S + S[-1:]:
+            m = S[-1]
+            L = N // m
+            eye = torch.eye(L, dtype=J.dtype, device=J.device)
+            J = torch.einsum("ab,aij->aibj", eye, J.reshape(L, m, m)).reshape(1, N, N)
+        else:
+            want = f"{S + S}" if len(S) < 2 else f"{S + S[-1:]} (one block per row) or {S + S} (full)"
+            raise ValueError(f"jac=... returned shape {shape}; for the state of shape {S} it must be {want}")
+    if not J.is_floating_point():
+        raise TypeError(f"jac=... must return a floating tensor, got dtype {J.dtype}")
+    J = J.to(dtype=y.dtype, device=y.device)
+    if base.sign < 0:
+        J = -J
+    return J if graph else J.detach()
+
+
 def _where(mask, a, b):
     """Row selection: ``mask`` is ``(B,)``; ``a`` and ``b`` have the batch first."""
     return torch.where(mask.view(-1, *([1] * (a.dim() - 1))), a, b)
@@ -386,6 +459,13 @@ class AbstractESDIRK(AbstractAdaptiveSolver):
         jacobian: how the Jacobian is computed: ``"auto"`` (default: ``"loop"`` up to 16 states,
             ``"fwd"`` above), ``"loop"`` (``n`` backward passes of ``torch.autograd.grad``),
             ``"fwd"`` (``torch.func.jacfwd``) or ``"rev"`` (``torch.func.jacrev``).
+        jac: a user-given Jacobian ``jac(t, y, args)`` of the vector field (of the implicit, second
+            term for the IMEX solvers) in the user's shapes, used instead of ``jacobian`` (no
+            autograd or ``torch.func`` pass and no vector-field evaluation per Jacobian): for a
+            single-tensor state of shape ``(..., n)`` it returns ``(..., n, n)`` (per sample in
+            per-sample mode: ``(B, n, n)``), or the full ``state.shape * 2``; see
+            :func:`user_jacobian`. It only steers the Newton iterations: an inexact ``jac``
+            costs iterations (or fails steps), not accuracy, and gradients do not use it.
     """
 
     tableau: ClassVar[DIRKTableau]
@@ -399,6 +479,7 @@ class AbstractESDIRK(AbstractAdaptiveSolver):
         newton_atol: float | None = None,
         max_iters: int = 10,
         jacobian: str = "auto",
+        jac=None,
     ):
         for name, v in (("newton_rtol", newton_rtol), ("newton_atol", newton_atol)):
             if v is not None and not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
@@ -411,8 +492,11 @@ class AbstractESDIRK(AbstractAdaptiveSolver):
             )
         self.newton_rtol = None if newton_rtol is None else float(newton_rtol)
         self.newton_atol = None if newton_atol is None else float(newton_atol)
+        if jac is not None and not callable(jac):
+            raise TypeError(f"{type(self).__name__}(jac=...) must be a callable jac(t, y, args), got {jac!r}")
         self.max_iters = max_iters
         self.jacobian = jacobian
+        self.jac = jac
 
     def with_tolerances(self, rtol: float, atol: float):
         """This solver with the Newton tolerances left at ``None`` set from the step-size
@@ -428,7 +512,7 @@ class AbstractESDIRK(AbstractAdaptiveSolver):
         return out
 
     def _key(self):
-        return (type(self), self.newton_rtol, self.newton_atol, self.max_iters, self.jacobian)
+        return (type(self), self.newton_rtol, self.newton_atol, self.max_iters, self.jacobian, self.jac)
 
     def __eq__(self, other):
         return isinstance(other, AbstractESDIRK) and self._key() == other._key()
@@ -440,7 +524,7 @@ class AbstractESDIRK(AbstractAdaptiveSolver):
         default = type(self)()
         args = [
             f"{k}={getattr(self, k)!r}"
-            for k in ("newton_rtol", "newton_atol", "max_iters", "jacobian")
+            for k in ("newton_rtol", "newton_atol", "max_iters", "jacobian", "jac")
             if getattr(self, k) != getattr(default, k)
         ]
         return f"{type(self).__name__}({', '.join(args)})"
@@ -568,8 +652,11 @@ class AbstractESDIRK(AbstractAdaptiveSolver):
             if stats.jac is not None and bool((have | ~need_jac).all()):
                 Jn = stats.jac
             else:
-                Jn = jacobian(term, t0, y0, batched, self.jacobian)
-                Jn = Jn if batched else Jn.unsqueeze(0)
+                if self.jac is not None:
+                    Jn = user_jacobian(self.jac, term, t0, y0, batched)
+                else:
+                    Jn = jacobian(term, t0, y0, batched, self.jacobian)
+                    Jn = Jn if batched else Jn.unsqueeze(0)
                 stats.jacobians += 1
                 stats.jac = Jn
                 stats.jac_t = t0_row

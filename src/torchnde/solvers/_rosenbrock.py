@@ -52,7 +52,7 @@ from typing import ClassVar
 import torch
 
 from ._base import AbstractAdaptiveSolver, _lincomb, _node
-from ._implicit import NEWTON_DIVERGED, NEWTON_OK, NEWTON_SINGULAR, NewtonStats
+from ._implicit import NEWTON_DIVERGED, NEWTON_OK, NEWTON_SINGULAR, NewtonStats, user_jacobian
 
 __all__ = ["AbstractRosenbrock", "RosenbrockTableau", "derivatives"]
 
@@ -186,6 +186,44 @@ def derivatives(term, t, yb: torch.Tensor, batched: bool, mode: str = "rev", tim
     return f0, ft, J
 
 
+def user_derivatives(fn, term, t, yb: torch.Tensor, batched: bool, time: str = "ad", graph: bool = False):
+    r"""``(f, f_t, J)`` as :func:`derivatives`, with ``J`` from the user's ``jac`` (see
+    :func:`~torchnde.solvers._implicit.user_jacobian`) and ``f``, ``f_t`` from one evaluation:
+    ``time="ad"`` runs it with a forward-mode dual number in ``t``
+    (``torch.autograd.forward_ad``, no ``torch.func`` transform and no backward pass), ``"fd"`` by
+    a forward difference (one more evaluation), as does a field whose time is a Python float or
+    whose operations have no forward-mode derivative."""
+    from torch.autograd import forward_ad as fwad
+
+    kw = dict(dtype=yb.dtype, device=yb.device)
+
+    def F(tt, z):
+        return term.vf(tt, z) if batched else term.vf(tt, z[0]).unsqueeze(0)
+
+    J = user_jacobian(fn, term, t, yb if batched else yb[0], batched, graph)
+    if not batched and getattr(getattr(term, "term", None), "time_as_float", False):
+        time = "fd"
+    tt = t if batched else torch.full((), float(t), **kw)
+    ctx = contextlib.nullcontext() if graph else torch.no_grad()
+    yd = yb if graph else yb.detach()
+    if time == "ad":
+        try:
+            with ctx, fwad.dual_level():
+                out = F(fwad.make_dual(tt.detach(), torch.ones_like(tt)), yd)
+                f0, ft = fwad.unpack_dual(out)
+            return f0, (torch.zeros_like(f0) if ft is None else ft), J
+        except (RuntimeError, NotImplementedError):  # no forward-mode formula for an operation
+            pass
+    with ctx:
+        f0 = F(t, yd)
+        delta = math.sqrt(torch.finfo(yb.dtype).eps) * tt.detach().abs().clamp(min=1.0)
+        t2 = (tt + delta).detach()
+        delta = t2 - tt.detach()
+        f2 = F(t2 if batched else float(t2), yd)
+        ft = (f2 - f0) / (delta.unsqueeze(-1) if batched else delta)
+    return f0, ft, J
+
+
 def _where(mask, a, b):
     """Row selection: ``mask`` is ``(B,)``; ``a`` and ``b`` have the batch first."""
     return torch.where(mask.view(-1, *([1] * (a.dim() - 1))), a, b)
@@ -204,24 +242,35 @@ class AbstractRosenbrock(AbstractAdaptiveSolver):
             goes through Python decompositions).
         time_derivative: ``"ad"`` (forward mode in ``t``, default) or ``"fd"`` (a forward
             difference, for vector fields that do Python arithmetic on ``t``).
+        jac: a user-given Jacobian ``jac(t, y, args)`` in the user's shapes, used instead of
+            ``jacobian`` (for a single-tensor state of shape ``(..., n)`` it returns
+            ``(..., n, n)``; per sample ``(B, n, n)``; see
+            :func:`~torchnde.solvers._implicit.user_jacobian`). ``f`` and ``∂f/∂t`` then come
+            from one evaluation with a forward-mode dual number in ``t``. A Rosenbrock step uses
+            ``J`` in its formula: an inexact ``jac`` costs accuracy and order (Rosenbrock23, a
+            W-method, keeps order 2). With gradients it is called inside autograd's graph, so
+            it must be differentiable in ``y`` and in the parameters it uses.
     """
 
     tableau: ClassVar[RosenbrockTableau]
     #: the diagonal :math:`\gamma` of the matrix :math:`I - h\gamma J`
     gamma: ClassVar[float]
 
-    def __init__(self, jacobian: str = "rev", time_derivative: str = "ad"):
+    def __init__(self, jacobian: str = "rev", time_derivative: str = "ad", jac=None):
         if jacobian not in ("fwd", "rev"):
             raise ValueError(f"{type(self).__name__}(jacobian=...) must be 'fwd' or 'rev', got {jacobian!r}")
         if time_derivative not in ("ad", "fd"):
             raise ValueError(
                 f"{type(self).__name__}(time_derivative=...) must be 'ad' or 'fd', got {time_derivative!r}"
             )
+        if jac is not None and not callable(jac):
+            raise TypeError(f"{type(self).__name__}(jac=...) must be a callable jac(t, y, args), got {jac!r}")
         self.jacobian = jacobian
         self.time_derivative = time_derivative
+        self.jac = jac
 
     def _key(self):
-        return (type(self), self.jacobian, self.time_derivative)
+        return (type(self), self.jacobian, self.time_derivative, self.jac)
 
     def __eq__(self, other):
         return isinstance(other, AbstractRosenbrock) and self._key() == other._key()
@@ -232,7 +281,7 @@ class AbstractRosenbrock(AbstractAdaptiveSolver):
     def __repr__(self):
         args = [
             f"{k}={getattr(self, k)!r}"
-            for k, default in (("jacobian", "rev"), ("time_derivative", "ad"))
+            for k, default in (("jacobian", "rev"), ("time_derivative", "ad"), ("jac", None))
             if getattr(self, k) != default
         ]
         return f"{type(self).__name__}({', '.join(args)})"
@@ -271,7 +320,10 @@ class AbstractRosenbrock(AbstractAdaptiveSolver):
                 probe = bool(term.vf(t0, y0).requires_grad)
                 state = (f_init, probe, stats)
             graph = probe or yb.requires_grad
-        f0, ft, J = derivatives(term, t0, yb, batched, self.jacobian, self.time_derivative, graph)
+        if self.jac is not None:
+            f0, ft, J = user_derivatives(self.jac, term, t0, yb, batched, self.time_derivative, graph)
+        else:
+            f0, ft, J = derivatives(term, t0, yb, batched, self.jacobian, self.time_derivative, graph)
         stats.jacobians += 1
         hg = dt * self.gamma
         if not batched:
