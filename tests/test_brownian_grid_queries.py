@@ -201,3 +201,14 @@ def test_grid_one_cell_fast_path_equals_general_path(levy, shape):
     near = BrownianGrid([0.0, 1e-9, 0.5, 1.0], (4,), seed=1, dtype=F64)
     assert torch.equal(near.increment(1e-9, 0.5).W, near.increment(0.0, 0.5).W)
     assert torch.equal(near.evaluate(1e-9, 0.5), near.increment(0.0, 0.5).W)
+
+
+@pytest.mark.parametrize("tol", [2.0, 0.3, 1e-3])
+@pytest.mark.parametrize("levy", [None, "space-time-time"])
+def test_tree_increments_any_depth(tol, levy):
+    # depth 0 (one leaf), shallow and default-like trees
+    ts = [k / 20 for k in range(21)]
+    kw = dict(tol=tol, levy_area=levy, seed=2, dtype=F64)
+    stepwise = VirtualBrownianTree(0.0, 1.0, (3,), **kw)
+    rows = [stepwise.increment(a, b) for a, b in zip(ts, ts[1:])]
+    _assert_rows_equal(VirtualBrownianTree(0.0, 1.0, (3,), **kw).increments(ts[:-1], ts[1:]), rows, ts[:-1], ts[1:])
