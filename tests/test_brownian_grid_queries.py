@@ -174,10 +174,6 @@ def test_increments_empty_and_errors():
             path.increments([0.0], [float("nan")])
     with pytest.raises(ValueError, match="not on its grid"):
         grid.increments([0.0, 0.1], [0.25, 0.5])
-    for cls, first in ((VirtualBrownianTree, (0.0, 1.0)), (BrownianGrid, ([0.0, 0.5, 1.0],))):
-        per = cls(*first, (2, 3), seed=torch.tensor([1, 2]))
-        with pytest.raises(NotImplementedError, match="per-sample seeds"):
-            per.increments([0.0], [0.5])
 
 
 @pytest.mark.parametrize("levy", LEVY)
@@ -212,3 +208,23 @@ def test_tree_increments_any_depth(tol, levy):
     stepwise = VirtualBrownianTree(0.0, 1.0, (3,), **kw)
     rows = [stepwise.increment(a, b) for a, b in zip(ts, ts[1:])]
     _assert_rows_equal(VirtualBrownianTree(0.0, 1.0, (3,), **kw).increments(ts[:-1], ts[1:]), rows, ts[:-1], ts[1:])
+
+
+@pytest.mark.parametrize("cls", [VirtualBrownianTree, BrownianGrid])
+@pytest.mark.parametrize("levy", [None, "space-time-time"])
+def test_increments_with_per_sample_seeds(cls, levy):
+    # shared times on a path with per-sample seeds: rows equal the step-by-step queries, and
+    # sample b equals the single-seed path with seed[b]
+    seeds = torch.tensor([3, 8, 1])
+    shape = {"x": (3, 2), "y": (3,)}
+    ts = [k / 8 for k in range(9)]
+    first = (0.0, 1.0) if cls is VirtualBrownianTree else (ts,)
+    ivs = list(zip(ts, ts[1:])) + [(0.75, 0.25), (0.5, 0.5)]
+    s, t = [a for a, _ in ivs], [b for _, b in ivs]
+    stepwise = cls(*first, shape, levy_area=levy, seed=seeds, dtype=F64)
+    rows = [stepwise.increment(a, b) for a, b in ivs]
+    many = cls(*first, shape, levy_area=levy, seed=seeds, dtype=F64).increments(s, t)
+    _assert_rows_equal(many, rows, s, t)
+    assert many.W["x"].shape == (len(ivs), 3, 2)
+    one = cls(*first, {"x": (2,), "y": ()}, levy_area=levy, seed=8, dtype=F64).increments(s, t)
+    assert torch.allclose(many.W["x"][:, 1], one.W["x"], rtol=0, atol=1e-15)

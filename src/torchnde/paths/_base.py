@@ -82,7 +82,8 @@ class AbstractBrownianPath(AbstractPath):
             have a leading dimension ``N`` before the path's shape (on every leaf of a tree
             shape), and ``dt`` the float64 CPU tensor ``t - s`` of shape ``(N,)``. Row ``k`` is
             ``increment(float(s[k]), float(t[k]))`` bit for bit, and asking changes no value of
-            later queries.
+            later queries. The times are shared by all samples (with per-sample seeds too; for
+            one interval per sample, pass ``(B,)`` times to :meth:`increment`).
 
         This default asks :meth:`increment` once per interval; :class:`VirtualBrownianTree`
         (one vectorised descent) and :class:`BrownianGrid` (indexing its cells) override it.

@@ -112,11 +112,12 @@ class _Layout:
         return _unflatten(self.tree, outs)
 
     def split_rows(self, flat: torch.Tensor):
-        """``flat`` of shape ``(N, cols)`` (shared seeds) -> the tree of leaves, each ``(N, *leaf)``."""
+        """``flat`` of shape ``(N, rows * cols)`` -> the tree of leaves, each ``(N, *leaf)``."""
         n = flat.shape[0]
         if len(self.leaves) == 1:
             return _unflatten(self.tree, [flat.reshape(n, *self.leaves[0])])
-        outs = [flat[:, a:b].reshape(n, *shape) for a, b, shape in zip(self.offsets, self.offsets[1:], self.leaves)]
+        flat = flat.reshape(n, self.rows, self.cols)
+        outs = [flat[:, :, a:b].reshape(n, *shape) for a, b, shape in zip(self.offsets, self.offsets[1:], self.leaves)]
         return _unflatten(self.tree, outs)
 
 
@@ -187,11 +188,6 @@ class _PathBase(AbstractBrownianPath):
 
     def _intervals(self, s, t):
         """The user times of :meth:`increments` (lists of floats) and their clamped arrays."""
-        if self._layout.per_sample:
-            raise NotImplementedError(
-                f"{type(self).__name__}.increments needs a path with one shared seed; this one has per-sample seeds "
-                "(a (B,) seed tensor): call increment(s, t) per interval instead"
-            )
         ss, tt = interval_times(s, t)
         return ss, tt, self._clamp_array(ss, "s"), self._clamp_array(tt, "t")
 

@@ -177,7 +177,7 @@ class BrownianGrid(_PathBase):
         """``increment(s[k], t[k])`` for ``k < N``, stacked (:meth:`AbstractBrownianPath.increments`):
         one-cell intervals (the steps of the grid, either direction) by one gather from the
         precomputed cells, longer ones combined as :meth:`increment` combines them; row ``k``
-        equals ``increment(s[k], t[k])`` bit for bit. Shared seeds only."""
+        equals ``increment(s[k], t[k])`` bit for bit. The times are shared by all samples."""
         ss, tt, sa, ta = self._intervals(s, t)
         i, j = self._index_array(sa), self._index_array(ta)
         lo, hi = np.minimum(i, j), np.maximum(i, j)

@@ -313,13 +313,15 @@ class VirtualBrownianTree(_PathBase):
         """``increment(s[k], t[k])`` for ``k < N``, stacked (:meth:`AbstractBrownianPath.increments`):
         the intervals are answered by vectorised descents of at most ``_INCREMENTS_ELEMENTS``
         values each (:meth:`_compute`, the function every single query is also computed by, so
-        row ``k`` equals ``increment(s[k], t[k])`` bit for bit). Shared seeds only."""
+        row ``k`` equals ``increment(s[k], t[k])`` bit for bit). The times are shared by all samples
+        (also with per-sample seeds: ``s[k]``, ``t[k]`` are floats)."""
         ss, tt, sa, ta = self._intervals(s, t)
         ns, nt = self._lattice_array(sa), self._lattice_array(ta)
         lo, hi = np.minimum(ns, nt), np.maximum(ns, nt)
         sign = np.where(ns <= nt, 1.0, -1.0)
         n = lo.shape[0]
-        chunk = max(1, _INCREMENTS_ELEMENTS // (self._d * self._layout.cols or 1))
+        m = self._ek32.shape[0]  # elements (all samples' with per-sample seeds)
+        chunk = max(1, _INCREMENTS_ELEMENTS // (self._d * m or 1))
         parts = []
         for a in range(0, n, chunk):
             b = min(a + chunk, n)
@@ -327,7 +329,7 @@ class VirtualBrownianTree(_PathBase):
             parts.append(_levy_rows(x, (hi[a:b] - lo[a:b]) * self._q, sign[a:b], self.dtype, self._work))
         self._work.trim()
         if not parts:
-            empty = torch.empty(0, self._layout.cols, dtype=self.dtype, device=self.device)
+            empty = torch.empty(0, m, dtype=self.dtype, device=self.device)
             parts = [tuple(None if i >= self._d else empty for i in range(3))]
         split = self._layout.split_rows
         vals = [None if p[0] is None else split(p[0] if len(p) == 1 else torch.cat(p)) for p in zip(*parts)]
