@@ -46,7 +46,17 @@ __all__ = ["compiled_step", "clear_cache"]
 
 #: the ``torch.compile`` backend (tests use ``"eager"`` to check the caching without inductor's cost)
 _BACKEND = "inductor"
-_OPTIONS: dict | None = None
+
+
+def _options(device_type: str) -> dict | None:
+    """inductor's options: on CPU the wrapper that calls the kernels is C++ (``cpp_wrapper``),
+    which takes a quarter or more off a small step's time (measured in benchmarks/compiled.md);
+    elsewhere inductor's defaults (no CUDA graphs: the loop keeps the outputs of earlier steps,
+    which a replayed graph would overwrite)."""
+    if _BACKEND != "inductor":
+        return None
+    return {"cpp_wrapper": True} if device_type == "cpu" else None
+
 
 # (solver class, vector-field key, backend) -> _Entry; a code object per entry (see the docstring)
 _CACHE: dict = {}
@@ -105,10 +115,10 @@ class _Entry:
 
     __slots__ = ("fn", "failed", "name")
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, device_type: str):
         code = _step.__code__.replace(co_name=name, co_qualname=name)
         fresh = types.FunctionType(code, _step.__globals__, name)
-        self.fn = torch.compile(fresh, backend=_BACKEND, fullgraph=True, options=_OPTIONS)
+        self.fn = torch.compile(fresh, backend=_BACKEND, fullgraph=True, options=_options(device_type))
         self.failed = False
         self.name = name
 
@@ -122,11 +132,12 @@ def _vf_key(term):
     return code if code is not None else type(vf)
 
 
-def _entry(solver, term) -> _Entry:
-    key = (type(solver), _vf_key(term), _BACKEND)
+def _entry(solver, term, device_type: str) -> _Entry:
+    key = (type(solver), _vf_key(term), device_type, _BACKEND)
     entry = _CACHE.get(key)
     if entry is None:
-        entry = _CACHE[key] = _Entry(f"torchnde_step_{type(solver).__name__}_{len(_CACHE)}")
+        name = f"torchnde_step_{type(solver).__name__}_{len(_CACHE)}"
+        entry = _CACHE[key] = _Entry(name, device_type)
     return entry
 
 
@@ -151,7 +162,7 @@ def compiled_step(solver, term, problem):
     if why is not None:
         warnings.warn(f"solve(..., compile=True): {why}; this solve runs eagerly", stacklevel=4)
         return solver.step
-    return _CompiledStep(solver, term, _entry(solver, term.term))
+    return _CompiledStep(solver, term, _entry(solver, term.term, term.flat.device.type))
 
 
 def _as_time(t, dtype, device):
