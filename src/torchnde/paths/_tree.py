@@ -45,6 +45,8 @@ _SPEC_RUN = 2
 # increments(): intervals per vectorised descent, as a cap on intervals * d * elements (a chunk's
 # scratch buffers are about 100 bytes per counted value: ~50 MiB, kept between calls)
 _INCREMENTS_ELEMENTS = 1 << 19
+# ... and on intervals per descent (its numpy planning holds a few (depth + 1, 2 intervals) arrays)
+_INCREMENTS_MAX = 4096
 
 
 # the constants of a tree's halving, per (span, depth, d) and per (dtype, device): they depend on
@@ -321,7 +323,7 @@ class VirtualBrownianTree(_PathBase):
         sign = np.where(ns <= nt, 1.0, -1.0)
         n = lo.shape[0]
         m = self._ek32.shape[0]  # elements (all samples' with per-sample seeds)
-        chunk = max(1, _INCREMENTS_ELEMENTS // (self._d * m or 1))
+        chunk = max(1, min(_INCREMENTS_MAX, _INCREMENTS_ELEMENTS // (self._d * m or 1)))
         parts = []
         for a in range(0, n, chunk):
             b = min(a + chunk, n)
