@@ -676,3 +676,33 @@ def test_time_tensors_are_ts_dtype_and_reused():
     seen.clear()
     ts.sdeint(Rec(), y0, torch.tensor([0.0, 0.5], dtype=F64), method="heun", dt=0.25)
     assert float(seen[-1]) == 0.5
+
+
+def test_f_and_g_and_logqp_evaluate_g_once_per_point():
+    """An SDE with only f_and_g is called once per evaluation point (not once for f and once for g),
+    and logqp evaluates g once per point (its drift and the diffusion share it), as torchsde does;
+    the values are those of the SDE with f and g."""
+    calls = {"fg": 0, "g": 0}
+    base = SDE("diagonal", "ito")
+
+    class FG(torch.nn.Module):
+        noise_type, sde_type = "diagonal", "ito"
+
+        def f_and_g(self, t, y):
+            calls["fg"] += 1
+            return base.f(t, y), base.g(t, y)
+
+    class Counted(SDE):
+        def g(self, t, y):
+            calls["g"] += 1
+            return super().g(t, y)
+
+    y0 = torch.full((B, D), 0.7, dtype=F64)
+    tt = torch.tensor([0.0, 1.0], dtype=F64)
+    ours = ts.sdeint(FG(), y0, tt, bm=bm_for("diagonal", levy="none"), method="euler", dt=0.125)
+    ref = ts.sdeint(base, y0, tt, bm=bm_for("diagonal", levy="none"), method="euler", dt=0.125)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+    # the shape checks, then one call per step (8 steps; the first step's output checks may add one)
+    assert calls["fg"] <= 2 + 8 + 1
+    ys, kl = ts.sdeint(Counted("diagonal", "ito"), y0, tt, method="euler", dt=0.125, logqp=True)
+    assert calls["g"] <= 1 + 8 + 1 and torch.isfinite(kl).all()

@@ -812,6 +812,8 @@ class _Fields:
         self._g = self._method("g")
         self._h = self._method("h")
         fg = self._method("f_and_g")
+        # an SDE that defines only f_and_g: one call gives the drift and the diffusion at a point
+        self._fg = fg if self._f is None and self._g is None else None
         if self._f is None and fg is not None:
             self._f = lambda t, y: fg(t, y)[0]
         if self._g is None and fg is not None:
@@ -824,6 +826,7 @@ class _Fields:
         if self._g_prod is None and fgp is not None:
             self._g_prod = lambda t, y, v: fgp(t, y, v)[1]
         self.noise_size = None  # set by sdeint when g is recovered from g_prod (general/additive noise)
+        self._last = {}  # the last evaluation of g (or f_and_g), shared by drift and diffusion (see _at)
         if self._f is None:
             raise ValueError(
                 "sde must define at least one of `f`, `f_and_g`, or `f_and_g_prod`. (Or possibly more depending "
@@ -889,19 +892,52 @@ class _Fields:
             return (f - h) / g
         return (torch.linalg.pinv(g) @ (f - h).unsqueeze(-1)).squeeze(-1)
 
+    def _at(self, kind: str, fn, t, tt, y, x):
+        """``fn(tt, x)`` for ``x`` taken from the state ``y`` at time ``t``, ``kind`` ``"g"`` or
+        ``"fg"`` (``f_and_g``). The last evaluation of each kind is kept: a second call with the
+        same ``y`` object (unchanged), the same ``t`` and the same grad mode returns the same
+        tensors. A solver evaluates the drift and the diffusion at the same point; the drift of
+        ``logqp`` and the Itô-Stratonovich correction need ``g`` there too, and an SDE with only
+        ``f_and_g`` gives both at once: torchsde evaluates ``g`` (or ``f_and_g``) once per point, and
+        so does this. Tensors of a ``torch.func`` transform are never kept."""
+        grad = torch.is_grad_enabled()
+        last = self._last.get(kind)
+        if (
+            last is not None
+            and last[0] is y
+            and last[1] == y._version
+            and last[2] == t
+            and last[3] == grad
+            and last[5] == _versions(last[4])
+        ):
+            return last[4]
+        out = fn(tt, x)
+        if type(t) is float and type(y) is torch.Tensor and not _functorch_wrapped(y):
+            self._last[kind] = (y, y._version, t, grad, out, _versions(out))
+        else:
+            self._last.pop(kind, None)
+        return out
+
+    def _g_at(self, t, tt, y, x):
+        if self._fg is not None:
+            return self._at("fg", self._fg, t, tt, y, x)[1]
+        return self._at("g", self._g, t, tt, y, x)
+
     def drift(self, t, y, args):
-        t = self.time(t)
+        tt = self.time(t)
         if not self.logqp:
-            return self._f(t, y)
+            if self._fg is not None:
+                return self._at("fg", self._fg, t, tt, y, y)[0]
+            return self._f(tt, y)
         x = y[:, :-1]
-        f, g, h = self._f(t, x), self._g(t, x), self._h(t, x)
+        f, g, h = self._f(tt, x), self._g_at(t, tt, y, x), self._h(tt, x)
         u = self._u(f, g, h)
         return torch.cat([f, 0.5 * (u**2).sum(dim=1, keepdim=True)], dim=1)
 
-    def diffusion(self, t, y, args):
-        t = self.time(t)
+    def diffusion(self, t, y, args, shared=True):
+        tt = self.time(t)
         x = y[:, :-1] if self.logqp else y
-        g = self._g(t, x)
+        g = self._g_at(t, tt, y, x) if shared else self._g(tt, x)
         if self.logqp:
             pad = g.new_zeros((g.shape[0], 1, *g.shape[2:]))
             g = torch.cat([g, pad], dim=1)
@@ -1047,8 +1083,9 @@ class _StratonovichFields:
         with torch.enable_grad():
             y_ = y if y.requires_grad else y.detach().requires_grad_()
             if self.noise_type == "diagonal":
-                # ∂g/∂y is diagonal (torchsde's diagonal noise): (∂g/∂y)^T g = (∂g_i/∂y_i) g_i
-                g = self.fields.diffusion(t, y_, args)
+                # ∂g/∂y is diagonal (torchsde's diagonal noise): (∂g/∂y)^T g = (∂g_i/∂y_i) g_i. g is
+                # shared with the diffusion term only when this graph is kept (create_graph)
+                g = self.fields.diffusion(t, y_, args, shared=create)
                 if not g.requires_grad:
                     return torch.zeros_like(y)
                 (d,) = torch.autograd.grad(g, y_, g, create_graph=create, allow_unused=True)
@@ -1068,6 +1105,18 @@ class _StratonovichFields:
 
     def diffusion(self, t, y, args):
         return self.fields.diffusion(t, y, args)
+
+
+def _functorch_wrapped(x) -> bool:
+    return torch._C._functorch.is_functorch_wrapped_tensor(x)
+
+
+def _versions(out) -> tuple:
+    """The version counters of a tensor or a tuple of tensors (a kept output changed in place is
+    not handed out again)."""
+    if isinstance(out, torch.Tensor):
+        return (out._version,)
+    return tuple(v._version if isinstance(v, torch.Tensor) else None for v in out)
 
 
 def _check_sde(sde, y0, ts, logqp):
@@ -1219,6 +1268,14 @@ def _attach_levy_area(solver, bm) -> None:
 
 
 def _run(p: _Plan, adjoint):
+    try:
+        return _run_solve(p, adjoint)
+    finally:
+        # the kept diffusion evaluation (and its graph) is not kept past the solve
+        getattr(p.fields, "fields", p.fields)._last.clear()
+
+
+def _run_solve(p: _Plan, adjoint):
     if len(p.tl) == 1:
         return p.y0.unsqueeze(0).clone()
     # the Brownian classes of this module are wrappers of a torchnde VirtualBrownianTree: the solve
