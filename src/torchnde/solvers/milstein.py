@@ -81,15 +81,11 @@ def _milstein_increment(term, t0, t1, y0, ito: bool, params_grad: bool):
         else:
             gflat = flat.tree_to_state(g0)
             _, d = _jvp(lambda y: flat.tree_to_state(term.diffusion(t0, y)), y0, gflat)
-        d_tree = flat.state_to_tree(d)
-        if ito and isinstance(h, float):
-            # d (ΔW² - h) in one product: gprod(d, 1) = d for diagonal and scalar noise
-            extra = term.gprod(d_tree, tree_map(lambda x: x * x - h, w))
-        else:
-            extra = term.gprod(d_tree, tree_map(lambda x: x * x, w))
-            if ito:
-                extra = extra - d * h  # (per-sample h: a column of the flat state)
-        return torch.add(term.gprod(g0, w), extra, alpha=0.5)
+        extra = term.gprod(flat.state_to_tree(d), tree_map(torch.square, w))
+        inc = torch.add(term.gprod(g0, w), extra, alpha=0.5)
+        if ito:  # gprod(d, 1) = d for diagonal and scalar noise
+            inc = torch.add(inc, d, alpha=-0.5 * h) if isinstance(h, float) else inc - 0.5 * d * h
+        return inc
     # general commutative noise: the derivative of y -> g(y) ΔW along g(y) ΔW is
     # Σ_jk ΔW_j ΔW_k L^j g^k
     gw = term.gprod(g0, w)

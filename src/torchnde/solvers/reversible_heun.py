@@ -153,13 +153,13 @@ class ReversibleHeun(AbstractReversibleSolver):
             else:
                 a_z = got[0] if a_z is None else got[0] - a_z
             if c_plus is not None:
-                y = y - 0.5 * (k_plus.detach() + k_next)
+                y = torch.add(y, k_plus.detach() + k_next, alpha=-0.5)
             if n == 0:
                 return a_y + a_z, g
             k_next = k_minus.detach()
-            z = (2 * y - z - k_next).detach()
-            a_plus = a_z + a_y * 0.5
-            a_y = a_y + 2 * a_z
+            z = (y + y - z - k_next).detach()
+            a_plus = torch.add(a_z, a_y, alpha=0.5)
+            a_y = torch.add(a_y, a_z, alpha=2.0)
             n -= 1
             if n in incoming:
                 a_y = a_y + incoming[n]
