@@ -23,8 +23,9 @@ class ShARK(_AdditiveSRK):
     (``ControlTerm(..., additive=True)``), with a smaller error constant than :class:`SRA1` on
     typical problems; the drift is evaluated at the "shifted" state :math:`y_n + gH`.
 
-    Needs a Brownian path with ``levy_area="space-time"``. Two drift and two diffusion
-    evaluations per step, constant steps (``dt0``), linear dense output. Itô and Stratonovich
+    Needs a Brownian path with ``levy_area="space-time"``. Two drift evaluations and one
+    diffusion evaluation per step (``g`` at the step's end, kept for the next step's start; two
+    on the first step), constant steps (``dt0``), linear dense output. Itô and Stratonovich
     SDEs coincide for additive noise, so either declared calculus is accepted.
     """
 

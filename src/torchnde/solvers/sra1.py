@@ -117,8 +117,9 @@ class SRA1(_AdditiveSRK):
         z_2 = y_n + \tfrac34 h f(t_n, y_n) + \tfrac32 g \tfrac{I_{(1,0)}}{h},\qquad
         y_{n+1} = y_n + h\big(\tfrac13 f(t_n, y_n) + \tfrac23 f(t_n + \tfrac34 h, z_2)\big) + \int g\,dW.
 
-    Needs a Brownian path with ``levy_area="space-time"``. Two drift and two diffusion
-    evaluations per step, constant steps (``dt0``), linear dense output. Itô and Stratonovich
+    Needs a Brownian path with ``levy_area="space-time"``. Two drift evaluations and one
+    diffusion evaluation per step (``g`` at the step's end, kept for the next step's start; two
+    on the first step), constant steps (``dt0``), linear dense output. Itô and Stratonovich
     SDEs coincide for additive noise, so either declared calculus is accepted.
     """
 
