@@ -276,3 +276,23 @@ def test_fusable_reads_the_problem():
     assert fusable(P())
     P.controller = tn.PIDController(rtol=1e-3, atol=1e-3)
     assert not fusable(P())
+
+
+class _Resetting(tn.Euler):
+    """A solver from outside torchnde whose step can turn a NaN state finite again."""
+
+    def step(self, term, t0, t1, y0, f0):
+        y1, err, dinfo, s1, code = super().step(term, t0, t1, y0, f0)
+        return (torch.nan_to_num(y1) if t0 > 0.45 else y1), err, dinfo, s1, code
+
+
+def test_outside_solvers_have_every_step_checked():
+    def f(t, y, a):
+        return y * (torch.tensor(math.nan) if 0.25 < float(t) < 0.35 else 1.0)
+
+    def run():
+        return tn.solve(tn.ODETerm(f), _Resetting(), 0.0, 1.0, torch.ones(2), dt0=0.1, throw=False)
+
+    a, b = _both(run)
+    assert a.result == tn.Result.nonfinite
+    _same_solution(a, b)
