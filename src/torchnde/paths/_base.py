@@ -89,7 +89,7 @@ class AbstractBrownianPath(AbstractPath):
         (one vectorised descent) and :class:`BrownianGrid` (indexing its cells) override it.
         """
         ss, tt = interval_times(s, t)
-        rows = [self.increment(a, b) for a, b in zip(ss, tt)]
+        rows = [self.increment(a, b) for a, b in zip(ss.tolist(), tt.tolist())]
         if not rows:  # N = 0: the shapes from one (empty) query
             one = self.increment(self.t0, self.t0)
             stacked = [None if v is None else tree_map(lambda x: x.new_empty((0, *x.shape)), v) for v in one[1:]]
@@ -101,28 +101,28 @@ class AbstractBrownianPath(AbstractPath):
         raise TypeError("Brownian motion has no derivative; solve a ControlTerm on it with an SDE solver")
 
 
-def interval_times(s, t) -> tuple[list[float], list[float]]:
-    """The ``(s, t)`` of :meth:`AbstractBrownianPath.increments` as two lists of Python floats
-    (one host transfer for a tensor); ValueError unless both are 1-d of the same length."""
+def interval_times(s, t) -> tuple[np.ndarray, np.ndarray]:
+    """The ``(s, t)`` of :meth:`AbstractBrownianPath.increments` as two float64 arrays (one host
+    transfer for a tensor); ValueError unless both are 1-d of the same length."""
     out = []
     for name, x in (("s", s), ("t", t)):
         if isinstance(x, torch.Tensor):
             if x.dim() != 1:
                 raise ValueError(f"increments: {name} must be 1-d (N times); got a tensor of shape {tuple(x.shape)}")
-            out.append(x.detach().to("cpu", torch.float64).tolist())
+            out.append(x.detach().to("cpu", torch.float64).numpy())
             continue
-        a = np.asarray([float(v) for v in x] if isinstance(x, (list, tuple)) else x, dtype=np.float64)
+        a = np.array(x, dtype=np.float64)
         if a.ndim != 1:
             raise ValueError(f"increments: {name} must be a 1-d sequence of N times; got shape {a.shape}")
-        out.append(a.tolist())
-    if len(out[0]) != len(out[1]):
+        out.append(a)
+    if out[0].shape != out[1].shape:
         raise ValueError(f"increments: s and t must have the same length; got {len(out[0])} and {len(out[1])}")
     return out[0], out[1]
 
 
-def interval_dt(ss: list[float], tt: list[float]) -> torch.Tensor:
-    """``t - s`` per interval, a float64 CPU tensor (the differences of the Python floats)."""
-    return torch.tensor([b - a for a, b in zip(ss, tt)], dtype=torch.float64)
+def interval_dt(ss: np.ndarray, tt: np.ndarray) -> torch.Tensor:
+    """``t - s`` per interval, a float64 CPU tensor."""
+    return torch.from_numpy(tt - ss)
 
 
 def tree_map(fn, tree):

@@ -167,8 +167,8 @@ class _PathBase(AbstractBrownianPath):
             return self.t1
         return t
 
-    def _clamp_array(self, t: list[float], name: str) -> np.ndarray:
-        """:meth:`_clamp` of many times (the same comparisons), as a float64 array."""
+    def _clamp_array(self, t: np.ndarray, name: str) -> np.ndarray:
+        """:meth:`_clamp` of many times (the same comparisons), as a new float64 array."""
         a = np.array(t, dtype=np.float64)
         if not np.isfinite(a).all():
             raise ValueError(f"{name} has a non-finite time: {a[~np.isfinite(a)][0]!r}")
@@ -187,7 +187,7 @@ class _PathBase(AbstractBrownianPath):
         return a
 
     def _intervals(self, s, t):
-        """The user times of :meth:`increments` (lists of floats) and their clamped arrays."""
+        """The user times of :meth:`increments` (float64 arrays) and their clamped copies."""
         ss, tt = interval_times(s, t)
         return ss, tt, self._clamp_array(ss, "s"), self._clamp_array(tt, "t")
 
