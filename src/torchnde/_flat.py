@@ -211,9 +211,32 @@ class _FlatSDE:
             self.checked = True
         return self.flat.tree_to_state(out)
 
+    def tree(self, y):
+        """The flat state ``y`` in the user's shapes (a view of it for a single tensor)."""
+        return self._tree(y)
+
+    def state(self, out):
+        """A value in the user's shapes (e.g. an increment) as a flat state."""
+        return self._state(out)
+
+    def drift_tree(self, t, tree):
+        """The drift at a state in the user's shapes, in the user's shapes and time direction
+        (not negated when the solve runs backwards: scale it by ``dt * sign``); ``None`` if the
+        SDE has none."""
+        if self.sde.drift is None:
+            return None
+        if self._f is not None and self.checked:
+            s, st = self._user_t(t, tree)
+            self.nfe += 1
+            return self._f(st if self._f_tt else s, tree, self.args)
+        return self.flat.state_to_tree(self._user_drift(t, self.flat.tree_to_state(tree)))
+
     def diffusion(self, t, y):
         """``g(t, y)`` in the user's shapes (see :class:`~torchnde.ControlTerm`)."""
-        tree = self._tree(y)
+        return self.diffusion_tree(t, self._tree(y))
+
+    def diffusion_tree(self, t, tree):
+        """``g(t, y)`` for a state ``tree`` in the user's shapes."""
         if self._g is not None and self.checked_g:
             s, st = self._user_t(t, tree)
             return self._fast_g(st, s, tree)
