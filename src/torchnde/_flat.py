@@ -300,6 +300,24 @@ class _FlatSDE:
             return torch.add(self.gprod(self.diffusion(t, y), control[1]), f, alpha=-dt)
         return self.prod(self.vf_pair(t, y), control)
 
+    def vf_prod_tree(self, t, tree, control):
+        """:meth:`vf_prod` at a single-tensor state in the user's shape, in the user's shape (for
+        solvers that view the state once per step instead of once per stage)."""
+        dt, w = control
+        if (
+            self._leaf is not None and self._f is not None and self._g is not None and self.checked
+            and self.checked_g and type(dt) is float
+        ):  # fmt: skip
+            s, st = self._user_t(t, tree)
+            self.nfe += 1
+            self.nfe_diffusion += 1
+            f = self._f(st if self._f_tt else s, tree, self.args)
+            g = self._g(st if self._g_tt else s, tree, self.args)
+            if type(g) is torch.Tensor and type(w) is torch.Tensor:
+                return torch.add(self._leaf(g, w), f, alpha=-dt if self.sign < 0 else dt)
+            return self._tree(torch.add(self.gprod(g, w), self._state(f), alpha=-dt if self.sign < 0 else dt))
+        return self._tree(self.vf_prod(t, self._state(tree), control))
+
     def gprod(self, g, w):
         """``g dW`` as a flat increment."""
         leaf = self._leaf

@@ -222,16 +222,26 @@ class AbstractERK(AbstractSolver):
         coef = tab.tensors(y0.dtype, y0.device)
         control = term.contr(t0, t1)
         h = t1 - t0
-        ks = [term.vf_prod(t0, y0, control)]
+        # a single-tensor state: the stages in the user's shape (one view of the state per step,
+        # not one per stage), the results flattened once
+        single = term.flat.single and not getattr(term, "custom", True)
+        x0 = term.tree(y0) if single else y0
+        vf_prod = term.vf_prod_tree if single else term.vf_prod
+        ks = [vf_prod(t0, x0, control)]
         a_t, a_f, c = coef["a"], coef["a_f"], coef["c"]
         for i in range(1, tab.num_stages):
-            yi = _sde_comb(y0, ks, a_t[i], a_f[i])
-            ks.append(term.vf_prod(_node(t0, h, c[i]), yi, control))
+            xi = _sde_comb(x0, ks, a_t[i], a_f[i])
+            ks.append(vf_prod(_node(t0, h, c[i]), xi, control))
         # Euler-Maruyama: y0 + (f dt + g dW), one op
-        y1 = y0 + ks[0] if tab.num_stages == 1 else _sde_comb(y0, ks, coef["b"], coef["b_f"])
+        if tab.num_stages == 1:
+            y1 = y0 + (term.state(ks[0]) if single else ks[0])
+        else:
+            y1 = _sde_comb(x0, ks, coef["b"], coef["b_f"])
+            y1 = term.state(y1) if single else y1
         y_error = None
         if coef["b_error"] is not None:
             y_error = _sde_comb(None, ks, coef["b_error"], coef["b_error_f"])
+            y_error = term.state(y_error) if single else y_error
         return y1, y_error, (y0, y1), None, None
 
     def _stages(self, term, t0, h, dt, y0, f0, coef, n: int):
