@@ -40,6 +40,8 @@ import torch
 
 from ._flat import _FlatTerm
 from ._terms import ODETerm, time_dtype
+from .controllers import PIDController
+from .controllers._pid import _RMS, rms_norm
 from .solvers._base import AbstractERK, LazyDerivative
 
 __all__ = ["compiled_step", "clear_cache"]
@@ -58,8 +60,12 @@ def _options(device_type: str) -> dict | None:
     return {"cpp_wrapper": True} if device_type == "cpu" else None
 
 
-# (solver class, vector-field key, backend) -> _Entry; a code object per entry (see the docstring)
+# (solver class, vector-field key, device type, backend) -> _Entry: a code object per entry (see
+# the docstring). Code objects cannot be weakly referenced, so the cache is bounded instead: past
+# _CACHE_SIZE entries the oldest is dropped, and its compiled graphs with its code object.
 _CACHE: dict = {}
+_CACHE_SIZE = 64
+_COUNT = 0  # entries made so far (their code objects' names)
 
 
 def clear_cache() -> None:
@@ -86,7 +92,7 @@ class _Traced:
         return -out if neg else out
 
 
-def _step(solver, term, flat, args, sign, batched, t0, t1, y, f0, lazy_t, lazy_y):
+def _step(solver, term, flat, args, sign, batched, t0, t1, y, f0, lazy_t, lazy_y, tols):
     """One solver step on the traced term; what the compiled function runs.
 
     ``f0`` is the start derivative, or ``None`` when the loop holds it unevaluated (a
@@ -94,6 +100,11 @@ def _step(solver, term, flat, args, sign, batched, t0, t1, y, f0, lazy_t, lazy_y
     The step's own unevaluated end derivative (non-FSAL methods) leaves the graph as its state
     (``lazy_next``) and the positions in ``dinfo`` that held it (``lazy_at``); the caller
     rebuilds one :class:`LazyDerivative` on the eager term for them.
+
+    With ``tols = (rtol, atol)`` (a :class:`~torchnde.PIDController` with the RMS norm) the
+    error estimate's scaled norm is computed here too, as the controller computes it
+    (``PIDController._scaled_norm``), so that the loop's step-size decision costs no further
+    tensor operations.
     """
     tt = _Traced(term, flat, args, sign, batched)
     if f0 is None:
@@ -107,7 +118,11 @@ def _step(solver, term, flat, args, sign, batched, t0, t1, y, f0, lazy_t, lazy_y
         lazy_at = tuple(i for i, x in enumerate(dinfo) if isinstance(x, LazyDerivative))
         if lazy_at:
             dinfo = tuple(None if i in lazy_at else x for i, x in enumerate(dinfo))
-    return y1, y_err, dinfo, s1, code, tt.calls, f0, lazy_next, lazy_at
+    norm = None
+    if tols is not None and y_err is not None:
+        m = torch.maximum(y.detach().abs(), y1.detach().abs())
+        norm = torch.linalg.vector_norm(y_err.detach() / torch.addcmul(tols[1], m, tols[0]), dim=-1)
+    return y1, y_err, dinfo, s1, code, tt.calls, f0, lazy_next, lazy_at, norm
 
 
 class _Entry:
@@ -136,8 +151,11 @@ def _entry(solver, term, device_type: str) -> _Entry:
     key = (type(solver), _vf_key(term), device_type, _BACKEND)
     entry = _CACHE.get(key)
     if entry is None:
-        name = f"torchnde_step_{type(solver).__name__}_{len(_CACHE)}"
-        entry = _CACHE[key] = _Entry(name, device_type)
+        global _COUNT
+        _COUNT += 1
+        if len(_CACHE) >= _CACHE_SIZE:
+            del _CACHE[next(iter(_CACHE))]
+        entry = _CACHE[key] = _Entry(f"torchnde_step_{type(solver).__name__}_{_COUNT}", device_type)
     return entry
 
 
@@ -162,7 +180,10 @@ def compiled_step(solver, term, problem):
     if why is not None:
         warnings.warn(f"solve(..., compile=True): {why}; this solve runs eagerly", stacklevel=4)
         return solver.step
-    return _CompiledStep(solver, term, _entry(solver, term.term, term.flat.device.type))
+    controller = problem.controller
+    if not (isinstance(controller, PIDController) and controller.norm is rms_norm):
+        controller = None  # (other norms: the controller computes them eagerly)
+    return _CompiledStep(solver, term, _entry(solver, term.term, term.flat.device.type), controller)
 
 
 def _as_time(t, dtype, device):
@@ -172,13 +193,16 @@ def _as_time(t, dtype, device):
 class _CompiledStep:
     """``solver.step(term, t0, t1, y, state)`` through the entry's compiled function."""
 
-    __slots__ = ("solver", "entry", "tdtype", "device", "prepared")
+    __slots__ = ("solver", "entry", "tdtype", "device", "prepared", "controller", "tols", "last")
 
-    def __init__(self, solver, term, entry):
-        self.solver, self.entry = solver, entry
+    def __init__(self, solver, term, entry, controller):
+        self.solver, self.entry, self.controller = solver, entry, controller
+        like = torch.empty(0, dtype=time_dtype(term.flat.dtype), device=term.flat.device)
+        self.tols = None if controller is None else controller._tolerances(like)  # (rtol, atol) 0-d tensors
         flat = term.flat
         self.tdtype, self.device = time_dtype(flat.dtype), flat.device
         self.prepared = False
+        self.last = (None, None)  # the last step's end time and its tensor (the next start, usually)
 
     def __call__(self, term, t0, t1, y, state):
         solver, entry = self.solver, self.entry
@@ -195,11 +219,28 @@ class _CompiledStep:
             if f0 is None:
                 lazy_t = _as_time(lazy.t, self.tdtype, self.device)
                 lazy_y = lazy.y
-        tt0 = _as_time(t0, self.tdtype, self.device)
-        tt1 = _as_time(t1, self.tdtype, self.device)
+        if isinstance(t0, torch.Tensor):  # per-sample times are tensors already
+            tt0, tt1 = t0, t1
+        else:
+            last_t, last_tt = self.last
+            tt0 = last_tt if t0 == last_t else torch.full((), t0, dtype=self.tdtype, device=self.device)
+            tt1 = torch.full((), t1, dtype=self.tdtype, device=self.device)
+            self.last = (t1, tt1)
         try:
             out = entry.fn(
-                solver, term.term, term.flat, term.args, term.sign, term.batched, tt0, tt1, y, f0, lazy_t, lazy_y
+                solver,
+                term.term,
+                term.flat,
+                term.args,
+                term.sign,
+                term.batched,
+                tt0,
+                tt1,
+                y,
+                f0,
+                lazy_t,
+                lazy_y,
+                self.tols,
             )
         except Exception as err:  # noqa: BLE001 - any failure to compile: eager from here on
             entry.failed = True
@@ -209,8 +250,10 @@ class _CompiledStep:
                 stacklevel=3,
             )
             return solver.step(term, t0, t1, y, state)
-        y1, y_err, dinfo, s1, code, calls, f0, lazy_next, lazy_at = out
+        y1, y_err, dinfo, s1, code, calls, f0, lazy_next, lazy_at, norm = out
         term.nfe += calls
+        if norm is not None:  # the controller's next _scaled_norm(y_err, ...) is this one
+            self.controller._pre = (y_err, _RMS(norm, y_err.shape[-1]))
         if lazy is not None and lazy.f is None:
             lazy.f = f0  # as eagerly: a rejected step's retry reuses the start derivative
         if lazy_next is not None or lazy_at:
