@@ -231,6 +231,21 @@ class _FlatSDE:
             return self._f(st if self._f_tt else s, tree, self.args)
         return self.flat.state_to_tree(self._user_drift(t, self.flat.tree_to_state(tree)))
 
+    def vf_tree(self, t, tree):
+        """:meth:`vf` (the drift, in the solve's direction) at a state in the user's shapes, in
+        the user's shapes."""
+        f = self.drift_tree(t, tree)
+        if f is None:
+            return self._tree(torch.zeros_like(self._state(tree)))
+        return -f if self.sign < 0 else f
+
+    def gprod_tree(self, g, w):
+        """:meth:`gprod` in the user's shapes."""
+        leaf = self._leaf
+        if leaf is not None and type(g) is torch.Tensor and type(w) is torch.Tensor:
+            return leaf(g, w)
+        return self._tree(self.gprod(g, w))
+
     def diffusion(self, t, y):
         """``g(t, y)`` in the user's shapes (see :class:`~torchnde.ControlTerm`)."""
         return self.diffusion_tree(t, self._tree(y))

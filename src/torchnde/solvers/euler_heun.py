@@ -56,17 +56,20 @@ class EulerHeun(AbstractSolver):
             gw1 = term.vf_prod(t0, y0 + gw0, (0.0, w))
             y1 = y0 + k + 0.5 * (gw1 - gw0)
             return y1, None, (y0, y1), None, None
-        gw0 = term.gprod(term.diffusion(t0, y0), w)
-        gw1 = term.gprod(term.diffusion(t0, y0 + gw0), w)
-        gw = gw0 + gw1
-        if term.sde.drift is None:
-            y1 = torch.add(y0, gw, alpha=0.5)
-        else:
+        # a single-tensor state with a shared step: in the user's shape (one view, one flatten)
+        single = term.flat.single and isinstance(dt, float)
+        x0 = term.tree(y0) if single else y0
+        diffusion = term.diffusion_tree if single else term.diffusion
+        gprod = term.gprod_tree if single else term.gprod
+        gw0 = gprod(diffusion(t0, x0), w)
+        gw1 = gprod(diffusion(t0, x0 + gw0), w)
+        inc = gw0 + gw1
+        if term.sde.drift is not None:
             # y0 + (gw / 2 + f dt) as y0 + (gw + 2 f dt) / 2: the increment summed before the state, in
             # two ops (the factors 2 and 1/2 are exact)
-            f = term.vf(t0, y0)
-            inc = torch.add(gw, f, alpha=2.0 * dt) if isinstance(dt, float) else torch.addcmul(gw, f, dt, value=2.0)
-            y1 = torch.add(y0, inc, alpha=0.5)
+            f = term.vf_tree(t0, x0) if single else term.vf(t0, y0)
+            inc = torch.add(inc, f, alpha=2.0 * dt) if isinstance(dt, float) else torch.addcmul(inc, f, dt, value=2.0)
+        y1 = torch.add(y0, term.state(inc) if single else inc, alpha=0.5)
         return y1, None, (y0, y1), None, None
 
     def dense_coeffs(self, term, dense_info):

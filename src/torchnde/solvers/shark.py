@@ -35,9 +35,10 @@ class ShARK(_AdditiveSRK):
     aw = (0.0, 5.0 / 6.0)
     ah = (1.0, 1.0)
 
-    def _drifts(self, term, t0, t1, dt, y0, g0, w, hh, ga):
+    def _drifts(self, ops, t0, t1, dt, y0, g0, w, hh, ga):
         # z_1 = y_n + g H; z_2 = z_1 + 5/6 (h f_1 + g W)
-        z1 = y0 + term.gprod(g0, hh)
-        f1 = term.vf(t0, z1)
-        z2 = torch.add(z1, _axpy(term.gprod(g0, w), f1, dt), alpha=self.a21)
-        return f1, term.vf(_node(t0, t1, self.c2), z2)
+        vf, gprod = ops
+        z1 = y0 + gprod(g0, hh)
+        f1 = vf(t0, z1)
+        z2 = torch.add(z1, _axpy(gprod(g0, w), f1, dt), alpha=self.a21)
+        return f1, vf(_node(t0, t1, self.c2), z2)

@@ -71,28 +71,33 @@ class _AdditiveSRK(AbstractSolver):
         dt = _dt_column(t0, t1)
         # additive: g depends on the time only; g(t_n) is the previous step's g(t_{n+1}) when that
         # step ended here (shared Python-float times; per-sample time tensors are not compared)
+        # a single-tensor state with a shared step: in the user's shape (one view, one flatten)
+        single = term.flat.single and isinstance(dt, float)
+        x0 = term.tree(y0) if single else y0
+        diffusion = term.diffusion_tree if single else term.diffusion
+        ops = (term.vf_tree, term.gprod_tree) if single else (term.vf, term.gprod)
         if state is not None and state[0] == t0:
             g0 = state[1]
         else:
-            g0 = term.diffusion(t0, y0)
-        g1 = term.diffusion(t1, y0)
+            g0 = diffusion(t0, x0)
+        g1 = diffusion(t1, x0)
+        gprod = ops[1]
         a = tree_zip(w, hh, lambda x, y: torch.add(y, x, alpha=0.5))  # W/2 + H
-        ga = term.gprod(g0, a)
-        noise = ga + term.gprod(g1, tree_zip(w, a, torch.sub))  # g0 (W/2 + H) + g1 (W/2 - H)
-        if term.sde.drift is None:
-            y1 = y0 + noise
-        else:
-            f1, f2 = self._drifts(term, t0, t1, dt, y0, g0, w, hh, ga)
+        ga = gprod(g0, a)
+        inc = ga + gprod(g1, tree_zip(w, a, torch.sub))  # g0 (W/2 + H) + g1 (W/2 - H)
+        if term.sde.drift is not None:
+            f1, f2 = self._drifts(ops, t0, t1, dt, x0, g0, w, hh, ga)
             b1, b2 = self.b
             if isinstance(dt, float):
-                inc = torch.add(torch.add(noise, f1, alpha=dt * b1), f2, alpha=dt * b2)
+                inc = torch.add(torch.add(inc, f1, alpha=dt * b1), f2, alpha=dt * b2)
             else:
-                inc = torch.addcmul(torch.addcmul(noise, f1, dt, value=b1), f2, dt, value=b2)
-            y1 = y0 + inc
+                inc = torch.addcmul(torch.addcmul(inc, f1, dt, value=b1), f2, dt, value=b2)
+        y1 = y0 + (term.state(inc) if single else inc)
         return y1, None, (y0, y1), ((t1, g1) if type(t1) is float else None), None
 
-    def _drifts(self, term, t0, t1, dt, y0, g0, w, hh, ga):  # pragma: no cover - interface
-        """``(f(t_n, z_1), f(t_n + c_2 h, z_2))``; ``ga = g(t_n)(W/2 + H)`` (flat)."""
+    def _drifts(self, ops, t0, t1, dt, y0, g0, w, hh, ga):  # pragma: no cover - interface
+        """``(f(t_n, z_1), f(t_n + c_2 h, z_2))`` with ``ops = (vf, gprod)`` of the term (flat, or
+        both in the user's shape with ``y0``); ``ga = g(t_n)(W/2 + H)``."""
         raise NotImplementedError
 
     def dense_coeffs(self, term, dense_info):
@@ -129,8 +134,9 @@ class SRA1(_AdditiveSRK):
     aw = (0.0, 0.75)
     ah = (0.0, 1.5)
 
-    def _drifts(self, term, t0, t1, dt, y0, g0, w, hh, ga):
+    def _drifts(self, ops, t0, t1, dt, y0, g0, w, hh, ga):
         # z_1 = y_n; z_2 = y_n + 3/4 h f_1 + g (3/4 W + 3/2 H) = y_n + 3/4 h f_1 + 3/2 ga
-        f1 = term.vf(t0, y0)
+        vf = ops[0]
+        f1 = vf(t0, y0)
         z2 = _axpy(torch.add(y0, ga, alpha=1.5), f1, dt * self.a21)
-        return f1, term.vf(_node(t0, t1, self.c2), z2)
+        return f1, vf(_node(t0, t1, self.c2), z2)
