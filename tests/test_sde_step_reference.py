@@ -208,3 +208,52 @@ def test_reversible_adjoint_on_an_ode_matches_backpropagation():
     want = torch.autograd.grad(ref.ys.pow(2).sum(), (y0, a))
     for x, y in zip(got, want):
         torch.testing.assert_close(x, y, **TOL)
+
+
+_SYNC_METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
+
+
+def _count_syncs(fn) -> int:
+    """Host synchronisations (``.item()``, ``bool(tensor)``, ...) made by ``fn()``."""
+    count = [0]
+    saved = {m: getattr(torch.Tensor, m) for m in _SYNC_METHODS}
+
+    def wrap(method):
+        def inner(self, *a, **k):
+            count[0] += 1
+            return method(self, *a, **k)
+
+        return inner
+
+    try:
+        for m, method in saved.items():
+            setattr(torch.Tensor, m, wrap(method))
+        fn()
+    finally:
+        for m, method in saved.items():
+            setattr(torch.Tensor, m, method)
+    return count[0]
+
+
+@pytest.mark.parametrize("cls,levy", CASES, ids=[c.__name__ for c, _ in CASES])
+def test_steps_make_no_host_synchronisation(cls, levy):
+    """The syncs of a fixed-step solve with its backward pass do not grow with the steps: the
+    steps (and the reversible backward pass) make none."""
+    name = cls.__name__
+    additive = name in ("SRA1", "ShARK")
+    adjoint = tn.ReversibleAdjoint() if name == "ReversibleHeun" else None
+
+    def run(n):
+        a, s = _params()
+        f, g, _ = _fields(a, s, additive)
+        path = BrownianGrid.uniform(0.0, 1.0, n, (B, D), seed=3, dtype=F64, levy_area=levy)
+        term = tn.MultiTerm(
+            tn.ODETerm(lambda t, y, args: f(t, y)),
+            tn.ControlTerm(lambda t, y, args: g(t, y), path, noise="diagonal", additive=additive),
+        )
+        kw = {} if adjoint is None else {"adjoint": adjoint}
+        sol = tn.solve(term, cls(), 0.0, 1.0, _y0(), dt0=1.0 / n, **kw)
+        sol.ys.sum().backward()
+
+    run(4)  # warm-up (one-time checks)
+    assert _count_syncs(lambda: run(4)) == _count_syncs(lambda: run(16))
