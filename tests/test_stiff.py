@@ -864,3 +864,25 @@ def test_user_jac_errors():
             tn.ODETerm(lambda t, y, a: (-y[0], -y[1])), tn.Kvaerno5(jac=lambda t, y, a: None), 0.0, 1.0,
             (y0, y0), controller=ctrl,
         )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_backsolve_adjoint_above_16_states():
+    """BacksolveAdjoint with Kvaerno5 when the adjoint system (y, its adjoint and the parameters'
+    gradients: 2 + 2 + 16 = 20 states) is above the 16 where ``jacobian="auto"`` switches to
+    ``torch.func.jacfwd``, which cannot transform the adjoint field (it calls autograd): the
+    solver falls back to ``"loop"`` instead of failing. (A few seconds: Backsolve is slow.)"""
+
+    def f(t, y, w):
+        rate = 50 * torch.nn.functional.softplus(w).mean()
+        return torch.stack([-rate * (y[..., 0] - y[..., 1]), -y[..., 1]], -1)
+
+    def grad(adjoint):
+        w = torch.linspace(-1, 1, 16, dtype=torch.float64, requires_grad=True)
+        sol = tn.solve(
+            tn.ODETerm(f), tn.Kvaerno5(), 0.0, 0.1, torch.tensor([1.0, 0.5], dtype=torch.float64), args=w,
+            controller=tn.PIDController(rtol=1e-6, atol=1e-8), adjoint=adjoint,
+        )  # fmt: skip
+        return torch.autograd.grad(sol.ys[-1].sum(), w)[0]
+
+    torch.testing.assert_close(grad(tn.BacksolveAdjoint()), grad(tn.DirectAdjoint()), rtol=1e-4, atol=1e-10)

@@ -209,7 +209,9 @@ class NewtonStats:
         factorizations: LU factorisations (Python int).
     """
 
-    __slots__ = ("iterations", "failures", "jacobians", "factorizations", "fail_t", "jac_t", "jac", "batched")
+    __slots__ = (
+        "iterations", "failures", "jacobians", "factorizations", "fail_t", "jac_t", "jac", "batched", "jac_mode",
+    )  # fmt: skip
 
     def __init__(self, B: int, time_dtype, device, batched: bool = True):
         self.batched = batched
@@ -221,6 +223,9 @@ class NewtonStats:
         self.fail_t = torch.full((B,), math.nan, dtype=time_dtype, device=device)
         self.jac_t = torch.full((B,), math.nan, dtype=time_dtype, device=device)
         self.jac = None
+        # jacobian="auto" falls back to "loop" for the rest of the solve when torch.func cannot
+        # transform the vector field (e.g. BacksolveAdjoint's adjoint field, which calls autograd)
+        self.jac_mode = None
 
     def as_dict(self) -> dict:
         """The counters for ``Solution.stats`` (per-sample tensors, or ints in the shared mode)."""
@@ -642,6 +647,21 @@ class AbstractESDIRK(AbstractAdaptiveSolver):
             y1, y_err, f1, code = y1[0], y_err[0], f1[0], code[0]
         return y1, y_err, (t0, t1, y0, y1, f0, f1), state1, code
 
+    def _auto_jacobian(self, term, t0, y0, batched, stats):
+        """:func:`jacobian` in this solver's mode; ``"auto"`` falls back to ``"loop"`` (for the rest
+        of the solve) where ``torch.func`` cannot transform the vector field, such as
+        BacksolveAdjoint's adjoint field above 16 states, which calls ``torch.autograd.grad``."""
+        mode = stats.jac_mode or self.jacobian
+        if mode != "auto":
+            return jacobian(term, t0, y0, batched, mode)
+        try:
+            return jacobian(term, t0, y0, batched, mode)
+        except RuntimeError as e:
+            if "functorch" not in str(e) and "torch.func" not in str(e) and "vmap" not in str(e):
+                raise
+            stats.jac_mode = "loop"
+            return jacobian(term, t0, y0, batched, "loop")
+
     def _refresh(self, term, t0, y0, t0_row, hg, J, LU, piv, hg_lu, need_jac, stats):
         """A fresh Jacobian at ``(t0, y0)`` on the rows in ``need_jac`` (reusing one already computed
         at this ``t0``), and the LU of ``I - h gamma J`` where J changed or ``h gamma`` moved by
@@ -655,7 +675,7 @@ class AbstractESDIRK(AbstractAdaptiveSolver):
                 if self.jac is not None:
                     Jn = user_jacobian(self.jac, term, t0, y0, batched)
                 else:
-                    Jn = jacobian(term, t0, y0, batched, self.jacobian)
+                    Jn = self._auto_jacobian(term, t0, y0, batched, stats)
                     Jn = Jn if batched else Jn.unsqueeze(0)
                 stats.jacobians += 1
                 stats.jac = Jn
