@@ -706,3 +706,16 @@ def test_f_and_g_and_logqp_evaluate_g_once_per_point():
     assert calls["fg"] <= 2 + 8 + 1
     ys, kl = ts.sdeint(Counted("diagonal", "ito"), y0, tt, method="euler", dt=0.125, logqp=True)
     assert calls["g"] <= 1 + 8 + 1 and torch.isfinite(kl).all()
+
+
+def test_outputs_on_and_between_grid_times_match_torchsde():
+    """Output times on the step grid are the nodes' values (only those nodes are saved), times
+    between grid times torchsde's linear interpolation: both equal to torchsde on its own path."""
+    sde = SDE("diagonal", "stratonovich")
+    y0 = torch.full((B, D), 0.7, dtype=F64)
+    for tt in ([0.0, 0.25, 0.3, 1.0], [0.0, 0.5, 1.0], [0.0, 0.3, 0.6]):
+        tt = torch.tensor(tt, dtype=F64)
+        bms = [torchsde.BrownianInterval(0.0, 1.0, size=(B, D), dtype=F64, entropy=7) for _ in range(2)]
+        ref = torchsde.sdeint(sde, y0, tt, bm=bms[0], method="heun", dt=0.125)
+        ours = ts.sdeint(sde, y0, tt, bm=bms[1], method="heun", dt=0.125)
+        torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)

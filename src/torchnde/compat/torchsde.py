@@ -827,6 +827,7 @@ class _Fields:
             self._g_prod = lambda t, y, v: fgp(t, y, v)[1]
         self.noise_size = None  # set by sdeint when g is recovered from g_prod (general/additive noise)
         self._last = {}  # the last evaluation of g (or f_and_g), shared by drift and diffusion (see _at)
+        self.share_g = False  # set by _StratonovichFields: its correction evaluates g too
         if self._f is None:
             raise ValueError(
                 "sde must define at least one of `f`, `f_and_g`, or `f_and_g_prod`. (Or possibly more depending "
@@ -921,6 +922,8 @@ class _Fields:
     def _g_at(self, t, tt, y, x):
         if self._fg is not None:
             return self._at("fg", self._fg, t, tt, y, x)[1]
+        if not (self.logqp or self.share_g):  # nothing else evaluates g at the point: no keeping
+            return self._g(tt, x)
         return self._at("g", self._g, t, tt, y, x)
 
     def drift(self, t, y, args):
@@ -1075,6 +1078,7 @@ class _StratonovichFields:
 
     def __init__(self, fields: _Fields, noise_type: str):
         self.fields, self.noise_type = fields, noise_type
+        fields.share_g = True
 
     def correction(self, t, y, args):
         from ..solvers.milstein import _jvp
@@ -1309,9 +1313,8 @@ def _run_solve(p: _Plan, adjoint):
             max_steps=None,
         )
         nodes = sol.ts.detach().cpu().to(torch.float64).tolist()
-        kept, prev, curr, w0, w1 = _interpolation(nodes, p.tl, p.ts)
-        ys = sol.ys[kept]
-        return torch.cat([ys[:1], w0.view(-1, 1, 1) * ys[prev] + w1.view(-1, 1, 1) * ys[curr]])
+        interp = _interpolation(nodes, p.tl, p.ts)
+        return _interpolate(sol.ys[interp[0]], interp)
     if not p.adaptive:
         # torchsde's steps do not land on ts: keep the steps around each output time and
         # interpolate linearly between them, as torchsde does
@@ -1332,10 +1335,7 @@ def _run_solve(p: _Plan, adjoint):
     )
     if interp is None:
         return sol.ys
-    _, prev, curr, w0, w1 = interp
-    ys = sol.ys
-    out = w0.view(-1, 1, 1) * ys[prev] + w1.view(-1, 1, 1) * ys[curr]
-    return torch.cat([ys[:1], out])
+    return _interpolate(sol.ys, interp)
 
 
 def _interpolation(nodes: list, tl: list, ts: torch.Tensor):
@@ -1344,24 +1344,40 @@ def _interpolation(nodes: list, tl: list, ts: torch.Tensor):
     Returns ``(kept, prev, curr, w0, w1)``: the indices of the grid nodes to save (the first is
     ``t0``), and for ``ts[1:]`` the positions in ``kept`` of the step's ends and the weights
     ``(t1 - t) / (t1 - t0)``, ``(t - t0) / (t1 - t0)`` computed in ``ts``'s dtype (torchsde's formula).
+    An output time that is a grid time (always ``ts[-1]``) is that node's value (torchsde's
+    weights are exactly 0 and 1 there): only that node is kept, with weights 0 and 1; when every
+    output time is a grid time, ``w0`` and ``w1`` are ``None`` (the kept nodes are the outputs).
     """
     pairs = []
     i = 0
     for out_t in tl[1:]:
         while nodes[i] < out_t:
             i += 1
-        pairs.append((i - 1, i))
+        pairs.append((i, i) if nodes[i] == out_t else (i - 1, i))
     kept = sorted({0, *(k for pair in pairs for k in pair)})
     pos = {k: j for j, k in enumerate(kept)}
     prev = [pos[a] for a, _ in pairs]
     curr = [pos[b] for _, b in pairs]
+    if all(a == b for a, b in pairs):
+        return kept, prev, curr, None, None
     grid = torch.tensor(nodes, dtype=torch.float64).to(ts.dtype)
     tp = grid[[a for a, _ in pairs]]
     tc = grid[[b for _, b in pairs]]
     to = ts.detach().cpu()[1:]
-    w0 = ((tc - to) / (tc - tp)).to(ts.device)
-    w1 = ((to - tp) / (tc - tp)).to(ts.device)
+    exact = tp == tc
+    span = torch.where(exact, torch.ones_like(tc), tc - tp)
+    w0 = torch.where(exact, torch.zeros_like(tc), (tc - to) / span).to(ts.device)
+    w1 = torch.where(exact, torch.ones_like(tc), (to - tp) / span).to(ts.device)
     return kept, prev, curr, w0, w1
+
+
+def _interpolate(ys, interp):
+    """The outputs at ``ts`` from the kept nodes' values ``ys`` (see :func:`_interpolation`)."""
+    _, prev, curr, w0, w1 = interp
+    if w0 is None:
+        return ys
+    out = w0.view(-1, 1, 1) * ys[prev] + w1.view(-1, 1, 1) * ys[curr]
+    return torch.cat([ys[:1], out])
 
 
 def _parse_return(p: _Plan, ys, extra: bool, extra_state=()):
@@ -1424,11 +1440,9 @@ def _reversible_heun_extra(p: _Plan, extra_solver_state):
         y = y + (f + f1) * (0.5 * h) + _prod(noise, g + g1, 0.5 * w)
         f, g, z = f1, g1, z1
         out.append(y)
-    kept, prev, curr, w0, w1 = _interpolation(nodes, p.tl, p.ts)
-    ys = torch.stack(out)[kept]
-    res = w0.view(-1, 1, 1) * ys[prev] + w1.view(-1, 1, 1) * ys[curr]
+    interp = _interpolation(nodes, p.tl, p.ts)
     g_out = g.unsqueeze(-1) if noise == "scalar" else g
-    return torch.cat([ys[:1], res]), (f, g_out, z)
+    return _interpolate(torch.stack(out)[interp[0]], interp), (f, g_out, z)
 
 
 _SDEINT_ARGS = (
