@@ -6,6 +6,7 @@ Usage::
     python benchmarks/compiled.py            # writes compiled.md next to this file (~10 minutes on 2 cores)
     python benchmarks/compiled.py --quick    # one small shape, few rounds, report in a temporary folder
     python benchmarks/compiled.py --out DIR
+    python benchmarks/compiled.py --profile  # only a cProfile of the compiled torchnde solve at (16, 2, 32)
 
 Per shape (batch, dim, width): the MLP vector field and y0 of run.py, float32, Dopri5 with
 rtol = atol = 1e-6 over [0, 1], under ``torch.no_grad()``, one thread. Rows: torchnde eager,
@@ -33,7 +34,7 @@ sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
 import torchode as to  # noqa: E402
-from _common import machine_info  # noqa: E402
+from _common import log_profile, machine_info  # noqa: E402
 from run import MAX_STEPS, Y0_SEED, Runner, make_mlp, time_round_robin  # noqa: E402  (sets one thread)
 
 import torchnde as tn  # noqa: E402
@@ -208,7 +209,16 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="one small shape, few rounds")
     ap.add_argument("--out", type=Path, default=None, help="folder for compiled.md (default: this folder)")
+    ap.add_argument("--profile", action="store_true", help="only profile the compiled torchnde solve at (16, 2, 32)")
     args = ap.parse_args(argv)
+    if args.profile:
+        mlp = make_mlp(2, 32)
+        torch.manual_seed(Y0_SEED)
+        r = torchnde_runner(mlp, torch.randn(16, 2), True)
+        with torch.no_grad():
+            r.run()  # compiles
+            log_profile(lambda i: r.run(), 50, "50 compiled torchnde Dopri5 solves at (16, 2, 32)", print, limit=25)
+        return
     out_dir = args.out or (Path(tempfile.mkdtemp(prefix="torchnde-bench-")) if args.quick else HERE)
     shapes = [(16, 2, 32)] if args.quick else [(16, 2, 32), (256, 16, 64)]
     rounds = (

@@ -178,6 +178,10 @@ def test_uncovered_solves_run_eagerly_with_a_warning(backend):
     with pytest.warns(UserWarning, match="only ODE terms are compiled"):
         comp = tn.solve(sde, tn.Euler(), 0.0, 1.0, y0, dt0=0.1, compile=True)
     torch.testing.assert_close(comp.ys, tn.solve(sde, tn.Euler(), 0.0, 1.0, y0, dt0=0.1).ys, rtol=0, atol=0)
+    term = tn.ODETerm(lambda t, y, a: -y * t, time_as_float=True)  # Python-float times
+    with pytest.warns(UserWarning, match="time_as_float=True"):
+        comp = tn.solve(term, tn.Tsit5(), 0.0, 1.0, y0, dt0=0.1, compile=True)
+    torch.testing.assert_close(comp.ys, tn.solve(term, tn.Tsit5(), 0.0, 1.0, y0, dt0=0.1).ys, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per-sample"])
