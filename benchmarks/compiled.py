@@ -200,6 +200,16 @@ one eager vector-field call is about 25-30 us, so these few tens of microseconds
 keeps the ratio above 1; at (256, 16, 64) the compiled vector field is faster than the eager one
 (fewer kernels, the pointwise work fused), so the ratio falls below 1.
 
+A profile (`python benchmarks/compiled.py --profile`, cProfile of 50 solves at (16, 2, 32),
+1550 steps; cProfile inflates the Python parts): per step 163 us in the compiled C++ code (the
+six vector-field evaluations and everything computed with them), 77 us of own time in dynamo's `compile_wrapper` (frame hook and guards), about 25 us in
+the AOT-autograd and inductor wrappers, 19 us in torchnde's wrapper around the compiled step,
+12 us making time tensors, 28 us in the controller's `adapt` and `_to_scalar` (`.item()`), and
+the loop's `decide`/`propose`/`commit`. Evaluating no guards at all
+(`torch.compiler.set_stance(skip_guard_eval_unsafe=True)`, unsafe, measured only) takes 9 % off
+a solve; feeding the tableau's coefficients as graph constants instead of inputs (fewer guarded
+tensors) was slower, and is not done.
+
 torchode under `torch.compile` compiles its whole `solve`; dynamo splits it into several graphs at
 its data-dependent checks (`.item()`-style graph breaks), so its loop still runs in Python between
 them, and its compilation takes longer (more graphs)."""
