@@ -808,6 +808,7 @@ class _Fields:
         self.noise_type = sde.noise_type
         self.logqp = logqp
         self.time_dtype, self.device = time_dtype, device
+        self._tables = {}  # inference mode -> torchnde's table of time tensors of this dtype and device
         self._f = self._method("f")
         self._g = self._method("g")
         self._h = self._method("h")
@@ -880,7 +881,14 @@ class _Fields:
         floats (the loop's times) come from torchnde's cache of time tensors, so a grid time seen
         before (a step's end is the next step's start) costs a lookup, not a new tensor."""
         if type(t) is float:
-            return cached_time(t, time_table(self.time_dtype, self.device), self.time_dtype, self.device)
+            inference = torch.is_inference_mode_enabled()
+            table = self._tables.get(inference)
+            if table is None:
+                table = self._tables[inference] = time_table(self.time_dtype, self.device)
+            out = table.get(t)
+            if out is not None and out._version == 0 and not out.requires_grad:
+                return out
+            return cached_time(t, table, self.time_dtype, self.device)
         if isinstance(t, torch.Tensor):
             return t.to(dtype=self.time_dtype, device=self.device)
         return torch.tensor(t, dtype=self.time_dtype, device=self.device)
@@ -929,9 +937,9 @@ class _Fields:
     def drift(self, t, y, args):
         tt = self.time(t)
         if not self.logqp:
-            if self._fg is not None:
-                return self._at("fg", self._fg, t, tt, y, y)[0]
-            return self._f(tt, y)
+            if self._fg is None:
+                return self._f(tt, y)
+            return self._at("fg", self._fg, t, tt, y, y)[0]
         x = y[:, :-1]
         f, g, h = self._f(tt, x), self._g_at(t, tt, y, x), self._h(tt, x)
         u = self._u(f, g, h)
@@ -939,6 +947,9 @@ class _Fields:
 
     def diffusion(self, t, y, args, shared=True):
         tt = self.time(t)
+        if not (self.logqp or self.share_g) and self._fg is None:  # the plain case, first
+            g = self._g(tt, y)
+            return g.squeeze(-1) if self.noise_type == "scalar" else g
         x = y[:, :-1] if self.logqp else y
         g = self._g_at(t, tt, y, x) if shared else self._g(tt, x)
         if self.logqp:
