@@ -114,6 +114,20 @@ def test_backwards_in_time_and_per_sample(backend, per_sample):
     assert ctrl._pre is None
 
 
+def test_sum_of_ode_terms(backend):
+    """MultiTerm(ODETerm(f), ODETerm(g)): compiled (each part receives t as a tensor), as eagerly."""
+    backend("aot_eager")
+    net = _mlp()
+    y0 = torch.randn(3, 2)
+    terms = tn.MultiTerm(tn.ODETerm(lambda t, y, a: net(y)), tn.ODETerm(lambda t, y, a: -0.5 * y * t))
+    kw = dict(controller=tn.PIDController(rtol=1e-5, atol=1e-6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # compiled: no fallback warning
+        comp = tn.solve(terms, tn.Tsit5(), 0.0, 1.0, y0, compile=True, **kw)
+    _same(comp, tn.solve(terms, tn.Tsit5(), 0.0, 1.0, y0, **kw))
+    assert _graphs() == 1
+
+
 def test_gradients_through_compiled_steps(backend):
     backend("aot_eager")
     net = _mlp().requires_grad_(True)

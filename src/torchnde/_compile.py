@@ -39,7 +39,7 @@ import warnings
 import torch
 
 from ._flat import _FlatTerm
-from ._terms import ODETerm, time_dtype
+from ._terms import ODETerm, _SumODE, time_dtype
 from .controllers import PIDController
 from .controllers._pid import _RMS, rms_norm
 from .solvers._base import AbstractERK, LazyDerivative
@@ -141,6 +141,8 @@ class _Entry:
 def _vf_key(term):
     """What identifies a vector field across solves: its code (a function or lambda, so a new
     closure over the same model each iteration still matches) or its type (a module)."""
+    if isinstance(term, _SumODE):  # a sum of ODE terms: its parts
+        return tuple(_vf_key(part) for part in term.terms)
     vf = term.vector_field if isinstance(term, ODETerm) else term
     fn = getattr(vf, "__func__", vf)  # bound methods: the function
     code = getattr(fn, "__code__", None)
@@ -165,9 +167,16 @@ def _unsupported(solver, term) -> str | None:
         return f"only ODE terms are compiled (got {type(term).__name__}: an SDE or another term)"
     if not isinstance(solver, AbstractERK):
         return f"only explicit Runge-Kutta solvers are compiled (got {solver!r})"
-    if getattr(term.term, "time_as_float", False) and not term.batched:
+    if _wants_float(term.term) and not term.batched:
         return "a term with time_as_float=True (its vector field wants Python-float times)"
     return None
+
+
+def _wants_float(term) -> bool:
+    """Whether a vector field of the term takes Python-float times (a sum: any of its parts)."""
+    if isinstance(term, _SumODE):
+        return any(_wants_float(part) for part in term.terms)
+    return bool(getattr(term, "time_as_float", False))
 
 
 def compiled_step(solver, term, problem):
