@@ -1332,6 +1332,8 @@ def _run_solve(p: _Plan, adjoint):
         nodes = [p.tl[0], *p.controller.step_ts.tolist(), p.tl[-1]]
         interp = _interpolation(nodes, p.tl, p.ts)
         save = [nodes[k] for k in interp[0]]
+    # ts = [t0, t1] (the usual call): the initial and final values, no save times to land on
+    saveat = SaveAt(t0=True, t1=True) if save == [p.tl[0], p.tl[-1]] else SaveAt(ts=save)
     sol = solve(
         terms,
         p.solver,
@@ -1339,7 +1341,7 @@ def _run_solve(p: _Plan, adjoint):
         p.tl[-1],
         p.y0,
         dt0=p.dt,
-        saveat=SaveAt(ts=save),
+        saveat=saveat,
         controller=p.controller,
         adjoint=adjoint,
         max_steps=None,
