@@ -257,3 +257,27 @@ def test_steps_make_no_host_synchronisation(cls, levy):
 
     run(4)  # warm-up (one-time checks)
     assert _count_syncs(lambda: run(4)) == _count_syncs(lambda: run(16))
+
+
+@pytest.mark.parametrize("backwards", [False, True], ids=["forward", "backward-in-time"])
+def test_reversible_adjoint_on_a_brownian_tree_matches_direct(backwards):
+    """The backward pass prefetches the tree's increments (last step first): the gradients are
+    those of backpropagation through the same steps."""
+    from torchnde.paths import VirtualBrownianTree
+
+    a, s = _params()
+    f, g, _ = _fields(a, s, False)
+    bm = VirtualBrownianTree(0.0, 1.0, (B, D), seed=4, dtype=F64)
+    term = tn.MultiTerm(
+        tn.ODETerm(lambda t, y, args: f(t, y)), tn.ControlTerm(lambda t, y, args: g(t, y), bm, noise="diagonal")
+    )
+    t0, t1 = (1.0, 0.0) if backwards else (0.0, 1.0)
+    y0 = _y0()
+    out = []
+    for adjoint in (tn.ReversibleAdjoint(), tn.DirectAdjoint()):
+        sol = tn.solve(term, tn.ReversibleHeun(), t0, t1, y0, dt0=(t1 - t0) / 12, adjoint=adjoint,
+                       saveat=tn.SaveAt(ts=[0.5, t1]))  # fmt: skip
+        out.append((sol.ys, torch.autograd.grad(sol.ys.pow(2).sum(), (y0, a, s))))
+    torch.testing.assert_close(out[0][0], out[1][0], **TOL)
+    for x, y in zip(out[0][1], out[1][1]):
+        torch.testing.assert_close(x, y, **TOL)

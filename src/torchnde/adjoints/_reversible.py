@@ -208,7 +208,19 @@ class _ReversibleFn(torch.autograd.Function):
                 continue
             incoming[n] = incoming[n] + grad_ys[j] if n in incoming else grad_ys[j]
 
-        a_y0, g = solver.reverse(term, times, internal["y"], internal["solver_state"][0], incoming, wrt)
+        path = getattr(term, "path", None) if term.rough else None
+        if path is not None and len(times) > 2 and hasattr(path, "increments"):
+            # the Brownian increments of the steps, computed ahead in the order the backward pass
+            # asks for them (last step first), in chunks, as the fused forward loop does; the same
+            # values as step-by-step queries
+            from .._fixed import Prefetched
+
+            term.path = Prefetched(path, [term._times(times[n - 1], times[n]) for n in range(len(times) - 1, 0, -1)])
+        try:
+            a_y0, g = solver.reverse(term, times, internal["y"], internal["solver_state"][0], incoming, wrt)
+        finally:
+            if path is not None:
+                term.path = path
         if len(times) > 1:
             check_reached(params, [gi is not None for gi in g[len(ctx.proxy_list) :]])
         grads = [torch.zeros_like(w) if gi is None else gi.to(w.dtype) for gi, w in zip(g, wrt)]
