@@ -281,3 +281,26 @@ def test_reversible_adjoint_on_a_brownian_tree_matches_direct(backwards):
     torch.testing.assert_close(out[0][0], out[1][0], **TOL)
     for x, y in zip(out[0][1], out[1][1]):
         torch.testing.assert_close(x, y, **TOL)
+
+
+def test_sde_runge_kutta_step_skips_the_error_estimate_when_not_needed():
+    """``term.need_error = False`` (for loops that accept every step): no estimate, same step."""
+    from torchnde._flat import flat_term
+    from torchnde._terms import normalize_terms
+    from torchnde._tree import Flattener
+
+    a, s = _params()
+    f, g, _ = _fields(a, s, False)
+    term = tn.MultiTerm(
+        tn.ODETerm(lambda t, y, args: f(t, y)), tn.ControlTerm(lambda t, y, args: g(t, y), _path(), noise="diagonal")
+    )
+    y0 = _y0().detach()
+    flat = Flattener(y0, False)
+    out = []
+    for need in (True, False):
+        ft = flat_term(normalize_terms(term), flat, None, 1.0, False)
+        ft.need_error = need
+        y1, err, *_ = tn.Heun().step(ft, 0.0, H, flat.flatten(y0), None)
+        out.append((y1, err))
+    assert out[0][1] is not None and out[1][1] is None
+    assert torch.equal(out[0][0], out[1][0])

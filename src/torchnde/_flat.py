@@ -114,7 +114,7 @@ class _FlatSDE:
     __slots__ = (
         "sde", "flat", "args", "sign", "nfe", "nfe_diffusion", "batched", "checked", "checked_g", "checked_w",
         "control", "path", "noise_type", "noise_class", "custom",
-        "_f", "_f_tt", "_g", "_g_tt", "_leaf", "_tcache", "_shape", "_state_shape",
+        "_f", "_f_tt", "_g", "_g_tt", "_leaf", "_tcache", "_shape", "_state_shape", "need_error",
     )  # fmt: skip
 
     def __init__(self, sde: SDETerm, flat: Flattener, args, sign: float, batched: bool):
@@ -133,6 +133,10 @@ class _FlatSDE:
         self.custom = type(sde).vf_prod is not SDETerm.vf_prod
         if self.custom:
             self.checked = self.checked_g = self.checked_w = True
+        # whether steps must return their error estimate: a loop whose steps are all accepted
+        # whatever the estimate (fixed steps) may set it False to save the ops (SDE Runge-Kutta
+        # steps then return None)
+        self.need_error = True
         # the direct calls (None: through the term's own vf / prod): the user's functions, whether
         # they take tensor time (_tt), and the leaf product g dW of a single-tensor state
         drift, control = sde.drift, sde.control

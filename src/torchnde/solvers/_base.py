@@ -239,7 +239,7 @@ class AbstractERK(AbstractSolver):
             y1 = _sde_comb(x0, ks, coef["b"], coef["b_f"])
             y1 = term.state(y1) if single else y1
         y_error = None
-        if coef["b_error"] is not None:
+        if coef["b_error"] is not None and term.need_error:
             y_error = _sde_comb(None, ks, coef["b_error"], coef["b_error_f"])
             y_error = term.state(y_error) if single else y_error
         return y1, y_error, (y0, y1), None, None
