@@ -25,6 +25,14 @@ term.contr(t0, t1))`` the whole ``f dt + g dW`` (what Runge--Kutta stages use). 
 ``strong_order`` (by noise class), ``calculus`` and ``levy_area``, add the class to
 ``torchnde.solvers.SDE_SOLVERS``, and the SDE tests check its strong order on every noise class
 it claims.
+
+Speed: a step of a small problem costs about as much per tensor op (views included) as per
+element, so the built-in SDE steps fuse what they combine (``torch.add(..., alpha=)`` rather than
+arithmetic with Python scalars) and, on a single-tensor state with a shared step, work in the
+user's shape: ``term.tree(y)`` views the flat state once, ``term.vf_prod_tree``,
+``term.vf_tree``, ``term.diffusion_tree``, ``term.gprod_tree`` and ``term.drift_tree`` evaluate
+there, and ``term.state(inc)`` flattens the result once. ``term.need_error`` is False when the
+loop ignores error estimates (then skip computing one).
 """
 
 from __future__ import annotations
