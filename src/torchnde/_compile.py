@@ -92,7 +92,7 @@ class _Traced:
         return -out if neg else out
 
 
-def _step(solver, term, flat, args, sign, batched, t0, t1, y, f0, lazy_t, lazy_y, tols):
+def _step(solver, term, flat, args, sign, batched, t0, t1, y, f0, lazy_t, lazy_y, tols, dense):
     """One solver step on the traced term; what the compiled function runs.
 
     ``f0`` is the start derivative, or ``None`` when the loop holds it unevaluated (a
@@ -107,9 +107,12 @@ def _step(solver, term, flat, args, sign, batched, t0, t1, y, f0, lazy_t, lazy_y
     tensor operations.
     """
     tt = _Traced(term, flat, args, sign, batched)
+    f0_made = None  # the start derivative when it is evaluated here (the caller keeps it)
     if f0 is None:
-        f0 = tt.vf(lazy_t, lazy_y)
+        f0 = f0_made = tt.vf(lazy_t, lazy_y)
     y1, y_err, dinfo, s1, code = solver.step(tt, t0, t1, y, f0)
+    if not dense:  # nothing asks for the step's dense output: fewer outputs (and none aliasing inputs)
+        dinfo = None
     lazy_next = None
     if isinstance(s1, LazyDerivative):
         lazy_next, s1 = s1.y, None
@@ -122,7 +125,7 @@ def _step(solver, term, flat, args, sign, batched, t0, t1, y, f0, lazy_t, lazy_y
     if tols is not None and y_err is not None:
         m = torch.maximum(y.detach().abs(), y1.detach().abs())
         norm = torch.linalg.vector_norm(y_err.detach() / torch.addcmul(tols[1], m, tols[0]), dim=-1)
-    return y1, y_err, dinfo, s1, code, tt.calls, f0, lazy_next, lazy_at, norm
+    return y1, y_err, dinfo, s1, code, tt.calls, f0_made, lazy_next, lazy_at, norm
 
 
 class _Entry:
@@ -192,7 +195,10 @@ def compiled_step(solver, term, problem):
     controller = problem.controller
     if not (isinstance(controller, PIDController) and controller.norm is rms_norm):
         controller = None  # (other norms: the controller computes them eagerly)
-    return _CompiledStep(solver, term, _entry(solver, term.term, term.flat.device.type), controller)
+    saveat = problem.saveat
+    # the steps' dense information is used only to save between step ends and to locate events
+    dense = saveat.ts is not None or bool(saveat.steps) or bool(saveat.dense) or bool(problem.events)
+    return _CompiledStep(solver, term, _entry(solver, term.term, term.flat.device.type), controller, dense)
 
 
 def _as_time(t, dtype, device):
@@ -202,10 +208,10 @@ def _as_time(t, dtype, device):
 class _CompiledStep:
     """``solver.step(term, t0, t1, y, state)`` through the entry's compiled function."""
 
-    __slots__ = ("solver", "entry", "tdtype", "device", "prepared", "controller", "tols", "last")
+    __slots__ = ("solver", "entry", "tdtype", "device", "prepared", "controller", "tols", "last", "dense")
 
-    def __init__(self, solver, term, entry, controller):
-        self.solver, self.entry, self.controller = solver, entry, controller
+    def __init__(self, solver, term, entry, controller, dense):
+        self.solver, self.entry, self.controller, self.dense = solver, entry, controller, dense
         like = torch.empty(0, dtype=time_dtype(term.flat.dtype), device=term.flat.device)
         self.tols = None if controller is None else controller._tolerances(like)  # (rtol, atol) 0-d tensors
         flat = term.flat
@@ -250,6 +256,7 @@ class _CompiledStep:
                 lazy_t,
                 lazy_y,
                 self.tols,
+                self.dense,
             )
         except Exception as err:  # noqa: BLE001 - any failure to compile: eager from here on
             entry.failed = True
