@@ -197,11 +197,12 @@ as much as a small eager vector-field call), two 0-d time tensors (one reused), 
 check of the new state (`y1.sum()` and one `.item()`), the error norm's `.item()` and the
 controller's float arithmetic, and the loop's Python (stops, saving, statistics). At (16, 2, 32)
 one eager vector-field call is about 25-30 us, so these few tens of microseconds per step are what
-keeps the ratio above 1; at (256, 16, 64) the compiled vector field is faster than the eager one
+keeps the ratio near 1 although the compiled vector field is cheaper than the eager one; at (256, 16, 64) the compiled vector field is faster than the eager one
 (fewer kernels, the pointwise work fused), so the ratio falls below 1.
 
 A profile (`python benchmarks/compiled.py --profile`, cProfile of 50 solves at (16, 2, 32),
-1550 steps; cProfile inflates the Python parts): per step 163 us in the compiled C++ code (the
+1550 steps, taken under load and before the compiled step stopped returning the unused dense
+information; cProfile inflates the Python parts): per step 163 us in the compiled C++ code (the
 six vector-field evaluations and everything computed with them), 77 us of own time in dynamo's `compile_wrapper` (frame hook and guards), about 25 us in
 the AOT-autograd and inductor wrappers, 19 us in torchnde's wrapper around the compiled step,
 12 us making time tensors, 28 us in the controller's `adapt` and `_to_scalar` (`.item()`), and
