@@ -414,14 +414,14 @@ def write_md(path: Path, info: dict, results: list, folder: Path, elapsed, round
         )
     lines += [
         "",
-        "Where torchsde is several times slower (the Lorenz data and the DDPM sampling), the cause is in torchsde: "
-        "with float32 `ts` (what these examples pass) its accumulated time ends a rounding error short of "
-        "`ts[-1]` and it takes one more, tiny step; its `BrownianInterval` then sizes its dependency tree from "
-        "that step and builds ~50 000 nodes (`_split_exact` is most of the profile). The front-end takes the same "
-        "extra step (its results are torchsde's to rounding error) at the cost of any other step. In the latent "
-        "SDE's training iteration torchsde's `BrownianInterval` is a visible share too (~80 000 tree-search calls "
-        "per iteration, no 50 000-node build). In the SDE-GAN's full iteration most of the time is the "
-        "discriminator, which calls torchcde (and through it "
+        "Where torchsde is several times slower, the causes are in torchsde (profiled): in the DDPM sampling, "
+        "with float32 `ts` (what the example passes) its accumulated time ends a rounding error short of `ts[-1]` "
+        "and it takes one more, tiny step; its `BrownianInterval` then sizes its dependency tree from that step "
+        "and builds ~50 000 nodes (`_split_exact` is most of the profile). The front-end takes the same extra step "
+        "(its results are torchsde's to rounding error) at the cost of any other step. In the Lorenz data (srk) "
+        "and the latent SDE's training iteration, torchsde's per-step Python (its srk step) and its "
+        "`BrownianInterval` searches (~80 000-90 000 `_loc_inner` calls per iteration) are a visible share. In "
+        "the SDE-GAN's full iteration most of the time is the discriminator, which calls torchcde (and through it "
         "torchsde) in both runs.",
     ]
     lines += ["", "### What each case runs", ""]
