@@ -1,8 +1,11 @@
 """``solve(..., compile=True)``: the solver's step, with the vector field, through ``torch.compile``.
 
 What is compiled is one step of an explicit Runge--Kutta method on an ODE (all its stages, the
-vector-field evaluations, the stage combinations and the error estimate) as one graph
-(``fullgraph=True``). The loop around it (step-size control, saving, events) stays eager.
+vector-field evaluations, the stage combinations, the error estimate and, for a
+:class:`~torchnde.PIDController` with the RMS norm, the error's scaled norm, handed to the
+controller) as one graph (``fullgraph=True``). The loop around it (step-size decisions, saving,
+events, dense output) stays eager; when nothing uses the steps' dense information the graph does
+not return it.
 
 How the compiled code is reused. ``torch.compile`` keeps its compiled graphs on the *code
 object* of the function it compiles, behind guards (on shapes, dtypes, devices, the attributes
@@ -18,7 +21,7 @@ Two things are kept out of the graph so that nothing in it changes from step to 
 
 * times: the loop's shared-mode times are Python floats, which ``torch.compile`` would bake into
   the graph as constants (a recompilation each step). They enter as 0-d tensors of the state's
-  real dtype, as per-sample times always do (:func:`_as_time`); ``t`` reaches the vector field as
+  real dtype, as per-sample times always do; ``t`` reaches the vector field as
   that tensor (``ODETerm(..., time_as_float=True)`` is not supported compiled);
 * counting: the term seen inside the graph (:class:`_Traced`) counts its evaluations while it is
   traced; the count is a constant of the graph, returned with the step and added to the solve's
