@@ -55,6 +55,8 @@ class FixedLoop(SharedLoop):
         path = getattr(term, "path", None) if term.rough else None
         if path is not None and len(plan) > 1 and hasattr(path, "increments"):
             term.path = Prefetched(path, [term._times(a[0], a[1]) for a in plan])
+        if term.rough:  # every step is accepted: SDE steps need not form their error estimates
+            term.need_error = False
         flat = self.flat
         if len(plan) > 1 and not torch.compiler.is_compiling():  # the step starts' time tensors, made at once
             prefill_times([a[0] * self.sign for a in plan], time_dtype(flat.dtype), flat.device)
