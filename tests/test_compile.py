@@ -122,24 +122,30 @@ def test_sum_of_ode_terms(backend):
     terms = tn.MultiTerm(tn.ODETerm(lambda t, y, a: net(y)), tn.ODETerm(lambda t, y, a: -0.5 * y * t))
     kw = dict(controller=tn.PIDController(rtol=1e-5, atol=1e-6))
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # compiled: no fallback warning
+        warnings.filterwarnings("error", message=r"solve\(\.\.\., compile=True\)")  # compiled: no fallback
         comp = tn.solve(terms, tn.Tsit5(), 0.0, 1.0, y0, compile=True, **kw)
     _same(comp, tn.solve(terms, tn.Tsit5(), 0.0, 1.0, y0, **kw))
     assert _graphs() == 1
 
 
 def test_gradients_through_compiled_steps(backend):
+    """Direct, backsolve and checkpoint gradients of compiled solves (one process, one vector
+    field: their variants (grad or not, replays) compile without hitting the recompile limit)."""
     backend("aot_eager")
     net = _mlp().requires_grad_(True)
     y0 = torch.randn(3, 2)
-    grads = []
-    for compile in (False, True):
-        net.zero_grad()
-        sol = _solve(net, tn.Bosh3(), y0, compile, controller=tn.PIDController(rtol=1e-4, atol=1e-6))
-        sol.ys.square().sum().backward()
-        grads.append([p.grad.clone() for p in net.parameters()])
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for adjoint in (tn.DirectAdjoint(), tn.BacksolveAdjoint(), tn.CheckpointAdjoint()):
+        grads = []
+        for compile in (False, True):
+            net.zero_grad()
+            with warnings.catch_warnings():
+                warnings.filterwarnings("error", message=r"solve\(\.\.\., compile=True\)")  # no fallback
+                kw = dict(controller=tn.PIDController(rtol=1e-4, atol=1e-6), adjoint=adjoint)
+                sol = _solve(net, tn.Bosh3(), y0, compile, **kw)
+                sol.ys.square().sum().backward()
+            grads.append([p.grad.clone() for p in net.parameters()])
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_second_solve_reuses_the_graph_and_new_shapes_recompile(backend):

@@ -155,8 +155,12 @@ def _vf_key(term):
     return code if code is not None else type(vf)
 
 
-def _entry(solver, term, device_type: str) -> _Entry:
-    key = (type(solver), _vf_key(term), device_type, _BACKEND)
+def _entry(solver, term, device_type: str, variant: tuple) -> _Entry:
+    """The entry of (solver class, vector field, device type); ``variant`` (grad mode, fused
+    error norm, dense output) splits it further, so that the variants one problem needs (a
+    forward solve with gradients, a no-grad replay, a backward solve) do not share the recompile
+    limit of one code object."""
+    key = (type(solver), _vf_key(term), device_type, _BACKEND, variant)
     entry = _CACHE.get(key)
     if entry is None:
         global _COUNT
@@ -201,7 +205,9 @@ def compiled_step(solver, term, problem):
     saveat = problem.saveat
     # the steps' dense information is used only to save between step ends and to locate events
     dense = saveat.ts is not None or bool(saveat.steps) or bool(saveat.dense) or bool(problem.events)
-    return _CompiledStep(solver, term, _entry(solver, term.term, term.flat.device.type), controller, dense)
+    variant = (torch.is_grad_enabled(), controller is not None, dense)
+    entry = _entry(solver, term.term, term.flat.device.type, variant)
+    return _CompiledStep(solver, term, entry, controller, dense)
 
 
 def _as_time(t, dtype, device):
