@@ -9,8 +9,8 @@ not return it.
 
 How the compiled code is reused. ``torch.compile`` keeps its compiled graphs on the *code
 object* of the function it compiles, behind guards (on shapes, dtypes, devices, the attributes
-the trace read). This module gives each (solver class, vector-field code) pair a code object of
-its own (:func:`_entry`), so that
+the trace read). This module gives each (solver class, vector-field code, device type, variant)
+a code object of its own (:func:`_entry`), so that
 
 * a training loop re-solving the same problem (a new solver object, a new ``ODETerm``, a new
   batch of the same shape each iteration, updated parameters) finds the graph of the first solve
