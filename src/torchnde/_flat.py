@@ -371,12 +371,16 @@ def flat_term(terms, flat: Flattener, args, sign: float, batched: bool):
     return (_FlatSDE if isinstance(terms, SDETerm) else _FlatTerm)(terms, flat, args, sign, batched)
 
 
-def _leaf_shapes(flat: Flattener, tree, what: str) -> list:
+def _leaf_shapes(flat: Flattener, tree, what) -> list:
+    """The shapes of ``tree``'s leaves, checked against ``flat``; ``what`` (a string, or a callable
+    making it: only an error needs it) names the tree in messages."""
     leaves = tree_leaves(tree)
     if len(leaves) != len(flat.shapes) or not all(isinstance(x, torch.Tensor) for x in leaves):
+        what = what() if callable(what) else what
         raise ValueError(f"{what} must be a tensor (or a tree like y0 with {len(flat.shapes)} tensors)")
     for x in leaves:
         if x.dtype != flat.dtype or x.device != flat.device:
+            what = what() if callable(what) else what
             raise TypeError(
                 f"{what} has dtype {x.dtype} on {x.device} but y0 is {flat.dtype} on {flat.device}; "
                 "build the Brownian path with dtype=y0.dtype, device=y0.device and make the diffusion follow y"
@@ -393,7 +397,7 @@ def _expected(noise: str, shape: tuple, last: int | None) -> str:
 
 
 def _check_diffusion(flat, g, noise, control):
-    shapes = _leaf_shapes(flat, g, f"the diffusion of {control!r}")
+    shapes = _leaf_shapes(flat, g, lambda: f"the diffusion of {control!r}")
     for got, want in zip(shapes, flat.shapes):
         ok = got == want if noise in ("diagonal", "scalar") else (len(got) == len(want) + 1 and got[:-1] == want)
         if not ok:
@@ -404,7 +408,7 @@ def _check_diffusion(flat, g, noise, control):
 
 
 def _check_noise(flat, w, noise, path):
-    shapes = _leaf_shapes(flat, w, f"the increment of {path!r}")
+    shapes = _leaf_shapes(flat, w, lambda: f"the increment of {path!r}")
     for got, want in zip(shapes, flat.shapes):
         if noise == "diagonal":
             ok = got == want

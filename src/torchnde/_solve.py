@@ -296,6 +296,8 @@ def _check_sde_solver(sde: SDETerm, solver) -> None:
 
 def _is_backward(t0, t1) -> bool:
     """Whether the solve runs backwards in time (bad times are reported later, with context)."""
+    if type(t0) in (float, int) and type(t1) in (float, int):
+        return t1 < t0
     try:
         d = torch.as_tensor(t1).detach().reshape(-1)[:1] - torch.as_tensor(t0).detach().reshape(-1)[:1]
         return bool((d < 0).all()) if d.numel() else False

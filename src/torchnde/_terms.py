@@ -9,6 +9,7 @@ loop.
 from __future__ import annotations
 
 import inspect
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -106,7 +107,24 @@ def user_time(t, like):
     return cached_time(t, time_table(dtype, leaf.device), dtype, leaf.device)
 
 
+_ARITY: dict = {}  # (owner, what, code object, number of defaults) -> _arity_error's answer
+
+
 def _arity_error(owner: str, vector_field, what: str) -> str | None:
+    """:func:`_arity_check` cached for plain functions by their code (terms built anew in every
+    training iteration from the same lambda read its signature once)."""
+    code = getattr(vector_field, "__code__", None)
+    if type(vector_field) is not types.FunctionType or code is None:
+        return _arity_check(owner, vector_field, what)
+    key = (owner, what, code, len(vector_field.__defaults__ or ()), bool(vector_field.__kwdefaults__))
+    if key not in _ARITY:
+        if len(_ARITY) > 1024:
+            _ARITY.clear()
+        _ARITY[key] = _arity_check(owner, vector_field, what)
+    return _ARITY[key]
+
+
+def _arity_check(owner: str, vector_field, what: str) -> str | None:
     """A message if ``vector_field`` cannot be called as ``f(t, y, args)``, read from its
     signature (``None`` when it can, or when the signature cannot be read)."""
     fn = vector_field
