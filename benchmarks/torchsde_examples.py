@@ -62,9 +62,14 @@ _PACKAGE = "_torchsde_examples"
 
 
 def examples_dir(arg: str | None) -> Path | None:
-    """torchsde's ``examples`` folder: ``arg``, ``$TORCHSDE_EXAMPLES``, or a clone of torchsde in
-    ``../peers/torchsde`` next to this repository (None if none exists)."""
-    candidates = [arg, os.environ.get("TORCHSDE_EXAMPLES"), HERE.parent.parent / "peers" / "torchsde" / "examples"]
+    """torchsde's ``examples`` folder: ``arg`` if given, else ``$TORCHSDE_EXAMPLES`` if set, else a
+    clone of torchsde in ``../peers/torchsde`` next to this repository (None if it does not exist)."""
+    if arg is not None:  # asked for: that folder or nothing
+        candidates = [arg]
+    elif os.environ.get("TORCHSDE_EXAMPLES"):
+        candidates = [os.environ["TORCHSDE_EXAMPLES"]]
+    else:
+        candidates = [HERE.parent.parent / "peers" / "torchsde" / "examples"]
     for c in candidates:
         if c and (Path(c) / "latent_sde_lorenz.py").is_file():
             return Path(c)
@@ -305,7 +310,7 @@ def cases():
         Case(
             "lorenz_train_adj", "latent_sde_lorenz",
             "latent SDE (Lorenz): training iteration, `sdeint_adjoint` (logqp)",
-            "forward (euler, 100 steps, logqp) + adjoint backward + Adam", lorenz_train(True), iters=1,
+            "forward (euler, 100 steps, logqp) + adjoint backward + Adam", lorenz_train(True), iters=2,
         ),
         Case(
             "ddpm_sample", "cont_ddpm", "continuous-time DDPM: reverse-SDE sampling, `sdeint`",
