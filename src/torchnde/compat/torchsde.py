@@ -50,7 +50,8 @@ What differs:
   ``½ Σ_j (∂g_j/∂y) g_j``), solved backwards with the midpoint method whatever the Itô
   ``adjoint_method``; this costs one extra forward solve of the Stratonovich form.
 * unknown keyword arguments, unknown ``options`` and unknown ``names`` keys raise ``TypeError``
-  (torchsde warns or ignores them).
+  (torchsde warns or ignores them); a fixed ``dt`` below the resolution of ``ts``'s dtype raises
+  ``ValueError`` (torchsde loops forever).
 
 Not supported (``NotImplementedError`` naming the alternative): ``extra=True`` /
 ``extra_solver_state`` with ``"reversible_heun"`` in ``sdeint_adjoint`` or with ``adaptive=True``.
