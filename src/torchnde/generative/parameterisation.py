@@ -164,6 +164,13 @@ class _Converted:
     def __call__(self, t, x):
         return self.param.convert(self.kind, t, x, self._model(t, x))
 
+    def score_scale(self, t: float) -> float | None:
+        """``k`` with the score ``k * model(t, x)`` at float time ``t`` (what :meth:`scaled_score`
+        multiplies by), or ``None`` if the score is not a scaled model output."""
+        if self.kind != "score" or self.param.kind not in ("eps", "score"):
+            return None
+        return 1.0 if self.param.kind == "score" else -1.0 / self.param.process.marginal(t)[1]
+
     def scaled_score(self, t: float, x):
         """``(out, k)`` with the score ``k * out`` for a score wrapper of an ``"eps"`` or
         ``"score"`` model at a float time (``out`` the model's output), so that a caller folds

@@ -275,11 +275,43 @@ def _check_n(n):
         raise ValueError(f"the number of steps must be an int >= 1, got {n!r}")
 
 
+#: float times whose drift coefficients a ``_PFDrift`` keeps (a fixed grid's; adaptive solves
+#: start over once this many are cached)
+_COEFF_CACHE = 4096
+
+
 class _PFDrift:
+    r""":math:`f - c\,g^2\nabla\log p_t` (``c = 1/2``). At a float time, when the score is a
+    scaled model output (an ``"eps"``/``"score"`` model, :meth:`_Converted.score_scale`) and the
+    drift is linear (no offset), the drift's two scalars are computed once per time and cached
+    (a sampler's grid), so an evaluation is the model call and two ops: the same operations and
+    values as :meth:`DiffusionProcess._drift_minus`."""
+
     __name__ = "probability_flow"
+    _c = 0.5
 
     def __init__(self, process, score_fn):
         self.process, self.score_fn = process, score_fn
+        self._cache: dict = {}
+        scale = getattr(score_fn, "score_scale", None)
+        cls, base = type(process), DiffusionProcess
+        linear = all(getattr(cls, m) is getattr(base, m) for m in ("_drift_offset", "drift", "_drift_minus"))
+        self._fast = scale if linear and scale is not None and scale(process.t1) is not None else None
+
+    def _coeffs(self, t: float):
+        """``(a, alpha)``: the drift ``a * x`` and the model output's weight, at float time ``t``."""
+        p = self.process
+        return p._drift_coeff_f(t), -self._c * p._g2_f(t) * self._fast(t)
+
+    def _eval(self, t, x):
+        if self._fast is not None and type(t) is float:
+            c = self._cache.get(t)
+            if c is None:
+                if len(self._cache) >= _COEFF_CACHE:
+                    self._cache.clear()
+                c = self._cache[t] = self._coeffs(t)
+            return torch.add(x * c[0], self.score_fn._model(t, x), alpha=c[1])
+        return self.process._drift_minus(self.score_fn, t, x, self._c)
 
     @property
     def event_shape(self):
@@ -289,14 +321,12 @@ class _PFDrift:
         return event_shape_of(self.score_fn)
 
     def __call__(self, t, x, args=None):
-        return self.process.pf_drift(self.score_fn, t, x)
+        return self._eval(t, x)
 
 
 class _ReverseDrift(_PFDrift):
     __name__ = "reverse_drift"
-
-    def __call__(self, t, x, args=None):
-        return self.process.reverse_drift(self.score_fn, t, x)
+    _c = 1.0
 
 
 class _Diffusion:

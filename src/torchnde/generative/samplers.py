@@ -66,6 +66,7 @@ from .fast_samplers import (
     FAST_SAMPLERS,
     DPMSolver,
     EDMHeun,
+    _direct_vf,
     dpm_orders,
     dpm_steps,
     edm_heun_steps,
@@ -183,6 +184,35 @@ class _FixedHeun(AbstractERK):
 
     def __repr__(self):
         return "Heun()"
+
+
+class _FlowEuler(AbstractSolver):
+    """Euler's method for ``"pf_euler"`` (shared float times; ``Euler()`` otherwise): the same
+    steps and values as :class:`Euler` (``y1 = y0 + h f(t0, y0)``), with the probability-flow
+    field called directly at the real time in the state's own shape once the first step has
+    checked its output (no flat view or sign flips per step). Linear dense output."""
+
+    order: ClassVar = 1
+    dense_order: ClassVar = 1
+
+    def __repr__(self):
+        return "Euler()"
+
+    def init(self, term, t0, y0):
+        return None
+
+    def step(self, term, t0, t1, y0, state):
+        f = _direct_vf(term) if type(t0) is float else None
+        if f is not None and term.sign < 0:  # the field at real time -t0 is -f(t0): step by -h
+            x = term.flat.state_to_tree(y0)
+            term.nfe += 1
+            y1 = term.flat.tree_to_state(torch.add(x, f(-t0, x, term.args), alpha=t0 - t1))
+        else:
+            y1 = torch.add(y0, term.vf(t0, y0), alpha=t1 - t0)
+        return y1, None, (y0, y1), None, None
+
+    def dense_coeffs(self, term, dense_info):
+        return linear_coeffs(*dense_info)
 
 
 SAMPLERS = ("euler_maruyama", "pc", "pf_euler", "pf_heun", "pf_adaptive")
@@ -377,7 +407,8 @@ def sample(
             step = solver or Euler()
     else:
         terms = process.probability_flow(score)
-        step = solver or {"pf_euler": Euler(), "pf_heun": _FixedHeun(), "pf_adaptive": Tsit5()}[sampler]
+        euler = Euler() if per_sample else _FlowEuler()
+        step = solver or {"pf_euler": euler, "pf_heun": _FixedHeun(), "pf_adaptive": Tsit5()}[sampler]
     if wrap_solver is not None:
         step = wrap_solver(step)
     if fixed:
