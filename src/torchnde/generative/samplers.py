@@ -54,7 +54,7 @@ import torch
 from .._saveat import SaveAt
 from .._solution import Solution
 from .._solve import solve
-from .._terms import ODETerm
+from .._terms import ControlTerm, ODETerm
 from ..controllers import PIDController, StepTo
 from ..paths import BrownianGrid, VirtualBrownianTree
 from ..solvers import Euler, Heun, SPaRK, Tsit5
@@ -73,7 +73,7 @@ from .fast_samplers import (
     logsnr_times,
 )
 from .parameterisation import Parameterisation
-from .processes import EDM, DiffusionProcess
+from .processes import EDM, DiffusionProcess, _Diffusion, _ReverseDrift
 
 __all__ = ["sample", "SampleResult", "SAMPLERS", "ALL_SAMPLERS", "LangevinCorrector"]
 
@@ -213,6 +213,43 @@ class _FlowEuler(AbstractSolver):
 
     def dense_coeffs(self, term, dense_info):
         return linear_coeffs(*dense_info)
+
+
+class _ReverseEulerMaruyama(Euler):
+    """Euler--Maruyama for the reverse SDE that ``sample`` builds (``"euler_maruyama"``): the same
+    steps and values as :class:`Euler` on it, ``y1 = y0 + (f dt + g dW)``, with the drift called
+    directly at the real time in the state's own shape and the (additive) diffusion as a float
+    (no ``full_like`` tensor), once the first step has checked the term's outputs."""
+
+    def __repr__(self):
+        return "Euler()"
+
+    def __init__(self, process):
+        self._g: dict = {}
+        self._process = process
+
+    def step(self, term, t0, t1, y0, state):
+        sde = getattr(term, "sde", None)
+        if (
+            type(t0) is float and sde is not None and term.sign < 0 and term.checked and term.checked_g
+            and term.checked_w and not term.custom and term.flat.single
+            and type(sde.drift) is ODETerm and isinstance(sde.drift.vector_field, _ReverseDrift)
+            and type(sde.control) is ControlTerm and isinstance(sde.control.vector_field, _Diffusion)
+        ):  # fmt: skip
+            s = -t0  # the real time
+            g = self._g.get(s)
+            if g is None:
+                if len(self._g) > 4096:
+                    self._g.clear()
+                g = self._g[s] = self._process.diffusion(s)
+            w = term.noise(t0, t1)
+            x = term.flat.state_to_tree(y0)
+            term.nfe += 1
+            term.nfe_diffusion += 1
+            f = sde.drift.vector_field(s, x, term.args)
+            y1 = y0 + term.flat.tree_to_state(torch.add(w * g, f, alpha=t0 - t1))
+            return y1, None, (y0, y1), None, None
+        return super().step(term, t0, t1, y0, state)
 
 
 SAMPLERS = ("euler_maruyama", "pc", "pf_euler", "pf_heun", "pf_adaptive")
@@ -404,7 +441,7 @@ def sample(
             corrector_noise = brownian(int(seed) + 1, (n_corrector,))
             step = LangevinCorrector(score, corrector_noise, snr=snr, n_corrector=n_corrector)
         else:
-            step = solver or Euler()
+            step = solver or (Euler() if per_sample else _ReverseEulerMaruyama(process))
     else:
         terms = process.probability_flow(score)
         euler = Euler() if per_sample else _FlowEuler()
