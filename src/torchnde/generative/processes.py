@@ -227,7 +227,7 @@ class DiffusionProcess:
         to sample, or from ``t0`` to ``t1`` to encode). ``score_fn(t, x)`` is the score of the
         marginal :math:`p_t` (see :class:`~torchnde.generative.parameterisation.Parameterisation`
         for models that predict something else)."""
-        return ODETerm(_PFDrift(self, score_fn), time_as_float=True)
+        return ODETerm(_pf_field(_PFDrift(self, score_fn)), time_as_float=True)
 
     def reverse_sde(
         self,
@@ -265,9 +265,47 @@ class DiffusionProcess:
             path = VirtualBrownianTree(
                 min(lo, hi), max(lo, hi), tuple(shape), seed=seed, dtype=dtype, device=device, tol=tol
             )
-        drift = ODETerm(_ReverseDrift(self, score_fn), time_as_float=True)
-        noise = ControlTerm(_Diffusion(self), path, noise="diagonal", additive=True, calculus="ito", time_as_float=True)
+        drift = ODETerm(_reverse_field(_ReverseDrift(self, score_fn)), time_as_float=True)
+        noise = ControlTerm(
+            _diffusion_field(_Diffusion(self)),
+            path,
+            noise="diagonal",
+            additive=True,
+            calculus="ito",
+            time_as_float=True,
+        )
         return MultiTerm(drift, noise)
+
+
+# The terms' vector fields are plain functions (closures over the objects below, which they
+# carry as ``.impl``): a term reads a plain function's signature once per code object, where it
+# would inspect a callable object at every term built, i.e. at every sampling call.
+def _pf_field(impl: _PFDrift):
+    ev = impl._eval
+
+    def probability_flow(t, x, args=None):
+        return ev(t, x)
+
+    probability_flow.impl, probability_flow.event_shape = impl, impl.event_shape
+    return probability_flow
+
+
+def _reverse_field(impl: _ReverseDrift):
+    ev = impl._eval
+
+    def reverse_drift(t, x, args=None):
+        return ev(t, x)
+
+    reverse_drift.impl, reverse_drift.event_shape = impl, impl.event_shape
+    return reverse_drift
+
+
+def _diffusion_field(impl: _Diffusion):
+    def diffusion(t, x, args=None):
+        return impl(t, x)
+
+    diffusion.impl = impl
+    return diffusion
 
 
 def _check_n(n):

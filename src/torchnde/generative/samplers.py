@@ -158,20 +158,15 @@ class LangevinCorrector(AbstractSolver):
 
 
 # ---------------------------------------------------------------------------------- sample()
-class _Prediction:
-    """A model's prediction ``f(t, x)`` as the vector field of an ``ODETerm``."""
+def _prediction_field(f):
+    """A model's prediction ``f(t, x)`` as the vector field of an ``ODETerm``: a plain function,
+    whose signature a term reads once per code object (an object's at every term built)."""
 
-    __name__ = "prediction"
+    def prediction(t, x, args=None):
+        return f(t, x)
 
-    def __init__(self, f):
-        self.f = f
-
-    @property
-    def event_shape(self):
-        return event_shape_of(self.f)
-
-    def __call__(self, t, x, args=None):
-        return self.f(t, x)
+    prediction.event_shape = event_shape_of(f)
+    return prediction
 
 
 class _FixedHeun(AbstractERK):
@@ -233,8 +228,9 @@ class _ReverseEulerMaruyama(Euler):
         if (
             type(t0) is float and sde is not None and term.sign < 0 and term.checked and term.checked_g
             and term.checked_w and not term.custom and term.flat.single
-            and type(sde.drift) is ODETerm and isinstance(sde.drift.vector_field, _ReverseDrift)
-            and type(sde.control) is ControlTerm and isinstance(sde.control.vector_field, _Diffusion)
+            and type(sde.drift) is ODETerm and isinstance(getattr(sde.drift.vector_field, "impl", None), _ReverseDrift)
+            and type(sde.control) is ControlTerm
+            and isinstance(getattr(sde.control.vector_field, "impl", None), _Diffusion)
         ):  # fmt: skip
             s = -t0  # the real time
             g = self._g.get(s)
@@ -407,7 +403,7 @@ def sample(
         # the model's own output (counted); the solver converts it with cached coefficients
         predict = Parameterisation(parameterisation, process).as_kind(model, parameterisation)
         score = predict  # counts the model's evaluations
-        terms = ODETerm(_Prediction(predict), time_as_float=True)
+        terms = ODETerm(_prediction_field(predict), time_as_float=True)
         if isinstance(solver, DPMSolver) and solver.term_kind != parameterisation:
             raise ValueError(
                 f"the {sampler!r} preset's term returns the model's own output ({parameterisation!r}); "
