@@ -261,6 +261,15 @@ def edm_heun_steps(process: DiffusionProcess, nfe: int, final_euler: bool | None
 
 
 # --------------------------------------------------------------------------------- DPM-Solver
+def _tree_of(term, y, state):
+    """The state ``y`` in the user's shape: the tensor a step kept in its solver state
+    ``(y1, x1)`` when ``y`` is that step's ``y1`` (the shaped tensor itself, not a view of a view:
+    a view op fewer per step, and the model gets a base tensor), else a view of ``y``."""
+    if type(state) is tuple and len(state) == 2 and state[0] is y:
+        return state[1]
+    return term.flat.state_to_tree(y)
+
+
 def _direct_vf(term):
     """The user's vector field ``f(t, x, args)`` (real time as a float, user shapes) behind the
     solver's view ``term`` of a plain float-time :class:`~torchnde.ODETerm`, once its first
@@ -384,8 +393,9 @@ class DPMSolver(AbstractSolver):
 
     # -- pieces ------------------------------------------------------------------------------
     def init(self, term, t0, y0):
-        # (index of the next step, log-SNRs of the history, its predictions, per-time cache)
-        return (0, (), (), {})
+        # (index of the next step, log-SNRs of the history, its predictions, per-time cache, the last
+        # step's (y1, x1): its state flat and in the user's shape)
+        return (0, (), (), {}, None)
 
     def _coef(self, cache, t: float):
         """``(alpha, sigma, log-SNR)`` at real time ``t`` (floats, computed once per solve)."""
@@ -452,7 +462,7 @@ class DPMSolver(AbstractSolver):
     def step(self, term, t0, t1, y0, state):
         if not isinstance(t0, float):
             raise NotImplementedError("DPMSolver does not support per_sample=True (use a shared time grid)")
-        i, lams, ms, cache = state
+        i, lams, ms, cache, prev = state
         if self.orders is None:
             k = self.order
         elif i < len(self.orders):
@@ -461,7 +471,7 @@ class DPMSolver(AbstractSolver):
             raise ValueError(f"{self!r} was set up for {self.num_steps} steps; the solve takes more")
         sg = term.sign
         s, t = sg * float(t0), sg * float(t1)
-        x = term.flat.state_to_tree(y0)
+        x = _tree_of(term, y0, prev)
         lam_s = self._coef(cache, s)[2]
         m_s = self._predict(term, cache, s, x)
         if self.multistep:
@@ -485,7 +495,7 @@ class DPMSolver(AbstractSolver):
             x1 = self._combine(cache, s, t, x, terms)
             keep = self.order - 1
             new_state = (i + 1, (*lams, lam_s)[-keep:], (*ms, m_s)[-keep:]) if keep else (i + 1, (), ())
-            new_state = (*new_state, cache)
+            new_state = (*new_state, cache, None)
         else:
             b = self._taylor(cache, s, t, k)
             if k == 1:
@@ -506,9 +516,9 @@ class DPMSolver(AbstractSolver):
                 p2 = self._predict(term, cache, s2, u2)
                 d2 = self._coef(cache, s2)[2] - lam_s
                 x1 = self._combine(cache, s, t, x, [(b[0] - b[1] / d2, m_s), (b[1] / d2, p2)])
-            new_state = (i + 1, lams, ms, cache)
+            new_state = (i + 1, lams, ms, cache, None)
         y1 = term.flat.tree_to_state(x1)
-        return y1, None, (y0, y1), new_state, None
+        return y1, None, (y0, y1), (*new_state[:4], (y1, x1)), None
 
     def dense_coeffs(self, term, dense_info):
         return linear_coeffs(*dense_info)
@@ -586,11 +596,12 @@ class EDMHeun(AbstractSolver):
     __hash__ = object.__hash__
 
     def init(self, term, t0, y0):
-        return 0  # the index of the next step
+        return 0  # the index of the next step (then with the last step's (y1, x1))
 
     def step(self, term, t0, t1, y0, state):
         if not isinstance(t0, float):
             raise NotImplementedError("EDMHeun does not support per_sample=True")
+        state, prev = (state, None) if type(state) is int else state
         if self.final_euler and state >= self.num_steps:
             raise ValueError(f"{self!r} was set up for {self.num_steps} steps; the solve takes more")
         sg = term.sign
@@ -615,7 +626,7 @@ class EDMHeun(AbstractSolver):
         h = t1 - tau0
         f = _direct_vf(term)
         if f is not None and sg < 0:  # the user's field at real times: -d, so -h (same values)
-            x = term.flat.state_to_tree(y)
+            x = _tree_of(term, y, prev)
             term.nfe += 1
             v = f(-tau0, x, term.args)
             x_e = torch.add(x, v, alpha=-h)
@@ -625,7 +636,7 @@ class EDMHeun(AbstractSolver):
                 term.nfe += 1
                 x1 = torch.add(x, v + f(-t1, x_e, term.args), alpha=-0.5 * h)
             y1 = term.flat.tree_to_state(x1)
-            return y1, None, (y0, y1), state + 1, None
+            return y1, None, (y0, y1), (state + 1, (y1, x1)), None
         d = term.vf(tau0, y)
         y_e = torch.add(y, d, alpha=h)
         if self.final_euler and state == self.num_steps - 1:

@@ -67,6 +67,7 @@ from .fast_samplers import (
     DPMSolver,
     EDMHeun,
     _direct_vf,
+    _tree_of,
     dpm_orders,
     dpm_steps,
     edm_heun_steps,
@@ -199,11 +200,12 @@ class _FlowEuler(AbstractSolver):
     def step(self, term, t0, t1, y0, state):
         f = _direct_vf(term) if type(t0) is float else None
         if f is not None and term.sign < 0:  # the field at real time -t0 is -f(t0): step by -h
-            x = term.flat.state_to_tree(y0)
+            x = _tree_of(term, y0, state)
             term.nfe += 1
-            y1 = term.flat.tree_to_state(torch.add(x, f(-t0, x, term.args), alpha=t0 - t1))
-        else:
-            y1 = torch.add(y0, term.vf(t0, y0), alpha=t1 - t0)
+            x1 = torch.add(x, f(-t0, x, term.args), alpha=t0 - t1)
+            y1 = term.flat.tree_to_state(x1)
+            return y1, None, (y0, y1), (y1, x1), None
+        y1 = torch.add(y0, term.vf(t0, y0), alpha=t1 - t0)
         return y1, None, (y0, y1), None, None
 
     def dense_coeffs(self, term, dense_info):
@@ -239,12 +241,13 @@ class _ReverseEulerMaruyama(Euler):
                     self._g.clear()
                 g = self._g[s] = self._process.diffusion(s)
             w = term.noise(t0, t1)
-            x = term.flat.state_to_tree(y0)
+            x = _tree_of(term, y0, state)
             term.nfe += 1
             term.nfe_diffusion += 1
             f = sde.drift.vector_field(s, x, term.args)
-            y1 = y0 + term.flat.tree_to_state(torch.add(w * g, f, alpha=t0 - t1))
-            return y1, None, (y0, y1), None, None
+            x1 = x + torch.add(w * g, f, alpha=t0 - t1)
+            y1 = term.flat.tree_to_state(x1)
+            return y1, None, (y0, y1), (y1, x1), None
         return super().step(term, t0, t1, y0, state)
 
 
