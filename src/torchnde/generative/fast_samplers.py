@@ -292,6 +292,8 @@ def _affine(to, kind, a, s):
 
 
 def _is_zero(m) -> bool:
+    if type(m) is float:  # the common case, without the numbers.Real (ABC) check
+        return m == 0.0
     return isinstance(m, numbers.Real) and m == 0
 
 
@@ -375,6 +377,7 @@ class DPMSolver(AbstractSolver):
         self.prediction, self.term_kind = prediction, term_kind
         self.num_steps, self.orders, self.lower_order_final = num_steps, orders, bool(lower_order_final)
         self._param = Parameterisation(term_kind, process)
+        self._no_offset = type(process).mean_offset is DiffusionProcess.mean_offset
 
     def __repr__(self):
         name = "DPMSolver++" if self.prediction == "x0" else "DPMSolver"
@@ -398,13 +401,19 @@ class DPMSolver(AbstractSolver):
         return (0, (), (), {}, None)
 
     def _coef(self, cache, t: float):
-        """``(alpha, sigma, log-SNR)`` at real time ``t`` (floats, computed once per solve)."""
+        """``(alpha, sigma, log-SNR, affine)`` at real time ``t`` (floats, computed once per
+        solve; ``affine`` the prediction's conversion, see :func:`_affine`)."""
         c = cache.get(t)
         if c is None:
             a, s = self.process.marginal(t)
             a, s = float(a), float(s)
-            c = cache[t] = (a, s, math.log(a) - math.log(s))
+            aff = None if self.term_kind == self.prediction else _affine(self.prediction, self.term_kind, a, s)
+            c = cache[t] = (a, s, math.log(a) - math.log(s), aff)
         return c
+
+    def _offset(self, t: float, x):
+        """:math:`m(t)` (the float 0.0 for processes without a mean offset, without a call)."""
+        return 0.0 if self._no_offset else self.process.mean_offset(t, x)
 
     def _predict(self, term, cache, t: float, x: torch.Tensor) -> torch.Tensor:
         """The prediction at real time ``t`` and state ``x`` (user shapes): one evaluation."""
@@ -418,11 +427,10 @@ class DPMSolver(AbstractSolver):
             out = term.flat.state_to_tree(-out if sg < 0 else out)
         if self.term_kind == self.prediction:
             return out
-        a, s, _ = self._coef(cache, t)
-        cs = _affine(self.prediction, self.term_kind, a, s)
+        cs = self._coef(cache, t)[3]
         if cs is None:  # the velocity
             return self._param.convert(self.prediction, t, x, out)
-        m = self.process.mean_offset(t, x)
+        m = self._offset(t, x)
         y = x if _is_zero(m) else x - m
         cy, co = cs
         return co * out if cy == 0 else torch.add(cy * y, out, alpha=co)
@@ -431,23 +439,22 @@ class DPMSolver(AbstractSolver):
         r"""The update from ``s`` to ``t``: ``c * (x - m(s)) + sum(w * pred) + m(t)``, where
         ``terms`` are ``(w_j, pred)`` pairs of the Taylor coefficients :math:`h^{j+1}\varphi_{j+1}`
         already folded into the predictions' weights."""
-        p = self.process
-        a_s, s_s, _ = self._coef(cache, s)
-        a_t, s_t, _ = self._coef(cache, t)
-        m_s = p.mean_offset(s, x)
+        a_s, s_s = self._coef(cache, s)[:2]
+        a_t, s_t = self._coef(cache, t)[:2]
+        m_s = self._offset(s, x)
         y = x if _is_zero(m_s) else x - m_s
         out = ((s_t / s_s) if self.prediction == "x0" else (a_t / a_s)) * y
         for w, d in terms:
             out = torch.add(out, d, alpha=w)
-        m_t = p.mean_offset(t, x)
+        m_t = self._offset(t, x)
         return out if _is_zero(m_t) else out + m_t
 
     def _taylor(self, cache, s: float, t: float, k: int) -> list[float]:
         r"""The coefficients of the order-``k`` update's derivatives: :math:`\alpha_t
         h^{j+1}\varphi_{j+1}(-h)` (data prediction) or :math:`-\sigma_t h^{j+1}\varphi_{j+1}(h)`
         (noise prediction), ``j < k``."""
-        _, _, lam_s = self._coef(cache, s)
-        a_t, s_t, lam_t = self._coef(cache, t)
+        lam_s = self._coef(cache, s)[2]
+        a_t, s_t, lam_t, _ = self._coef(cache, t)
         h = lam_t - lam_s
         if self.prediction == "x0":
             return [a_t * h ** (j + 1) * f for j, f in enumerate(_phis(-h, k))]

@@ -322,8 +322,8 @@ class _PFDrift:
     r""":math:`f - c\,g^2\nabla\log p_t` (``c = 1/2``). At a float time, when the score is a
     scaled model output (an ``"eps"``/``"score"`` model, :meth:`_Converted.score_scale`) and the
     drift is linear (no offset), the drift's two scalars are computed once per time and cached
-    (a sampler's grid), so an evaluation is the model call and two ops: the same operations and
-    values as :meth:`DiffusionProcess._drift_minus`."""
+    (a sampler's grid), so an evaluation is the model call and two ops (one without a drift): the
+    same values as :meth:`DiffusionProcess._drift_minus`."""
 
     __name__ = "probability_flow"
     _c = 0.5
@@ -348,6 +348,8 @@ class _PFDrift:
                 if len(self._cache) >= _COEFF_CACHE:
                     self._cache.clear()
                 c = self._cache[t] = self._coeffs(t)
+            if c[0] == 0.0:  # no drift (VE, EDM): 0 * x + k out is k out, one op fewer
+                return self.score_fn._model(t, x) * c[1]
             return torch.add(x * c[0], self.score_fn._model(t, x), alpha=c[1])
         return self.process._drift_minus(self.score_fn, t, x, self._c)
 
