@@ -199,3 +199,45 @@ def test_a_dpm_solver_passed_to_a_dpm_preset_must_read_the_model_output():
     out = sample(GAUSS.model(p, "eps"), p, (8, 2), nfe=10, sampler="dpm_2m", parameterisation="eps",
                  solver=DPMSolver(p, 2, multistep=True, term_kind="eps", num_steps=10))  # fmt: skip
     assert out.nfe == 10 and torch.isfinite(out.x).all()
+
+
+def test_sampler_fast_paths_equal_the_general_steps(monkeypatch):
+    """The presets' direct steps (Euler / Euler-Maruyama on the sampler's own terms, DPMSolver and
+    EDMHeun calling the field at real times, cached coefficients and time tensors) give the
+    samples of the general steps bit for bit."""
+    from torchnde import Euler
+    from torchnde.generative import fast_samplers
+
+    p, e = VP(), EDM()
+    kw = dict(parameterisation="eps", seed=3, dtype=torch.float32)
+    for sampler in ("pf_euler", "euler_maruyama"):
+        a = sample(GAUSS.model(p, "eps"), p, (16, 2), nfe=12, sampler=sampler, **kw)
+        b = sample(GAUSS.model(p, "eps"), p, (16, 2), nfe=12, sampler=sampler, solver=Euler(), **kw)
+        assert a.nfe == b.nfe == 12
+        torch.testing.assert_close(a.x, b.x, rtol=0, atol=0)
+    cases = [("dpmpp_2m", p), ("dpm_3s", p), ("edm_heun", e), ("edm_heun_sde", e)]
+    fast = [sample(GAUSS.model(q, "eps"), q, (16, 2), nfe=12, sampler=s, **kw) for s, q in cases]
+    monkeypatch.setattr(fast_samplers, "_direct_vf", lambda term: None)
+    for (s, q), a in zip(cases, fast):
+        b = sample(GAUSS.model(q, "eps"), q, (16, 2), nfe=12, sampler=s, **kw)
+        assert a.nfe == b.nfe
+        torch.testing.assert_close(a.x, b.x, rtol=0, atol=0)
+
+
+def test_a_model_may_write_into_its_time_tensor():
+    """The grid's time tensors are made once per sampling call; a model that writes into one
+    (here after reading it) does not change the times later calls receive."""
+    p = EDM()
+    model = GAUSS.model(p, "eps")
+    seen = []
+
+    def writer(t, x):
+        seen.append(float(t[0]))
+        out = model(t.clone(), x)
+        t.zero_()
+        return out
+
+    a = sample(model, p, (8, 2), nfe=9, sampler="edm_heun", parameterisation="eps", seed=0)
+    b = sample(writer, p, (8, 2), nfe=9, sampler="edm_heun", parameterisation="eps", seed=0)
+    assert 0.0 not in seen and len(seen) == 9
+    torch.testing.assert_close(a.x, b.x, rtol=0, atol=0)

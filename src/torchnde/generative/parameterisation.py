@@ -140,6 +140,18 @@ class _Converted:
             raise TypeError(f"the model must be callable as model(t, x); got {type(model).__name__}")
         self.param, self.model, self.kind = param, model, kind
         self.calls = 0
+        self._times = None  # see prefill_times
+
+    def prefill_times(self, times, x: torch.Tensor) -> None:
+        """Make the model's ``(B,)`` time tensors for the float ``times`` (a sampler's grid) at
+        once, for states like ``x``: one op for the grid instead of a ``torch.full`` per call.
+        The same values (each row is the time rounded to ``x``'s dtype); a call at another time,
+        with another batch, dtype or device, or after the model has written into one of them,
+        makes its own as before."""
+        times = [float(v) for v in times]
+        grid = torch.tensor(times, dtype=torch.float64).to(dtype=x.dtype, device=x.device)
+        rows = grid.view(-1, 1).expand(-1, x.shape[0]).contiguous().unbind(0)
+        self._times = (dict(zip(times, rows)), x.shape[0], x.dtype, x.device)
 
     @property
     def event_shape(self) -> tuple[int, ...] | None:
@@ -148,8 +160,14 @@ class _Converted:
 
     def _model(self, t, x):
         self.calls += 1
+        tt = None
+        if self._times is not None and type(t) is float:
+            rows, b, dtype, device = self._times
+            tt = rows.get(t)
+            if tt is not None and (tt._version or x.shape[0] != b or x.dtype is not dtype or x.device != device):
+                tt = None
         try:
-            out = self.model(_batch_time(t, x), x)
+            out = self.model(_batch_time(t, x) if tt is None else tt, x)
         except (RuntimeError, IndexError) as e:
             reraise_if_shape_error(e, "the model", x, self.event_shape)
             raise

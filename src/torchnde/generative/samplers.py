@@ -445,6 +445,8 @@ def sample(
         terms = process.probability_flow(score)
         euler = Euler() if per_sample else _FlowEuler()
         step = solver or {"pf_euler": euler, "pf_heun": _FixedHeun(), "pf_adaptive": Tsit5()}[sampler]
+    if fixed and not per_sample:  # the model's time tensors of the grid, made at once
+        score.prefill_times(grid.tolist(), x)
     if wrap_solver is not None:
         step = wrap_solver(step)
     if fixed:
