@@ -224,16 +224,30 @@ class _ReverseEulerMaruyama(Euler):
     def __init__(self, process):
         self._g: dict = {}
         self._process = process
+        self._term = self._drift = None  # the term checked last, and its drift's evaluation
+
+    def _direct(self, term):
+        """The drift's evaluation ``(t, x)`` if ``term`` is the sampler's reverse SDE with its
+        outputs checked, else ``None`` (checked once per solve)."""
+        if term is self._term:
+            return self._drift
+        sde = getattr(term, "sde", None)
+        if not (
+            sde is not None and term.checked and term.checked_g and term.checked_w and not term.custom
+            and term.flat.single and type(sde.drift) is ODETerm and type(sde.control) is ControlTerm
+        ):  # fmt: skip
+            return None
+        impl = getattr(sde.drift.vector_field, "impl", None)
+        if not (
+            isinstance(impl, _ReverseDrift) and isinstance(getattr(sde.control.vector_field, "impl", None), _Diffusion)
+        ):
+            return None
+        self._term, self._drift = term, impl._eval
+        return self._drift
 
     def step(self, term, t0, t1, y0, state):
-        sde = getattr(term, "sde", None)
-        if (
-            type(t0) is float and sde is not None and term.sign < 0 and term.checked and term.checked_g
-            and term.checked_w and not term.custom and term.flat.single
-            and type(sde.drift) is ODETerm and isinstance(getattr(sde.drift.vector_field, "impl", None), _ReverseDrift)
-            and type(sde.control) is ControlTerm
-            and isinstance(getattr(sde.control.vector_field, "impl", None), _Diffusion)
-        ):  # fmt: skip
+        drift = self._direct(term) if type(t0) is float and term.sign < 0 else None
+        if drift is not None:
             s = -t0  # the real time
             g = self._g.get(s)
             if g is None:
@@ -244,8 +258,7 @@ class _ReverseEulerMaruyama(Euler):
             x = _tree_of(term, y0, state)
             term.nfe += 1
             term.nfe_diffusion += 1
-            f = sde.drift.vector_field(s, x, term.args)
-            x1 = x + torch.add(w * g, f, alpha=t0 - t1)
+            x1 = x + torch.add(w * g, drift(s, x), alpha=t0 - t1)
             y1 = term.flat.tree_to_state(x1)
             return y1, None, (y0, y1), (y1, x1), None
         return super().step(term, t0, t1, y0, state)
