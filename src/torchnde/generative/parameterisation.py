@@ -148,10 +148,12 @@ class _Converted:
         The same values (each row is the time rounded to ``x``'s dtype); a call at another time,
         with another batch, dtype or device, or after the model has written into one of them,
         makes its own as before."""
-        times = [float(v) for v in times]
-        grid = torch.tensor(times, dtype=torch.float64).to(dtype=x.dtype, device=x.device)
-        rows = grid.view(-1, 1).expand(-1, x.shape[0]).contiguous().unbind(0)
-        self._times = (dict(zip(times, rows)), x.shape[0], x.dtype, x.device)
+        if not isinstance(times, torch.Tensor):
+            times = torch.tensor([float(v) for v in times], dtype=torch.float64)
+        keys = times.detach().reshape(-1).tolist()
+        grid = times.detach().reshape(-1, 1).to(dtype=x.dtype, device=x.device)
+        rows = grid.expand(-1, x.shape[0]).contiguous().unbind(0)
+        self._times = (dict(zip(keys, rows)), x.shape[0], x.dtype, x.device)
 
     @property
     def event_shape(self) -> tuple[int, ...] | None:

@@ -459,7 +459,7 @@ def sample(
         euler = Euler() if per_sample else _FlowEuler()
         step = solver or {"pf_euler": euler, "pf_heun": _FixedHeun(), "pf_adaptive": Tsit5()}[sampler]
     if fixed and not per_sample:  # the model's time tensors of the grid, made at once
-        score.prefill_times(grid.tolist(), x)
+        score.prefill_times(grid, x)
     if wrap_solver is not None:
         step = wrap_solver(step)
     if fixed:
