@@ -88,7 +88,7 @@ def test_fused_is_used_and_plans_the_loop_times():
     orig = FixedLoop.run
 
     def spy(self):
-        calls.append(self._plan())
+        calls.append(self._plan((self.t, self.dt, self.cstate, self.stops.ptr, 0))[0])
         return orig(self)
 
     FixedLoop.run = spy
@@ -295,4 +295,24 @@ def test_outside_solvers_have_every_step_checked():
 
     a, b = _both(run)
     assert a.result == tn.Result.nonfinite
+    _same_solution(a, b)
+
+
+def test_long_solves_are_planned_in_windows(monkeypatch):
+    import torchnde._fixed as fixed
+
+    monkeypatch.setattr(fixed, "WINDOW", 7)  # 40 steps in 6 windows
+    y0 = torch.randn(4, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+    def run(max_steps=4096):
+        term = _sde_term("tree", 40)
+        return tn.solve(
+            term, tn.Heun(), 0.0, 1.0, y0, dt0=1 / 40, saveat=tn.SaveAt(steps=True), max_steps=max_steps, throw=False
+        )
+
+    a, b = _both(run)
+    _same_solution(a, b)
+    assert a.stats["num_steps"] == 40
+    a, b = _both(lambda: run(max_steps=30))  # max_steps found in a later window
+    assert a.result == tn.Result.max_steps_reached
     _same_solution(a, b)

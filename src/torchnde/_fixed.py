@@ -36,6 +36,8 @@ __all__ = ["FixedLoop", "Prefetched", "fusable"]
 
 #: Prefetched Brownian values per chunk (elements, all steps of the chunk together).
 CHUNK_ELEMENTS = 1 << 22
+#: Steps planned at a time (a window's plan, prefetch table and time tensors are then let go).
+WINDOW = 1 << 14
 
 
 def fusable(p) -> bool:
@@ -48,43 +50,31 @@ class FixedLoop(SharedLoop):
     docstring). :meth:`run` returns ``None`` when the solve has to be repeated by the general loop."""
 
     def run(self):
-        plan = self._plan()
-        if plan is None:  # not planable: the general loop (nothing has been changed yet)
+        window = self._plan((self.t, self.dt, self.cstate, self.stops.ptr, 0))
+        if window is None:  # not planable: the general loop (nothing has been changed yet)
             return super().run()
-        term, solver, step_fn = self.term, self.solver, self.solver_step
+        term, solver = self.term, self.solver
         path = getattr(term, "path", None) if term.rough else None
-        if path is not None and len(plan) > 1 and hasattr(path, "increments"):
-            term.path = Prefetched(path, [term._times(a[0], a[1]) for a in plan])
         if term.rough:  # every step is accepted: SDE steps need not form their error estimates
             term.need_error = False
-        flat = self.flat
-        if len(plan) > 1 and not torch.compiler.is_compiling():  # the step starts' time tensors, made at once
-            prefill_times([a[0] * self.sign for a in plan], time_dtype(flat.dtype), flat.device)
         saveat = self.p.saveat
         save = self.saver.save if (saveat.ts is not None or saveat.steps or saveat.dense) else None
-        record, recorded, coeffs = self.record, self.recorded, self._coeffs
-        y, sstate = self.y, self.sstate
+        y, sstate, n = self.y, self.sstate, 0
         sums, codes = [], []
         # torchnde's own solvers all add the step's start state into its end (y1 = a y0 + ..., a != 0),
         # so a NaN/inf state stays non-finite to the last step and checking that one suffices;
         # a solver from elsewhere has each step's state checked (one reduction per step)
         each = not type(solver).__module__.startswith("torchnde.")
         try:
-            for t, t_next, land, land_jump, nxt in plan:
-                y1, _, dinfo, sstate1, code = step_fn(term, t, t_next, y, sstate)
-                if each:
-                    sums.append(y1.detach().sum())
-                if code is not None:
-                    codes.append(code)
-                if save is not None:
-                    s = Step(t, y, coeffs, t_next, land, land_jump, nxt)
-                    s.y1, s.dinfo = y1, dinfo
-                    save(s)
-                if record:
-                    recorded.append(t_next)
-                y, sstate = y1, sstate1
-                if land_jump:  # a jump: the solver restarts after it
-                    sstate = solver.init(term, nxt, y)
+            while True:
+                plan, state = window
+                y, sstate = self._steps(plan, y, sstate, path, save, sums if each else None, codes)
+                n += len(plan)
+                if state is None:  # the last window
+                    break
+                window = self._plan(state)
+                if window is None:  # over max_steps (or stuck) later on: the general loop reports it
+                    return None
         finally:
             if path is not None:
                 term.path = path
@@ -96,24 +86,53 @@ class FixedLoop(SharedLoop):
         if not bool(ok):
             return None
         self.y, self.sstate, self.t = y, sstate, self.tau1
-        self.n_steps = self.n_acc = len(plan)
-        self.iteration = len(plan)
+        self.n_steps = self.n_acc = self.iteration = n
         self.running = False
         return self.finish()
 
-    def _plan(self):
-        """The steps ``(t, t_next, land, land_jump, nxt)`` the general loop would take if every
-        step is accepted, or ``None`` (not running, over ``max_steps``, or a step that would not
-        move ``t``)."""
+    def _steps(self, plan, y, sstate, path, save, sums, codes):
+        """Take the planned steps from ``(y, sstate)``; returns the state after them."""
+        term, solver, step_fn, sign = self.term, self.solver, self.solver_step, self.sign
+        if path is not None and len(plan) > 1 and hasattr(path, "increments"):
+            term.path = Prefetched(path, [term._times(a[0], a[1]) for a in plan])
+        flat = self.flat
+        if len(plan) > 1 and not torch.compiler.is_compiling():  # the step starts' time tensors, made at once
+            prefill_times([a[0] * sign for a in plan], time_dtype(flat.dtype), flat.device)
+        record, recorded, coeffs = self.record, self.recorded, self._coeffs
+        for t, t_next, land, land_jump, nxt in plan:
+            y1, _, dinfo, sstate1, code = step_fn(term, t, t_next, y, sstate)
+            if sums is not None:
+                sums.append(y1.detach().sum())
+            if code is not None:
+                codes.append(code)
+            if save is not None:
+                s = Step(t, y, coeffs, t_next, land, land_jump, nxt)
+                s.y1, s.dinfo = y1, dinfo
+                save(s)
+            if record:
+                recorded.append(t_next)
+            y, sstate = y1, sstate1
+            if land_jump:  # a jump: the solver restarts after it
+                sstate = solver.init(term, nxt, y)
+        return y, sstate
+
+    def _plan(self, state):
+        """The next steps ``(t, t_next, land, land_jump, nxt)`` the general loop would take from
+        ``state = (t, dt, controller state, stop pointer, steps so far)`` if every step is accepted,
+        at most ``WINDOW`` of them (so memory does not grow with the solve), with the state after
+        them (``None`` after the last step); or ``None`` (not running, over ``max_steps``, or a
+        step that would not move ``t``)."""
         if not self.running:
             return None
         stops, controller, tau1, max_steps = self.stops, self.controller, self.tau1, self.p.max_steps
-        ptr0 = stops.ptr
-        t, dt, cstate = self.t, self.dt, self.cstate
+        t, dt, cstate, ptr, done = state
+        ptr0, stops.ptr = stops.ptr, ptr
         plan = []
         try:
             while t < tau1:
-                if max_steps is not None and len(plan) >= max_steps:
+                if len(plan) >= WINDOW:
+                    return plan, (t, dt, cstate, stops.ptr, done + len(plan))
+                if max_steps is not None and done + len(plan) >= max_steps:
                     return None
                 t_next, land, land_jump, nxt = stops.propose(t, dt, tau1)
                 if not t_next > t:
@@ -127,7 +146,7 @@ class FixedLoop(SharedLoop):
                         t = nxt
         finally:
             stops.ptr = ptr0
-        return plan
+        return plan, None
 
 
 class Prefetched:
