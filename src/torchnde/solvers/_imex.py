@@ -37,13 +37,10 @@ import torch
 
 from ._base import _lincomb, _node, hermite_coeffs
 from ._implicit import (
-    _FAIL_ERROR,
     _THETA_JAC,
-    NEWTON_DIVERGED,
-    NEWTON_OK,
-    NEWTON_SINGULAR,
     AbstractESDIRK,
     DIRKTableau,
+    _step_codes,
     _where,
 )
 
@@ -191,18 +188,9 @@ class AbstractKenCarp(AbstractESDIRK):
         else:  # stiffly accurate: y1 is the last stage, whose slope is known
             fI1, fE1 = kI[-1], None
 
-        code = torch.where(singular, NEWTON_SINGULAR, torch.where(failed, NEWTON_DIVERGED, NEWTON_OK))
-        if bool(failed.any()):  # y1 = y0 and a large finite error, so the controller rejects them
-            stats.failures += failed.long()
-            stats.fail_t = torch.where(failed, t0_row, stats.fail_t)
-            big = torch.finfo(yb.dtype).max / (100.0 * max(yb.shape[-1], 1))
-            fail_err = (_FAIL_ERROR * (1 + yb.detach().abs())).clamp(max=big)
-            y1 = _where(failed, yb, y1)
-            y_err = _where(failed, fail_err, torch.nan_to_num(y_err.detach()))
-            fI1 = _where(failed, fI0b, fI1)
-            if split:
-                fE1 = _where(failed, fE0b, fE1)
-            eta = torch.where(failed, torch.ones_like(eta), eta)
+        # failed rows: y1 = y0 and a large finite error, so the controller rejects them
+        slopes = [(fI1, fI0b), (fE1, fE0b)]  # (fE1 is None without an explicit part)
+        code, y1, y_err, eta, (fI1, fE1) = _step_codes(failed, singular, stats, t0_row, yb, y1, y_err, eta, slopes)
         stale1 = theta_max > _THETA_JAC
         f0b = fI0b + fE0b if split else fI0b
         f1 = fI1 + fE1 if split else fI1

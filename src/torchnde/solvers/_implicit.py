@@ -355,6 +355,26 @@ def _where(mask, a, b):
     return torch.where(mask.view(-1, *([1] * (a.dim() - 1))), a, b)
 
 
+def _step_codes(failed, singular, stats, t0_row, yb, y1, y_err, eta, slopes):
+    """The Newton result codes of a step, and its outputs with the failed rows replaced: ``y1 = y0``
+    and a large finite error, so the controller rejects them (``slopes``: ``(end slope, start
+    slope)`` pairs, the start one kept on failed rows; ``None`` entries pass through). Returns
+    ``(code, y1, y_err, eta, slopes)``."""
+    code = torch.where(singular, NEWTON_SINGULAR, torch.where(failed, NEWTON_DIVERGED, NEWTON_OK))
+    if bool(failed.any()):
+        stats.failures += failed.long()
+        stats.fail_t = torch.where(failed, t0_row, stats.fail_t)
+        big = torch.finfo(yb.dtype).max / (100.0 * max(yb.shape[-1], 1))
+        fail_err = (_FAIL_ERROR * (1 + yb.detach().abs())).clamp(max=big)
+        y1 = _where(failed, yb, y1)
+        y_err = _where(failed, fail_err, torch.nan_to_num(y_err.detach()))
+        slopes = [None if f1 is None else _where(failed, f0, f1) for f1, f0 in slopes]
+        eta = torch.where(failed, torch.ones_like(eta), eta)
+    else:
+        slopes = [f1 for f1, _ in slopes]
+    return code, y1, y_err, eta, slopes
+
+
 _ADJ_ITERS = 10  # refinement corrections of the adjoint stage solve before the dense fallback
 _ADJ_DENSE = 8  # adjoint stage solves of up to this many states use the exact Jacobian at Z instead
 
@@ -631,16 +651,7 @@ class AbstractESDIRK(AbstractAdaptiveSolver):
         f1 = ks[-1]
 
         # --- failed rows: y1 = y0 and a large finite error, so the controller rejects them
-        code = torch.where(singular, NEWTON_SINGULAR, torch.where(failed, NEWTON_DIVERGED, NEWTON_OK))
-        if bool(failed.any()):
-            stats.failures += failed.long()
-            stats.fail_t = torch.where(failed, t0_row, stats.fail_t)
-            big = torch.finfo(yb.dtype).max / (100.0 * max(yb.shape[-1], 1))
-            fail_err = (_FAIL_ERROR * (1 + yb.detach().abs())).clamp(max=big)
-            y1 = _where(failed, yb, y1)
-            y_err = _where(failed, fail_err, torch.nan_to_num(y_err.detach()))
-            f1 = _where(failed, f0b, f1)
-            eta = torch.where(failed, torch.ones_like(eta), eta)
+        code, y1, y_err, eta, (f1,) = _step_codes(failed, singular, stats, t0_row, yb, y1, y_err, eta, [(f1, f0b)])
         stale1 = theta_max > _THETA_JAC
         state1 = (f1 if batched else f1[0], J, LU, piv, hg_lu, stale1, eta, stats)
         if not batched:
