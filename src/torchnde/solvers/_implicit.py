@@ -350,6 +350,14 @@ def user_jacobian(fn, term, t, y: torch.Tensor, batched: bool, graph: bool = Fal
     return J if graph else J.detach()
 
 
+def _probe_eval(F, t, z):
+    """``F(t, z)`` evaluated with autograd on, detached, and whether it needed a gradient (a stage
+    whose field reaches parameters gets the implicit-function-theorem gradient)."""
+    with torch.enable_grad():
+        fz = F(t, z)
+    return fz.detach(), fz.requires_grad
+
+
 def _where(mask, a, b):
     """Row selection: ``mask`` is ``(B,)``; ``a`` and ``b`` have the batch first."""
     return torch.where(mask.view(-1, *([1] * (a.dim() - 1))), a, b)
@@ -762,10 +770,7 @@ class AbstractESDIRK(AbstractAdaptiveSolver):
                 run = ~done
                 stats.iterations += run.long()
                 if probe and m == 0:  # does f reach a tensor that needs a gradient? (same evaluation)
-                    with torch.enable_grad():
-                        fz = F(t, z)
-                    record = fz.requires_grad
-                    fz = fz.detach()
+                    fz, record = _probe_eval(F, t, z)
                 else:
                     fz = F(t, z)
                 r = psi_ + hg_ * fz - z
@@ -823,10 +828,7 @@ class AbstractESDIRK(AbstractAdaptiveSolver):
             for m in range(M):
                 stats.iterations += 1
                 if probe and m == 0:  # does f reach a tensor that needs a gradient? (same evaluation)
-                    with torch.enable_grad():
-                        fz = F(t, z)
-                    record = fz.requires_grad
-                    fz = fz.detach()
+                    fz, record = _probe_eval(F, t, z)
                 else:
                     fz = F(t, z)
                 r = torch.add(psi_, fz, alpha=hgf) - z
