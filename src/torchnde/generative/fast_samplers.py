@@ -74,7 +74,7 @@ import torch
 from .._terms import ODETerm
 from ..solvers._base import AbstractSolver, linear_coeffs
 from .parameterisation import KINDS, Parameterisation
-from .processes import EDM, VE, VP, DiffusionProcess, SubVP
+from .processes import EDM, VE, VP, DiffusionProcess, MeanReverting, SubVP
 
 __all__ = [
     "DPMSolver",
@@ -122,10 +122,17 @@ def _softplus(z: float) -> float:
 
 
 def _t_of_logsnr(process, lam: float, lo: float, hi: float) -> float:
-    """The time in ``[lo, hi]`` with log-SNR ``lam``: closed forms for VP, sub-VP, VE and EDM,
-    bisection otherwise."""
+    """The time in ``[lo, hi]`` with log-SNR ``lam``: closed forms for VP, sub-VP, VE, EDM and
+    MeanReverting (and a process's own ``_t_of_logsnr_f(lam)`` if it has one), bisection
+    otherwise."""
     t = None
-    if isinstance(process, EDM):
+    custom = getattr(process, "_t_of_logsnr_f", None)  # a process's own closed form
+    if custom is not None:
+        t = custom(lam)
+    elif isinstance(process, MeanReverting):  # alpha^2 / sigma^2 = 2 theta / (s^2 (e^(2 theta t) - 1))
+        th = process.theta
+        t = math.log1p(2 * th * math.exp(-2 * lam) / process.sigma**2) / (2 * th)
+    elif isinstance(process, EDM):
         t = math.exp(-lam)
     elif isinstance(process, VE):
         t = (-lam - math.log(process.sigma_min)) / math.log(process.sigma_max / process.sigma_min)

@@ -73,6 +73,7 @@ from .fast_samplers import (
     edm_heun_steps,
     logsnr_times,
 )
+from .mrs import MRS_SAMPLERS, MRSolver
 from .parameterisation import Parameterisation
 from .processes import EDM, DiffusionProcess, _Diffusion, _ReverseDrift
 
@@ -265,8 +266,9 @@ class _ReverseEulerMaruyama(Euler):
 
 
 SAMPLERS = ("euler_maruyama", "pc", "pf_euler", "pf_heun", "pf_adaptive")
-#: every sampler name: :data:`SAMPLERS` and those of :mod:`~torchnde.generative.fast_samplers`
-ALL_SAMPLERS = SAMPLERS + FAST_SAMPLERS
+#: every sampler name: :data:`SAMPLERS`, those of :mod:`~torchnde.generative.fast_samplers` and
+#: the MRS presets of :mod:`~torchnde.generative.mrs` (``"mrs_ode_2"``, ...)
+ALL_SAMPLERS = SAMPLERS + FAST_SAMPLERS + tuple(MRS_SAMPLERS)
 _ADAPTIVE = ("pf_adaptive", "sde_adaptive")
 _DEFAULT_TOL = {"pf_adaptive": 1e-5, "sde_adaptive": 1e-2}
 
@@ -381,7 +383,7 @@ def sample(
         if isinstance(nfe, bool) or not isinstance(nfe, numbers.Integral) or nfe < 1:
             raise ValueError(f"nfe must be an int >= 1, got {nfe!r}")
         n = _steps_for(sampler, int(nfe), n_corrector, process)
-        if sampler in DPM_SAMPLERS and not isinstance(process, EDM):
+        if (sampler in DPM_SAMPLERS or sampler in MRS_SAMPLERS) and not isinstance(process, EDM):
             grid = logsnr_times(process, n, t_start=t_start, t_end=t_end)
         elif t_start == process.t1 and t_end == process.t0:
             grid = process.times(n)
@@ -433,6 +435,25 @@ def sample(
             term_kind=parameterisation,
             num_steps=grid.numel() - 1,
             orders=dpm_orders(sampler, int(nfe)) if times is None else None,
+        )
+    elif sampler in MRS_SAMPLERS:
+        order, sde, prediction = MRS_SAMPLERS[sampler]
+        predict = Parameterisation(parameterisation, process).as_kind(model, parameterisation)
+        score = predict  # counts the model's evaluations
+        terms = ODETerm(_prediction_field(predict), time_as_float=True)
+        if isinstance(solver, DPMSolver) and solver.term_kind != parameterisation:
+            raise ValueError(
+                f"the {sampler!r} preset's term returns the model's own output ({parameterisation!r}); "
+                f"build the solver with term_kind={parameterisation!r}, got {solver.term_kind!r}"
+            )
+        step = solver or MRSolver(
+            process,
+            order,
+            prediction=prediction,
+            sde=sde,
+            term_kind=parameterisation,
+            num_steps=grid.numel() - 1,
+            noise=brownian(int(seed)) if sde else None,
         )
     elif sampler in ("edm_heun", "edm_heun_sde"):
         terms = process.probability_flow(score)

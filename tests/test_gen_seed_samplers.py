@@ -1,0 +1,94 @@
+"""The seed papers' samplers against the analytic oracles: MRS on the mean-reverting SDE, BDIA's
+exact inversion and the Time-Shift Sampler."""
+
+import pytest
+import torch
+
+from gen_oracles import GAUSS, MC_TOL
+from torchnde.generative.metrics import wasserstein2
+from torchnde.generative.mrs import MRS_SAMPLERS, MRSolver, mrs_steps
+from torchnde.generative.oracles import GaussianMixtureData
+from torchnde.generative.processes import VP, MeanReverting
+from torchnde.generative.samplers import ALL_SAMPLERS, sample
+
+D = torch.float64
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# overlapping components: W2 on 1500 points is then not dominated by the draw's mode weights
+MIX = GaussianMixtureData([0.4, 0.6], [[-0.6, 0.2], [0.5, -0.3]], [[0.3, 0.2], [0.2, 0.35]])
+MU = torch.tensor([0.5, -0.5], dtype=D)
+
+
+def _mr():
+    return MeanReverting(theta=4.0, mean=MU, sigma=1.0)
+
+
+# ------------------------------------------------------------------------------------------ MRS
+def test_mrs_at_10_nfe_matches_euler_maruyama_at_200():
+    p, n = _mr(), 1500
+    ref = MIX.marginal_sample(p, p.t0, n, generator=torch.Generator().manual_seed(100))
+    xT = MIX.marginal_sample(p, p.t1, n, generator=torch.Generator().manual_seed(0))
+    model = MIX.model(p, "eps")
+
+    def w2(sampler, nfe):
+        out = sample(model, p, (n, 2), nfe=nfe, sampler=sampler, parameterisation="eps", x_init=xT, seed=50)
+        assert out.nfe == nfe
+        return wasserstein2(out.x, ref)
+
+    em200, em10, mrs10 = w2("euler_maruyama", 200), w2("euler_maruyama", 10), w2("mrs_ode_2", 10)
+    # measured: 0.066 / 0.189 / 0.076 (an exact draw's floor: 0.057); W2's own noise is ~0.01
+    assert mrs10 <= em200 + 0.015
+    assert em10 > 2 * em200  # the comparison can see a poor sampler
+
+
+@pytest.mark.parametrize("prediction", ["", "eps_"])
+def test_mrs_ode_orders(prediction):
+    p, n = _mr(), 100
+    xT = MIX.marginal_sample(p, p.t1, n, generator=torch.Generator().manual_seed(0))
+    model = MIX.model(p, "eps")
+    ref = sample(model, p, (n, 2), nfe=800, sampler="mrs_ode_2", parameterisation="eps", x_init=xT).x
+
+    def err(order, nfe):
+        x = sample(
+            model, p, (n, 2), nfe=nfe, sampler=f"mrs_ode_{prediction}{order}", parameterisation="eps", x_init=xT
+        ).x
+        return float((x - ref).pow(2).sum(-1).mean().sqrt())
+
+    e1, e2 = [err(1, m) for m in (16, 32)], [err(2, m) for m in (16, 32)]
+    # measured: order 1 halves (ratio 1.97), order 2 quarters (4.2 data, 3.6 noise prediction)
+    assert 1.7 < e1[0] / e1[1] < 2.3
+    assert 3.2 < e2[0] / e2[1] < 4.8
+    assert e2[1] < e1[1] / 5
+
+
+# measured errors at 10 / 40 / 160 NFE: sde_1 0.44 / 0.15 / 0.078 (as Euler-Maruyama: 0.36 / 0.14 /
+# 0.076), sde_2 0.29 / 0.053 / 0.043, sde_eps_1 0.10 / 0.041 / 0.043, sde_eps_2 0.052 / 0.037 / 0.044
+@pytest.mark.parametrize(
+    ("sampler", "nfe"), [("mrs_sde_1", 320), ("mrs_sde_2", 40), ("mrs_sde_eps_1", 40), ("mrs_sde_eps_2", 40)]
+)
+def test_mrs_sde_converges_on_gaussian_data(sampler, nfe):
+    p, n = MeanReverting(theta=4.0, mean=MU, sigma=1.0), 4000
+    xT = GAUSS.marginal_sample(p, p.t1, n, generator=torch.Generator().manual_seed(1))
+    x = sample(GAUSS.model(p, "x0"), p, (n, 2), nfe=nfe, sampler=sampler, parameterisation="x0", x_init=xT, seed=3).x
+    mean, cov = GAUSS.marginal_moments(p, p.t0)
+    err = float(((x.mean(0) - mean).norm() + (torch.cov(x.T) - cov).norm()) / cov.norm())
+    assert err < MC_TOL
+
+
+def test_mrs_presets_and_errors():
+    assert set(MRS_SAMPLERS) <= set(ALL_SAMPLERS)
+    assert mrs_steps("mrs_ode_2", 7) == 7
+    with pytest.raises(ValueError, match="unknown MRS preset"):
+        mrs_steps("mrs_3", 7)
+    with pytest.raises(TypeError, match="MeanReverting"):
+        sample(GAUSS.model(VP(), "eps"), VP(), (4, 2), nfe=5, sampler="mrs_ode_2", parameterisation="eps")
+    with pytest.raises(TypeError, match="MeanReverting"):
+        MRSolver(VP())
+    with pytest.raises(ValueError, match="orders 1 and 2"):
+        MRSolver(_mr(), 3)
+    with pytest.raises(ValueError, match="needs noise"):
+        MRSolver(_mr(), sde=True)
+    # float32 state, float time grid: the samples follow the state's dtype
+    out = sample(GAUSS.model(_mr(), "eps"), _mr(), (64, 2), nfe=6, sampler="mrs_sde_2", parameterisation="eps", seed=0)
+    assert out.x.dtype == torch.float32 and torch.isfinite(out.x).all() and out.nfe == 6
