@@ -35,6 +35,7 @@ import math
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -53,6 +54,7 @@ __all__ = [
     "report_markdown",
     "DEFAULT_VP_SAMPLERS",
     "FM_SAMPLERS",
+    "edm_times",
 ]
 
 #: the score-model samplers the demo runs (names of :func:`torchnde.generative.samplers.sample`)
@@ -71,6 +73,8 @@ DEFAULT_VP_SAMPLERS = (
 #: the flow-matching samplers (those of ``torchnde sample`` for a flow-matching model)
 FM_SAMPLERS = ("euler", "heun", "adaptive")
 _ADAPTIVE = ("pf_adaptive", "sde_adaptive", "adaptive")
+#: data sets whose exact log-density is known (:func:`torchnde.generative.metrics.toy_log_prob`)
+_EXACT_DENSITY = ("moons", "8gaussians")
 
 _LABELS = {
     "euler_maruyama": "Euler–Maruyama (reverse SDE)",
@@ -115,6 +119,8 @@ class GenerativeDemoConfig:
     density_grid: int = 40  # points per side of the density plots (0: no density plots)
     density_tol: float = 1e-4
     threads: int | None = 1  # torch CPU threads during the demo (restored after; None: leave them)
+    workers: int = 2  # cores used at once: W2 in worker threads while sampling (1: all in one thread)
+    radius: float = 0.1  # of the precision/recall pair (in standard deviations of the data)
 
     @classmethod
     def quick(cls, **kw) -> GenerativeDemoConfig:
@@ -170,6 +176,8 @@ class Row:
     nfe: float  # model evaluations actually made (per sample batch)
     w2: float
     seconds: float
+    precision: float = float("nan")  # fraction of samples within cfg.radius of a data point
+    recall: float = float("nan")  # fraction of data points within cfg.radius of a sample
 
 
 @dataclass
@@ -177,7 +185,7 @@ class GenerativeDemoResult:
     config: GenerativeDemoConfig
     rows: list[Row]
     w2_floor: float
-    nll: dict  # model -> {"nats", "stderr", "bits_per_dim", "seconds"}
+    nll: dict  # model -> {"nats", "stderr", "bits_per_dim", "seconds", "gap", "gap_stderr"}
     nll_standard_normal: float
     train: dict  # model -> {"steps", "loss", "seconds"}
     wall_time: float
@@ -185,6 +193,8 @@ class GenerativeDemoResult:
     densities: dict = field(default_factory=dict)  # model -> (grid, grid) log-density
     extent: tuple = (-3.0, 3.0, -3.0, 3.0)
     data: torch.Tensor | None = None
+    pr_floor: tuple = (float("nan"), float("nan"))  # precision, recall of fresh data against data
+    nll_data: dict | None = None  # the data's own NLL on the same points (exact density), if known
     png: Path | None = None
     report: Path | None = None
     json: Path | None = None
@@ -216,6 +226,38 @@ def _train_one(cfg: GenerativeDemoConfig, model_type: str, out: Path | None, pro
     return tcfg, model, res
 
 
+_EDM_NOTE = (
+    "`edm_heun` is Karras et al.'s (2022) Algorithm 1 as they ran it on VP models: Heun's method on the "
+    "probability-flow ODE on their ρ = 7 grid of noise levels σ = σ(t)/α(t), mapped back to VP times "
+    "(`edm_times`), which puts most steps at low noise; `pf_heun` is the same Heun method on the VP "
+    "process's default grid, uniform in t. On one grid the two are the same computation (the ODE in x is "
+    "the same, and on a VP process EDM Heun takes no final Euler step), so only the grid tells them apart. "
+    "(`torchnde sample --sampler edm_heun` on a VP checkpoint uses the uniform grid, and then matches "
+    "`pf_heun`.)"
+)
+
+
+def edm_times(process, n: int, rho: float = 7.0) -> torch.Tensor:
+    """``n + 1`` decreasing times of ``process`` whose noise-to-signal ratios
+    ``sigma(t) / alpha(t)`` follow Karras et al.'s (2022) ``rho``-schedule from ``t1`` to ``t0``
+    (Eq. (5)), found by bisection on the (monotone) log-SNR. ``process.times(n)`` for an ``EDM``."""
+    from ..generative.fast_samplers import logsnr
+
+    t0, t1 = float(process.t0), float(process.t1)
+    s_min, s_max = math.exp(-logsnr(process, t0)), math.exp(-logsnr(process, t1))
+    lo, hi = s_min ** (1 / rho), s_max ** (1 / rho)
+    ts = [t1]
+    for i in range(1, n):
+        target = -math.log((hi + i / n * (lo - hi)) ** rho)  # the log-SNR of step i (increasing in i)
+        a, b = t0, t1
+        for _ in range(60):  # lambda decreases in t
+            mid = 0.5 * (a + b)
+            a, b = (mid, b) if logsnr(process, mid) > target else (a, mid)
+        ts.append(0.5 * (a + b))
+    ts.append(t0)
+    return torch.tensor(ts, dtype=torch.float64)
+
+
 def _sample_one(model_type, model, tcfg, sampler, budget, n, seed):
     """``(samples, evaluations)`` of one sampler at one NFE budget (or tolerance)."""
     from ._models import DIM, MODELS, _process
@@ -227,11 +269,16 @@ def _sample_one(model_type, model, tcfg, sampler, budget, n, seed):
     tol = float(budget) if adaptive else 1e-5
     with torch.no_grad():
         if model_type == "vp":
+            from ..generative.fast_samplers import edm_heun_steps
             from ..generative.samplers import sample
 
+            process = _process(tcfg)
+            kw = dict(nfe=nfe)
+            if sampler == "edm_heun":  # Karras et al.'s grid: see _EDM_NOTE
+                kw = dict(times=edm_times(process, max(edm_heun_steps(process, nfe), 1)))
             out = sample(
-                model, _process(tcfg), (n, DIM), nfe=nfe, sampler=sampler, parameterisation="eps",
-                seed=seed, dtype=dtype, device=device, rtol=tol, atol=tol,
+                model, process, (n, DIM), sampler=sampler, parameterisation="eps",
+                seed=seed, dtype=dtype, device=device, rtol=tol, atol=tol, **kw,
             )  # fmt: skip
             return out.x, float(out.nfe)
         x, calls = MODELS[model_type].sample(
@@ -329,6 +376,7 @@ def _run(cfg: GenerativeDemoConfig, out: Path | None, tqdm, log, began: float) -
         data = eval_data(tcfg0, cfg.n_samples, 0)
         data2 = eval_data(tcfg0, cfg.n_samples, 1)
         w2_floor = metrics.wasserstein2(data2, data)
+        pr_floor = metrics.precision_recall(data2, data, radius=cfg.radius)
         plan = []
         for mt, names, nfes in (("vp", cfg.vp_samplers, cfg.vp_nfes), ("flow_matching", cfg.fm_samplers, cfg.fm_nfes)):
             for s in names:
@@ -337,9 +385,14 @@ def _run(cfg: GenerativeDemoConfig, out: Path | None, tqdm, log, began: float) -
         seed = derive_seed(cfg.seed, 7)  # one seed for every run: common random numbers
         log(
             f"sampling: {len(plan)} runs of {cfg.n_samples} samples; exact W2 against {cfg.n_samples} fresh "
-            f"data points (two fresh data sets are {w2_floor:.4f} apart)"
+            f"data points (two fresh data sets are {w2_floor:.4f} apart), precision/recall at radius "
+            f"{cfg.radius:g} (two fresh data sets: {pr_floor[0]:.3f} / {pr_floor[1]:.3f})"
         )
         bar = tqdm(total=len(plan), desc="sample", unit="run", dynamic_ncols=True, file=sys.stderr) if tqdm else None
+        # the exact W2 (an assignment problem, ~1 s each; scipy releases the GIL) runs in worker
+        # threads while the next run samples: the demo then keeps cfg.workers cores busy
+        pool = ThreadPoolExecutor(max_workers=max(1, cfg.workers - 1)) if cfg.workers > 1 else None
+        pending = []
         try:
             for mt, s, b in plan:
                 tcfg, model = fitted[mt]
@@ -347,18 +400,32 @@ def _run(cfg: GenerativeDemoConfig, out: Path | None, tqdm, log, began: float) -
                 x, used = _sample_one(mt, model, tcfg, s, b, cfg.n_samples, seed)
                 secs = time.perf_counter() - t
                 x = x.detach().to(torch.float64).cpu()
-                w2 = metrics.wasserstein2(x, data) if torch.isfinite(x).all() else float("inf")
-                rows.append(Row(mt, s, float(b), s in _ADAPTIVE, used, w2, secs))
+                finite = bool(torch.isfinite(x).all())
+                p, r = metrics.precision_recall(x, data, radius=cfg.radius) if finite else (0.0, 0.0)
+                row = Row(mt, s, float(b), s in _ADAPTIVE, used, float("inf"), secs, p, r)
+                rows.append(row)
                 samples[(mt, s, b)] = x
+                if finite and pool is not None:
+                    pending.append((row, pool.submit(metrics.wasserstein2, x, data)))
+                elif finite:
+                    row.w2 = metrics.wasserstein2(x, data)
                 if bar is not None:
-                    bar.set_postfix_str(f"{s} {b:g}: W2 {w2:.3f}", refresh=False)
+                    bar.set_postfix_str(f"{s} {b:g}: precision {p:.3f}", refresh=False)
                     bar.update(1)
+            for row, fut in pending:
+                row.w2 = fut.result()
         finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
             if bar is not None:
                 bar.close()
         # 4. likelihoods
         xs = eval_data(tcfg0, cfg.nll_n, 2)
         nll_std = -float(standard_normal_log_prob(xs).mean())
+        lp_data = metrics.toy_log_prob(cfg.data, xs) if cfg.data in _EXACT_DENSITY and cfg.nll_n > 0 else None
+        nll_data = None
+        if lp_data is not None:
+            nll_data = {"nats": -float(lp_data.mean()), "stderr": _stderr(lp_data)}
         extent = _extent(data)
         steps = [("nll", mt) for mt in models] if cfg.nll_n > 0 else []
         steps += [("density", mt) for mt in models] if cfg.density_grid > 0 else []
@@ -385,10 +452,13 @@ def _run(cfg: GenerativeDemoConfig, out: Path | None, tqdm, log, began: float) -
                     nats = -float(lp.mean())
                     nll[mt] = {
                         "nats": nats,
-                        "stderr": float(lp.std() / math.sqrt(lp.numel())) if lp.numel() > 1 else float("nan"),
+                        "stderr": _stderr(lp),
                         "bits_per_dim": nats / (xs.shape[1] * math.log(2.0)),
                         "seconds": time.perf_counter() - t,
                     }
+                    if lp_data is not None:  # paired on the same points: an estimate of KL(data || model)
+                        nll[mt]["gap"] = float((lp_data - lp).mean())
+                        nll[mt]["gap_stderr"] = _stderr(lp_data - lp)
                 else:
                     densities[mt] = _density(mt, model, tcfg, extent, cfg.density_grid, cfg.density_tol)
                 if bar is not None:
@@ -408,6 +478,8 @@ def _run(cfg: GenerativeDemoConfig, out: Path | None, tqdm, log, began: float) -
         densities=densities,
         extent=extent,
         data=data,
+        pr_floor=pr_floor,
+        nll_data=nll_data,
     )
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -418,6 +490,10 @@ def _run(cfg: GenerativeDemoConfig, out: Path | None, tqdm, log, began: float) -
         result.json = out / "results.json"
         result.json.write_text(json.dumps(_jsonable(result), indent=2) + "\n")
     return result
+
+
+def _stderr(v: torch.Tensor) -> float:
+    return float(v.std() / math.sqrt(v.numel())) if v.numel() > 1 else float("nan")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -460,12 +536,16 @@ def plot_grid(res: GenerativeDemoResult, path: str | os.PathLike) -> Path:
     dot = dict(s=0.8, alpha=0.5, linewidths=0, rasterized=True)
     d = res.data.numpy()
     axes[0, 0].scatter(d[:, 0], d[:, 1], color="tab:green", **dot)
-    axes[0, 0].set_title(f"data ({res.config.data}), W2 floor {res.w2_floor:.3f}", fontsize=7)
+    axes[0, 0].set_title(
+        f"data ({res.config.data}), W2 floor {res.w2_floor:.3f}\nprecision floor {res.pr_floor[0]:.3f}", fontsize=7
+    )
     for k, mt in enumerate(("vp", "flow_matching"), start=1):
         ax = axes[0, k]
         if mt in res.densities:
             ax.imshow(res.densities[mt].exp().numpy(), origin="lower", extent=res.extent, cmap="magma", aspect="equal")
-            nl = f", NLL {res.nll[mt]['nats']:.3f}" if mt in res.nll else ""
+            nl = f"\nNLL {res.nll[mt]['nats']:.3f}" if mt in res.nll else ""
+            if nl and res.nll_data is not None:
+                nl += f" (data's own {res.nll_data['nats']:.3f})"
             ax.set_title(f"density: {_model_name(mt)}{nl}", fontsize=7)
         else:
             ax.set_axis_off()
@@ -485,10 +565,10 @@ def plot_grid(res: GenerativeDemoResult, path: str | os.PathLike) -> Path:
             ax.scatter(x[:, 0], x[:, 1], color="tab:blue" if mt == "vp" else "tab:orange", **dot)
             head = _budget(r) if r.adaptive else f"NFE {_budget(r)}"
             used = f" ({r.nfe:.0f})" if r.adaptive else ""
-            ax.set_title(f"{head}{used}: W2 {r.w2:.3f}", fontsize=7)
+            ax.set_title(f"{head}{used}: W2 {r.w2:.3f}\nprecision {r.precision:.3f}", fontsize=7)
     fig.suptitle(
         f"torchnde demo: VP-SDE score model (blue) and flow matching (orange) on {res.config.data}; "
-        "W2 against fresh data",
+        f"W2 against fresh data, precision: fraction of samples within {res.config.radius:g} of the data",
         fontsize=9,
     )
     path = Path(path)
@@ -522,19 +602,28 @@ def report_markdown(res: GenerativeDemoResult) -> str:
         "",
         f"{c.n_samples} samples per run, all from the same seed; exact W2 (optimal assignment) against "
         f"{c.n_samples} fresh data points. Two fresh data sets are **{res.w2_floor:.4f}** apart: the floor a "
-        "perfect model reaches at this sample size. *NFE* is the budget of model evaluations (for adaptive "
-        "samplers, the tolerance rtol = atol); *NFE used* counts the evaluations made. Times include the "
-        "solver's overhead, one CPU thread.",
+        "perfect model reaches at this sample size. W2 averages over the whole cloud and barely sees a thin "
+        "band of samples between two modes; **precision** does: the fraction of samples with a data point "
+        f"within {c.radius:g} (in the data's standard deviations), and **recall** the fraction of data "
+        f"points with a sample within {c.radius:g} (a fixed-radius version of Kynkäänniemi et al. 2019, "
+        "`torchnde.generative.metrics.precision_recall`). Two fresh data sets score "
+        f"**{res.pr_floor[0]:.3f} / {res.pr_floor[1]:.3f}**. *NFE* is the budget of model evaluations (for "
+        "adaptive samplers, the tolerance rtol = atol); *NFE used* counts the evaluations made. Times "
+        "include the solver's overhead, one CPU thread.",
         "",
-        "| model | sampler | NFE | NFE used | W2 | time (s) |",
-        "|---|---|---|---|---|---|",
+        "| model | sampler | NFE | NFE used | W2 | precision | recall | time (s) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in res.rows:
         lines.append(
             f"| {'VP-SDE' if r.model == 'vp' else 'flow matching'} | `{r.sampler}` ({_LABELS.get(r.sampler, r.sampler)}) "
-            f"| {_budget(r)} | {r.nfe:.0f} | {r.w2:.4f} | {r.seconds:.3f} |"
+            f"| {_budget(r)} | {r.nfe:.0f} | {r.w2:.4f} | {r.precision:.3f} | {r.recall:.3f} | {r.seconds:.3f} |"
         )
-    lines.append(f"| data | two fresh data sets | | | {res.w2_floor:.4f} | |")
+    lines.append(
+        f"| data | two fresh data sets | | | {res.w2_floor:.4f} | {res.pr_floor[0]:.3f} | {res.pr_floor[1]:.3f} | |"
+    )
+    if "edm_heun" in c.vp_samplers:
+        lines += ["", _EDM_NOTE]
     if res.nll:
         lines += [
             "",
@@ -542,15 +631,30 @@ def report_markdown(res: GenerativeDemoResult) -> str:
             "",
             f"NLL of {c.nll_n} fresh data points through each model's ODE (the probability-flow ODE of the score "
             f"model), exact trace, per-sample adaptive steps (Tsit5, rtol = atol = {c.nll_tol:g}).",
+        ]
+        if res.nll_data is not None:
+            lines += [
+                "",
+                f"*Data* is the exact log-density of `{c.data}` on the same points "
+                "(`torchnde.generative.metrics.toy_log_prob`, the generator's density integrated by quadrature): "
+                "the floor of any model's NLL. *Gap* is the mean of log p_data − log p_model over the same "
+                "points, an estimate of KL(data ‖ model) (± its paired standard error).",
+            ]
+        lines += [
             "",
-            "| model | NLL (nats) | bits/dim | time (s) |",
-            "|---|---|---|---|",
+            "| model | NLL (nats) | gap to the data (nats) | bits/dim | time (s) |",
+            "|---|---|---|---|---|",
         ]
         for mt, v in res.nll.items():
+            gap = f"{v['gap']:.4f} ± {v['gap_stderr']:.4f}" if "gap" in v else ""
             lines.append(
-                f"| {_model_name(mt)} | {v['nats']:.4f} ± {v['stderr']:.4f} | {v['bits_per_dim']:.4f} | {v['seconds']:.1f} |"
+                f"| {_model_name(mt)} | {v['nats']:.4f} ± {v['stderr']:.4f} | {gap} | {v['bits_per_dim']:.4f} "
+                f"| {v['seconds']:.1f} |"
             )
-        lines.append(f"| standard normal | {res.nll_standard_normal:.4f} | | |")
+        if res.nll_data is not None:
+            d = res.nll_data
+            lines.append(f"| data (exact density) | {d['nats']:.4f} ± {d['stderr']:.4f} | 0 | | |")
+        lines.append(f"| standard normal | {res.nll_standard_normal:.4f} | | | |")
     if res.png is not None:
         lines += ["", f"![samples and densities]({res.png.name})"]
     return "\n".join(lines) + "\n"
@@ -569,6 +673,8 @@ def _jsonable(res: GenerativeDemoResult) -> dict:
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
         "train": res.train,
         "w2_floor": res.w2_floor,
+        "precision_recall_floor": list(res.pr_floor),
+        "nll_data": res.nll_data,
         "rows": [asdict(r) for r in res.rows],
         "nll": res.nll,
         "nll_standard_normal": res.nll_standard_normal,
