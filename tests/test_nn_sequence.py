@@ -11,7 +11,18 @@ from numpy.polynomial.legendre import leggauss, legval
 from scipy.special import eval_laguerre
 
 import torchnde as tn
-from torchnde.nn import S4D, S5, diagonal_scan, hippo_fout, hippo_lagt, hippo_legs, hippo_legt
+from torchnde.nn import (
+    LTC,
+    ODERNN,
+    S4D,
+    S5,
+    CfC,
+    diagonal_scan,
+    hippo_fout,
+    hippo_lagt,
+    hippo_legs,
+    hippo_legt,
+)
 
 F64 = torch.float64
 TIGHT = tn.PIDController(rtol=1e-10, atol=1e-12)
@@ -287,3 +298,136 @@ def test_ssm_errors():
         S5(0, 4)
     with pytest.raises(TypeError, match="real floating-point"):
         S5(3, 4)(torch.ones(2, 5, 3, dtype=torch.int64))
+
+
+# ----------------------------------------------------------------------------- CfC / LTC / ODE-RNN
+def _irregular_batch(B=3, L=6, n=3, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, L, n, generator=g, dtype=F64)
+    dt = 0.2 + 2 * torch.rand(B, L, generator=g, dtype=F64)
+    return x, dt
+
+
+def _tight_ltc(n, hidden, **kw):
+    torch.manual_seed(6)
+    return LTC(n, hidden, controller=TIGHT, **kw).double()
+
+
+def test_cfc_pure_is_ltc_closed_form_where_exact():
+    """With a state-independent conductance (no recurrent weights) and the input held over each
+    step, the LTC is linear with constant coefficients per step: CfC(mode="pure") is its exact
+    solution. With recurrent weights it is only an approximation."""
+    ltc = _tight_ltc(3, 4)
+    with torch.no_grad():
+        ltc.conductance.weight[:, 3:] = 0.0
+        ltc.w_tau_raw.fill_(0.3)
+    cfc = CfC(3, 4, mode="pure").double()
+    cfc.liquid.load_state_dict(ltc.state_dict())
+    x, dt = _irregular_batch()
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    mask[1, 2] = mask[2, 5] = False
+    h0 = torch.randn(3, 4, dtype=F64)
+    with torch.no_grad():
+        hs_ltc, h_ltc = ltc(x, dt, mask=mask, h0=h0)
+        hs_cfc, h_cfc = cfc(x, dt, mask=mask, h0=h0)
+    torch.testing.assert_close(hs_cfc, hs_ltc, atol=1e-8, rtol=0)
+    torch.testing.assert_close(h_cfc, h_ltc, atol=1e-8, rtol=0)
+    with torch.no_grad():
+        ltc.conductance.weight[:, 3:] = 1.0
+        cfc.liquid.load_state_dict(ltc.state_dict())
+        gap = (cfc(x, dt, h0=h0)[0] - ltc(x, dt, h0=h0)[0]).abs().max()
+    assert gap > 1e-3
+
+
+def test_ltc_implicit_solver_and_per_sample_spans():
+    ltc = _tight_ltc(3, 4)
+    x, dt = _irregular_batch(B=3, L=4)
+    with torch.no_grad():
+        hs, _ = ltc(x, dt)
+        ltc_imp = LTC(3, 4, solver=tn.Kvaerno5(), controller=tn.PIDController(rtol=1e-8, atol=1e-10)).double()
+        ltc_imp.load_state_dict(ltc.state_dict())
+        hs_imp, _ = ltc_imp(x, dt)
+        alone, _ = ltc(x[1:2], dt[1:2])
+    torch.testing.assert_close(hs_imp, hs, atol=1e-6, rtol=0)
+    torch.testing.assert_close(alone, hs[1:2], atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("field", ["mlp", "gru"])
+def test_odernn_shapes_masks_and_per_sample_time_spans(field):
+    """Each sample its own observation times (a batched time span, where ncps' LTC/CfC crash:
+    ncps issues #81/#82); a sample's answer does not depend on the rest of the batch; masked
+    steps (padding) hold the state, so h_last is the state after the last real observation."""
+    torch.manual_seed(7)
+    rnn = ODERNN(3, 5, vector_field=field, width=8, controller=TIGHT).double()
+    x, dt = _irregular_batch(B=3, L=5)
+    ts = dt.cumsum(1)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[0, 3:] = False  # sample 0: 3 observations, then padding
+    mask[2, 1] = False  # sample 2: a missing observation
+    with torch.no_grad():
+        hs, h = rnn(x, ts=ts, mask=mask)
+        hs0, h0 = rnn(x[:1, :3], ts=ts[:1, :3])
+        hs2, _ = rnn(x[2:, [0, 2, 3, 4]], ts=ts[2:, [0, 2, 3, 4]])
+        hs_dt, _ = rnn(x, torch.cat([torch.zeros(3, 1, dtype=F64), dt[:, 1:]], 1), mask=mask)
+    assert hs.shape == (3, 5, 5) and h.shape == (3, 5)
+    torch.testing.assert_close(h[0], h0[0], atol=1e-9, rtol=0)
+    torch.testing.assert_close(hs[0, 3:], h0.expand(2, 5), atol=1e-9, rtol=0)
+    torch.testing.assert_close(hs[2, [0, 2, 3, 4]], hs2[0], atol=1e-9, rtol=0)
+    torch.testing.assert_close(hs[2, 1], hs[2, 0], atol=0, rtol=0)
+    torch.testing.assert_close(hs_dt, hs, atol=1e-9, rtol=0)
+
+
+def test_recurrent_gradients_match_finite_differences():
+    torch.manual_seed(8)
+    x, dt = _irregular_batch(B=2, L=4)
+    models = [
+        (CfC(3, 4, backbone_units=8).double(), lambda m: m.head_f.bias),
+        (CfC(3, 4, mode="pure").double(), lambda m: m.liquid.A),
+        (ODERNN(3, 4, width=8, solver=tn.RK4(), dt0=0.25).double(), lambda m: m.update.bias_hh),
+        (LTC(3, 4, solver=tn.RK4(), dt0=0.25).double(), lambda m: m.A),
+    ]
+    for model, param in models:
+
+        def loss(model=model):
+            return model(x, dt)[0].square().sum()
+
+        loss().backward()
+        p = param(model)
+        eps = 1e-6
+        with torch.no_grad():
+            p[0] += eps
+            up = loss()
+            p[0] -= 2 * eps
+            down = loss()
+            p[0] += eps
+        fd = ((up - down) / (2 * eps)).item()
+        assert abs(p.grad[0].item() - fd) < 1e-6 * max(1.0, abs(fd)), type(model).__name__
+
+
+def test_recurrent_errors():
+    cfc, rnn = CfC(3, 4), ODERNN(3, 4)
+    x = torch.randn(2, 5, 3)
+    with pytest.raises(ValueError, match=r"x of shape \(batch, length, 3\)"):
+        cfc(torch.randn(2, 5, 2))
+    with pytest.raises(ValueError, match=">= 0"):
+        cfc(x, -torch.ones(2, 5))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        rnn(x, ts=torch.tensor([0.0, 1.0, 0.5, 2.0, 3.0]))
+    with pytest.raises(ValueError, match="not both"):
+        rnn(x, torch.ones(2, 5), ts=torch.ones(2, 5))
+    with pytest.raises(ValueError, match=r"mask=.*\(2, 5\)"):
+        cfc(x, mask=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"h0=.*\(2, 4\)"):
+        cfc(x, h0=torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="NaN/inf"):
+        cfc(x, torch.full((2, 5), float("inf")))
+    with pytest.raises(ValueError, match="mode"):
+        CfC(3, 4, mode="no_gate")
+    with pytest.raises(ValueError, match="vector_field"):
+        ODERNN(3, 4, vector_field="lstm")
+    with pytest.raises(TypeError, match="solver instance"):
+        LTC(3, 4, solver=tn.Tsit5)
+    with pytest.raises(ValueError, match="dt0"):
+        ODERNN(3, 4, solver=tn.RK4())
+    with pytest.raises(ValueError, match="hidden_size"):
+        LTC(3, 0)
