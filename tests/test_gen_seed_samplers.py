@@ -4,13 +4,14 @@ exact inversion and the Time-Shift Sampler."""
 import pytest
 import torch
 
-from gen_oracles import GAUSS, MC_TOL
+from gen_oracles import GAUSS, MC_TOL, gauss_error
 from torchnde.generative.bdia import BDIASolver, bdia_invert, bdia_sample
 from torchnde.generative.metrics import wasserstein2
 from torchnde.generative.mrs import MRS_SAMPLERS, MRSolver, mrs_steps
 from torchnde.generative.oracles import GaussianMixtureData
 from torchnde.generative.processes import VP, MeanReverting
 from torchnde.generative.samplers import ALL_SAMPLERS, sample
+from torchnde.generative.time_shift import TimeShift, TimeShiftModel
 
 D = torch.float64
 
@@ -169,3 +170,70 @@ def test_bdia_errors():
         bdia_invert(model, p, torch.zeros(4, 2), torch.zeros(3, 2), p.times(4))
     with pytest.raises(ValueError, match="event_shape|shape"):
         bdia_sample(model, p, (4, 3), nfe=5)
+
+
+# ----------------------------------------------------------------------------------- time shift
+def _with_variance(v, n, d, seed=0):
+    """``n`` points in ``d`` dimensions whose variance over the batch is exactly ``v`` per coordinate."""
+    z = torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=D)
+    z = (z - z.mean(0)) / z.std(0)
+    return z * v**0.5
+
+
+def test_time_shift_picks_the_matching_time():
+    p = VP()
+    ts = TimeShiftModel(GAUSS.model(p, "eps"), p, TimeShift(0.1, data_var=0.5, estimate="batch", candidates=11))
+    t = 0.4
+    for k in (-5, -2, 0, 3, 5):  # the candidates are t + k * 0.01
+        tau = t + 0.01 * k
+        a, s = p.marginal(tau)
+        x = _with_variance(s * s + 0.5 * a * a, 500, 3)
+        got = ts.shifted_time(t, x)
+        assert got.shape == (500,)
+        torch.testing.assert_close(got, torch.full((500,), tau, dtype=D))
+    # beyond the window: its edge; per-sample estimates: one time per sample
+    a, s = p.marginal(0.9)
+    assert float(ts.shifted_time(t, _with_variance(s * s + 0.5 * a * a, 50, 3))[0]) == pytest.approx(0.45)
+    per = TimeShiftModel(GAUSS.model(p, "eps"), p, TimeShift(0.1, candidates=11))
+    rows = []
+    for tau in (0.36, 0.4, 0.43):
+        v = p.marginal(tau)[1] ** 2
+        r = torch.tensor([-1.0, 1.0] * 50, dtype=D) * v**0.5 * (99 / 100) ** 0.5  # unbiased variance v
+        rows.append(r)
+    torch.testing.assert_close(per.shifted_time(t, torch.stack(rows)), torch.tensor([0.36, 0.4, 0.43], dtype=D))
+    # at or below the cutoff: no shift
+    cut = TimeShiftModel(GAUSS.model(p, "eps"), p, TimeShift(0.1, cutoff=0.5, estimate="batch"))
+    torch.testing.assert_close(cut.shifted_time(t, x), torch.full((500,), t, dtype=D))
+
+
+@pytest.mark.parametrize(("sampler", "nfe"), [("pf_euler", 50), ("dpmpp_2m", 20), ("euler_maruyama", 100)])
+def test_time_shift_with_the_exact_score_changes_little(sampler, nfe):
+    p, n = VP(), 4000
+    xT = GAUSS.marginal_sample(p, p.t1, n, generator=torch.Generator().manual_seed(1))
+    model = GAUSS.model(p, "eps")
+    kw = dict(nfe=nfe, sampler=sampler, parameterisation="eps", x_init=xT, seed=2)
+    plain = sample(model, p, (n, 2), **kw)
+    # the data's per-coordinate variance (1 + 0.5) / 2: the expected variance is then exact
+    shifted = sample(model, p, (n, 2), time_shift=TimeShift(data_var=0.75, estimate="batch"), **kw)
+    assert shifted.nfe == plain.nfe
+    # measured: RMS change 0.028-0.039; moment errors 0.052 -> 0.072, 0.10 -> 0.080, 0.056 -> 0.045
+    assert float((plain.x - shifted.x).pow(2).sum(-1).mean().sqrt()) < 0.06
+    assert abs(gauss_error(shifted.x, p) - gauss_error(plain.x, p)) < 0.03
+
+
+def test_time_shift_errors():
+    p, model = VP(), GAUSS.model(VP(), "eps")
+    with pytest.raises(ValueError, match="fixed-grid"):
+        sample(model, p, (4, 2), sampler="pf_adaptive", time_shift=True)
+    with pytest.raises(TypeError, match="TimeShift"):
+        sample(model, p, (4, 2), nfe=4, sampler="pf_euler", time_shift="yes")
+    with pytest.raises(ValueError, match="window"):
+        TimeShift(-1.0)
+    with pytest.raises(ValueError, match="estimate"):
+        TimeShift(estimate="pixels")
+    with pytest.raises(ValueError, match="odd"):
+        TimeShift(candidates=10)
+    with pytest.raises(ValueError, match="at least two coordinates"):
+        TimeShiftModel(lambda t, x: x, p).shifted_time(0.5, torch.zeros(4, 1))
+    out = sample(model, p, (16, 2), nfe=5, sampler="pf_euler", time_shift=True, seed=0)  # per-sample, defaults
+    assert torch.isfinite(out.x).all() and out.nfe == 5

@@ -76,6 +76,7 @@ from .fast_samplers import (
 from .mrs import MRS_SAMPLERS, MRSolver
 from .parameterisation import Parameterisation
 from .processes import EDM, DiffusionProcess, _Diffusion, _ReverseDrift
+from .time_shift import TimeShift
 
 __all__ = ["sample", "SampleResult", "SAMPLERS", "ALL_SAMPLERS", "LangevinCorrector"]
 
@@ -318,6 +319,7 @@ def sample(
     s_tmax: float = math.inf,
     s_noise: float = 1.0,
     wrap_solver: Callable | None = None,
+    time_shift: bool | TimeShift | None = None,
 ) -> SampleResult:
     """Draw samples from a diffusion model by solving its reverse SDE or probability-flow ODE.
 
@@ -360,6 +362,10 @@ def sample(
             Alg. 2; ``s_churn`` defaults to 10 there, and is 0 for ``"edm_heun"``).
         wrap_solver: ``wrap_solver(solver) -> solver`` applied to the sampler's solver, e.g.
             :class:`~torchnde.generative.conditional.Inpaint` (conditioning on any sampler).
+        time_shift: the Time-Shift Sampler (Li et al. 2024; fixed-grid samplers): ``True`` or a
+            :class:`~torchnde.generative.time_shift.TimeShift` of options; the model is run at the
+            time whose noise level matches the state's variance, within a window around the grid
+            time (see :mod:`~torchnde.generative.time_shift`).
 
     Returns:
         :class:`SampleResult`.
@@ -377,6 +383,14 @@ def sample(
     if not t_start > t_end:
         raise ValueError(f"sampling runs backwards in time: need t_start > t_end, got {t_start}, {t_end}")
     fixed = sampler not in _ADAPTIVE
+    if time_shift is not None and time_shift is not False:
+        if not fixed:
+            raise ValueError(f"time_shift is an option of the fixed-grid samplers, not of {sampler!r}")
+        if time_shift is True:
+            time_shift = TimeShift()
+        if not isinstance(time_shift, TimeShift):
+            raise TypeError(f"time_shift must be True, False/None or a TimeShift(...), got {type(time_shift).__name__}")
+        model = time_shift.wrap(model, process)
     if fixed and times is None:
         if nfe is None:
             raise ValueError(f"sampler {sampler!r} needs nfe=... (the number of model evaluations)")
