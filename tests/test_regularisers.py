@@ -178,11 +178,11 @@ def _linear(t, y, args):
 def test_augmented_integrals_match_closed_forms():
     y0 = torch.tensor([1.0, 2.0], dtype=f64)
     reg = R.RegularisedTerm(tn.ODETerm(_linear), kinetic=True, jacobian_frobenius=True, taylor2=True, probe="exact")
-    sol = tn.solve(reg.term, tn.Dopri5(), 0.0, 1.0, reg.init(y0), controller=tn.PIDController(rtol=1e-10, atol=1e-12))
+    sol = tn.solve(reg.term, tn.Dopri5(), 0.0, 1.0, reg.init(y0), controller=tn.PIDController(rtol=1e-8, atol=1e-10))
     y, r = reg.split(sol.ys)
     ts = torch.linspace(0.0, 1.0, 4001, dtype=f64)
     Y = torch.stack([torch.linalg.matrix_exp(A * t) @ y0 for t in ts])
-    torch.testing.assert_close(y[-1], Y[-1], rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(y[-1], Y[-1], rtol=1e-6, atol=1e-8)
     kin = torch.trapezoid(((Y @ A.T) ** 2).sum(-1), ts)
     tay = torch.trapezoid(((Y @ (A @ A).T) ** 2).sum(-1), ts)
     torch.testing.assert_close(r["kinetic"][-1], kin, rtol=1e-6, atol=0)
@@ -224,8 +224,8 @@ def test_augmented_gradients_backsolve_agrees_with_direct():
         Wg = W.clone().requires_grad_()
         reg = R.RegularisedTerm(tn.ODETerm(_mlp_field), kinetic=True, jacobian_frobenius=True, taylor2=True,
                                 probe=probe)  # fmt: skip
-        sol = tn.solve(reg.term, tn.Dopri5(), 0.0, 0.5, reg.init(y0), args=(Wg, b), adjoint=adjoint,
-                       controller=tn.PIDController(rtol=1e-8, atol=1e-10))  # fmt: skip
+        sol = tn.solve(reg.term, tn.Dopri5(), 0.0, 0.3, reg.init(y0), args=(Wg, b), adjoint=adjoint,
+                       controller=tn.PIDController(rtol=1e-7, atol=1e-9))  # fmt: skip
         y, r = reg.split(sol.ys)
         loss = y.sum() + r["kinetic"].sum() + r["jacobian_frobenius"].sum() + r["taylor2"].sum()
         grads.append(torch.autograd.grad(loss, Wg)[0])
@@ -250,12 +250,15 @@ def test_augmented_per_sample_solve():
 
 
 def test_steer_end_time_distribution():
-    from scipy import stats
-
-    t = R.steer_end_time(0.0, 1.0, 0.25, batch=20000, seed=0)
-    assert t.shape == (20000,) and t.dtype == f64
+    n = 20000
+    t = R.steer_end_time(0.0, 1.0, 0.25, batch=n, seed=0)
+    assert t.shape == (n,) and t.dtype == f64
     assert float(t.min()) >= 0.75 and float(t.max()) <= 1.25
-    assert stats.kstest(t.numpy(), stats.uniform(loc=0.75, scale=0.5).cdf).pvalue > 1e-3
+    # Kolmogorov-Smirnov against U[0.75, 1.25]: D below its 1% critical value 1.63 / sqrt(n)
+    cdf = (t.sort().values - 0.75) / 0.5
+    i = torch.arange(1, n + 1, dtype=f64)
+    d = torch.maximum(i / n - cdf, cdf - (i - 1) / n).max()
+    assert float(d) < 1.63 / math.sqrt(n)
     one = R.steer_end_time(2.0, 0.0, 0.5, seed=1)  # backwards in time
     assert isinstance(one, float) and -0.5 <= one <= 0.5
     assert R.steer_end_time(0.0, 1.0, 0.25, seed=7) == R.steer_end_time(0.0, 1.0, 0.25, seed=7)
@@ -301,3 +304,75 @@ def test_clear_errors():
         R.steer_end_time(0.0, 1.0, 1.0)
     with pytest.raises(ValueError, match=">= 0"):
         R.steer_end_time(0.0, 1.0, -0.1)
+
+
+# ----------------------------------------------------------------------------------------------
+# the global regulariser (sum over the accepted steps)
+
+
+def test_global_regulariser_is_the_sum_over_the_accepted_steps():
+    term = tn.ODETerm(_mlp_field)
+    W, b = _params()
+    y0 = torch.tensor([0.3, -0.5, 0.8], dtype=f64)
+    ctrl = tn.PIDController(rtol=1e-5, atol=1e-7)
+    sol, est = R.solve_with_global_regulariser(term, tn.Dopri5(), 0.0, 2.0, y0, args=(W, b), controller=ctrl,
+                                               stiffness=True, saveat=tn.SaveAt(steps=True, t0=True))  # fmt: skip
+    plain = tn.solve(
+        term, tn.Dopri5(), 0.0, 2.0, y0, args=(W, b), controller=ctrl, saveat=tn.SaveAt(steps=True, t0=True)
+    )
+    # the same steps and values as the plain solve
+    torch.testing.assert_close(sol.ts, plain.ts)
+    torch.testing.assert_close(sol.ys, plain.ys)
+    assert sol.stats["num_rejected"] == plain.stats["num_rejected"]
+    # the sum of |h_j| E_j (and |h_j| rho_j) over the accepted steps, each from local_error
+    ts, ys = plain.ts, plain.ys
+    e = R.local_error(term, tn.Dopri5(), ts[:-1], ys[:-1], ts[1:] - ts[:-1], (W, b), per_sample=True, stiffness=True)
+    dt = ts[1:] - ts[:-1]
+    torch.testing.assert_close(est.error, (e.error * dt).sum())
+    torch.testing.assert_close(est.stiffness, (e.stiffness * dt).sum())
+    _, unweighted = R.solve_with_global_regulariser(term, tn.Dopri5(), 0.0, 2.0, y0, args=(W, b), controller=ctrl,
+                                                    weight=False)  # fmt: skip
+    torch.testing.assert_close(unweighted.error, e.error.sum())
+
+
+def test_global_regulariser_gradient_with_fixed_steps():
+    """Finite differences of the error-estimate sum with the step sequence held fixed (StepTo)."""
+    term = tn.ODETerm(_mlp_field)
+    W, b = _params()
+    y0 = torch.tensor([0.3, -0.5, 0.8], dtype=f64)
+    steps = tn.solve(term, tn.Dopri5(), 0.0, 1.0, y0, args=(W, b), controller=tn.PIDController(rtol=1e-4, atol=1e-6),
+                     saveat=tn.SaveAt(steps=True)).ts  # fmt: skip
+    ctrl = tn.StepTo(steps)
+
+    def total(y0, W, b):
+        _, est = R.solve_with_global_regulariser(term, tn.Dopri5(), 0.0, 1.0, y0, args=(W, b), controller=ctrl,
+                                                 stiffness=True)  # fmt: skip
+        return est.error, est.stiffness
+
+    inputs = tuple(x.clone().requires_grad_() for x in (y0, W, b))
+    assert torch.autograd.gradcheck(total, inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+def test_global_regulariser_per_sample_and_adjoints():
+    term = tn.ODETerm(_mlp_field)
+    W, b = _params()
+    y0 = torch.tensor([[0.3, -0.5, 0.8], [2.0, 1.0, -1.0]], dtype=f64)
+    ctrl = tn.PIDController(rtol=1e-5, atol=1e-7)
+    _, est = R.solve_with_global_regulariser(term, tn.Tsit5(), 0.0, torch.tensor([1.0, 2.0], dtype=f64), y0,
+                                             args=(W, b), controller=ctrl, per_sample=True)  # fmt: skip
+    for i, t1 in enumerate((1.0, 2.0)):
+        _, one = R.solve_with_global_regulariser(term, tn.Tsit5(), 0.0, t1, y0[i], args=(W, b), controller=ctrl)
+        torch.testing.assert_close(est.error[i], one.error, rtol=1e-10, atol=0)
+    grads = []
+    for adjoint in (tn.DirectAdjoint(), tn.CheckpointAdjoint()):
+        Wg = W.clone().requires_grad_()
+        sol, e = R.solve_with_global_regulariser(term, tn.Dopri5(), 0.0, 1.0, y0[0], args=(Wg, b), controller=ctrl,
+                                                 adjoint=adjoint)  # fmt: skip
+        grads.append(torch.autograd.grad(sol.ys.sum() + e.error, Wg)[0])
+    torch.testing.assert_close(grads[0], grads[1])
+    with pytest.raises(NotImplementedError, match="solve_with_local_regulariser"):
+        R.solve_with_global_regulariser(term, tn.Dopri5(), 0.0, 1.0, y0[0], args=(W, b), controller=ctrl,
+                                        adjoint=tn.BacksolveAdjoint())  # fmt: skip
+    with pytest.raises(ValueError, match="t1"):
+        R.solve_with_global_regulariser(term, tn.Dopri5(), 0.0, 1.0, y0[0], args=(W, b), controller=ctrl,
+                                        saveat=tn.SaveAt(ts=[0.5]))  # fmt: skip

@@ -20,6 +20,7 @@ See docs/regularisation.md.
 """
 
 from ._augmented import REGULARISERS, RegularisedTerm, probe_like
+from ._global import GlobalEstimate, solve_with_global_regulariser
 from ._local import (
     LocalEstimate,
     local_error,
@@ -37,6 +38,8 @@ __all__ = [
     "solve_with_local_regulariser",
     "starting_step",
     "stiffness_pair",
+    "GlobalEstimate",
+    "solve_with_global_regulariser",
     "RegularisedTerm",
     "probe_like",
     "REGULARISERS",

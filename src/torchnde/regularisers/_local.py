@@ -391,11 +391,14 @@ def _accepted_step(interp, ts: torch.Tensor) -> torch.Tensor:
     return interp.t_end[idx] - interp.t_start[idx]
 
 
-def starting_step(terms, solver, t, y, direction: float, *, rtol: float, atol: float, args=None, per_sample=False):
+def starting_step(
+    terms, solver, t, y, direction: float, *, rtol: float, atol: float, args=None, per_sample=False, span=None
+):
     r"""A step size for an adaptive solve starting at ``(t, y)``: the starting-step algorithm of
-    Hairer, Nørsett & Wanner (*Solving ODEs I*, II.4), as ``solve`` uses with ``dt0=None`` (one
-    extra evaluation). Without gradients; returns a float (per sample: ``(batch,)``) signed by
-    ``direction``."""
+    Hairer, Nørsett & Wanner (*Solving ODEs I*, II.4), as ``solve`` uses with ``dt0=None`` (two
+    evaluations), on the RMS norm of the state scaled by ``atol + rtol |y|``; the first trial step
+    is capped by ``|span|`` (the interval's length) if given. Without gradients; returns a float
+    (per sample: ``(batch,)``) signed by ``direction``."""
     flat = Flattener(y, batch=per_sample, name="y")
     real = flat.dtype.to_real() if flat.dtype.is_complex else flat.dtype
     sign = 1.0 if direction > 0 else -1.0
@@ -409,6 +412,10 @@ def starting_step(terms, solver, t, y, direction: float, *, rtol: float, atol: f
         f0 = term.vf(tau, y0)
         d0, d1 = _rms(y0 / scale), _rms(f0 / scale)
         h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1.clamp_min(1e-300))
+        if span is not None:
+            cap = span.abs().to(h0.dtype) if isinstance(span, torch.Tensor) else abs(float(span))
+            h0 = torch.minimum(h0, torch.as_tensor(cap, dtype=h0.dtype, device=h0.device))
+        h0 = h0.clamp_min(1e-300)
         h0c = h0.unsqueeze(-1) if per_sample else h0
         f1 = term.vf(tau + (h0.to(real) if per_sample else float(h0)), y0 + h0c * f0)
         d2 = _rms((f1 - f0) / scale) / h0
