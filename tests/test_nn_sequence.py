@@ -425,6 +425,8 @@ def test_recurrent_errors():
         CfC(3, 4, mode="no_gate")
     with pytest.raises(ValueError, match="vector_field"):
         ODERNN(3, 4, vector_field="lstm")
+    with pytest.raises(TypeError, match=r"ODERNN needs a vector field whose forward takes \(t, y\)"):
+        ODERNN(3, 4, vector_field=torch.nn.Linear(4, 4))
     with pytest.raises(TypeError, match="solver instance"):
         LTC(3, 4, solver=tn.Tsit5)
     with pytest.raises(ValueError, match="dt0"):

@@ -111,7 +111,10 @@ class ODERNN(nn.Module):
                 f"ODERNN(vector_field=...) must be 'mlp', 'gru' or an nn.Module with forward(t, h), "
                 f"got {type(vector_field).__name__}"
             )
-        self._arity = _vector_field_arity(vector_field)
+        try:
+            self._arity = _vector_field_arity(vector_field)
+        except TypeError as e:
+            raise TypeError(str(e).replace("NeuralODE", "ODERNN")) from None
         self.vector_field = vector_field
         self.update = nn.GRUCell(input_size, hidden_size)
         self._evolve = Evolver("ODERNN", solver, controller, adjoint, dt0, max_steps)
