@@ -26,9 +26,16 @@ Each sampler builds a term from a process (:meth:`~DiffusionProcess.reverse_sde`
                        ``s_noise``), Alg. 2                                              // 2``)
 ``"sde_adaptive"``     reverse SDE, ``SPaRK`` + ``PIDController(rtol, atol)`` on a        adaptive
                        ``VirtualBrownianTree`` (rejected steps re-query the same path)
+``"mrs_ode_2"`` ...    MRS for :class:`~torchnde.generative.processes.MeanReverting` only  ``nfe``
+                       (Li et al. 2025): ``mrs_{ode,sde}[_eps]_{1,2}``, ODE or SDE form,
+                       data (or ``_eps`` noise) prediction, order 1 or 2, multistep
+                       (:class:`~torchnde.generative.mrs.MRSolver`)
 =====================  ================================================================  ============
 
-:data:`SAMPLERS` lists the first five, :data:`ALL_SAMPLERS` every name.
+:data:`SAMPLERS` lists the first five, :data:`ALL_SAMPLERS` every name but the MRS presets
+(:data:`~torchnde.generative.mrs.MRS_SAMPLERS`, which need a ``MeanReverting`` process). Every
+fixed-grid sampler takes ``time_shift=True`` (the Time-Shift Sampler,
+:mod:`~torchnde.generative.time_shift`).
 
 Fixed-step samplers step along the process's time grid :meth:`~DiffusionProcess.times` (uniform
 in ``t``, Karras et al.'s :math:`\rho`-schedule for :class:`EDM`) or a grid you pass as
@@ -267,9 +274,10 @@ class _ReverseEulerMaruyama(Euler):
 
 
 SAMPLERS = ("euler_maruyama", "pc", "pf_euler", "pf_heun", "pf_adaptive")
-#: every sampler name: :data:`SAMPLERS`, those of :mod:`~torchnde.generative.fast_samplers` and
-#: the MRS presets of :mod:`~torchnde.generative.mrs` (``"mrs_ode_2"``, ...)
-ALL_SAMPLERS = SAMPLERS + FAST_SAMPLERS + tuple(MRS_SAMPLERS)
+#: every sampler name of every process: :data:`SAMPLERS` and those of
+#: :mod:`~torchnde.generative.fast_samplers` (``sample`` also takes the MRS presets of
+#: :mod:`~torchnde.generative.mrs`, ``"mrs_ode_2"``, ..., for ``MeanReverting`` processes only)
+ALL_SAMPLERS = SAMPLERS + FAST_SAMPLERS
 _ADAPTIVE = ("pf_adaptive", "sde_adaptive")
 _DEFAULT_TOL = {"pf_adaptive": 1e-5, "sde_adaptive": 1e-2}
 
@@ -334,7 +342,9 @@ def sample(
             shape it received.
         nfe: budget of model evaluations (fixed-step samplers; required). The adaptive sampler
             ignores it (its cost is set by ``rtol``/``atol``) and reports what it used.
-        sampler: one of :data:`SAMPLERS`.
+        sampler: one of :data:`ALL_SAMPLERS`, or for a
+            :class:`~torchnde.generative.processes.MeanReverting` process one of
+            :data:`~torchnde.generative.mrs.MRS_SAMPLERS`.
         parameterisation: what the model predicts: ``"eps"``, ``"x0"``, ``"v"``, ``"score"`` or
             ``"velocity"``.
         seed: seeds the prior draw and the Brownian path (``None``: drawn from torch's global
@@ -370,8 +380,10 @@ def sample(
     Returns:
         :class:`SampleResult`.
     """
-    if sampler not in ALL_SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {ALL_SAMPLERS}")
+    if sampler not in ALL_SAMPLERS and sampler not in MRS_SAMPLERS:
+        raise ValueError(
+            f"unknown sampler {sampler!r}; choose one of {ALL_SAMPLERS} (or, for MeanReverting, {tuple(MRS_SAMPLERS)})"
+        )
     if not isinstance(process, DiffusionProcess):
         raise TypeError(f"process must be a DiffusionProcess such as VP(), got {type(process).__name__}")
     shape = check_shape(shape)
