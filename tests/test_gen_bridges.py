@@ -396,8 +396,13 @@ def test_dsbm_runs_and_its_ode_and_sde_agree():
 @pytest.mark.slow
 def test_dsbm_gaussian_d5_matches_the_closed_form():
     """Issue 13: d = 5, a = 0.1, sigma = 1: DSBM/IMF endpoint cross-covariance within 0.618 +- 0.02
-    (per-dimension mean), marginal means within +-0.02, variances within 1 +- 0.05."""
+    (per-dimension mean), marginal means within +-0.02, variances within 1 +- 0.05.
+
+    The model's statistics are estimated against the oracle's SDE simulated from the same x0 on the
+    same Brownian path (its mean is exact under Euler–Maruyama): the common sampling noise cancels,
+    so what is measured is the model's error, not the 40,000-sample noise (about 0.005 per mean)."""
     d, a = 5, 0.1
+    sb = _isotropic_sb(d, a)
 
     def src(n, g):
         return torch.randn(n, d, generator=g) - a
@@ -411,8 +416,14 @@ def test_dsbm_gaussian_d5_matches_the_closed_form():
     n = 40000
     x0 = src(n, torch.Generator().manual_seed(123))
     with torch.no_grad():
-        x1 = dsbm.sample(x0, nfe=50, seed=5)
-    c = _cross_cov(x0.double(), x1.double()).diagonal().mean().item()
+        x1 = dsbm.sample(x0, nfe=50, seed=5).double()
+        ref = sample_bridge(sb.drift, x0.double(), bridge=1.0, nfe=50, seed=5)
+    x0 = x0.double()
+    c = GOLDEN + (_cross_cov(x0, x1) - _cross_cov(x0, ref)).diagonal().mean().item()
+    means = a + (x1 - ref).mean(0)
+    variances = 1 + x1.var(0) - ref.var(0)
     assert abs(c - GOLDEN) < 0.02
-    assert (x1.mean(0) - a).abs().max() < 0.02
-    assert (x1.var(0) - 1).abs().max() < 0.05
+    assert (means - a).abs().max() < 0.02
+    assert (variances - 1).abs().max() < 0.05
+    # the raw estimates, with their sampling noise, are close too
+    assert abs(_cross_cov(x0, x1).diagonal().mean().item() - GOLDEN) < 0.03
