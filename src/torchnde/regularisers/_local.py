@@ -458,9 +458,12 @@ def solve_with_local_regulariser(
 
     Args:
         terms, solver, t0, t1, y0: as :func:`~torchnde.solve` (an ODE and an adaptive solver).
-        h: the local step size; ``None``: the starting step of Hairer, Nørsett & Wanner at
-            :math:`(t_r, y(t_r))` for the controller's tolerances (the step the controller would
-            try there; held fixed).
+        h: the local step size (held fixed, not differentiated). ``None`` or ``"mean"``
+            (default): the mean accepted step of the solve, :math:`|t_1 - t_0| / n_{accepted}`
+            (per sample in per-sample mode) -- the scale of the steps the controller takes, so
+            the penalised error is the one that sets the step count. ``"start"``: the starting
+            step of Hairer, Nørsett & Wanner at :math:`(t_r, y(t_r))` for the controller's
+            tolerances (more conservative: about a hundredth of the tolerance).
         seed, generator: make the draw of :math:`t_r` reproducible.
         stiffness, rtol, atol, norm: as :func:`local_error` (pass the controller's ``rtol`` and
             ``atol`` to scale the error as the controller does).
@@ -515,16 +518,25 @@ def solve_with_local_regulariser(
         direction = 1.0 if b > a else -1.0
     first = solve(terms, solver, t0, tr, y0, saveat=SaveAt(t1=True), **solve_kwargs)
     yr = tree_map((lambda x: x[:, -1]) if per_sample else (lambda x: x[-1]), first.ys)
-    if h is None:
+    second = solve(terms, solver, tr, t1, yr, saveat=SaveAt(t1=True), **solve_kwargs)
+    if h is None or (isinstance(h, str) and h == "mean"):
+        # the mean accepted step of the whole solve (the two pieces' steps together)
+        n = first.stats["num_accepted"] + second.stats["num_accepted"]
+        if per_sample:
+            h = span / torch.as_tensor(n, device=span.device).clamp(min=1).to(span.dtype) * direction
+        else:
+            h = span / max(int(n), 1) * direction
+    elif isinstance(h, str) and h == "start":
         if step_rtol is None:
-            raise ValueError("h=None needs tolerances: pass rtol and atol, or a controller=PIDController(...)")
+            raise ValueError("h='start' needs tolerances: pass rtol and atol, or a controller=PIDController(...)")
         h = starting_step(
             terms, solver, tr, yr, direction, rtol=step_rtol, atol=step_atol, args=args, per_sample=per_sample
         )
+    elif isinstance(h, str):
+        raise ValueError(f"h must be a step size, None/'mean' or 'start'; got {h!r}")
     est = local_error(
         terms, solver, tr, yr, h, args, per_sample=per_sample, stiffness=stiffness, rtol=rtol, atol=atol, norm=norm
     )
-    second = solve(terms, solver, tr, t1, yr, saveat=SaveAt(t1=True), **solve_kwargs)
     stats = {k: v + first.stats.get(k, 0) for k, v in second.stats.items()}
     sol = dataclasses.replace(second, stats=stats, t0=first.t0)
     sc = span.to(est.error.dtype) if isinstance(span, torch.Tensor) else span
