@@ -20,7 +20,28 @@ Regularisers (``--methods``, comma-separated):
 
 Run::
 
-    python examples/regularised_digits.py --epochs 30 --threads 1
+    python examples/regularised_digits.py --methods none,local,global,taynode,steer
+
+Measured (defaults: 20 epochs of batches of 128, hidden 32, width 64, t1 = 5, Dopri5 at
+rtol 1e-5 / atol 1e-7, float32, one CPU thread; test NFE for the 360 test images as one batch;
+``lam = 1`` on the controller-scaled error), seeds 0 / 1 / 2:
+
+=========  =====================  =============  ===========================
+method     test accuracy          test NFE       train NFE / iteration
+=========  =====================  =============  ===========================
+none       0.939 / 0.942 / 0.931  68 / 74 / 68   67.5 / 69.1 / 67.9
+local      0.967 / 0.950 / 0.928  32 / 32 / 32   52.1 / 52.3 / 52.0
+global     0.925 / 0.944 / 0.911  26 / 26 / 26   26.6 / 27.3 / 26.5
+taynode    0.944 (seed 0)         56             66.8
+steer      0.897 (seed 0)         62             61.5
+=========  =====================  =============  ===========================
+
+The local regulariser halves the test NFE (0.46x) at no accuracy loss here (mean 0.948 against
+0.937); the global one cuts it to 0.37x for about one point of accuracy. TayNODE (``lam_t =
+0.01``) cut the NFE less and cost ~4x the training time per iteration (two evaluations and a
+Jacobian-vector product per evaluation); STEER did not help at this setting. Single short runs on a
+shared machine: differences of a point or two in accuracy are within seed noise, and the wall times
+the script prints vary with the machine's load (TayNODE's ~4x is from one seed-0 run).
 """
 
 from __future__ import annotations

@@ -140,7 +140,9 @@ def test_local_regulariser_shared_mode_and_gradient():
     assert torch.isfinite(g).all() and g.abs().sum() > 0
 
 
-@pytest.mark.parametrize("adjoint", [tn.DirectAdjoint(), tn.BacksolveAdjoint(), tn.CheckpointAdjoint()])
+@pytest.mark.parametrize(
+    "adjoint", [tn.DirectAdjoint(), tn.BacksolveAdjoint(), tn.CheckpointAdjoint(), tn.ReversibleAdjoint()]
+)
 def test_split_solve_works_with_every_adjoint(adjoint):
     term = tn.ODETerm(_mlp_field)
     W, b = _params()

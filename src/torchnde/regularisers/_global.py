@@ -84,6 +84,11 @@ class _Accumulating(AbstractAdaptiveSolver):
     def init(self, term, t0, y0):
         return self.inner.init(term, t0, y0)
 
+    def solution_stats(self, state) -> dict:
+        """The wrapped solver's own statistics (implicit solvers: Newton iterations, Jacobians)."""
+        stats = getattr(self.inner, "solution_stats", None)
+        return {} if stats is None else stats(state)
+
     def initial_derivative(self, state):
         return self.inner.initial_derivative(state)
 
