@@ -266,7 +266,7 @@ def test_sinkhorn_plan_marginals_and_limits():
     torch.testing.assert_close(y1[P.argmax(1)], matched)
 
 
-def _coupling_cross_cov(pairs, d, a, batch, reps, seed):
+def _coupling_cross_cov(pairs, d, a, batch, reps, seed, mid_variance=False):
     g = torch.Generator().manual_seed(seed)
     x0s, x1s = [], []
     for _ in range(reps):
@@ -275,7 +275,13 @@ def _coupling_cross_cov(pairs, d, a, batch, reps, seed):
         p0, p1 = pairs(x0, x1, g)
         x0s.append(p0)
         x1s.append(p1)
-    return _cross_cov(torch.cat(x0s), torch.cat(x1s)).diagonal().mean().item()
+    x0, x1 = torch.cat(x0s), torch.cat(x1s)
+    c = _cross_cov(x0, x1).diagonal().mean().item()
+    if not mid_variance:
+        return c
+    # the variance at t = 1/2 of the Brownian-bridge mixture over the pairs (what SB-CFM's ODE learns)
+    xh = BrownianBridge(1.0).sample(x0, x1, 0.5, generator=g)
+    return c, xh.var(0).mean().item()
 
 
 def test_sinkhorn_coupling_approaches_the_sb_and_exact_ot_is_biased():
@@ -292,11 +298,15 @@ def test_sinkhorn_coupling_approaches_the_sb_and_exact_ot_is_biased():
             return sbcfm_pairs(x0, x1, sigma=1.0, coupling="ot")
 
     small = _coupling_cross_cov(sk, d, a, 32, 96, 0)
-    large = _coupling_cross_cov(sk, d, a, 384, 8, 1)
-    exact = _coupling_cross_cov(ot, d, a, 384, 8, 2)
+    large, var_sk = _coupling_cross_cov(sk, d, a, 384, 8, 1, mid_variance=True)
+    exact, var_ot = _coupling_cross_cov(ot, d, a, 384, 8, 2, mid_variance=True)
     assert abs(large - GOLDEN) < 0.03
     assert abs(large - GOLDEN) < abs(small - GOLDEN)
     assert exact > 0.8 and abs(exact - GOLDEN) > 5 * abs(large - GOLDEN)
+    # the bias reaches the intermediate marginals: the SB's variance at t = 1/2 is 1 + (2C - 1)/4 ~ 1.059
+    var_sb = _isotropic_sb(d, a).marginal(0.5)[1][0, 0].item()
+    assert abs(var_sk - var_sb) < 0.03
+    assert var_ot - var_sb > 0.06
 
 
 def test_exact_ot_with_noise_warns():
@@ -427,3 +437,24 @@ def test_dsbm_gaussian_d5_matches_the_closed_form():
     assert (variances - 1).abs().max() < 0.05
     # the raw estimates, with their sampling noise, are close too
     assert abs(_cross_cov(x0, x1).diagonal().mean().item() - GOLDEN) < 0.03
+
+
+@pytest.mark.parametrize("solver", ["sra1", "heun_adaptive"])
+def test_sample_bridge_with_other_sde_solvers(solver):
+    """Any SDE solver of the core: SRA1 (its Lévy area on the default path) and adaptive Heun."""
+    from torchnde import SRA1, Heun, PIDController
+
+    m0, S0, m1, S1 = _random_gaussians(2, seed=5)
+    sb = GaussianSchrodingerBridge(m0, S0, m1, S1, 1.0)
+    x0 = sb.sample_marginal(0.0, 20000, torch.Generator().manual_seed(0))
+    kw = dict(solver=SRA1(), nfe=20) if solver == "sra1" else dict(solver=Heun(), controller=PIDController(1e-2, 1e-2))
+    x1 = sample_bridge(sb.drift, x0, bridge=1.0, seed=1, **kw)
+    mean, cov = sb.marginal(1.0)
+    # the end mean given the drawn x0 (removes the x0 sample's noise): m1 + C^T S0^-1 (mean(x0) - m0)
+    shift = torch.linalg.solve(S0, sb.cross_covariance()).T @ (x0.mean(0) - m0)
+    assert (x1.mean(0) - mean - shift).abs().max() < 0.04
+    assert (torch.cov(x1.T) - cov).abs().max() < 0.1
+    with pytest.raises(TypeError, match="adaptive solver"):
+        from torchnde import Euler
+
+        sample_bridge(sb.drift, x0[:4], controller=PIDController(1e-2, 1e-2), solver=Euler())

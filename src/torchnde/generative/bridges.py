@@ -351,7 +351,8 @@ def sample_bridge(
     ``"backward"`` runs the reversed process :math:`s = 1 - t` from 0 to 1 from ``x_start``
     (target samples), with the backward model evaluated at :math:`t = 1 - s`. Euler–Maruyama by
     default (the noise is additive, so Itô and Stratonovich solvers agree); any SDE solver of the
-    core works, and an adaptive ``controller`` (with e.g. ``Heun()``) runs on a
+    core works (the default path carries the Lévy area a solver declares, e.g. for ``SRA1()``), and
+    an adaptive ``controller`` (with e.g. ``Heun()`` or ``SPaRK()``) runs on a
     :class:`~torchnde.VirtualBrownianTree`.
 
     Args:
@@ -381,7 +382,8 @@ def sample_bridge(
         solve_kwargs.setdefault("dt0", 1.0 / nfe)
         solve_kwargs.setdefault("max_steps", nfe + 8)
     if path is None:
-        kw = dict(seed=seed, dtype=x_start.dtype, device=x_start.device)
+        # a solver that needs Lévy areas (SRA1, ShARK, SPaRK) declares which
+        kw = dict(seed=seed, dtype=x_start.dtype, device=x_start.device, levy_area=getattr(solver, "levy_area", None))
         path = (
             VirtualBrownianTree(0.0, 1.0, tuple(x_start.shape), **kw)
             if adaptive
