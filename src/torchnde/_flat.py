@@ -27,7 +27,8 @@ class _FlatTerm:
 
     rough = False
 
-    __slots__ = ("term", "flat", "args", "sign", "nfe", "batched", "checked", "times", "checked_parts")
+    __slots__ = ("term", "flat", "args", "sign", "nfe", "batched", "checked", "times", "checked_parts", "_vf", "_shape")
+    __slots__ += ("_state_shape", "scratch", "direct")
 
     def __init__(self, term, flat: Flattener, args, sign: float, batched: bool):
         self.term = term
@@ -40,10 +41,23 @@ class _FlatTerm:
         # a plain ODETerm that wants tensor time: convert here, with the cache table looked up
         # once per solve (ODETerm.vf then passes the tensor through); other terms convert inside
         self.times = None
+        self._vf = None
         if type(term).vf is ODETerm.vf and not term.time_as_float:
             dtype = time_dtype(flat.dtype)
             self.times = (time_table(dtype, flat.device), dtype, flat.device)
+            self._vf = term.vector_field
         self.checked_parts = [False, False]
+        # a single tensor: the flat state viewed in the user's shape and the output reshaped to
+        # the state's shape directly (what Flattener.state_to_tree / tree_to_state do, less two
+        # calls per evaluation)
+        self._shape = flat.shapes[0] if flat.single else None
+        self._state_shape = flat.state_shape if flat.single else None
+        # buffers a solver may keep for the length of the solve (the explicit Runge-Kutta steps'
+        # stage buffer, solvers/_base.py), by the solver's own key
+        self.scratch = {}
+        # what a solver's inner loop may call instead of vf, once vf has checked the output: set
+        # below for a plain ODETerm (tensor time) on a single tensor forward in time
+        self.direct = None
 
     @property
     def num_parts(self) -> int:
@@ -76,21 +90,40 @@ class _FlatTerm:
 
     def vf(self, t, y):
         self.nfe += 1
-        if self.sign < 0:
+        neg = self.sign < 0
+        if neg:
             t = -t
+        shape = self._shape
+        x = y.view(shape) if shape is not None else self.flat.state_to_tree(y)
         times = self.times
         if times is None:
-            out = self.term.vf(t, self.flat.state_to_tree(y), self.args)
+            out = self.term.vf(t, x, self.args)
         else:  # ODETerm.vf itself, with the time converted here
             if type(t) is float:
                 tt = times[0].get(t)
                 t = tt if tt is not None and not tt._version and not tt.requires_grad else cached_time(t, *times)
-            out = self.term.vector_field(t, self.flat.state_to_tree(y), self.args)
+            out = self._vf(t, x, self.args)
         if not self.checked:
             self.flat.check_output(out, f"the vector field of {self.term!r}")
             self.checked = True
-        out = self.flat.tree_to_state(out)
-        return -out if self.sign < 0 else out
+            self._set_direct()
+        out = out.reshape(self._state_shape) if shape is not None else self.flat.tree_to_state(out)
+        return -out if neg else out
+
+    def _set_direct(self):
+        """``direct = (f, shape, state_shape, args, table, make_time)``: ``f(t, y.view(shape),
+        args).reshape(state_shape)`` is :meth:`vf` at a float time whose 0-d tensor is
+        ``table.get(t)`` if cached and unmodified, else ``make_time(t)``; callers count ``nfe``.
+        Only for a plain :class:`~torchnde.ODETerm` taking tensor time, a single-tensor state and
+        forward internal time (no sign flips); else ``None``."""
+        if self.times is None or self._shape is None or self.sign < 0:
+            return
+        table, dtype, device = self.times
+
+        def make_time(t):
+            return cached_time(t, table, dtype, device)
+
+        self.direct = (self._vf, self._shape, self._state_shape, self.args, table, make_time)
 
 
 class _FlatSDE:

@@ -29,6 +29,7 @@ import torch
 from ._compile import compiled_step
 from ._events import _Events
 from ._failure import NONFINITE_REJECTIONS, NonfiniteWall, failure_message
+from ._ops import ScalarOps
 from ._progress import make_progress
 from ._results import Result, SolveError
 from ._saver import BatchSaver, SharedSaver
@@ -274,6 +275,43 @@ class SharedLoop(_Loop):
 
     def propose(self) -> Step:
         return Step(self.t, self.y, self._coeffs, *self.stops.propose(self.t, self.dt, self.tau1))
+
+    def decide(self, s: Step) -> None:
+        """:meth:`_Loop.decide` with one step size: the same decisions on Python bools and floats,
+        written out (this runs every step; the calls into ``ops`` cost as much as the rest)."""
+        # one reduction: the sum is NaN/inf iff some entry is (or the sum overflows)
+        s.y1_sum = y1_sum = s.y1.sum()
+        s.finite = finite = cmath.isfinite(y1_sum.item())
+        running, result = self.running, self.result
+        if self.adaptive:
+            controller = self.controller
+            accept, dt_new, self.cstate, cres = controller.adapt(
+                s.t, s.t_next, s.y, s.y1, s.y_err, self.error_order, self.cstate, ScalarOps
+            )
+            if not finite:  # a non-finite state shrinks the step even if the error estimate was finite
+                accept = False
+                dt_new = (s.t_next - s.t) * controller.factormin
+            if cres is not None:
+                mask, code = cres
+                if mask and running:
+                    result, running, accept = code, False, False
+        else:
+            _, dt_new, self.cstate, _ = self.controller.adapt(
+                s.t, s.t_next, s.y, s.y1, s.y_err, None, self.cstate, ScalarOps
+            )
+            accept = finite
+            if running and not finite:
+                result, running = Result.nonfinite, False
+        s.newton = 0
+        if s.code is not None:  # an implicit solver: a failed Newton solve is a rejected step
+            code = s.code
+            newton = torch.where(code == 2, Result.singular_jacobian, Result.nonlinear_divergence)
+            s.newton = newton = int(torch.where(code != 0, newton, 0))
+            if not self.adaptive and newton != 0 and running:  # fixed steps: the solve ends here
+                result, running, accept = newton, False, False
+        s.dt_new = dt_new
+        s.accept = accept and running
+        self.running, self.result = running, result
 
     def commit(self, s: Step) -> None:
         self.n_steps += 1

@@ -138,11 +138,15 @@ class PIDController(AbstractController):
             if pre[0] is x:
                 return pre[1]
         # step sizes are policy, not part of the differentiated computation: detach (cheaper than
-        # entering a no_grad context every step)
-        a0 = y0.detach().abs()
-        m = a0 if y1 is None else torch.maximum(a0, y1.detach().abs())
-        rtol, atol = self._tolerances(m)
-        ratio = x.detach() / torch.addcmul(atol, m, rtol)
+        # entering a no_grad context every step; without autograd there is nothing to detach)
+        if torch.is_grad_enabled():
+            x, y0 = x.detach(), y0.detach()
+            y1 = None if y1 is None else y1.detach()
+        a0 = y0.abs()
+        m = a0 if y1 is None else torch.maximum(a0, y1.abs())
+        tols = self._tol_cache.get((m.dtype, m.device))
+        rtol, atol = tols if tols is not None else self._tolerances(m)
+        ratio = x / torch.addcmul(atol, m, rtol)
         if self.norm is rms_norm:  # fast path: the 1/sqrt(N) is applied by the caller's ops
             return _RMS(torch.linalg.vector_norm(ratio, dim=-1), ratio.shape[-1])
         return self.norm(ratio)
@@ -182,6 +186,8 @@ class PIDController(AbstractController):
         return dt, cstate
 
     def adapt(self, t0, t1, y0, y1, y_error, error_order, cstate, ops):
+        if not ops.batched:
+            return self._adapt_scalar(t1 - t0, y0, y1, y_error, error_order, cstate)
         dt = t1 - t0
         err = _to_scalar(ops, self._scaled_norm(y_error, y0, y1))
         err = ops.nan_to(err, math.inf)
@@ -220,6 +226,54 @@ class PIDController(AbstractController):
                 result = (too_small, Result.dt_min_reached)
         if b2 or b3:  # only a PI/PID controller needs the error history
             cstate = (ops.where(accept, inv, prev1), ops.where(accept, prev1, prev2))
+        return accept, dt_next, cstate, result
+
+    def _adapt_scalar(self, dt, y0, y1, y_error, error_order, cstate):
+        """:meth:`adapt` with one step size (``ScalarOps``): the same arithmetic on Python floats,
+        written out (it runs once per step, and the calls into ``ops`` cost as much as the rest)."""
+        v = self._scaled_norm(y_error, y0, y1)
+        err = v.norm.item() / math.sqrt(max(v.n, 1)) if type(v) is _RMS else v.item()
+        if err != err:
+            err = math.inf
+        accept = err <= 1.0
+        k = error_order + 1
+        b1 = (self.pcoeff + self.icoeff + self.dcoeff) / k
+        b2 = -(self.pcoeff + 2 * self.dcoeff) / k
+        b3 = self.dcoeff / k
+        inv = 1.0 / (err if err >= 1e-300 else 1e-300)
+        prev1, prev2 = cstate
+        shrink = self.safety * inv ** (1.0 / k)  # after a rejection: the integral rule alone
+        fmin = self.factormin
+        if b1 == 1.0 / k and not b2 and not b3:  # integral control: one clamp serves both cases
+            hi = self.factormax if accept else 1.0
+            factor = fmin if shrink < fmin else (hi if shrink > hi else shrink)
+        else:
+            grow = shrink if b1 == 1.0 / k else self.safety * inv**b1
+            if b2:
+                grow = grow * prev1**b2
+            if b3:
+                grow = grow * prev2**b3
+            if accept:
+                hi = self.factormax
+                factor = fmin if grow < fmin else (hi if grow > hi else grow)
+            else:
+                factor = fmin if shrink < fmin else (1.0 if shrink > 1.0 else shrink)
+        dt_next = dt * factor
+        dtmax = self.dtmax
+        if dtmax is not None and not dt_next <= dtmax:
+            dt_next = dtmax
+        result = None
+        dtmin = self.dtmin
+        if dtmin:
+            if self.force_dtmin:
+                at_min = dt <= dtmin * (1 + 1e-12)
+                accept = accept or (at_min and math.isfinite(err))
+                if not dt_next >= dtmin:
+                    dt_next = dtmin
+            else:
+                result = ((not accept) and dt_next < dtmin, Result.dt_min_reached)
+        if b2 or b3:  # only a PI/PID controller needs the error history
+            cstate = (inv if accept else prev1, prev1 if accept else prev2)
         return accept, dt_next, cstate, result
 
 

@@ -163,6 +163,10 @@ def _sde_comb(base, ks: list, ct: torch.Tensor, cf: tuple):
     return _lincomb(base, 1.0, ks, ct, cf)
 
 
+_is_compiling = torch.compiler.is_compiling
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
 def _node(t0, h, c: float):
     """The stage time ``t0 + c h`` (one fused op for per-sample time tensors)."""
     return t0 + c * h if isinstance(h, float) else torch.add(t0, h, alpha=c)
@@ -268,6 +272,13 @@ class AbstractERK(AbstractSolver):
         f0 = _resolve(f0)
         tab = self.tableau
         coef = tab.tensors(y0.dtype, y0.device)
+        scratch = getattr(term, "scratch", None)
+        if (
+            scratch is not None and type(t0) is float and tab.num_stages > 2 and y0.dim() == 1
+            and y0.shape[0] <= _STACK_MAX_NUMEL and not torch.is_grad_enabled() and not _is_compiling()
+            and not _is_wrapped(y0)
+        ):  # fmt: skip
+            return self._step_buffered(term, t0, t1, y0, f0, coef, scratch)
         dt = _dt_column(t0, t1)
         ks, yi = self._stages(term, t0, t1 - t0, dt, y0, f0, coef, tab.num_stages)
         if tab.fsal:
@@ -278,6 +289,58 @@ class AbstractERK(AbstractSolver):
         y_error = None
         if coef["b_error"] is not None:
             y_error = _lincomb(None, dt, ks, coef["b_error"], coef["b_error_f"])
+        return y1, y_error, (t0, t1, y0, y1, f0, f1, ks), f1, None
+
+    def _step_buffered(self, term, t0, t1, y0, f0, coef, scratch):
+        """:meth:`step` with one step size, without autograd, on a small flat state (the checks
+        are in :meth:`step`). The stages are copied into one ``(s, N)`` buffer as they are made,
+        kept by the term for the whole solve (``term.scratch``; nothing of it outlives a step:
+        the step returns the stages themselves), and the combination of stage ``i`` is one
+        matrix-vector product with the first ``i`` rows of that buffer: a copy per stage instead
+        of stacking all earlier stages again, and the same products as :func:`_lincomb`'s (the
+        same ``(N, i)`` matrix layout, the same sums in the same order), so the same values."""
+        tab = self.tableau
+        n = y0.shape[0]
+        key = (tab, n)
+        buf = scratch.get(key)
+        if buf is None:
+            K = y0.new_zeros(tab.num_stages, n)
+            # the rows (copy targets) and, per stage, the transposed block of the rows before it
+            buf = scratch[key] = (K.unbind(0), [K[:i].t() for i in range(tab.num_stages)], K.t())
+        rows, blocks, KT = buf
+        h = t1 - t0
+        rows[0].copy_(f0)
+        ks = [f0]
+        a, c, mv, add = coef["a"], coef["c"], torch.mv, torch.add
+        yi = y0
+        direct = getattr(term, "direct", None)
+        if direct is None:
+            vf = term.vf
+            for i in range(1, len(rows)):
+                yi = add(y0, mv(blocks[i], a[i]), alpha=h)
+                k = vf(t0 + c[i] * h, yi)
+                rows[i].copy_(k)
+                ks.append(k)
+        else:  # the user's function called directly (what term.vf does; see _FlatTerm.direct)
+            f, shape, state_shape, args, table, tnew = direct
+            for i in range(1, len(rows)):
+                yi = add(y0, mv(blocks[i], a[i]), alpha=h)
+                ti = t0 + c[i] * h
+                tt = table.get(ti)
+                if tt is None or tt._version or tt.requires_grad:
+                    tt = tnew(ti)
+                k = f(tt, yi.view(shape), args).reshape(state_shape)
+                rows[i].copy_(k)
+                ks.append(k)
+            term.nfe += len(rows) - 1
+        if tab.fsal:
+            y1, f1 = yi, ks[-1]
+        else:
+            y1 = add(y0, mv(KT, coef["b"]), alpha=h)
+            f1 = term.vf(t1, y1) if getattr(term, "batched", True) else LazyDerivative(term, t1, y1)
+        y_error = None
+        if coef["b_error"] is not None:
+            y_error = mv(KT, coef["b_error"]) * h
         return y1, y_error, (t0, t1, y0, y1, f0, f1, ks), f1, None
 
     def increment(self, term, t0, t1, y0, f0, error: bool = False):
