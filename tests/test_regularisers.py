@@ -378,3 +378,21 @@ def test_global_regulariser_per_sample_and_adjoints():
     with pytest.raises(ValueError, match="t1"):
         R.solve_with_global_regulariser(term, tn.Dopri5(), 0.0, 1.0, y0[0], args=(W, b), controller=ctrl,
                                         saveat=tn.SaveAt(ts=[0.5]))  # fmt: skip
+
+
+def test_backwards_in_time():
+    term = tn.ODETerm(_mlp_field)
+    W, b = _params()
+    y0 = torch.tensor([0.3, -0.5, 0.8], dtype=f64)
+    ctrl = tn.PIDController(rtol=1e-6, atol=1e-8)
+    sol = tn.solve(term, tn.Dopri5(), 1.0, -1.0, y0, args=(W, b), controller=ctrl, saveat=tn.SaveAt(dense=True))
+    est = R.sample_local_regulariser(sol, term, tn.Dopri5(), args=(W, b), num_times=2, seed=0)
+    assert ((est.t > -1) & (est.t < 1)).all() and (est.h < 0).all() and est.error > 0
+    split, est = R.solve_with_local_regulariser(term, tn.Dopri5(), 1.0, -1.0, y0, args=(W, b), controller=ctrl, seed=0)
+    assert est.h < 0 and est.error > 0
+    torch.testing.assert_close(split.ys[-1], sol.evaluate(-1.0), rtol=1e-5, atol=1e-6)
+    glob, est = R.solve_with_global_regulariser(term, tn.Dopri5(), 1.0, -1.0, y0, args=(W, b), controller=ctrl,
+                                                stiffness=True, saveat=tn.SaveAt(steps=True))  # fmt: skip
+    plain = tn.solve(term, tn.Dopri5(), 1.0, -1.0, y0, args=(W, b), controller=ctrl, saveat=tn.SaveAt(steps=True))
+    torch.testing.assert_close(glob.ts, plain.ts)
+    assert est.error > 0 and est.stiffness > 0

@@ -250,7 +250,10 @@ def _first_step(terms, solver, t0, t1, y0, controller, args, per_sample):
     a = _as_time(t0, "t0", per_sample, flat.batch_size, real, flat.device)
     b = _as_time(t1, "t1", per_sample, flat.batch_size, real, flat.device)
     span = b - a
-    direction = 1.0 if (float(span) if not per_sample else (flat.batch_size == 0 or bool(span[0] > 0))) else -1.0
+    if per_sample:
+        direction = 1.0 if flat.batch_size == 0 or bool(span[0] > 0) else -1.0
+    else:
+        direction = 1.0 if span > 0 else -1.0
     dt = starting_step(terms, solver, a, y0, direction, rtol=controller.rtol, atol=controller.atol, args=args,
                        per_sample=per_sample, span=span)  # fmt: skip
     mag = dt.abs() if per_sample else abs(dt)
