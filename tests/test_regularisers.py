@@ -183,7 +183,7 @@ def test_augmented_integrals_match_closed_forms():
     sol = tn.solve(reg.term, tn.Dopri5(), 0.0, 1.0, reg.init(y0), controller=tn.PIDController(rtol=1e-8, atol=1e-10))
     y, r = reg.split(sol.ys)
     ts = torch.linspace(0.0, 1.0, 4001, dtype=f64)
-    Y = torch.stack([torch.linalg.matrix_exp(A * t) @ y0 for t in ts])
+    Y = torch.linalg.matrix_exp(A * ts[:, None, None]) @ y0
     torch.testing.assert_close(y[-1], Y[-1], rtol=1e-6, atol=1e-8)
     kin = torch.trapezoid(((Y @ A.T) ** 2).sum(-1), ts)
     tay = torch.trapezoid(((Y @ (A @ A).T) ** 2).sum(-1), ts)
@@ -227,7 +227,7 @@ def test_augmented_gradients_backsolve_agrees_with_direct():
         reg = R.RegularisedTerm(tn.ODETerm(_mlp_field), kinetic=True, jacobian_frobenius=True, taylor2=True,
                                 probe=probe)  # fmt: skip
         sol = tn.solve(reg.term, tn.Dopri5(), 0.0, 0.3, reg.init(y0), args=(Wg, b), adjoint=adjoint,
-                       controller=tn.PIDController(rtol=1e-7, atol=1e-9))  # fmt: skip
+                       controller=tn.PIDController(rtol=1e-6, atol=1e-8))  # fmt: skip
         y, r = reg.split(sol.ys)
         loss = y.sum() + r["kinetic"].sum() + r["jacobian_frobenius"].sum() + r["taylor2"].sum()
         grads.append(torch.autograd.grad(loss, Wg)[0])
@@ -242,7 +242,7 @@ def test_augmented_per_sample_solve():
     _, r = reg.split(sol.ys)
     for i, t1 in enumerate((1.0, 0.5)):
         ts = torch.linspace(0.0, t1, 2001, dtype=f64)
-        Y = torch.stack([torch.linalg.matrix_exp(A * t) @ y0[i] for t in ts])
+        Y = torch.linalg.matrix_exp(A * ts[:, None, None]) @ y0[i]
         kin = torch.trapezoid(((Y @ A.T) ** 2).sum(-1), ts)
         torch.testing.assert_close(r["kinetic"][i, -1], kin, rtol=1e-6, atol=0)
 
