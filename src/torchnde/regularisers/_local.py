@@ -250,15 +250,16 @@ def _stiffness(solver, pair, dense_info, y0, tau0, tau1) -> torch.Tensor:
     dt = tau1 - tau0
     dt = dt if isinstance(dt, float) else dt.to(y0.dtype).unsqueeze(-1)
 
-    def stage_state(m):
-        inc = None
-        for coef, k in zip(a[m], ks):
-            if coef != 0:
-                term = k * float(coef)
-                inc = term if inc is None else inc + term
-        return y0 if inc is None else y0 + dt * inc
-
-    dy = stage_state(j) - stage_state(i)
+    # Y_j - Y_i = dt sum_m (a_jm - a_im) k_m, formed directly (no cancellation of y0)
+    row_i = list(a[i]) + [0] * (len(a[j]) - len(a[i]))
+    inc = None
+    for coef_j, coef_i, k in zip(a[j], row_i, ks):
+        c = float(coef_j) - float(coef_i)
+        if c != 0.0:
+            inc = k * c if inc is None else inc + k * c
+    if inc is None:  # pragma: no cover - two stages at the same time differ in their rows
+        raise RuntimeError("the two stages share their state; cannot estimate stiffness")
+    dy = dt * inc
     dk = ks[j] - ks[i]
     num = torch.linalg.vector_norm(dk, dim=-1)
     den = torch.linalg.vector_norm(dy, dim=-1)
