@@ -78,6 +78,12 @@ SCHEMA: dict[str, Field] = {
     "model.beta_min": Field(0.1, float, "vp: beta(0) of the VP-SDE", nonnegative=True),
     "model.beta_max": Field(20.0, float, "vp: beta(1) of the VP-SDE", positive=True),
     "model.t0": Field(1e-3, float, "vp: smallest diffusion time (training and sampling)", positive=True),
+    "model.time_sampling": Field(
+        "uniform",
+        str,
+        "vp: training times, 'uniform' in t or 'logsnr' (uniform in log-SNR: more weight on low noise)",
+        choices=("uniform", "logsnr"),
+    ),
     "model.coupling": Field(
         "independent", str, "flow_matching: 'independent' (CFM) or 'ot' (OT-CFM)", choices=("independent", "ot")
     ),

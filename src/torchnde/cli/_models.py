@@ -169,7 +169,12 @@ def _process(cfg):
 def _vp_batch(cfg, step):
     g = _cpu_generator(cfg["seed"], _NOISE, step)
     b, t0 = cfg["train.batch_size"], cfg["model.t0"]
-    t = t0 + (1.0 - t0) * torch.rand(b, generator=g, dtype=torch.float64)
+    if cfg.get("model.time_sampling", "uniform") == "logsnr":  # one uniform draw per sample, as below
+        from ..generative.objectives import training_times
+
+        t = training_times(_process(cfg), b, time_sampling="logsnr", generator=g)
+    else:
+        t = t0 + (1.0 - t0) * torch.rand(b, generator=g, dtype=torch.float64)
     eps = torch.randn(b, DIM, generator=g, dtype=torch.float64)
     return {"x0": training_data(cfg, step), "t": t, "eps": eps}
 

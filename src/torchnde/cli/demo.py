@@ -334,6 +334,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1,
         help="torch CPU threads during the demo (default: 1; the tensors are tiny, more threads only add overhead)",
     )
+    parser.add_argument(
+        "--workers",
+        metavar="W",
+        type=_positive_int,
+        default=None,
+        help="generative demo: cores used at once (default: 2, 1 with --quick): the two models train in two "
+        "processes and the exact W2 runs in W threads while sampling goes on; 1: all in one thread",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -349,6 +357,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_generative(args: argparse.Namespace) -> int:
     kw = {"data": args.data, "seed": args.seed, "threads": args.threads}
+    if args.workers is not None:
+        kw["workers"] = args.workers
     if args.iters is not None:
         kw.update(vp_steps=args.iters, fm_steps=args.iters)
     cfg = GenerativeDemoConfig.quick(**kw) if args.quick else GenerativeDemoConfig(**kw)
