@@ -27,6 +27,8 @@ regression :math:`b(t, x) = \mathbb E[\,h(t, x_t; x_1) \mid x_t = x]` of the bri
 * :class:`DSBM`: Diffusion Schrödinger Bridge Matching / Iterative Markovian Fitting (Shi et al.
   2023): forward and backward drift networks trained in turn by bridge matching on couplings
   refreshed by simulating the other network; converges to the Schrödinger bridge.
+* :class:`MultiMarginalBridge`: bridges through snapshots at several times, with a parametric
+  reference drift (e.g. :class:`LotkaVolterra`) refined from the data.
 
 Model convention: ``model(t, x)`` with ``x`` of shape ``(batch, ...)`` and ``t`` a ``(batch,)``
 tensor of ``x``'s dtype; it returns a drift shaped like ``x`` (the :class:`~torchnde.generative.
@@ -770,8 +772,8 @@ class MultiMarginalBridge:
     Population snapshots :math:`X_{t_k} \sim p_k` at times :math:`t_0 < \dots < t_K` (unpaired
     across times, as in single-cell or ecological data) are joined by a process close to a reference
     :math:`dX = f_\theta(t, X)\,dt + \sigma\,dW` whose drift :math:`f_\theta` is a parametric model
-    (e.g. :class:`LotkaVolterra`), refined from the data (after Shen et al. 2024, "Multi-marginal
-    Schrödinger bridges with iterative reference refinement"). Over each interval
+    (e.g. :class:`LotkaVolterra`), refined from the data (after the seed paper "Multi-marginal
+    Schrödinger bridges with iterative reference refinement", 2024). Over each interval
     :math:`\Delta_k = t_{k+1} - t_k` the reference is taken in its Euler–Maruyama form (the drift
     frozen at the interval's start), so that
 
