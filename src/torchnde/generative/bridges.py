@@ -409,11 +409,8 @@ def sample_bridge(
         ODETerm(drift, time_as_float=True),
         ControlTerm(diffusion, path, noise="diagonal", additive=True, time_as_float=True),
     )
-    saveat = solve_kwargs.pop("saveat", None)
-    if saveat is not None:
-        solve_kwargs["saveat"] = saveat
     sol = _solve.solve(terms, solver, 0.0, 1.0, x_start, controller=controller, **solve_kwargs)
-    if return_solution or saveat is not None:
+    if return_solution or solve_kwargs.get("saveat") is not None:
         return sol
     return sol.ys[:, -1] if solve_kwargs.get("per_sample") else sol.ys[-1]
 
