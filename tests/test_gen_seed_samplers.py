@@ -221,6 +221,26 @@ def test_time_shift_with_the_exact_score_changes_little(sampler, nfe):
     assert abs(gauss_error(shifted.x, p) - gauss_error(plain.x, p)) < 0.03
 
 
+@pytest.mark.parametrize(("sampler", "nfe", "window"), [("pf_euler", 100, 0.1), ("euler_maruyama", 50, 0.02)])
+def test_time_shift_corrects_a_biased_noise_level(sampler, nfe, window):
+    """A model whose noise prediction is 3% too small (a crude stand-in for exposure bias: the
+    states drift off their nominal noise level); the shift reads the level off the states."""
+    p, n = VP(), 4000
+    xT = GAUSS.marginal_sample(p, p.t1, n, generator=torch.Generator().manual_seed(1))
+    exact = GAUSS.model(p, "eps")
+
+    def model(t, x):
+        return 0.97 * exact(t, x)
+
+    kw = dict(nfe=nfe, sampler=sampler, parameterisation="eps", x_init=xT, seed=2)
+    plain = gauss_error(sample(model, p, (n, 2), **kw).x, p)
+    shifted = gauss_error(
+        sample(model, p, (n, 2), time_shift=TimeShift(0.1, data_var=0.75, estimate="batch"), **kw).x, p
+    )
+    # measured: pf_euler 0.409 -> 0.209; euler_maruyama 0.126 -> 0.119 (window 0.1) / 0.040 (window 0.02)
+    assert shifted < plain
+
+
 def test_time_shift_errors():
     p, model = VP(), GAUSS.model(VP(), "eps")
     with pytest.raises(ValueError, match="fixed-grid"):
