@@ -106,6 +106,7 @@ class DiscreteVP(DiffusionProcess):
         self._table = torch.cat([torch.zeros(1, dtype=torch.float64), log_ab])  # log abar at k / N, k = 0..N
         self._list = self._table.tolist()
         self._neg = [-v for v in self._list]  # increasing, for bisect
+        self._tables: dict = {}  # the table per (dtype, device), made once
         t0 = 1.0 / n if t0 is None else float(t0)
         if not 0.0 <= t0 < float(t1) <= 1.0:
             raise ValueError(f"need 0 <= t0 < t1 <= 1, got t0={t0}, t1={t1}")
@@ -139,8 +140,15 @@ class DiscreteVP(DiffusionProcess):
         lo, hi = self._list[k], self._list[k + 1]
         return lo + f * (hi - lo)
 
+    def _tab(self, t: torch.Tensor) -> torch.Tensor:
+        key = (t.dtype, t.device)
+        tab = self._tables.get(key)
+        if tab is None:
+            tab = self._tables[key] = self._table.to(dtype=t.dtype, device=t.device)
+        return tab
+
     def _segment(self, t: torch.Tensor):
-        tab = self._table.to(dtype=t.dtype, device=t.device)
+        tab = self._tab(t)
         u = t * self.num_timesteps
         k = u.floor().clamp(0, self.num_timesteps - 1)
         ki = k.long()
@@ -152,7 +160,7 @@ class DiscreteVP(DiffusionProcess):
         return torch.exp(0.5 * la), torch.sqrt(-torch.expm1(la))
 
     def _rate(self, t):
-        tab = self._table.to(dtype=t.dtype, device=t.device)
+        tab = self._tab(t)
         k = (torch.ceil(t * self.num_timesteps) - 1).clamp(0, self.num_timesteps - 1).long()
         return -self.num_timesteps * (tab[k + 1] - tab[k])
 
