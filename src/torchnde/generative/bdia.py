@@ -37,10 +37,10 @@ each step) is only first-order accurate. The increments are
     xT = bdia_invert(model, VP(), out.x, out.x_prev, out.times, parameterisation="eps").x
 
 Like every sampler here it is a solver for :func:`torchnde.solve` (:class:`BDIASolver`; the
-second state is the solver's state), stepping a fixed grid. Zhang et al. report that
-:math:`\gamma = 1` gives exact inversion for image editing and that smaller :math:`\gamma` can
-sample better; with :math:`\gamma < 1` the inversion divides by :math:`\gamma` at every step, so its
-round-off grows like :math:`\gamma^{-N}`.
+second state is the solver's state), stepping a fixed grid. :math:`\gamma = 1` (the default) is
+the time-symmetric leapfrog, whose inverse is the same recursion run up the grid; with
+:math:`\gamma < 1` the inversion divides by :math:`\gamma` at every step (the recursion's second
+root is :math:`-1/\gamma`), so its round-off grows like :math:`\gamma^{-N}`.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ are exact; only the prediction is expanded (Lu et al. 2022b's SDE-DPM-Solver++ a
 al. 2023's SEEDS have the same first-order updates). Order 1 is the MRS analogue of DDIM (ODE) and
 of DDPM's ancestral step (SDE); order 2 estimates the derivative from the previous step's
 prediction (multistep, one evaluation per step, :math:`D = (p_s - p_{prev}) /
-(\lambda_s - \lambda_{prev})`), as MRS's second-order solvers. The first step is of order 1, and on
+(\lambda_s - \lambda_{prev})`, the multistep form of Lu et al. 2022b). The first step is of order 1, and on
 grids shorter than :data:`~torchnde.generative.fast_samplers.LOWER_ORDER_FINAL_STEPS` the last
 one too (``lower_order_final``).
 

@@ -22,8 +22,8 @@ low-dimensional data). Candidates are ``candidates`` times evenly spaced in the 
 Here the shift is an option of every fixed-grid sampler of
 :func:`~torchnde.generative.samplers.sample` (``time_shift=True`` or ``time_shift=TimeShift(...)``):
 the model is wrapped so that it is called at :math:`t_s`, and its prediction is used as the
-prediction at the grid time :math:`t`; the sampler's own coefficients stay those of the grid (in
-Li et al.'s TS-DDIM the step's coefficients also move to :math:`t_s`; keeping the sampler's lets the
+prediction at the grid time :math:`t`; the sampler's own coefficients stay those of the grid (Li
+et al. build the shift into their DDIM and PNDM steps; keeping the sampler's coefficients lets the
 option work with every sampler, deterministic or stochastic, single- or multistep). No extra model
 evaluations; the estimate is a few reductions per evaluation, without a host synchronisation.
 
