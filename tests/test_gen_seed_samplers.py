@@ -78,6 +78,16 @@ def test_mrs_sde_converges_on_gaussian_data(sampler, nfe):
     assert err < MC_TOL
 
 
+@pytest.mark.parametrize("sampler", ["mrs_ode_2", "mrs_sde_2", "mrs_ode_eps_2"])
+def test_mrs_with_every_parameterisation(sampler):
+    p, n = _mr(), 64
+    xT = MIX.marginal_sample(p, p.t1, n, generator=torch.Generator().manual_seed(0))
+    ref = sample(MIX.model(p, "eps"), p, (n, 2), nfe=8, sampler=sampler, parameterisation="eps", x_init=xT, seed=1).x
+    for kind in ("x0", "v", "score", "velocity"):
+        x = sample(MIX.model(p, kind), p, (n, 2), nfe=8, sampler=sampler, parameterisation=kind, x_init=xT, seed=1).x
+        torch.testing.assert_close(x, ref, rtol=1e-9, atol=1e-9)
+
+
 def test_mrs_presets_and_errors():
     assert set(MRS_SAMPLERS).isdisjoint(ALL_SAMPLERS)  # ALL_SAMPLERS: those of every process
     assert mrs_steps("mrs_ode_2", 7) == 7
