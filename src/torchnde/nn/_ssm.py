@@ -63,13 +63,22 @@ def discretise_diagonal(A: torch.Tensor, dt: torch.Tensor, method: str = "zoh") 
         ZOH :math:`(e^{\Delta A}, \mathrm{expm1}(\Delta A)/A)`; bilinear
         :math:`((1+\Delta A/2)/(1-\Delta A/2), \Delta/(1-\Delta A/2))`.
     """
-    dtA = dt * A
     if method == "zoh":
-        em1 = torch.expm1(dtA)
-        return em1 + 1.0, em1 / A
+        # e^{x+iy} - 1 = expm1(x) cos y - 2 sin^2(y/2) + i e^x sin y, from real functions: as
+        # accurate as a complex expm1 near 0, and on CPU about 2x faster (3x against complex
+        # exp), backward included; multiplying by 1/A (small) avoids a large complex division
+        x, y = dt * A.real, dt * A.imag
+        em1 = torch.expm1(x)
+        half = torch.sin(y * 0.5)
+        sin_y = torch.sin(y)
+        re = em1 * torch.cos(y) - 2 * half * half
+        im = (em1 + 1) * sin_y
+        z = torch.complex(re, im)
+        return torch.complex(re + 1, im), z * torch.reciprocal(A)
     if method == "bilinear":
-        den = 1.0 - dtA / 2
-        return (1.0 + dtA / 2) / den, dt / den
+        dtA = dt * A
+        inv = torch.reciprocal(1.0 - dtA / 2)
+        return (1.0 + dtA / 2) * inv, dt * inv
     raise ValueError(f"discretisation must be one of {_METHODS}, got {method!r}")
 
 
@@ -130,13 +139,15 @@ def diagonal_scan(
     C = _chunk_size(L)
     K = L // C
     full = K * C
-    af = a[:full].reshape(K, C, *rest)
-    bf = b[:full].reshape(K, C, *rest)
-    xs, ps = [bf[:, 0]], [af[:, 0]]
+    # unbind, not repeated indexing: one backward node for all slices (indexing would make
+    # every slice's backward fill a zero tensor the size of the whole input)
+    af = a[:full].reshape(K, C, *rest).unbind(1)
+    bf = b[:full].reshape(K, C, *rest).unbind(1)
+    xs, ps = [bf[0]], [af[0]]
     for i in range(1, C):  # inside every chunk at once, from a zero start
-        xs.append(torch.addcmul(bf[:, i], af[:, i], xs[-1]))
-        ps.append(ps[-1] * af[:, i])
-    x_end, p_end = xs[-1], ps[-1]  # (K, *rest)
+        xs.append(torch.addcmul(bf[i], af[i], xs[-1]))
+        ps.append(ps[-1] * af[i])
+    x_end, p_end = xs[-1].unbind(0), ps[-1].unbind(0)  # K slices of shape rest
     carry = torch.zeros_like(x_end[0]) if x0 is None else torch.broadcast_to(x0, x_end[0].shape)
     carries = [carry]
     for k in range(K):  # the state entering each chunk (and, last, leaving the final one)
@@ -146,8 +157,8 @@ def diagonal_scan(
     if full == L:
         return x
     tail, last = [], carries[-1]
-    for i in range(full, L):  # fewer than C leftover steps
-        last = torch.addcmul(b[i], a[i], last)
+    for a_i, b_i in zip(a[full:].unbind(0), b[full:].unbind(0)):  # fewer than C leftover steps
+        last = torch.addcmul(b_i, a_i, last)
         tail.append(last)
     return torch.cat([x, torch.stack(tail)])
 
