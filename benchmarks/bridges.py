@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import tempfile
 import time
 import warnings
@@ -165,6 +166,7 @@ def main():
     rounds = 4 if args.quick else 8
     checkpoints = [steps // 8, steps // 4, steps // 2, steps]
     start = time.perf_counter()
+    load_start = os.getloadavg()[0]
     results = {}
     for d in dims:
         evaluate = Evaluator(d)
@@ -177,6 +179,7 @@ def main():
         results[d] = res
         print(f"d={d} done at {time.perf_counter() - start:.0f}s", flush=True)
     wall = time.perf_counter() - start
+    load_end = os.getloadavg()[0]
     lines = [
         "# Schrödinger bridges between Gaussians: cross-covariance error against training steps",
         "",
@@ -185,7 +188,7 @@ def main():
         "## Machine",
         "",
         *[f"- {k}: {v}" for k, v in machine_info().items()],
-        f"- run: {wall:.0f} s wall",
+        f"- run: {wall:.0f} s wall; load average {load_start:.2f} at start, {load_end:.2f} at end (2 cores)",
         "",
         "## Problem",
         "",
@@ -230,6 +233,17 @@ def main():
             f"(minibatch couplings: Sinkhorn {res['coupling']['sinkhorn']:.3f}, exact OT "
             f"{res['coupling']['ot']:.3f}, target {GOLDEN:.3f})."
         )
+    summary += [
+        "",
+        "Reading the numbers: the learned SDE's coupling is not its training pairs' coupling. Bridge",
+        "matching is a Markovian projection: it keeps the pairs' marginals and contracts their coupling",
+        "towards the Schrödinger bridge's (for these Gaussians one exact projection maps a",
+        "cross-covariance of 1.0 to 0.650 and 0.869 to 0.640, against 0.618). So exact OT's bias, large",
+        "in its pairs, shrinks to about 0.02 in the learned SDE at d = 5, and DSBM's repeated",
+        "projections converge to the bridge. In 20 and 50 dimensions a batch of 256 is far too small",
+        "for either minibatch coupling to be near its population plan (the coupling rows), and both",
+        "SB-CFM variants end near the bridge for the same reason.",
+    ]
     lines[lines.index("## Minibatch couplings (batch 256, no training)") : 0] = [*summary, ""]
     (out / "bridges.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out / 'bridges.md'} in {wall:.0f}s")
