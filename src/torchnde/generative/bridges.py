@@ -905,7 +905,8 @@ class MultiMarginalBridge:
         def draw(n, generator):
             picked = []
             for k in range(len(xs)):
-                idx = torch.randint(0, xs[k].shape[0], (max(1, n // len(xs)),), generator=generator)
+                size = (max(1, n // len(xs)),)
+                idx = torch.randint(0, xs[k].shape[0], size, generator=generator, device=generator.device)
                 picked.append((xs[k][idx.to(xs[k].device)], ys[k][idx.to(ys[k].device)]))
             return picked
 
