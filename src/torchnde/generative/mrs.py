@@ -50,9 +50,10 @@ In :func:`~torchnde.generative.samplers.sample` the presets are :data:`MRS_SAMPL
                  parameterisation="eps")
 
 (``mrs_{ode,sde}_{1,2}`` predict the data, ``mrs_{ode,sde}_eps_{1,2}`` the noise; the grid is
-uniform in log-SNR). MRS's paper recommends data prediction at small budgets (noise prediction is
-unstable there: its coefficients grow like :math:`e^h`), and the measurements of
-``benchmarks/mrs.md`` agree.
+uniform in log-SNR). MRS's paper recommends data prediction for its numerical stability (the
+noise-prediction coefficients grow like :math:`e^h`, the SDE's like :math:`e^{2h}`); in
+``benchmarks/mrs.md`` (exact score) the second-order noise-prediction SDE diverges at 5 NFE, while
+the two ODE forms are close to each other at every budget.
 """
 
 from __future__ import annotations
