@@ -396,3 +396,23 @@ def test_backwards_in_time():
     plain = tn.solve(term, tn.Dopri5(), 1.0, -1.0, y0, args=(W, b), controller=ctrl, saveat=tn.SaveAt(steps=True))
     torch.testing.assert_close(glob.ts, plain.ts)
     assert est.error > 0 and est.stiffness > 0
+
+
+def test_global_regulariser_recorded_path_skips_rejected_steps():
+    """DirectAdjoint in one-step-size mode records the steps of the plain solve (no augmented
+    state) and sums the accepted ones; it agrees with the augmented-state path that
+    CheckpointAdjoint uses, in value and gradient, on a solve with rejected steps."""
+    term = tn.ODETerm(_mlp_field)
+    W, b = _params()
+    y0 = torch.tensor([0.3, -0.5, 0.8], dtype=f64)
+    ctrl = tn.PIDController(rtol=1e-6, atol=1e-8)
+    out = []
+    for adjoint in (tn.DirectAdjoint(), tn.CheckpointAdjoint()):
+        Wg = W.clone().requires_grad_()
+        sol, est = R.solve_with_global_regulariser(term, tn.Dopri5(), 0.0, 2.0, y0, args=(Wg, b), controller=ctrl,
+                                                   dt0=1.0, stiffness=True, rtol=1e-6, atol=1e-8,
+                                                   adjoint=adjoint)  # fmt: skip
+        assert sol.stats["num_rejected"] > 0
+        out.append((est.error, est.stiffness, *torch.autograd.grad(est.error + est.stiffness, Wg)))
+    for a, c in zip(*out):
+        torch.testing.assert_close(a, c)
