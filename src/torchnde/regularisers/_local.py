@@ -519,7 +519,19 @@ def solve_with_local_regulariser(
         direction = 1.0 if b > a else -1.0
     first = solve(terms, solver, t0, tr, y0, saveat=SaveAt(t1=True), **solve_kwargs)
     yr = tree_map((lambda x: x[:, -1]) if per_sample else (lambda x: x[-1]), first.ys)
-    second = solve(terms, solver, tr, t1, yr, saveat=SaveAt(t1=True), **solve_kwargs)
+    # the second solve starts with the first's mean accepted step, not the starting-step heuristic:
+    # that heuristic's small first step and the controller's ramp up from it cost the restart
+    # several steps (digits benchmark: 64 -> 57 evaluations for the two pieces; the plain solve 44)
+    second_kwargs = solve_kwargs
+    if isinstance(controller, PIDController):
+        n1 = first.stats["num_accepted"]
+        if per_sample:
+            n1 = torch.as_tensor(n1, device=tr.device).clamp(min=1).to(tr.dtype)
+            dt0 = (tr - a).abs() / n1 * direction
+        else:
+            dt0 = abs(float(tr) - float(a)) / max(int(n1), 1) * direction
+        second_kwargs = {**solve_kwargs, "dt0": dt0}
+    second = solve(terms, solver, tr, t1, yr, saveat=SaveAt(t1=True), **second_kwargs)
     if h is None or (isinstance(h, str) and h == "mean"):
         # the mean accepted step of the whole solve (the two pieces' steps together)
         n = first.stats["num_accepted"] + second.stats["num_accepted"]
