@@ -156,6 +156,12 @@ def test_generative_demo_quick(tmp_path, capsys):
         if not r["adaptive"]:  # the budget is respected
             assert r["nfe"] <= r["budget"]
     assert set(res["nll"]) == {"vp", "flow_matching"}
+    # the new metrics: precision/recall per run and for the data, the data's own NLL, the bridge
+    assert all(0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1 for r in res["rows"])
+    assert res["precision_recall_floor"][0] > 0.8 and res["nll_data"]["nats"] > 0
+    assert all(abs(v["gap"] - (v["nats"] - res["nll_data"]["nats"])) < 1e-9 for v in res["nll"].values())
+    assert "| precision | recall |" in report and "data (exact density)" in report and "`edm_heun` is" in report
+    assert "## Bridge" in report and res["bridge"]["source"] == "8gaussians" and res["bridge"]["w2"] > 0
     assert all(v["nats"] == v["nats"] and v["stderr"] > 0 for v in res["nll"].values())
     for mt in ("vp", "flow_matching"):  # `torchnde sample/evaluate OUT/vp` work afterwards
         assert (tmp_path / mt / "checkpoint.pt").exists()
@@ -190,14 +196,17 @@ def test_generative_demo_is_deterministic_and_learns():
 
 
 def test_generative_demo_trains_in_two_processes_alike():
-    """``workers=2`` trains the flow in a second Python process while the VP model trains in this
-    one: the same weights as training one after the other (one thread each, seeded alike)."""
+    """``workers=2`` trains the flow and the bridge in a second Python process while the VP model
+    trains in this one: the same weights as training one after the other (one thread each, seeded
+    alike)."""
     from torchnde.cli.demo_generative import _train_both
 
     quiet = lambda *_: None  # noqa: E731
-    a = _train_both(GenerativeDemoConfig.quick(vp_steps=3, fm_steps=3), None, False, quiet, {})
-    b = _train_both(GenerativeDemoConfig.quick(vp_steps=3, fm_steps=3, workers=2), None, False, quiet, {})
-    for mt in ("vp", "flow_matching"):
+    kw = dict(vp_steps=3, fm_steps=3, bridge_steps=3, bridge_pairs=64)
+    a = _train_both(GenerativeDemoConfig.quick(**kw), None, False, quiet, {})
+    b = _train_both(GenerativeDemoConfig.quick(workers=2, **kw), None, False, quiet, {})
+    assert set(a) == set(b) == {"vp", "flow_matching", "bridge"}
+    for mt in a:
         sa, sb = a[mt][1].state_dict(), b[mt][1].state_dict()
         assert all(torch.equal(sa[k], sb[k]) for k in sa), mt
         assert not any(p.requires_grad for p in b[mt][1].parameters())

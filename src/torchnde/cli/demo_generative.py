@@ -73,6 +73,7 @@ DEFAULT_VP_SAMPLERS = (
 #: the flow-matching samplers (those of ``torchnde sample`` for a flow-matching model)
 FM_SAMPLERS = ("euler", "heun", "adaptive")
 _ADAPTIVE = ("pf_adaptive", "sde_adaptive", "adaptive")
+_TIME_SAMPLING = {"uniform": "uniform in t", "logsnr": "uniform in log-SNR, which weights low noise more"}
 #: data sets whose exact log-density is known (:func:`torchnde.generative.metrics.toy_log_prob`)
 _EXACT_DENSITY = ("moons", "8gaussians")
 
@@ -515,7 +516,7 @@ def _run(cfg: GenerativeDemoConfig, out: Path | None, tqdm, log, began: float) -
     models = ("vp", "flow_matching")
     rows: list[Row] = []
     samples, densities, nll, trained = {}, {}, {}, {}
-    bridge, bridge_paths = None, None
+    bridge, bridge_paths, bridge_fut = None, None, None
     with torch.random.fork_rng(devices=[]):
         # 1. training
         fitted = _train_both(cfg, out, tqdm is not None, log, trained)
@@ -538,99 +539,106 @@ def _run(cfg: GenerativeDemoConfig, out: Path | None, tqdm, log, began: float) -
         )
         bar = tqdm(total=len(plan), desc="sample", unit="run", dynamic_ncols=True, file=sys.stderr) if tqdm else None
         # the exact W2 (an assignment problem, ~1 s each; scipy releases the GIL) runs in worker
-        # threads while the next run samples: the demo then keeps cfg.workers cores busy
+        # threads while the next runs sample and the likelihoods are computed: the demo then keeps
+        # cfg.workers cores busy
         pool = ThreadPoolExecutor(max_workers=cfg.workers) if cfg.workers > 1 else None
         pending = []
         try:
-            for mt, s, b in plan:
-                tcfg, model = fitted[mt]
-                t = time.perf_counter()
-                x, used = _sample_one(mt, model, tcfg, s, b, cfg.n_samples, seed)
-                secs = time.perf_counter() - t
-                x = x.detach().to(torch.float64).cpu()
-                finite = bool(torch.isfinite(x).all())
-                p, r = metrics.precision_recall(x, data, radius=cfg.radius) if finite else (0.0, 0.0)
-                row = Row(mt, s, float(b), s in _ADAPTIVE, used, float("inf"), secs, p, r)
-                rows.append(row)
-                samples[(mt, s, b)] = x
-                if finite and pool is not None:
-                    pending.append((row, pool.submit(metrics.wasserstein2, x, data)))
-                elif finite:
-                    row.w2 = metrics.wasserstein2(x, data)
+            try:
+                for mt, s, b in plan:
+                    tcfg, model = fitted[mt]
+                    t = time.perf_counter()
+                    x, used = _sample_one(mt, model, tcfg, s, b, cfg.n_samples, seed)
+                    secs = time.perf_counter() - t
+                    x = x.detach().to(torch.float64).cpu()
+                    finite = bool(torch.isfinite(x).all())
+                    p, r = metrics.precision_recall(x, data, radius=cfg.radius) if finite else (0.0, 0.0)
+                    row = Row(mt, s, float(b), s in _ADAPTIVE, used, float("inf"), secs, p, r)
+                    rows.append(row)
+                    samples[(mt, s, b)] = x
+                    if finite and pool is not None:
+                        pending.append((row, pool.submit(metrics.wasserstein2, x, data)))
+                    elif finite:
+                        row.w2 = metrics.wasserstein2(x, data)
+                    if bar is not None:
+                        bar.set_postfix_str(f"{s} {b:g}: precision {p:.3f}", refresh=False)
+                        bar.update(1)
+                if "bridge" in fitted:  # the bridge panel: its samples join the W2 queue
+                    t = time.perf_counter()
+                    paths = _sample_bridge(cfg, fitted["bridge"][1], seed)
+                    x = paths[-1]
+                    p, r = metrics.precision_recall(x, data, radius=cfg.radius)
+                    bridge = {
+                        "source": cfg.bridge_source,
+                        "sigma": cfg.bridge_sigma,
+                        "nfe": cfg.bridge_nfe,
+                        "precision": p,
+                        "recall": r,
+                        "seconds": time.perf_counter() - t,
+                        **{f"train_{k}": v for k, v in trained["bridge"].items()},
+                    }
+                    if pool is not None:
+                        bridge_fut = pool.submit(metrics.wasserstein2, x, data)
+                    else:
+                        bridge["w2"] = metrics.wasserstein2(x, data)
+                    bridge_paths = paths
+            finally:
                 if bar is not None:
-                    bar.set_postfix_str(f"{s} {b:g}: precision {p:.3f}", refresh=False)
-                    bar.update(1)
-            if "bridge" in fitted:  # the bridge panel: its samples join the W2 queue
-                t = time.perf_counter()
-                paths = _sample_bridge(cfg, fitted["bridge"][1], seed)
-                x = paths[-1]
-                p, r = metrics.precision_recall(x, data, radius=cfg.radius)
-                bridge = {
-                    "source": cfg.bridge_source,
-                    "sigma": cfg.bridge_sigma,
-                    "nfe": cfg.bridge_nfe,
-                    "precision": p,
-                    "recall": r,
-                    "seconds": time.perf_counter() - t,
-                    **{f"train_{k}": v for k, v in trained["bridge"].items()},
-                }
-                bridge_fut = pool.submit(metrics.wasserstein2, x, data) if pool is not None else None
-                bridge["w2"] = bridge_fut.result() if pool is not None else metrics.wasserstein2(x, data)
-                bridge_paths = paths
-            for row, fut in pending:
+                    bar.close()
+            # 4. likelihoods
+            xs = eval_data(tcfg0, cfg.nll_n, 2)
+            nll_std = -float(standard_normal_log_prob(xs).mean())
+            lp_data = metrics.toy_log_prob(cfg.data, xs) if cfg.data in _EXACT_DENSITY and cfg.nll_n > 0 else None
+            nll_data = None
+            if lp_data is not None:
+                nll_data = {"nats": -float(lp_data.mean()), "stderr": _stderr(lp_data)}
+            extent = _extent(data)
+            steps = [("nll", mt) for mt in models] if cfg.nll_n > 0 else []
+            steps += [("density", mt) for mt in models] if cfg.density_grid > 0 else []
+            log(
+                f"likelihood: NLL of {cfg.nll_n} fresh points through each model's ODE (exact trace, per-sample "
+                f"adaptive steps, tol {cfg.nll_tol:g})"
+                + (f"; densities on a {cfg.density_grid}x{cfg.density_grid} grid" if cfg.density_grid > 0 else "")
+            )
+            bar = (
+                tqdm(total=len(steps), desc="likelihood", unit="solve", dynamic_ncols=True, file=sys.stderr)
+                if tqdm
+                else None
+            )
+            try:
+                for what, mt in steps:
+                    tcfg, model = fitted[mt]
+                    t = time.perf_counter()
+                    if what == "nll":
+                        p = next(model.parameters())
+                        lp = MODELS[mt].log_prob(
+                            model, tcfg, xs.to(dtype=p.dtype, device=p.device), rtol=cfg.nll_tol, atol=cfg.nll_tol
+                        )
+                        lp = lp.detach().to(torch.float64).cpu()
+                        nats = -float(lp.mean())
+                        nll[mt] = {
+                            "nats": nats,
+                            "stderr": _stderr(lp),
+                            "bits_per_dim": nats / (xs.shape[1] * math.log(2.0)),
+                            "seconds": time.perf_counter() - t,
+                        }
+                        if lp_data is not None:  # paired on the same points: an estimate of KL(data || model)
+                            nll[mt]["gap"] = float((lp_data - lp).mean())
+                            nll[mt]["gap_stderr"] = _stderr(lp_data - lp)
+                    else:
+                        densities[mt] = _density(mt, model, tcfg, extent, cfg.density_grid, cfg.density_tol)
+                    if bar is not None:
+                        bar.update(1)
+            finally:
+                if bar is not None:
+                    bar.close()
+            for row, fut in pending:  # the W2 queue
                 row.w2 = fut.result()
+            if bridge_fut is not None:
+                bridge["w2"] = bridge_fut.result()
         finally:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
-            if bar is not None:
-                bar.close()
-        # 4. likelihoods
-        xs = eval_data(tcfg0, cfg.nll_n, 2)
-        nll_std = -float(standard_normal_log_prob(xs).mean())
-        lp_data = metrics.toy_log_prob(cfg.data, xs) if cfg.data in _EXACT_DENSITY and cfg.nll_n > 0 else None
-        nll_data = None
-        if lp_data is not None:
-            nll_data = {"nats": -float(lp_data.mean()), "stderr": _stderr(lp_data)}
-        extent = _extent(data)
-        steps = [("nll", mt) for mt in models] if cfg.nll_n > 0 else []
-        steps += [("density", mt) for mt in models] if cfg.density_grid > 0 else []
-        log(
-            f"likelihood: NLL of {cfg.nll_n} fresh points through each model's ODE (exact trace, per-sample "
-            f"adaptive steps, tol {cfg.nll_tol:g})"
-            + (f"; densities on a {cfg.density_grid}x{cfg.density_grid} grid" if cfg.density_grid > 0 else "")
-        )
-        bar = (
-            tqdm(total=len(steps), desc="likelihood", unit="solve", dynamic_ncols=True, file=sys.stderr)
-            if tqdm
-            else None
-        )
-        try:
-            for what, mt in steps:
-                tcfg, model = fitted[mt]
-                t = time.perf_counter()
-                if what == "nll":
-                    p = next(model.parameters())
-                    lp = MODELS[mt].log_prob(
-                        model, tcfg, xs.to(dtype=p.dtype, device=p.device), rtol=cfg.nll_tol, atol=cfg.nll_tol
-                    )
-                    lp = lp.detach().to(torch.float64).cpu()
-                    nats = -float(lp.mean())
-                    nll[mt] = {
-                        "nats": nats,
-                        "stderr": _stderr(lp),
-                        "bits_per_dim": nats / (xs.shape[1] * math.log(2.0)),
-                        "seconds": time.perf_counter() - t,
-                    }
-                    if lp_data is not None:  # paired on the same points: an estimate of KL(data || model)
-                        nll[mt]["gap"] = float((lp_data - lp).mean())
-                        nll[mt]["gap_stderr"] = _stderr(lp_data - lp)
-                else:
-                    densities[mt] = _density(mt, model, tcfg, extent, cfg.density_grid, cfg.density_tol)
-                if bar is not None:
-                    bar.update(1)
-        finally:
-            if bar is not None:
-                bar.close()
     result = GenerativeDemoResult(
         config=cfg,
         rows=rows,
@@ -798,7 +806,15 @@ def report_markdown(res: GenerativeDemoResult) -> str:
         "",
         f"MLP {c.depth}×{c.hidden} with a sin/cos time embedding, Adam (lr {c.lr:g}, cosine decay), batch "
         f"{c.batch_size}: the loop of `torchnde train`. The VP-SDE model predicts the noise ε (denoising score "
-        "matching); the flow-matching model the velocity x1 − x0 (independent coupling).",
+        f"matching, training times {_TIME_SAMPLING.get(c.vp_time_sampling, c.vp_time_sampling)}); the "
+        "flow-matching model the velocity x1 − x0 (independent coupling)."
+        + (" The bridge (below): the same MLP and optimiser on its own loss." if res.bridge is not None else "")
+        + (
+            f" With {c.workers} workers the flow{' and the bridge' if res.bridge is not None else ''} train in a "
+            "second process while the VP-SDE model trains (the same weights as one after the other)."
+            if c.workers > 1 and str(c.device).startswith("cpu")
+            else ""
+        ),
         "",
         "## Samples",
         "",
