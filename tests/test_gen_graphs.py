@@ -247,6 +247,9 @@ def test_graph_score_model_and_errors():
     model = GraphScoreModel(node, adjn)
     out = model(torch.full((3,), 0.5, dtype=torch.float64), {"x": x, "adj": adj, "mask": mask})
     assert set(out) == {"x", "adj"} and out["x"].shape == x.shape and out["adj"].shape == adj.shape
+    tree_mask = {"x": mask[..., None], "adj": mask[:, None] * mask[:, :, None]}
+    out2 = model(0.5 * torch.ones(3, dtype=torch.float64), {"x": x, "adj": adj}, tree_mask)
+    assert torch.equal(out2["adj"], out["adj"]) and torch.equal(out2["x"], out["x"])
     loss = out["x"].square().mean() + out["adj"].square().mean()
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())

@@ -221,7 +221,10 @@ class AdjScoreNet(nn.Module):
 class GraphScoreModel(nn.Module):
     """The pair of partial-score networks as one model ``model(t, {"x": X, "adj": A}) -> {"x": s_X, "adj": s_A}``.
 
-    The node mask is the ``mask`` argument or, when it is omitted, ``state["mask"]`` if present.
+    The node mask is the ``mask`` argument — a ``(B, N)`` tensor, or a tree of per-leaf masks as
+    :mod:`torchnde.generative.multi` accepts (its ``"x"`` leaf, ``(B, N, 1)`` or ``(B, N, F)``, gives
+    the node mask) — or, when it is omitted, ``state["mask"]`` if present. It is called as
+    ``model(t, state, mask)`` by the multi-component samplers and losses.
     """
 
     def __init__(self, node_net: NodeScoreNet, adj_net: AdjScoreNet):
@@ -233,5 +236,8 @@ class GraphScoreModel(nn.Module):
             raise ValueError(f"state must be a dict with keys 'x' and 'adj'; got {type(state).__name__}")
         if mask is None:
             mask = state.get("mask")
+        if isinstance(mask, dict):
+            leaf = mask.get("x")
+            mask = None if leaf is None else (leaf[..., 0] if leaf.dim() == 3 else leaf)
         x, adj = state["x"], state["adj"]
         return {"x": self.node_net(x, adj, mask, t), "adj": self.adj_net(x, adj, mask, t)}
