@@ -113,3 +113,42 @@ def test_fast_path_with_an_event_is_the_general_path():
     ref, fast = _both(run)
     _same(ref, fast)
     assert torch.equal(torch.as_tensor(ref.t_final), torch.as_tensor(fast.t_final))
+
+
+@pytest.mark.parametrize("solver", [tn.Dopri5(), tn.RK4(), tn.Dopri8()], ids=lambda s: type(s).__name__)
+def test_saving_only_the_end_is_bitwise_the_general_path(solver, monkeypatch):
+    """SaveAt(t1=True) and no events: nothing reads the steps' stages, which the fast path then
+    leaves in the user's shape."""
+    g = torch.Generator().manual_seed(2)
+    W = torch.randn(3, 3, generator=g)
+    y0 = torch.randn(2, 4, 3, generator=g)
+    kw = dict(args=W)
+    if isinstance(solver, tn.solvers.AbstractAdaptiveSolver):
+        kw["controller"] = tn.PIDController(rtol=1e-5, atol=1e-6)
+    else:
+        kw["dt0"] = 0.125
+    ref, fast = _both(lambda: tn.solve(tn.ODETerm(field), solver, 0.0, 1.0, y0, **kw), monkeypatch)
+    _same(ref, fast)
+
+
+def test_stages_left_in_the_user_shape_give_the_same_dense_output():
+    from torchnde._flat import flat_term
+    from torchnde._tree import Flattener
+
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(3, 3, generator=g, dtype=D)
+    y0 = torch.randn(4, 3, generator=g, dtype=D)
+    flat = Flattener(y0, batch=False)
+    solver = tn.Tsit5()
+    out = []
+    for need in (True, False):
+        term = flat_term(tn.ODETerm(field), flat, W, 1.0, False)
+        term.need_dense = need
+        with torch.no_grad():
+            y = flat.flatten(y0)
+            f0 = solver.init(term, 0.0, y)
+            y1, err, dinfo, f1, _ = solver.step(term, 0.0, 0.1, y, f0)
+            assert (dinfo[-1][1].shape == y.shape) == need
+            out.append((y1, err, f1, solver.dense_coeffs(term, dinfo)))
+    for a, b in zip(*out):
+        assert torch.equal(a, b)

@@ -28,7 +28,7 @@ class _FlatTerm:
     rough = False
 
     __slots__ = ("term", "flat", "args", "sign", "nfe", "batched", "checked", "times", "checked_parts", "_vf", "_shape")
-    __slots__ += ("_state_shape", "scratch", "direct")
+    __slots__ += ("_state_shape", "scratch", "direct", "need_dense")
 
     def __init__(self, term, flat: Flattener, args, sign: float, batched: bool):
         self.term = term
@@ -58,6 +58,10 @@ class _FlatTerm:
         # what a solver's inner loop may call instead of vf, once vf has checked the output: set
         # below for a plain ODETerm (tensor time) on a single tensor forward in time
         self.direct = None
+        # whether the steps' dense information is read (dense output, saving between step ends,
+        # events, a solver wrapping the step): the loop sets it False when nothing reads it, and
+        # the explicit Runge-Kutta fast path then keeps its stages in the user's shape
+        self.need_dense = True
 
     @property
     def num_parts(self) -> int:

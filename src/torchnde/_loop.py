@@ -36,7 +36,7 @@ from ._saver import BatchSaver, SharedSaver
 from ._solution import Solution
 from ._stops import BatchStops, SharedStops
 from .controllers import PIDController
-from .solvers._base import LazyDerivative
+from .solvers._base import AbstractERK, LazyDerivative
 
 __all__ = ["NONFINITE_REJECTIONS", "Step", "SharedLoop", "BatchLoop"]
 
@@ -86,6 +86,10 @@ class _Loop:
             solver = solver.with_tolerances(controller.rtol, controller.atol)  # e.g. Newton tolerances
         self.solver, self.controller = solver, controller
         self.solver_step = compiled_step(solver, term, p) if p.compile else solver.step
+        saveat = p.saveat
+        if not (saveat.ts is not None or saveat.steps or saveat.dense or p.events or p.record):
+            if isinstance(solver, AbstractERK) and hasattr(term, "need_dense"):
+                term.need_dense = False  # the loop is the only reader of the steps' results
         self.y = y = flat.flatten(p.y0)
         self.sstate = solver.init(term, tau0, y)
         self.adaptive = adaptive = isinstance(controller, PIDController)

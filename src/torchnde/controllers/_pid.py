@@ -231,8 +231,16 @@ class PIDController(AbstractController):
     def _adapt_scalar(self, dt, y0, y1, y_error, error_order, cstate):
         """:meth:`adapt` with one step size (``ScalarOps``): the same arithmetic on Python floats,
         written out (it runs once per step, and the calls into ``ops`` cost as much as the rest)."""
-        v = self._scaled_norm(y_error, y0, y1)
-        err = v.norm.item() / math.sqrt(max(v.n, 1)) if type(v) is _RMS else v.item()
+        if self.norm is rms_norm and getattr(self, "_pre", None) is None and not torch.is_grad_enabled():
+            # _scaled_norm's RMS path inline (nothing to detach)
+            tols = self._tol_cache.get((y0.dtype, y0.device))
+            rtol, atol = tols if tols is not None else self._tolerances(y0)
+            m = torch.maximum(y0.abs(), y1.abs())
+            n = y_error.shape[-1]
+            err = torch.linalg.vector_norm(y_error / torch.addcmul(atol, m, rtol), dim=-1).item() / math.sqrt(max(n, 1))
+        else:
+            v = self._scaled_norm(y_error, y0, y1)
+            err = v.norm.item() / math.sqrt(max(v.n, 1)) if type(v) is _RMS else v.item()
         if err != err:
             err = math.inf
         accept = err <= 1.0

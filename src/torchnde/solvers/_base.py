@@ -306,41 +306,61 @@ class AbstractERK(AbstractSolver):
         if buf is None:
             K = y0.new_zeros(tab.num_stages, n)
             # the rows (copy targets) and, per stage, the transposed block of the rows before it
-            buf = scratch[key] = (K.unbind(0), [K[:i].t() for i in range(tab.num_stages)], K.t())
-        rows, blocks, KT = buf
+            # and zeros, to scale the error estimate by h with an add (cheaper than a multiplication
+            # by a Python float, the same value)
+            # and zeros, to scale the error estimate by h with an add (cheaper than a multiplication
+            # by a Python float, the same value); the products go to ``tmp`` (no allocation)
+            blocks = [K[:i].t() for i in range(tab.num_stages)]
+            tmp = y0.new_zeros(n)
+            direct = getattr(term, "direct", None)
+            user = None if direct is None else (tmp.view(direct[1]), K.view(-1, *direct[1]).unbind(0))
+            buf = scratch[key] = (K.unbind(0), blocks, K.t(), y0.new_zeros(n), tmp, user)
+        rows, blocks, KT, zero, tmp, user = buf
         h = t1 - t0
         rows[0].copy_(f0)
         ks = [f0]
         a, c, mv, add = coef["a"], coef["c"], torch.mv, torch.add
         yi = y0
         direct = getattr(term, "direct", None)
-        if direct is None:
+        if direct is None or user is None:
             vf = term.vf
             for i in range(1, len(rows)):
-                yi = add(y0, mv(blocks[i], a[i]), alpha=h)
+                yi = add(y0, mv(blocks[i], a[i], out=tmp), alpha=h)
                 k = vf(t0 + c[i] * h, yi)
                 rows[i].copy_(k)
                 ks.append(k)
         else:  # the user's function called directly (what term.vf does; see _FlatTerm.direct)
             f, shape, state_shape, args, table, tnew = direct
+            # the stage states made in the user's shape (the same elementwise sums), so that only
+            # the last one is viewed back as a flat state; when nothing reads the stages after
+            # the step (term.need_dense False) they stay in the user's shape too, copied into
+            # the buffer through its rows in that shape, and only the last one (the next step's
+            # first stage, FSAL) is flattened
+            tmp_user, rows_user = user
+            flat_ks = term.need_dense
+            y0_user = y0.view(shape)
             for i in range(1, len(rows)):
-                yi = add(y0, mv(blocks[i], a[i]), alpha=h)
+                mv(blocks[i], a[i], out=tmp)
+                yi = add(y0_user, tmp_user, alpha=h)
                 ti = t0 + c[i] * h
                 tt = table.get(ti)
                 if tt is None or tt._version or tt.requires_grad:
                     tt = tnew(ti)
-                k = f(tt, yi.view(shape), args).reshape(state_shape)
-                rows[i].copy_(k)
-                ks.append(k)
+                k = f(tt, yi, args)
+                rows_user[i].copy_(k)
+                ks.append(k.reshape(state_shape) if flat_ks else k)
+            if not flat_ks:
+                ks[-1] = ks[-1].reshape(state_shape)
             term.nfe += len(rows) - 1
+            yi = yi.view(state_shape)
         if tab.fsal:
             y1, f1 = yi, ks[-1]
         else:
-            y1 = add(y0, mv(KT, coef["b"]), alpha=h)
+            y1 = add(y0, mv(KT, coef["b"], out=tmp), alpha=h)
             f1 = term.vf(t1, y1) if getattr(term, "batched", True) else LazyDerivative(term, t1, y1)
         y_error = None
         if coef["b_error"] is not None:
-            y_error = mv(KT, coef["b_error"]) * h
+            y_error = add(zero, mv(KT, coef["b_error"], out=tmp), alpha=h)
         return y1, y_error, (t0, t1, y0, y1, f0, f1, ks), f1, None
 
     def increment(self, term, t0, t1, y0, f0, error: bool = False):
@@ -365,6 +385,8 @@ class AbstractERK(AbstractSolver):
             return linear_coeffs(*dense_info)
         t0, t1, y0, y1, f0, f1, ks = dense_info
         f1 = _resolve(f1)
+        if len(ks) > 2 and ks[1].shape != y0.shape:  # stages left in the user's shape (need_dense False)
+            ks = [k.reshape(y0.shape) for k in ks]
         tab = self.tableau
         coef = tab.tensors(y0.dtype, y0.device)
         dt = _dt_column(t0, t1)
