@@ -166,6 +166,28 @@ def test_split_solve_works_with_every_adjoint(adjoint):
     torch.testing.assert_close(g, gr, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("t1", [1.0, -1.0])
+def test_local_regulariser_h_first_reuses_the_second_solves_first_step(t1):
+    """h='first': under DirectAdjoint the local step is the second solve's first step (recorded, no
+    extra evaluations); it equals local_error at (t_r, y(t_r)) with that step, which
+    CheckpointAdjoint computes separately -- value, step, stiffness and gradient."""
+    term = tn.ODETerm(_mlp_field)
+    W, b = _params()
+    y0 = torch.tensor([0.3, -0.5, 0.8], dtype=f64)
+    ctrl = tn.PIDController(rtol=1e-6, atol=1e-8)
+    out = []
+    for adjoint in (tn.DirectAdjoint(), tn.CheckpointAdjoint()):
+        Wg = W.clone().requires_grad_()
+        sol, est = R.solve_with_local_regulariser(term, tn.Dopri5(), 0.0, t1, y0, args=(Wg, b), controller=ctrl,
+                                                  adjoint=adjoint, seed=1, h="first", stiffness=True, rtol=1e-6,
+                                                  atol=1e-8)  # fmt: skip
+        assert est.h * t1 > 0 and est.error > 0
+        (g,) = torch.autograd.grad(sol.ys.sum() + est.error + est.stiffness, Wg)
+        out.append((est.error, est.stiffness, torch.as_tensor(est.h, dtype=f64), g, sol.ys))
+    for x, y in zip(*out):
+        torch.testing.assert_close(x, y)
+
+
 # ----------------------------------------------------------------------------------------------
 # the comparators, against closed forms on y' = A y
 

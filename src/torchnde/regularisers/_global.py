@@ -141,9 +141,10 @@ class _Recording(_Accumulating):
     solve is the plain one (same state, same ERK stage combinations, the solve's own first step),
     and the accepted steps are picked afterwards (see :func:`_accepted`)."""
 
-    def __init__(self, inner, pair, weight: bool, rtol, atol, norm, log: list | None = None):
+    def __init__(self, inner, pair, weight: bool, rtol, atol, norm, log: list | None = None, first_only=False):
         super().__init__(inner, pair, weight, rtol, atol, norm)
         self.log = [] if log is None else log
+        self.first_only = first_only  # record the first step only (the local regulariser's)
 
     __eq__ = object.__eq__
     __hash__ = object.__hash__
@@ -155,10 +156,12 @@ class _Recording(_Accumulating):
         if not hasattr(self.inner, "with_tolerances"):
             return self
         return _Recording(self.inner.with_tolerances(rtol, atol), self.pair, self.weight, self.rtol, self.atol,
-                          self.norm, self.log)  # fmt: skip
+                          self.norm, self.log, self.first_only)  # fmt: skip
 
     def step(self, term, t0, t1, y0, state):
         y1, y_err, dense_info, state, result = self.inner.step(term, t0, t1, y0, state)
+        if self.first_only and self.log:
+            return y1, y_err, dense_info, state, result
         err, rho = self._estimates(t0, t1, y0, y1, y_err, dense_info, y0.shape[-1])
         self.log.append((t0, t1, err, rho))
         return y1, y_err, dense_info, state, result

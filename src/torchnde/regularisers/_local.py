@@ -431,6 +431,13 @@ def starting_step(
     return dt.to(real) * sign if per_sample else float(dt) * sign
 
 
+def _direct(solve_kwargs) -> bool:
+    from ..adjoints import DirectAdjoint
+
+    adjoint = solve_kwargs.get("adjoint")
+    return adjoint is None or isinstance(adjoint, DirectAdjoint)
+
+
 def solve_with_local_regulariser(
     terms,
     solver,
@@ -464,7 +471,12 @@ def solve_with_local_regulariser(
             (per sample in per-sample mode) -- the scale of the steps the controller takes, so
             the penalised error is the one that sets the step count. ``"start"``: the starting
             step of Hairer, Nørsett & Wanner at :math:`(t_r, y(t_r))` for the controller's
-            tolerances (more conservative: about a hundredth of the tolerance).
+            tolerances (more conservative: about a hundredth of the tolerance). ``"first"``: the
+            mean accepted step of the first solve, :math:`|t_r - t_0| / n_{accepted}`, with which
+            the second solve starts (with a ``PIDController``); under ``DirectAdjoint`` with one
+            step size for the batch the local step *is* that solve's first step (its estimates are
+            recorded there), so the regulariser costs no extra evaluations. Also the ``h``
+            returned in the estimate when a controller limit shortens that step.
         seed, generator: make the draw of :math:`t_r` reproducible.
         stiffness, rtol, atol, norm: as :func:`local_error` (pass the controller's ``rtol`` and
             ``atol`` to scale the error as the controller does).
@@ -522,17 +534,38 @@ def solve_with_local_regulariser(
     # the second solve starts with the first's mean accepted step, not the starting-step heuristic:
     # that heuristic's small first step and the controller's ramp up from it cost the restart
     # several steps (digits benchmark: 64 -> 57 evaluations for the two pieces; the plain solve 44)
+    n1 = first.stats["num_accepted"]
+    if per_sample:
+        n1 = torch.as_tensor(n1, device=tr.device).clamp(min=1).to(tr.dtype)
+        dt0 = (tr - a).abs() / n1 * direction
+    else:
+        dt0 = abs(float(tr) - float(a)) / max(int(n1), 1) * direction
     second_kwargs = solve_kwargs
     if isinstance(controller, PIDController):
-        n1 = first.stats["num_accepted"]
-        if per_sample:
-            n1 = torch.as_tensor(n1, device=tr.device).clamp(min=1).to(tr.dtype)
-            dt0 = (tr - a).abs() / n1 * direction
-        else:
-            dt0 = abs(float(tr) - float(a)) / max(int(n1), 1) * direction
         second_kwargs = {**solve_kwargs, "dt0": dt0}
-    second = solve(terms, solver, tr, t1, yr, saveat=SaveAt(t1=True), **second_kwargs)
-    if h is None or (isinstance(h, str) and h == "mean"):
+    first_h = isinstance(h, str) and h == "first"
+    recorded = None
+    second_solver = solver
+    if first_h and not per_sample and isinstance(controller, PIDController) and _direct(solve_kwargs):
+        # the local step is the second solve's first step: record its estimates there
+        from ._global import _Recording
+
+        pair = stiffness_pair(solver) if stiffness else None
+        if stiffness and pair is None:
+            raise TypeError(
+                f"stiffness=True needs an explicit Runge--Kutta pair with two stages at the same time (Dopri5, "
+                f"Tsit5); {type(solver).__name__} has none"
+            )
+        second_solver = recorded = _Recording(solver, pair, False, rtol, atol, norm, first_only=True)
+    second = solve(terms, second_solver, tr, t1, yr, saveat=SaveAt(t1=True), **second_kwargs)
+    if recorded is not None and recorded.log:
+        s0, s1, err, rho = recorded.log[0]
+        h = (s1 - s0) * direction
+        est = LocalEstimate(err, rho, tr, h)
+    elif first_h:
+        h = dt0
+        est = None
+    elif h is None or (isinstance(h, str) and h == "mean"):
         # the mean accepted step of the whole solve (the two pieces' steps together)
         n = first.stats["num_accepted"] + second.stats["num_accepted"]
         if per_sample:
@@ -546,10 +579,12 @@ def solve_with_local_regulariser(
             terms, solver, tr, yr, direction, rtol=step_rtol, atol=step_atol, args=args, per_sample=per_sample
         )
     elif isinstance(h, str):
-        raise ValueError(f"h must be a step size, None/'mean' or 'start'; got {h!r}")
-    est = local_error(
-        terms, solver, tr, yr, h, args, per_sample=per_sample, stiffness=stiffness, rtol=rtol, atol=atol, norm=norm
-    )
+        raise ValueError(f"h must be a step size, None/'mean', 'first' or 'start'; got {h!r}")
+    if recorded is None or not recorded.log:
+        est = local_error(
+            terms, solver, tr, yr, h, args, per_sample=per_sample, stiffness=stiffness, rtol=rtol, atol=atol,
+            norm=norm,
+        )  # fmt: skip
     stats = {k: v + first.stats.get(k, 0) for k, v in second.stats.items()}
     sol = dataclasses.replace(second, stats=stats, t0=first.t0)
     sc = span.to(est.error.dtype) if isinstance(span, torch.Tensor) else span
