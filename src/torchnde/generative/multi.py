@@ -807,9 +807,8 @@ class S4Solver(_TreeSolver):
         c1, c2 = 1 / math.sqrt(abs(tm - t0)), 1 / math.sqrt(abs(t1 - tm))
         out = []
         for k, (x, sk, a, b, mk) in enumerate(zip(xs, ss, w1, w2, masks)):
-            g2 = _coeff(mp._procs[k].diffusion2(s))
             x = mp.linear_transition(k, s, m, x, a * c1 if mk is None else a * (c1 * mk))
-            x = torch.add(x, sk, alpha=h * g2)
+            x = torch.add(x, sk, alpha=h * _coeff(mp._procs[k].diffusion2(s)))
             x = mp.linear_transition(k, m, e, x, b * c2 if mk is None else b * (c2 * mk))
             out.append(x if mk is None else x * mk)
         y1 = term.flat.tree_to_state(mp.unflatten(out))
@@ -867,7 +866,7 @@ def multi_sample(
     max_steps: int | None = None,
     progress=None,
 ) -> MultiSampleResult:
-    """Draw samples of a multi-component system by solving its coupled reverse SDE or
+    r"""Draw samples of a multi-component system by solving its coupled reverse SDE or
     probability-flow ODE with one :func:`torchnde.solve` call.
 
     Args:
@@ -1145,6 +1144,10 @@ class JointGaussian:
                 f"coordinates), got {tuple(self.mean.shape)} and {tuple(self.cov.shape)}"
             )
         self._chol = torch.linalg.cholesky(self.cov)
+        self._cache: dict = {}  # (process, float time, device) -> (mean, inverse covariance)
+        self._triu = {
+            k: torch.triu_indices(self.event_shapes[k][0], self.event_shapes[k][0], 1) for k in self.symmetric
+        }
 
     def coords(self, tree: dict) -> torch.Tensor:
         """The ``(B, D)`` coordinates of a state (for a symmetric leaf, the entries above the diagonal)."""
@@ -1152,8 +1155,7 @@ class JointGaussian:
         for k in self.keys:
             x = tree[k]
             if k in self.symmetric:
-                n = self.event_shapes[k][0]
-                i, j = torch.triu_indices(n, n, 1, device=x.device)
+                i, j = self._triu[k].to(x.device)
                 cols.append(x[:, i, j])
             else:
                 cols.append(x.reshape(x.shape[0], -1))
@@ -1168,7 +1170,7 @@ class JointGaussian:
             at += self.sizes[k]
             if k in self.symmetric:
                 n = self.event_shapes[k][0]
-                i, j = torch.triu_indices(n, n, 1, device=u.device)
+                i, j = self._triu[k].to(u.device)
                 m = u.new_zeros(b, n, n)
                 m[:, i, j] = c
                 m[:, j, i] = c
@@ -1206,6 +1208,8 @@ class JointGaussian:
     def score(self, mp: MultiProcess, t, x: dict) -> dict:
         """The exact partial scores (a dict) of the state ``x`` at time ``t`` (float or ``(B,)``)."""
         u = self.coords(x).to(torch.float64)
+        if isinstance(t, torch.Tensor) and t.numel() and bool(t.min() == t.max()):
+            t = float(t.reshape(-1)[0])  # one time for the batch (a sampler's): the cached path
         if isinstance(t, torch.Tensor) and t.dim() == 1:
             a, s = self._coeffs(mp, t.to(torch.float64).cpu())
             a, s = a.to(u.device), s.to(u.device)
@@ -1213,8 +1217,14 @@ class JointGaussian:
             r = u - a * self.mean.to(u.device)
             g = -torch.linalg.solve(cov, r.unsqueeze(-1)).squeeze(-1)
         else:
-            mu, cov = self.marginal(mp, float(t))
-            g = -torch.linalg.solve(cov.to(u.device), (u - mu.to(u.device)).T).T
+            key = (id(mp), float(t), u.device)
+            hit = self._cache.get(key)
+            if hit is None:
+                if len(self._cache) > 4096:
+                    self._cache.clear()
+                mu, cov = self.marginal(mp, float(t))
+                hit = self._cache[key] = (mu.to(u.device), torch.linalg.inv(cov).to(u.device))
+            g = -(u - hit[0]) @ hit[1]
         dtype = next(iter(x.values())).dtype
         return self.embed(g.to(dtype))
 
