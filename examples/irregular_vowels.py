@@ -9,7 +9,8 @@ Each model reads the surviving frames with their times:
 
 * ``S4D``: two S4D blocks in irregular-time mode (``dt`` = frames elapsed since the previous
   kept frame: the exact zero-order-hold discretisation per sample and step), masked mean
-  pooling. ``S4D (dt ignored)`` is the same model told that the kept frames are consecutive.
+  pooling. ``S4D (dt ignored)`` is the same model told that the kept frames are consecutive; it
+  (and S4D with no frame dropped) runs in convolution mode.
 * ``CfC``: the gated closed-form cell with the elapsed time per step.
 * ``ODE-RNN``: a neural ODE between observations (per-sample solves), a GRU update at each.
 
@@ -84,9 +85,12 @@ class S4DClassifier(nn.Module):
 
     def forward(self, x, ts, mask):
         dt = torch.cat([torch.ones_like(ts[:, :1]), ts.diff(dim=1)], 1)
-        if not self.use_dt:  # pretend the kept frames are consecutive
-            dt = torch.ones_like(dt)
-        dt = dt * mask  # padding: no time passes, nothing enters the state
+        if not self.use_dt or bool(((dt == 1) | ~mask).all()):
+            # consecutive frames (or told so): the regular grid, by FFT convolution; the padding
+            # comes after each series' frames, so (causal) it changes no output that is pooled
+            dt = None
+        else:
+            dt = dt * mask  # padding: no time passes, nothing enters the state
         u = self.encoder(x) * mask[..., None]
         for block in self.blocks:
             u = block(u, dt)
