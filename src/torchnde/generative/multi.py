@@ -92,12 +92,20 @@ run backwards in time; its transition is Gaussian and known exactly) and a *scor
 
 One score evaluation per step (the corrector and the drift share it), against two for a
 predictor–corrector step with one corrector. The GDSS code (``solver.py``) computes the score at
-the start of the step before the correction and uses :math:`g_t` at the step's start, as here;
-its VP transition uses the variance :math:`1 - e^{-\int\beta}` where the exact transition of the
-split linear SDE has :math:`e^{\int\beta} - 1` (equal to first order in the step); we use the
-exact one. The transitions' normals are the Brownian increments of the solve's path over the two
-half steps (normalised), so S4 runs inside :func:`torchnde.solve` on the reverse-SDE term like
-any SDE solver.
+the start of the step before the correction and weights it by :math:`h\,g_t^2` at the step's
+start, as here. (We tried the exact :math:`\int g^2` over the step instead, by Simpson's rule: with
+the score frozen at the step's start it was less accurate on the Gaussian oracle, e.g. relative
+covariance error 0.13 against 0.04 at 32 steps with a VE leaf; :math:`g_t^2` pairs with
+:math:`s_t`.) Its VP transition uses the variance :math:`1 - e^{-\int\beta}` where the exact
+transition of the split linear SDE has :math:`e^{\int\beta} - 1` (equal to first order in the
+step); we use the exact one. Its corrector multiplies the step size by the discrete VP
+:math:`\alpha_i = 1 - \beta_i/N` and has a noise scale ``scale_eps``; ours is the step size of
+:class:`~torchnde.generative.samplers.LangevinCorrector` (no :math:`\alpha_i`, no extra scale).
+The transitions' normals are the Brownian increments of the solve's path over the two half steps
+(normalised), so S4 runs inside :func:`torchnde.solve` on the reverse-SDE term like any SDE
+solver. Like every explicit scheme it needs small enough steps: the frozen-score step multiplies a
+Gaussian leaf by about :math:`1 - h g^2/\mathrm{Var}`, so with VP's :math:`\beta_{max} = 20` and
+4 steps it diverges (8 and more are fine on the oracle).
 """
 
 from __future__ import annotations
