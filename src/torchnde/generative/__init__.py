@@ -7,17 +7,48 @@ flow-matching family; built-in data and metrics. Each model is a term plus a sol
 ``flow_matching`` are used as modules (``torchnde.generative.data.sample("moons", n)``).
 """
 
-from . import conditional, data, fast_samplers, flow_matching, metrics, objectives
+from . import (
+    bdia,
+    bridges,
+    conditional,
+    data,
+    discrete,
+    fast_samplers,
+    flow_matching,
+    metrics,
+    mrs,
+    objectives,
+    time_shift,
+)
 from ._shapes import ModelShapeError
+from .bdia import BDIAResult, BDIASolver, bdia_invert, bdia_sample
+from .bridges import (
+    DSBM,
+    BrownianBridge,
+    ExactOTBiasWarning,
+    LotkaVolterra,
+    MultiMarginalBridge,
+    OUBridge,
+    VPBridge,
+    bridge_matching_loss,
+    sample_bridge,
+    sbcfm_loss,
+    sbcfm_pairs,
+    sinkhorn_coupling,
+    sinkhorn_plan,
+)
 from .cnf import CNF, REGULARISERS
 from .conditional import ClassifierFreeGuidance, Inpaint, inpaint
+from .discrete import DiscreteTimeModel, DiscreteVP
 from .fast_samplers import FAST_SAMPLERS, DPMSolver, EDMHeun, logsnr_times
 from .likelihood import TRACES, bits_per_dim, dequantize, log_prob
+from .mrs import MRS_SAMPLERS, MRSolver
 from .objectives import dsm_loss, nll_bound, training_times
-from .oracles import GaussianData, GaussianMixtureData
+from .oracles import GaussianData, GaussianMixtureData, GaussianSchrodingerBridge
 from .parameterisation import KINDS, Parameterisation
 from .processes import EDM, PROCESSES, VE, VP, DiffusionProcess, MeanReverting, SubVP
 from .samplers import ALL_SAMPLERS, SAMPLERS, LangevinCorrector, SampleResult, sample
+from .time_shift import TimeShift
 
 __all__ = [
     "data",
@@ -59,4 +90,34 @@ __all__ = [
     "nll_bound",
     "training_times",
     "ModelShapeError",
+    # bridges and Schrödinger bridges
+    "bridges",
+    "BrownianBridge",
+    "OUBridge",
+    "VPBridge",
+    "bridge_matching_loss",
+    "sample_bridge",
+    "sinkhorn_plan",
+    "sinkhorn_coupling",
+    "sbcfm_loss",
+    "sbcfm_pairs",
+    "ExactOTBiasWarning",
+    "DSBM",
+    "MultiMarginalBridge",
+    "LotkaVolterra",
+    "GaussianSchrodingerBridge",
+    # the seed papers' samplers and discrete schedules
+    "mrs",
+    "MRSolver",
+    "MRS_SAMPLERS",
+    "bdia",
+    "BDIASolver",
+    "BDIAResult",
+    "bdia_sample",
+    "bdia_invert",
+    "time_shift",
+    "TimeShift",
+    "discrete",
+    "DiscreteVP",
+    "DiscreteTimeModel",
 ]
