@@ -310,11 +310,13 @@ class AbstractERK(AbstractSolver):
             # by a Python float, the same value)
             # and zeros, to scale the error estimate by h with an add (cheaper than a multiplication
             # by a Python float, the same value); the products go to ``tmp`` (no allocation)
-            blocks = [K[:i].t() for i in range(tab.num_stages)]
-            tmp = y0.new_zeros(n)
+            KT = K.t()
+            blocks = [None] + [KT[:, :i] for i in range(1, tab.num_stages)]
+            zero_tmp = y0.new_zeros(2, n)
+            tmp = zero_tmp[1]
             direct = getattr(term, "direct", None)
             user = None if direct is None else (tmp.view(direct[1]), K.view(-1, *direct[1]).unbind(0))
-            buf = scratch[key] = (K.unbind(0), blocks, K.t(), y0.new_zeros(n), tmp, user)
+            buf = scratch[key] = (K.unbind(0), blocks, KT, zero_tmp[0], tmp, user)
         rows, blocks, KT, zero, tmp, user = buf
         h = t1 - t0
         rows[0].copy_(f0)
