@@ -121,7 +121,8 @@ class GenerativeDemoConfig:
     density_grid: int = 40  # points per side of the density plots (0: no density plots)
     density_tol: float = 1e-4
     threads: int | None = 1  # torch CPU threads during the demo (restored after; None: leave them)
-    # the bridge panel: a Schrödinger bridge from bridge_source to data (None: no panel)
+    # the bridge panel: a Schrödinger bridge from bridge_source to data (None: no panel; moons
+    # instead when it is the data set itself)
     bridge_source: str | None = "8gaussians"
     bridge_sigma: float = 0.3  # the reference sigma W; the coupling is entropic OT at 2 sigma^2
     bridge_steps: int = 2000
@@ -354,7 +355,10 @@ def _train_both(cfg: GenerativeDemoConfig, out: Path | None, progress: bool, log
         with open(path, "wb") as f:
             pickle.dump((cfg, jobs, out), f)
         code = "import sys; from torchnde.cli.demo_generative import _train_in_worker; _train_in_worker(sys.argv[1])"
-        proc = subprocess.Popen([sys.executable, "-c", code, path])
+        # the child imports this torchnde even when it is not installed (a source checkout on sys.path)
+        root = str(Path(__file__).resolve().parents[2])
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH")))))
+        proc = subprocess.Popen([sys.executable, "-c", code, path], env=env)
         try:
             tcfg, model, res = _train_one(cfg, "vp", out, progress, log)
             status = proc.wait()
@@ -482,6 +486,11 @@ def run_generative_demo(
     cfg = cfg or GenerativeDemoConfig()
     if cfg.data not in TOY_DENSITIES:
         raise ValueError(f"unknown data set {cfg.data!r}; valid: {', '.join(TOY_DENSITIES)}")
+    if cfg.bridge_source is not None:
+        if cfg.bridge_source not in TOY_DENSITIES:
+            raise ValueError(f"unknown bridge source {cfg.bridge_source!r}; valid: {', '.join(TOY_DENSITIES)}")
+        if cfg.bridge_source == cfg.data:  # a bridge from a data set to itself shows nothing
+            cfg = replace(cfg, bridge_source="moons" if cfg.data != "moons" else "8gaussians")
     for s in cfg.vp_samplers:
         if s not in ALL_SAMPLERS:
             raise ValueError(f"unknown score-model sampler {s!r}; valid: {', '.join(ALL_SAMPLERS)}")
