@@ -289,3 +289,24 @@ def test_eps_parameterisation_matches_score():
     la = multi_dsm_loss(score, mp, x0, generator=torch.Generator().manual_seed(1))
     lb = multi_dsm_loss(eps_model, mp, x0, parameterisation="eps", generator=torch.Generator().manual_seed(1))
     assert torch.allclose(la, lb, rtol=1e-9)
+
+
+def test_denoise_is_the_posterior_mean():
+    # stop at t = 0.3 and denoise: the samples are E[u0 | u_t], Gaussian with covariance
+    # Sigma A C_t^{-1} A Sigma (A = diag alpha) and mean mu
+    mp, orc = _system(adj=VP()), _coupled_oracle()
+    b = 3000
+    times = torch.linspace(1.0, 0.3, 41, dtype=F64)
+    r = multi_sample(
+        orc.model(mp), mp, {"x": (b, N, F), "adj": (b, N, N)}, times=times, sampler="euler_maruyama", seed=2,
+        dtype=F64, denoise=True,
+    )  # fmt: skip
+    assert r.nfe == 41
+    a, _ = orc._coeffs(mp, 0.3)
+    _, ct = orc.marginal(mp, 0.3)
+    want = orc.cov * a[None] @ torch.linalg.solve(ct, a[:, None] * orc.cov)
+    u = orc.coords(r.x)
+    assert float((u.mean(0) - orc.mean).abs().max()) < 0.08
+    assert float((torch.cov(u.T) - want).norm() / want.norm()) < 0.1
+    adj = r.x["adj"]
+    assert torch.equal(adj, adj.transpose(-1, -2)) and not adj.diagonal(dim1=-2, dim2=-1).any()

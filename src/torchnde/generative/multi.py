@@ -873,6 +873,7 @@ def multi_sample(
     atol: float | None = None,
     max_steps: int | None = None,
     progress=None,
+    denoise: bool = False,
 ) -> MultiSampleResult:
     r"""Draw samples of a multi-component system by solving its coupled reverse SDE or
     probability-flow ODE with one :func:`torchnde.solve` call.
@@ -904,6 +905,10 @@ def multi_sample(
         rtol, atol: tolerances of the adaptive samplers (defaults 1e-5 for the ODE, 1e-2 for the
             SDE).
         max_steps, progress: passed to ``solve``.
+        denoise: replace the result by its posterior mean under the model, one more evaluation
+            at the final time ``t``: :math:`E[X_0 \mid X_t] = (X_t - m(t) + \sigma^2 s)/\alpha`
+            per leaf (Tweedie's formula; Efron 2011, "Tweedie's formula and selection bias"),
+            which removes the noise of level :math:`\sigma(t)` the samples still carry.
 
     Returns:
         :class:`MultiSampleResult`.
@@ -990,6 +995,15 @@ def multi_sample(
     out_leaves = [v[-1] for v in process.leaves(out, "the solution")]
     masks = score.masks_for(xs)
     out_leaves = [v if m is None else v * m for v, m in zip(out_leaves, masks)]
+    if denoise:
+        ss = score.leaves(t_end, out_leaves)
+        den = []
+        for p, v, sc, m in zip(process._procs, out_leaves, ss, masks):
+            a, sig = map(_coeff, p.marginal(t_end))
+            off = p.mean_offset(t_end, v)
+            y = (torch.add(v, sc, alpha=sig * sig) - off) / a
+            den.append(y if m is None else y * m)
+        out_leaves = den
     return MultiSampleResult(
         x=process.unflatten(out_leaves), nfe=score.calls, num_steps=sol.stats["num_steps"], solution=sol
     )
