@@ -181,7 +181,7 @@ def test_tree_of_tuples_and_tree_masks():
         return tuple(-v / c for v in x)
 
     for sampler in ("pf_adaptive", "sde_adaptive"):  # adaptive steps on a tree state
-        r = multi_sample(model, mp, ((64, 3), (64, 2)), sampler=sampler, seed=0, dtype=F64)
+        r = multi_sample(model, mp, ((64, 3), (64, 2)), sampler=sampler, seed=0, dtype=F64, rtol=0.1, atol=0.1)
         assert r.nfe > 0 and isinstance(r.x, tuple) and r.x[1].shape == (64, 2)
     r = multi_sample(model, mp, ((b, 3), (b, 2)), nfe=30, mask=(m0, None), seed=0, dtype=F64)
     assert isinstance(r.x, tuple) and not r.x[0][:, 0].any()
