@@ -134,6 +134,7 @@ from .samplers import _FixedHeun
 
 __all__ = [
     "MultiProcess",
+    "JointScore",
     "symmetric_noise",
     "multi_sample",
     "MultiSampleResult",
