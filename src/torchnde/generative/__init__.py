@@ -17,6 +17,7 @@ from . import (
     flow_matching,
     metrics,
     mrs,
+    multi,
     objectives,
     time_shift,
 )
@@ -43,6 +44,18 @@ from .discrete import DiscreteTimeModel, DiscreteVP
 from .fast_samplers import FAST_SAMPLERS, DPMSolver, EDMHeun, logsnr_times
 from .likelihood import TRACES, bits_per_dim, dequantize, log_prob
 from .mrs import MRS_SAMPLERS, MRSolver
+from .multi import (
+    MULTI_SAMPLERS,
+    JointGaussian,
+    JointScore,
+    MultiProcess,
+    MultiSampleResult,
+    S4Solver,
+    TreeLangevinCorrector,
+    multi_dsm_loss,
+    multi_sample,
+    symmetric_noise,
+)
 from .objectives import dsm_loss, nll_bound, training_times
 from .oracles import GaussianData, GaussianMixtureData, GaussianSchrodingerBridge
 from .parameterisation import KINDS, Parameterisation
@@ -120,4 +133,16 @@ __all__ = [
     "discrete",
     "DiscreteVP",
     "DiscreteTimeModel",
+    # multi-component diffusion (a system of SDEs over a tree-structured state)
+    "multi",
+    "MultiProcess",
+    "JointScore",
+    "symmetric_noise",
+    "multi_sample",
+    "MultiSampleResult",
+    "multi_dsm_loss",
+    "S4Solver",
+    "TreeLangevinCorrector",
+    "JointGaussian",
+    "MULTI_SAMPLERS",
 ]
