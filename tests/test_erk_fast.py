@@ -152,3 +152,31 @@ def test_stages_left_in_the_user_shape_give_the_same_dense_output():
             out.append((y1, err, f1, solver.dense_coeffs(term, dinfo)))
     for a, b in zip(*out):
         assert torch.equal(a, b)
+
+
+def test_stage_buffers_are_reused_across_solves_and_never_shared():
+    """A finished solve hands its stage buffer to the next solve of the same state; a solve
+    inside the vector field (same shapes) gets a buffer of its own."""
+    from torchnde import _flat
+
+    g = torch.Generator().manual_seed(4)
+    W = torch.randn(3, 3, generator=g, dtype=D)
+    y0 = torch.randn(4, 3, generator=g, dtype=D)
+    pid = tn.PIDController(rtol=1e-6, atol=1e-8)
+
+    def inner_field(t, y, args):  # a solve of the same shape inside each evaluation
+        z = tn.solve(tn.ODETerm(field), tn.Dopri5(), 0.0, 0.05, y, args=args, controller=pid).ys[-1]
+        return z - y
+
+    def run(f):
+        return tn.solve(tn.ODETerm(f), tn.Dopri5(), 0.0, 0.3, y0, args=W, controller=pid)
+
+    _flat._SCRATCH_POOL.clear()
+    ref, fast = _both(lambda: run(field))
+    _same(ref, fast)
+    assert _flat._SCRATCH_POOL  # handed back
+    with torch.no_grad():
+        again = run(field)
+    _same(ref, again)
+    ref, fast = _both(lambda: run(inner_field))
+    _same(ref, fast)

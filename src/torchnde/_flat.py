@@ -15,6 +15,12 @@ from ._tree import Flattener, tree_leaves, tree_map
 
 __all__ = ["flat_term"]
 
+# scratch buffers of finished solves, by (dtype, device, leaf shapes, per-sample, inference
+# mode): a solve takes its state's entry (dict.pop: two solves never share one) and hands it
+# back when it ends; bounded (a full pool is emptied)
+_SCRATCH_POOL: dict = {}
+_SCRATCH_POOL_SIZE = 32
+
 
 class _FlatTerm:
     """The user's term seen by solvers: flat state, forward internal time, args bound, NFE counted.
@@ -28,7 +34,7 @@ class _FlatTerm:
     rough = False
 
     __slots__ = ("term", "flat", "args", "sign", "nfe", "batched", "checked", "times", "checked_parts", "_vf", "_shape")
-    __slots__ += ("_state_shape", "scratch", "direct", "need_dense")
+    __slots__ += ("_state_shape", "scratch", "direct", "need_dense", "_pool_key")
 
     def __init__(self, term, flat: Flattener, args, sign: float, batched: bool):
         self.term = term
@@ -53,8 +59,11 @@ class _FlatTerm:
         self._shape = flat.shapes[0] if flat.single else None
         self._state_shape = flat.state_shape if flat.single else None
         # buffers a solver may keep for the length of the solve (the explicit Runge-Kutta steps'
-        # stage buffer, solvers/_base.py), by the solver's own key
-        self.scratch = {}
+        # stage buffer, solvers/_base.py), by the solver's own key; handed back by release() at
+        # the end of the solve for the next solve of the same state (a training loop), so they
+        # are made once, not once per solve
+        self._pool_key = (flat.dtype, flat.device, tuple(flat.shapes), batched, torch.is_inference_mode_enabled())
+        self.scratch = _SCRATCH_POOL.pop(self._pool_key, None) or {}
         # what a solver's inner loop may call instead of vf, once vf has checked the output: set
         # below for a plain ODETerm (tensor time) on a single tensor forward in time
         self.direct = None
@@ -62,6 +71,15 @@ class _FlatTerm:
         # events, a solver wrapping the step): the loop sets it False when nothing reads it, and
         # the explicit Runge-Kutta fast path then keeps its stages in the user's shape
         self.need_dense = True
+
+    def release(self) -> None:
+        """Hand :attr:`scratch` back for the next solve of the same state (the solve is over;
+        nothing a solve returns refers to these buffers)."""
+        if self.scratch:
+            if len(_SCRATCH_POOL) >= _SCRATCH_POOL_SIZE:
+                _SCRATCH_POOL.clear()
+            _SCRATCH_POOL[self._pool_key] = self.scratch
+            self.scratch = {}
 
     @property
     def num_parts(self) -> int:

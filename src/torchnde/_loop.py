@@ -239,6 +239,9 @@ class _Loop:
     def finish(self) -> Solution:
         """The Solution: saved values, statistics, result code; raises if asked and failed."""
         p, term = self.p, self.term
+        release = getattr(term, "release", None)
+        if release is not None:
+            release()  # the solver's scratch buffers, for the next solve of this state
         t_end = self._t_end()
         t_final = t_end * self.sign
         ts, ys, interp = self.saver.assemble(t_end, self.y)
