@@ -13,6 +13,8 @@ Each model reads the surviving frames with their times:
   (and S4D with no frame dropped) runs in convolution mode.
 * ``CfC``: the gated closed-form cell with the elapsed time per step.
 * ``ODE-RNN``: a neural ODE between observations (per-sample solves), a GRU update at each.
+* optional (``--models ...,s5,ltc``): ``S5`` (the S4D model with S5 layers, state 32 shared by the
+  channels) and ``LTC`` (the liquid ODE solved between observations).
 
 Padding after a series' last kept frame is masked (CfC, ODE-RNN) or has ``dt = 0`` and is
 excluded from the pooling (S4D), so it changes nothing.
@@ -31,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from torchnde.nn import ODERNN, S4D, CfC
+from torchnde.nn import LTC, ODERNN, S4D, S5, CfC
 
 
 def load(split: str):
@@ -75,22 +77,29 @@ class S4DBlock(nn.Module):
         return self.norm(u + self.mix(nn.functional.gelu(self.ssm(u, dt))))
 
 
+class S5Block(S4DBlock):
+    def __init__(self, width: int, state_size: int):
+        super().__init__(width, state_size)
+        self.ssm = S5(width, state_size, init="legs", dt_min=0.01, dt_max=0.5)
+
+
 class S4DClassifier(nn.Module):
-    def __init__(self, channels, width, classes, use_dt=True, state_size=16):
+    def __init__(self, channels, width, classes, use_dt=True, state_size=16, block=S4DBlock):
         super().__init__()
         self.use_dt = use_dt
         self.encoder = nn.Linear(channels, width)
-        self.blocks = nn.ModuleList([S4DBlock(width, state_size) for _ in range(2)])
+        self.blocks = nn.ModuleList([block(width, state_size) for _ in range(2)])
         self.readout = nn.Linear(width, classes)
 
     def forward(self, x, ts, mask):
         dt = torch.cat([torch.ones_like(ts[:, :1]), ts.diff(dim=1)], 1)
-        if not self.use_dt or bool(((dt == 1) | ~mask).all()):
+        regular = not self.use_dt or bool(((dt == 1) | ~mask).all())
+        if regular and isinstance(self.blocks[0].ssm, S4D):
             # consecutive frames (or told so): the regular grid, by FFT convolution; the padding
             # comes after each series' frames, so (causal) it changes no output that is pooled
             dt = None
-        else:
-            dt = dt * mask  # padding: no time passes, nothing enters the state
+        else:  # padding: no time passes, nothing enters the state
+            dt = (torch.ones_like(dt) if not self.use_dt else dt) * mask
         u = self.encoder(x) * mask[..., None]
         for block in self.blocks:
             u = block(u, dt)
@@ -163,6 +172,8 @@ def main(argv=None):
         "s4d_nodt": ("S4D (dt ignored)", lambda: S4DClassifier(12, H, C, use_dt=False)),
         "cfc": ("CfC", lambda: RecurrentClassifier(CfC(12, H, backbone_units=64), H, C)),
         "odernn": ("ODE-RNN", lambda: RecurrentClassifier(ODERNN(12, H, width=64), H, C)),
+        "s5": ("S5", lambda: S4DClassifier(12, H, C, state_size=H, block=S5Block)),
+        "ltc": ("LTC", lambda: RecurrentClassifier(LTC(12, H), H, C)),
     }
     results = {}
     for key in args.models.split(","):
