@@ -41,7 +41,8 @@ The local regulariser halves the test NFE (0.46x) at no accuracy loss here (mean
 0.01``) cut the NFE less and cost ~4x the training time per iteration (two evaluations and a
 Jacobian-vector product per evaluation); STEER did not help at this setting. Single short runs on a
 shared machine: differences of a point or two in accuracy are within seed noise, and the wall times
-the script prints vary with the machine's load (TayNODE's ~4x is from one seed-0 run).
+the script prints vary with the machine's load (TayNODE's ~4x is from one seed-0 run;
+benchmarks/regularisation.md measures 5.8x per iteration over 3 seeds, and the other ratios there).
 """
 
 from __future__ import annotations
