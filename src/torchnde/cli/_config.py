@@ -53,7 +53,13 @@ class Field:
 def _data_names() -> tuple:
     from ..generative.data import TOY_DENSITIES
 
-    return tuple(TOY_DENSITIES)
+    return tuple(TOY_DENSITIES) + _graph_data_names()
+
+
+def _graph_data_names() -> tuple:
+    from ..generative.graphs.data import DATASETS
+
+    return tuple(DATASETS)
 
 
 def _model_names() -> tuple:
@@ -70,8 +76,13 @@ SCHEMA: dict[str, Field] = {
     "seed": Field(0, int, "seeds the initial weights, the data and the noise of every step", nonnegative=True),
     "dtype": Field("float32", str, "floating-point type of the model and the data", choices=("float32", "float64")),
     "device": Field("auto", str, "'auto' (CUDA if available, else CPU), 'cpu', 'cuda', 'cuda:N' or 'mps'"),
-    "data.name": Field("moons", str, "built-in 2-D data set (torchnde.generative.data)"),
-    "model.type": Field("vp", str, "'vp' (VP-SDE score model) or 'flow_matching'"),
+    "data.name": Field(
+        "moons", str, "built-in 2-D data set (torchnde.generative.data), or a graph data set for model.type 'gdss'"
+    ),
+    "data.n_graphs": Field(100, int, "gdss: graphs generated from the seed (train/test split)", positive=True),
+    "data.test_fraction": Field(0.2, float, "gdss: fraction of data.n_graphs held out as the test set", positive=True),
+    "data.max_nodes": Field(0, int, "gdss: padded node count N (0: the largest graph)", nonnegative=True),
+    "model.type": Field("vp", str, "'vp' (VP-SDE score model), 'flow_matching' or 'gdss' (graphs)"),
     "model.hidden": Field(128, int, "width of the MLP's hidden layers", positive=True),
     "model.depth": Field(3, int, "number of hidden layers", positive=True),
     "model.time_features": Field(8, int, "sin/cos time-embedding frequencies", nonnegative=True),
@@ -88,6 +99,13 @@ SCHEMA: dict[str, Field] = {
         "independent", str, "flow_matching: 'independent' (CFM) or 'ot' (OT-CFM)", choices=("independent", "ot")
     ),
     "model.sigma": Field(0.0, float, "flow_matching: width of the Gaussian path around the line", nonnegative=True),
+    "model.powers": Field(3, int, "gdss: adjacency powers (channels) of the adjacency network", positive=True),
+    "model.layers": Field(3, int, "gdss: attention layers of the adjacency network", positive=True),
+    "model.heads": Field(4, int, "gdss: attention heads per channel", positive=True),
+    "model.sigma_min": Field(0.2, float, "gdss: sigma(t0) of the adjacency's VE-SDE", positive=True),
+    "model.sigma_max": Field(1.0, float, "gdss: sigma(1) of the adjacency's VE-SDE", positive=True),
+    "model.ema": Field(0.999, float, "gdss: EMA decay of the sampled weights (0: none)", nonnegative=True),
+    "sample.snr": Field(0.05, float, "gdss: Langevin corrector's signal-to-noise ratio (pc, s4)", nonnegative=True),
     "train.steps": Field(2000, int, "optimiser steps in total", positive=True),
     "train.batch_size": Field(256, int, "global batch size (split across torchrun processes)", positive=True),
     "train.lr": Field(2e-3, float, "Adam learning rate", positive=True),
@@ -301,4 +319,18 @@ def check(cfg: dict[str, Any], where: str = "in the configuration") -> dict[str,
         )
     if not out["model.t0"] < 1:
         raise ConfigError(f"model.t0 must be in (0, 1), got {out['model.t0']}")
+    graph_data = out["data.name"] in _graph_data_names()
+    if graph_data != (out["model.type"] == "gdss"):
+        raise ConfigError(
+            f"model.type {out['model.type']!r} and data.name {out['data.name']!r} do not go together: graph data sets "
+            f"({', '.join(_graph_data_names())}) need model.type 'gdss', and 'gdss' needs one of them"
+        )
+    if not out["data.test_fraction"] < 1:
+        raise ConfigError(f"data.test_fraction must be in (0, 1), got {out['data.test_fraction']}")
+    if not out["model.sigma_min"] < out["model.sigma_max"]:
+        raise ConfigError(
+            f"model.sigma_min ({out['model.sigma_min']}) must be < model.sigma_max ({out['model.sigma_max']})"
+        )
+    if not out["model.ema"] < 1:
+        raise ConfigError(f"model.ema must be in [0, 1), got {out['model.ema']}")
     return out

@@ -12,6 +12,8 @@ uninterrupted one does.
   time embedding trained by denoising score matching with the ε-loss of Ho et al. 2020 (DDPM),
   sampled with :func:`torchnde.generative.samplers.sample` and evaluated through the
   probability-flow ODE.
+* ``"gdss"``: graph generation with a system of SDEs (GDSS, Jo et al. 2022) on the offline graph
+  data sets; see :mod:`torchnde.cli._graphs` (sampling and evaluation are graph-specific there).
 * ``"flow_matching"``: conditional flow matching (Lipman et al. 2023) with the independent or the
   minibatch-optimal-transport coupling (Tong et al. 2024, OT-CFM), sampled by solving the learned
   ODE with Euler, Heun or an adaptive solver.
@@ -112,11 +114,14 @@ class ModelSpec:
     _loss: Callable
     _sample: Callable
     _velocity: Callable
+    _build: Callable | None = None
 
     def build(self, cfg: dict) -> nn.Module:
         """A freshly initialised network (its weights drawn from torch's global generator)."""
         from ..generative.flow_matching import MLP
 
+        if self._build is not None:
+            return self._build(cfg)
         return MLP(DIM, hidden=cfg["model.hidden"], depth=cfg["model.depth"], time_features=cfg["model.time_features"])
 
     def global_batch(self, cfg: dict, step: int) -> dict[str, torch.Tensor]:
@@ -268,6 +273,22 @@ def _score_samplers() -> tuple:
     return tuple(ALL_SAMPLERS)
 
 
+def _gdss(name):
+    def call(*args, **kwargs):
+        from . import _graphs
+
+        return getattr(_graphs, name)(*args, **kwargs)
+
+    return call
+
+
+def _gdss_not(what):
+    def fail(*args, **kwargs):
+        raise ValueError(f"a 'gdss' (graph) model has no {what}; torchnde sample/evaluate handle graphs themselves")
+
+    return fail
+
+
 #: ``model.type`` -> its :class:`ModelSpec`
 MODELS: dict[str, ModelSpec] = {
     "vp": ModelSpec(
@@ -293,6 +314,19 @@ MODELS: dict[str, ModelSpec] = {
         _fm_loss,
         _fm_sample,
         _fm_velocity,
+    ),
+    "gdss": ModelSpec(
+        "gdss",
+        "GDSS graph score model (GCN node / adjacency-power attention networks, system of SDEs)",
+        ("s4", "pc", "euler_maruyama", "pf_euler", "pf_heun"),
+        "s4",
+        200,
+        (),
+        _gdss("batch"),
+        _gdss("loss"),
+        _gdss_not("2-D sampler"),
+        _gdss_not("log-density"),
+        _gdss("build"),
     ),
 }
 

@@ -186,13 +186,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", metavar="DIR", default=None, help="directory for metrics.json/.md (default: the checkpoint's)"
     )
+    parser.add_argument("--no-plot", action="store_true", help="graph models: no graphs.png (then no matplotlib)")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.nll_n < 0:
         raise UsageError(f"--nll-n must be >= 0, got {args.nll_n}")
-    check_sample_counts(args.n, args.nll_n)
     ck = load_checkpoint(args.checkpoint)
+    if ck.get("model_type") == "gdss":  # graphs: MMD table with floors, and a plot
+        from ._graphs import run_evaluate
+        from .sample import load_trained
+
+        with runtime(args.device, check(ck["config"])["dtype"], args.threads) as rt:
+            out = prepare_output_dir(args.out or Path(ck["path"]).parent)
+            ck, cfg, spec, model = load_trained(args.checkpoint, rt)
+            code = run_evaluate(args, ck, cfg, spec, model, rt, out)
+            rt.barrier()
+            return code
+    args.n = 1000 if args.n is None else args.n
+    check_sample_counts(args.n, args.nll_n)
     with runtime(args.device, check(ck["config"])["dtype"], args.threads) as rt:
         out = prepare_output_dir(args.out or Path(ck["path"]).parent)  # before the work, not after
         m = evaluate(

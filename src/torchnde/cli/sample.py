@@ -142,13 +142,18 @@ def _device_name(s: str) -> str:
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, *, n_default: int) -> None:
+    # -n defaults to None: n_default samples, 200 graphs for a gdss (graph) model
     parser.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint.pt of 'torchnde train' (or its directory)")
     parser.add_argument("--sampler", metavar="NAME", default=None, help="sampler (default: the model's default)")
     parser.add_argument(
         "--nfe", metavar="N", type=_positive_int, default=None, help="model evaluations per sample (>= 1)"
     )
     parser.add_argument(
-        "-n", metavar="COUNT", type=_positive_int, default=n_default, help=f"samples (default: {n_default})"
+        "-n",
+        metavar="COUNT",
+        type=_positive_int,
+        default=None,
+        help=f"samples (default: {n_default}; graph models: 200 graphs)",
     )
     parser.add_argument("--seed", metavar="S", type=int, default=0, help="seed of the samples (default: 0)")
     parser.add_argument(
@@ -171,7 +176,10 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, n_default: int) -> 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser, n_default=1000)
     parser.add_argument(
-        "--out", metavar="FILE", default=None, help="output file: .pt, .npy or .csv (default: next to the checkpoint)"
+        "--out",
+        metavar="FILE",
+        default=None,
+        help="output file: .pt, .npy or .csv; graphs: .g6 (graph6) or .json (default: next to the checkpoint)",
     )
 
 
@@ -191,6 +199,11 @@ def run(args: argparse.Namespace) -> int:
     ck = load_checkpoint(args.checkpoint)
     with runtime(args.device, check(ck["config"])["dtype"], args.threads) as rt:
         ck, cfg, spec, model = load_trained(args.checkpoint, rt)
+        if spec.name == "gdss":  # graphs: their own sampling and file formats
+            from ._graphs import run_sample
+
+            return run_sample(args, ck, cfg, spec, model, rt)
+        args.n = 1000 if args.n is None else args.n
         sampler, nfe = resolve_sampler(spec, args.sampler, args.nfe)
         tag = f"nfe{nfe}" if nfe is not None else (f"rtol{args.rtol:g}" if args.rtol else "adaptive")
         out = Path(args.out) if args.out else Path(ck["path"]).parent / f"samples-{sampler}-{tag}.pt"

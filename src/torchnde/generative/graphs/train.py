@@ -1,0 +1,232 @@
+r"""Training and sampling glue for graph generation (GDSS, Jo, Lee & Hwang 2022).
+
+The pieces are the generic multi-component layer (:mod:`torchnde.generative.multi`) and this
+package's data and networks; this module wires them the way GDSS does:
+
+* **Process** (:func:`graph_process`): node features ``x`` diffused by a VP-SDE and the adjacency
+  ``adj`` by a VE-SDE (GDSS's community-small and grid settings: VP ``beta`` 0.1–1.0, VE ``sigma``
+  0.2–1.0), the adjacency noise symmetric with a zero diagonal (:func:`~torchnde.generative.multi.symmetric_noise`)
+  and padded nodes masked (``mask_dims={"x": (1,), "adj": (1, 2)}``).
+* **Training** (:func:`fit`): :func:`~torchnde.generative.multi.multi_dsm_loss` on minibatches of
+  the padded training tensors (one-hot degree node features, 0/1 adjacency, node masks), Adam, an
+  exponential moving average of the weights (the sampled model; warm-up
+  ``min(decay, (1 + k) / (10 + k))`` at step ``k`` so that short runs are not dominated by the
+  initial weights).
+* **Sampling** (:func:`sample_graphs`): node counts drawn from the training set's sizes (GDSS's
+  ``init_flags``), :func:`~torchnde.generative.multi.multi_sample` with S4 or predictor–corrector
+  (or any sampler of :data:`~torchnde.generative.multi.MULTI_SAMPLERS`), the adjacency quantised at
+  0.5 and returned as networkx graphs (the sampled node features are discarded, as in GDSS).
+
+Everything random is a function of the seeds passed in.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import networkx as nx
+import numpy as np
+import torch
+from torch import nn
+
+from ..multi import MultiProcess, multi_dsm_loss, multi_sample, symmetric_noise
+from ..processes import VE, VP
+from .data import GraphBatch, to_graphs, to_tensors
+from .networks import AdjScoreNet, GraphScoreModel, NodeScoreNet
+
+__all__ = ["graph_process", "build_model", "fit", "FitResult", "sample_graphs", "EMA", "prepare"]
+
+
+def graph_process(
+    x_beta: tuple[float, float] = (0.1, 1.0), adj_sigma: tuple[float, float] = (0.2, 1.0), *, t0: float = 1e-3
+) -> MultiProcess:
+    """The system of SDEs: VP on the node features, VE on the adjacency (symmetric noise, masks)."""
+    return MultiProcess(
+        {"x": VP(*x_beta, t0=t0, t1=1.0), "adj": VE(*adj_sigma, t0=t0, t1=1.0)},
+        noise_transform={"adj": symmetric_noise},
+        mask_dims={"x": (1,), "adj": (1, 2)},
+    )
+
+
+def build_model(
+    features: int, *, hidden: int = 32, depth: int = 3, powers: int = 3, layers: int = 3, heads: int = 4
+) -> GraphScoreModel:
+    """A :class:`GraphScoreModel`: a ``depth``-layer GCN node network and an attention network over
+    ``powers`` adjacency powers with ``layers`` layers of ``heads`` heads, both ``hidden`` wide."""
+    return GraphScoreModel(
+        NodeScoreNet(features, hidden, depth), AdjScoreNet(features, hidden, powers, layers, heads)
+    )
+
+
+def prepare(graphs: list[nx.Graph], *, max_nodes: int | None = None, max_degree: int | None = None, dtype=None):
+    """Padded training tensors of ``graphs`` (one-hot degree features) -> :class:`GraphBatch`."""
+    return to_tensors(
+        graphs, max_nodes=max_nodes, max_degree=max_degree, features="degree", dtype=dtype or torch.float32
+    )
+
+
+class EMA:
+    """Exponential moving average of a module's parameters (and a copy holding it).
+
+    ``update(step)`` uses the decay ``min(decay, (1 + step) / (10 + step))``."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.999):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1); got {decay}")
+        self.decay = float(decay)
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        d = min(self.decay, (1.0 + step) / (10.0 + step))
+        for e, p in zip(self.model.parameters(), model.parameters()):
+            e.lerp_(p.detach(), 1.0 - d)
+        for e, b in zip(self.model.buffers(), model.buffers()):
+            e.copy_(b)
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns: the trained ``model``, its EMA copy ``ema`` (or the model itself
+    when ``ema_decay=0``), the losses ``[(step, loss)]``, wall and thread-CPU seconds."""
+
+    model: nn.Module
+    ema: nn.Module
+    losses: list = field(default_factory=list)
+    seconds: float = 0.0
+    cpu_seconds: float = 0.0
+
+
+def fit(
+    model: nn.Module,
+    process: MultiProcess,
+    batch: GraphBatch,
+    *,
+    steps: int = 1000,
+    batch_size: int = 64,
+    lr: float = 5e-3,
+    ema_decay: float = 0.999,
+    grad_clip: float | None = 1.0,
+    cosine: bool = True,
+    seed: int = 0,
+    log_every: int = 100,
+    log: Callable | None = None,
+) -> FitResult:
+    """Train ``model`` by denoising score matching of the joint system on the padded ``batch``.
+
+    Minibatches of ``batch_size`` graphs drawn with replacement; Adam with learning rate ``lr``
+    (cosine-decayed to 0 over ``steps`` if ``cosine``), gradient norm clipped to ``grad_clip``.
+    ``log(step, loss)`` every ``log_every`` steps if given.
+    """
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"steps and batch_size must be positive; got {steps}, {batch_size}")
+    x, adj, mask = batch
+    param = next(model.parameters())
+    x, adj, mask = (v.to(dtype=param.dtype, device=param.device) for v in (x, adj, mask))
+    g = torch.Generator(device=param.device).manual_seed(int(seed))
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if cosine else None
+    ema = EMA(model, ema_decay) if ema_decay > 0 else None
+    losses, run = [], 0.0
+    t_wall, t_cpu = time.perf_counter(), time.thread_time()
+    model.train()
+    for step in range(steps):
+        i = torch.randint(0, x.shape[0], (batch_size,), generator=g, device=param.device)
+        loss = multi_dsm_loss(
+            model, process, {"x": x[i], "adj": adj[i]}, mask=mask[i], parameterisation="eps", generator=g
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+        if sched is not None:
+            sched.step()
+        if ema is not None:
+            ema.update(model, step)
+        run += float(loss.detach())
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            k = (step + 1) % log_every or log_every
+            losses.append((step + 1, run / k))
+            run = 0.0
+            if log is not None:
+                log(step + 1, losses[-1][1])
+    model.eval()
+    return FitResult(
+        model, ema.model if ema is not None else model, losses, time.perf_counter() - t_wall, time.thread_time() - t_cpu
+    )
+
+
+def sample_graphs(
+    model: nn.Module,
+    process: MultiProcess,
+    n: int,
+    sizes,
+    *,
+    max_nodes: int,
+    features: int,
+    sampler: str = "s4",
+    nfe: int = 1000,
+    snr: float = 0.05,
+    n_corrector: int = 1,
+    seed: int = 0,
+    chunk_size: int = 256,
+    threshold: float = 0.5,
+    denoise: bool = True,
+    return_tensors: bool = False,
+    dtype: torch.dtype | None = None,
+    device=None,
+):
+    """``n`` graphs from a trained model.
+
+    Args:
+        sizes: the node counts to draw from uniformly (the training graphs' sizes, GDSS's protocol).
+        max_nodes, features: the padded ``N`` and ``F`` the model was trained with.
+        sampler, nfe, snr, n_corrector: :func:`~torchnde.generative.multi.multi_sample`'s (the
+            Langevin ``snr`` 0.05 is GDSS's for these data sets; at equal NFE ``"pc"`` takes
+            ``nfe // 2`` steps with one corrector each, ``"s4"`` ``nfe`` steps).
+        seed: seeds the node counts and the sampler (chunk ``c`` of the sampler: ``100003 seed + c``).
+        chunk_size: graphs per solve.
+        threshold: the adjacency quantisation level.
+        denoise: end with Tweedie's posterior mean (one more evaluation; removes the noise of
+            level ``sigma(t0)``, 0.2 for the default VE adjacency, that the samples still carry;
+            GDSS likewise returns the last step's mean).
+        return_tensors: also return ``(adj, mask)``, the continuous samples.
+        dtype, device: of the samples (default: those of ``model``'s first parameter, so ``model``
+            may be any callable if both are given).
+
+    Returns:
+        a list of ``n`` networkx graphs (and the tensors with ``return_tensors``).
+    """
+    sizes = np.asarray(list(sizes), dtype=np.int64)
+    if sizes.size == 0 or sizes.min() < 1 or sizes.max() > max_nodes:
+        raise ValueError(f"sizes must be node counts in 1..{max_nodes}; got {sizes.tolist()[:10]}")
+    if dtype is None or device is None:
+        param = next(model.parameters())
+        dtype, device = dtype or param.dtype, device or param.device
+    rng = np.random.default_rng(int(seed))
+    counts = torch.as_tensor(rng.choice(sizes, size=int(n)), device=device)
+    out, adjs, masks = [], [], []
+    with torch.no_grad():
+        for c, start in enumerate(range(0, int(n), int(chunk_size))):
+            k = counts[start : start + chunk_size]
+            b = k.shape[0]
+            mask = (torch.arange(max_nodes, device=device)[None] < k[:, None]).to(dtype)
+            res = multi_sample(
+                model, process, {"x": (b, max_nodes, features), "adj": (b, max_nodes, max_nodes)},
+                nfe=nfe, sampler=sampler, parameterisation="eps", mask=mask, seed=int(seed) * 100003 + c,
+                snr=snr, n_corrector=n_corrector, dtype=dtype, device=device, denoise=denoise,
+            )  # fmt: skip
+            a = res.x["adj"]
+            out += to_graphs(a, mask, threshold=threshold)
+            if return_tensors:
+                adjs.append(a)
+                masks.append(mask)
+    if return_tensors:
+        return out, (torch.cat(adjs), torch.cat(masks))
+    return out
