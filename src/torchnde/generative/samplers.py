@@ -442,8 +442,7 @@ def sample(
         step = solver or SPaRK()
         path = brownian(int(seed), levy_area=getattr(step, "levy_area", None))
         terms = process.reverse_sde(score, x.shape, path=path)
-    elif sampler in DPM_SAMPLERS:
-        order, multistep, prediction = DPM_SAMPLERS[sampler]
+    elif sampler in DPM_SAMPLERS or sampler in MRS_SAMPLERS:
         # the model's own output (counted); the solver converts it with cached coefficients
         predict = Parameterisation(parameterisation, process).as_kind(model, parameterisation)
         score = predict  # counts the model's evaluations
@@ -451,36 +450,31 @@ def sample(
         if isinstance(solver, DPMSolver) and solver.term_kind != parameterisation:
             raise ValueError(
                 f"the {sampler!r} preset's term returns the model's own output ({parameterisation!r}); "
-                f"build the solver with DPMSolver(..., term_kind={parameterisation!r}), got {solver.term_kind!r}"
+                f"build the solver with {type(solver).__name__}(..., term_kind={parameterisation!r}), "
+                f"got {solver.term_kind!r}"
             )
-        step = solver or DPMSolver(
-            process,
-            order,
-            multistep=multistep,
-            prediction=prediction,
-            term_kind=parameterisation,
-            num_steps=grid.numel() - 1,
-            orders=dpm_orders(sampler, int(nfe)) if times is None else None,
-        )
-    elif sampler in MRS_SAMPLERS:
-        order, sde, prediction = MRS_SAMPLERS[sampler]
-        predict = Parameterisation(parameterisation, process).as_kind(model, parameterisation)
-        score = predict  # counts the model's evaluations
-        terms = ODETerm(_prediction_field(predict), time_as_float=True)
-        if isinstance(solver, DPMSolver) and solver.term_kind != parameterisation:
-            raise ValueError(
-                f"the {sampler!r} preset's term returns the model's own output ({parameterisation!r}); "
-                f"build the solver with term_kind={parameterisation!r}, got {solver.term_kind!r}"
+        if sampler in DPM_SAMPLERS:
+            order, multistep, prediction = DPM_SAMPLERS[sampler]
+            step = solver or DPMSolver(
+                process,
+                order,
+                multistep=multistep,
+                prediction=prediction,
+                term_kind=parameterisation,
+                num_steps=grid.numel() - 1,
+                orders=dpm_orders(sampler, int(nfe)) if times is None else None,
             )
-        step = solver or MRSolver(
-            process,
-            order,
-            prediction=prediction,
-            sde=sde,
-            term_kind=parameterisation,
-            num_steps=grid.numel() - 1,
-            noise=brownian(int(seed)) if sde else None,
-        )
+        else:
+            order, sde, prediction = MRS_SAMPLERS[sampler]
+            step = solver or MRSolver(
+                process,
+                order,
+                prediction=prediction,
+                sde=sde,
+                term_kind=parameterisation,
+                num_steps=grid.numel() - 1,
+                noise=brownian(int(seed)) if sde else None,
+            )
     elif sampler in ("edm_heun", "edm_heun_sde"):
         terms = process.probability_flow(score)
         churn = 0.0 if sampler == "edm_heun" else (10.0 if s_churn is None else float(s_churn))
