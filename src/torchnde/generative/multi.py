@@ -130,7 +130,7 @@ from ..solvers import Euler, SPaRK, Tsit5
 from ..solvers._base import AbstractSolver, linear_coeffs
 from .objectives import _weight
 from .processes import DiffusionProcess, expand_time
-from .samplers import _FixedHeun
+from .samplers import _ADAPTIVE, _DEFAULT_TOL, _check_nfe, _FixedHeun, _steps_for, _times_grid
 
 __all__ = [
     "MultiProcess",
@@ -147,8 +147,6 @@ __all__ = [
 
 #: the samplers of :func:`multi_sample`
 MULTI_SAMPLERS = ("euler_maruyama", "pc", "s4", "pf_euler", "pf_heun", "pf_adaptive", "sde_adaptive")
-_ADAPTIVE = ("pf_adaptive", "sde_adaptive")
-_DEFAULT_TOL = {"pf_adaptive": 1e-5, "sde_adaptive": 1e-2}
 _LOSS_WEIGHTINGS = ("eps", "score")
 
 
@@ -842,18 +840,6 @@ class MultiSampleResult:
     solution: Solution
 
 
-def _steps_for(sampler: str, nfe: int, n_corrector: int) -> int:
-    if sampler == "pf_heun":
-        n = nfe // 2
-    elif sampler == "pc":
-        n = nfe // (1 + n_corrector)
-    else:
-        n = nfe
-    if n < 1:
-        raise ValueError(f"nfe={nfe} is too small for sampler {sampler!r} (it leaves no step)")
-    return n
-
-
 def multi_sample(
     model: Callable,
     process: MultiProcess,
@@ -925,16 +911,10 @@ def multi_sample(
     t_start, t_end = process.t1, process.t0
     if fixed:
         if times is None:
-            if nfe is None:
-                raise ValueError(f"sampler {sampler!r} needs nfe=... (the number of model evaluations)")
-            if isinstance(nfe, bool) or not isinstance(nfe, numbers.Integral) or nfe < 1:
-                raise ValueError(f"nfe must be an int >= 1, got {nfe!r}")
-            n = _steps_for(sampler, int(nfe), n_corrector)
+            n = _steps_for(sampler, _check_nfe(sampler, nfe), n_corrector)
             grid = torch.linspace(t_start, t_end, n + 1, dtype=torch.float64)
         else:
-            grid = torch.as_tensor(times, dtype=torch.float64).detach().cpu().reshape(-1)
-            if grid.numel() < 2 or not (grid[1:] < grid[:-1]).all():
-                raise ValueError("times must be a strictly decreasing grid of at least two times")
+            grid = _times_grid(times)
             t_start, t_end = float(grid[0]), float(grid[-1])
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()))

@@ -282,7 +282,9 @@ _ADAPTIVE = ("pf_adaptive", "sde_adaptive")
 _DEFAULT_TOL = {"pf_adaptive": 1e-5, "sde_adaptive": 1e-2}
 
 
-def _steps_for(sampler: str, nfe: int, n_corrector: int, process: DiffusionProcess) -> int:
+def _steps_for(sampler: str, nfe: int, n_corrector: int, process: DiffusionProcess | None = None) -> int:
+    """The grid's number of steps for a budget of ``nfe`` evaluations (``process``: EDM Heun's
+    final Euler step; also used by :func:`~torchnde.generative.multi.multi_sample`)."""
     if sampler == "pf_heun":
         n = nfe // 2
     elif sampler == "pc":
@@ -296,6 +298,23 @@ def _steps_for(sampler: str, nfe: int, n_corrector: int, process: DiffusionProce
     if n < 1:
         raise ValueError(f"nfe={nfe} is too small for sampler {sampler!r} (it leaves no step)")
     return n
+
+
+def _check_nfe(sampler: str, nfe) -> int:
+    """``nfe`` of a fixed-grid sampler without ``times``: an int >= 1."""
+    if nfe is None:
+        raise ValueError(f"sampler {sampler!r} needs nfe=... (the number of model evaluations)")
+    if isinstance(nfe, bool) or not isinstance(nfe, numbers.Integral) or nfe < 1:
+        raise ValueError(f"nfe must be an int >= 1, got {nfe!r}")
+    return int(nfe)
+
+
+def _times_grid(times) -> torch.Tensor:
+    """The user's ``times`` as a float64 CPU grid, checked to be strictly decreasing."""
+    grid = torch.as_tensor(times, dtype=torch.float64).detach().cpu().reshape(-1)
+    if grid.numel() < 2 or not (grid[1:] < grid[:-1]).all():
+        raise ValueError("times must be a strictly decreasing grid of at least two times")
+    return grid
 
 
 def sample(
@@ -404,11 +423,7 @@ def sample(
             raise TypeError(f"time_shift must be True, False/None or a TimeShift(...), got {type(time_shift).__name__}")
         model = time_shift.wrap(model, process)
     if fixed and times is None:
-        if nfe is None:
-            raise ValueError(f"sampler {sampler!r} needs nfe=... (the number of model evaluations)")
-        if isinstance(nfe, bool) or not isinstance(nfe, numbers.Integral) or nfe < 1:
-            raise ValueError(f"nfe must be an int >= 1, got {nfe!r}")
-        n = _steps_for(sampler, int(nfe), n_corrector, process)
+        n = _steps_for(sampler, _check_nfe(sampler, nfe), n_corrector, process)
         if (sampler in DPM_SAMPLERS or sampler in MRS_SAMPLERS) and not isinstance(process, EDM):
             grid = logsnr_times(process, n, t_start=t_start, t_end=t_end)
         elif t_start == process.t1 and t_end == process.t0:
@@ -416,9 +431,7 @@ def sample(
         else:
             grid = torch.linspace(t_start, t_end, n + 1, dtype=torch.float64)
     elif fixed:
-        grid = torch.as_tensor(times, dtype=torch.float64).detach().cpu().reshape(-1)
-        if grid.numel() < 2 or not (grid[1:] < grid[:-1]).all():
-            raise ValueError("times must be a strictly decreasing grid of at least two times")
+        grid = _times_grid(times)
         t_start, t_end = float(grid[0]), float(grid[-1])
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()))
