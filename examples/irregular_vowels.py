@@ -140,6 +140,37 @@ def train(model, data, args, gen):
     return acc, wall
 
 
+def make_data(drop: float, seed: int):
+    """Training and test ``(x, ts, mask, y)``, normalised by the training frames' statistics, with
+    the frames ``drop_and_pad`` keeps (the seed picks them); also the fraction of training frames
+    kept."""
+    train_s, y_train = load("train")
+    test_s, y_test = load("test")
+    allrows = torch.cat(train_s)
+    mean, std = allrows.mean(0), allrows.std(0)
+    max_len = max(s.shape[0] for s in train_s + test_s)
+    gen = torch.Generator().manual_seed(seed)
+    data = (
+        (*drop_and_pad(train_s, mean, std, drop, gen, max_len), y_train),
+        (*drop_and_pad(test_s, mean, std, drop, gen, max_len), y_test),
+    )
+    kept = (data[0][2].float().sum() / sum(s.shape[0] for s in train_s)).item()
+    return data, kept
+
+
+def model_builders(hidden: int, classes: int = 9) -> dict:
+    """``{key: (name, build)}`` for every model of the example (``--models`` keys)."""
+    H, C = hidden, classes
+    return {
+        "s4d": ("S4D", lambda: S4DClassifier(12, H, C, use_dt=True)),
+        "s4d_nodt": ("S4D (dt ignored)", lambda: S4DClassifier(12, H, C, use_dt=False)),
+        "cfc": ("CfC", lambda: RecurrentClassifier(CfC(12, H, backbone_units=64), H, C)),
+        "odernn": ("ODE-RNN", lambda: RecurrentClassifier(ODERNN(12, H, width=64), H, C)),
+        "s5": ("S5", lambda: S4DClassifier(12, H, C, state_size=H, block=S5Block)),
+        "ltc": ("LTC", lambda: RecurrentClassifier(LTC(12, H), H, C)),
+    }
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=30)
@@ -153,28 +184,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    train_s, y_train = load("train")
-    test_s, y_test = load("test")
-    allrows = torch.cat(train_s)
-    mean, std = allrows.mean(0), allrows.std(0)
-    max_len = max(s.shape[0] for s in train_s + test_s)
-    gen = torch.Generator().manual_seed(args.seed)
-    data = (
-        (*drop_and_pad(train_s, mean, std, args.drop, gen, max_len), y_train),
-        (*drop_and_pad(test_s, mean, std, args.drop, gen, max_len), y_test),
-    )
-    kept = data[0][2].float().sum() / sum(s.shape[0] for s in train_s)
+    data, kept = make_data(args.drop, args.seed)
     print(f"dropped {args.drop:.0%} of frames at random (kept {kept:.1%} of the training frames)")
 
-    H, C = args.hidden, 9
-    builders = {
-        "s4d": ("S4D", lambda: S4DClassifier(12, H, C, use_dt=True)),
-        "s4d_nodt": ("S4D (dt ignored)", lambda: S4DClassifier(12, H, C, use_dt=False)),
-        "cfc": ("CfC", lambda: RecurrentClassifier(CfC(12, H, backbone_units=64), H, C)),
-        "odernn": ("ODE-RNN", lambda: RecurrentClassifier(ODERNN(12, H, width=64), H, C)),
-        "s5": ("S5", lambda: S4DClassifier(12, H, C, state_size=H, block=S5Block)),
-        "ltc": ("LTC", lambda: RecurrentClassifier(LTC(12, H), H, C)),
-    }
+    builders = model_builders(args.hidden)
     results = {}
     for key in args.models.split(","):
         name, build = builders[key]

@@ -60,6 +60,17 @@ class Field(nn.Module):
         return self.net(z).view(*z.shape, self.channels)
 
 
+def build_model(channels: int, hidden: int, classes: int = 9) -> NeuralCDE:
+    """The neural CDE classifier: z(t0) from the first frame, a path per series, logits from z(t1)."""
+    return NeuralCDE(
+        Field(hidden, channels),
+        nn.Linear(channels, hidden),
+        nn.Linear(hidden, classes),
+        solver=tn.RK4(),
+        dt0=1.0,  # one RK4 step per frame: the path is one cubic per frame
+    )
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=30)
@@ -83,13 +94,7 @@ def main(argv=None):
     x_train, x_test = x_all[: len(train)], x_all[len(train) :]
     channels = x_train.shape[-1]
 
-    model = NeuralCDE(
-        Field(args.hidden, channels),
-        nn.Linear(channels, args.hidden),
-        nn.Linear(args.hidden, 9),
-        solver=tn.RK4(),
-        dt0=1.0,  # one RK4 step per frame: the path is one cubic per frame
-    )
+    model = build_model(channels, args.hidden)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(args.epochs, 1))
     gen = torch.Generator().manual_seed(args.seed)
