@@ -52,12 +52,11 @@ import torch
 
 from .._saveat import SaveAt
 from .._solve import solve
-from .._terms import ODETerm
 from ..controllers import StepTo
 from ..solvers._base import AbstractSolver, linear_coeffs
-from ._shapes import check_shape, event_mismatch, event_shape_of
 from .parameterisation import KINDS, Parameterisation
 from .processes import DiffusionProcess
+from .samplers import _check_sample_shape, _initial_state, _prediction_term
 
 __all__ = ["BDIASolver", "BDIAResult", "bdia_sample", "bdia_invert", "BDIA_BASES"]
 
@@ -182,16 +181,6 @@ class BDIASolver(AbstractSolver):
         return linear_coeffs(*dense_info)
 
 
-def _prediction_term(model, process, parameterisation):
-    predict = Parameterisation(parameterisation, process).as_kind(model, parameterisation)
-
-    def prediction(t, x, args=None):
-        return predict(t, x)
-
-    prediction.event_shape = event_shape_of(model)
-    return ODETerm(prediction, time_as_float=True), predict
-
-
 def _grid(process, nfe, times):
     if times is not None:
         grid = torch.as_tensor(times, dtype=torch.float64).detach().cpu().reshape(-1)
@@ -227,20 +216,10 @@ def bdia_sample(
     starting state exactly.
     """
     grid = _grid(process, nfe, times)
-    shape = check_shape(shape)
-    expected = event_shape_of(model)
-    if expected is not None and shape[1:] != expected:
-        raise event_mismatch(f"shape={shape}", expected, f"shape=(batch, {', '.join(map(str, expected))})")
-    if x_init is None:
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, ()))
-        dev = torch.device(device) if device is not None else torch.get_default_device()
-        gen = torch.Generator(device=dev).manual_seed(int(seed))
-        x = process.prior_sample(shape, generator=gen, dtype=dtype, device=dev)
-    else:
-        x = x_init
-        if tuple(x.shape) != shape:
-            raise ValueError(f"x_init has shape {tuple(x.shape)}, expected {tuple(shape)}")
+    shape = _check_sample_shape(model, shape)
+    if x_init is None and seed is None:
+        seed = int(torch.randint(0, 2**62, ()))
+    x = _initial_state(process, shape, x_init, seed, dtype, device)
     term, predict = _prediction_term(model, process, parameterisation)
     step = BDIASolver(process, base=base, gamma=gamma, term_kind=parameterisation)
     sol = solve(

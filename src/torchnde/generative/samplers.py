@@ -179,6 +179,34 @@ def _prediction_field(f):
     return prediction
 
 
+def _prediction_term(model, process: DiffusionProcess, parameterisation: str):
+    """The ``ODETerm`` of ``model``'s own prediction (of kind ``parameterisation``) and the counted
+    prediction behind it (its ``calls`` are the model's evaluations)."""
+    predict = Parameterisation(parameterisation, process).as_kind(model, parameterisation)
+    return ODETerm(_prediction_field(predict), time_as_float=True), predict
+
+
+def _check_sample_shape(model, shape) -> tuple[int, ...]:
+    """``shape`` checked, and against the ``event_shape`` the model declares (if any)."""
+    shape = check_shape(shape)
+    expected = event_shape_of(model)
+    if expected is not None and shape[1:] != expected:
+        raise event_mismatch(f"shape={shape}", expected, f"shape={batch_hint(expected)}")
+    return shape
+
+
+def _initial_state(process: DiffusionProcess, shape, x_init, seed: int, dtype, device) -> torch.Tensor:
+    """A prior draw of ``shape`` from a generator seeded with ``seed``, or ``x_init`` (checked
+    to have ``shape``)."""
+    if x_init is None:
+        dev = torch.device(device) if device is not None else torch.get_default_device()
+        gen = torch.Generator(device=dev).manual_seed(int(seed))
+        return process.prior_sample(shape, generator=gen, dtype=dtype, device=dev)
+    if tuple(x_init.shape) != shape:
+        raise ValueError(f"x_init has shape {tuple(x_init.shape)}, expected {tuple(shape)}")
+    return x_init
+
+
 class _FixedHeun(AbstractERK):
     """Heun's method without its embedded error estimate: on the fixed grid of ``"pf_heun"`` the
     estimate would be computed at every step and never read (same steps as :class:`Heun`)."""
@@ -405,10 +433,7 @@ def sample(
         )
     if not isinstance(process, DiffusionProcess):
         raise TypeError(f"process must be a DiffusionProcess such as VP(), got {type(process).__name__}")
-    shape = check_shape(shape)
-    expected = event_shape_of(model)
-    if expected is not None and shape[1:] != expected:
-        raise event_mismatch(f"shape={shape}", expected, f"shape={batch_hint(expected)}")
+    shape = _check_sample_shape(model, shape)
     t_start = process.t1 if t_start is None else float(t_start)
     t_end = process.t0 if t_end is None else float(t_end)
     if not t_start > t_end:
@@ -435,14 +460,7 @@ def sample(
         t_start, t_end = float(grid[0]), float(grid[-1])
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()))
-    if x_init is None:
-        dev = torch.device(device) if device is not None else torch.get_default_device()
-        gen = torch.Generator(device=dev).manual_seed(int(seed))
-        x = process.prior_sample(shape, generator=gen, dtype=dtype, device=dev)
-    else:
-        x = x_init
-        if tuple(x.shape) != shape:
-            raise ValueError(f"x_init has shape {tuple(x.shape)}, expected {tuple(shape)}")
+    x = _initial_state(process, shape, x_init, seed, dtype, device)
     score = Parameterisation(parameterisation, process).as_score(model)
 
     def brownian(s, extra=(), levy_area=None):
@@ -457,9 +475,8 @@ def sample(
         terms = process.reverse_sde(score, x.shape, path=path)
     elif sampler in DPM_SAMPLERS or sampler in MRS_SAMPLERS:
         # the model's own output (counted); the solver converts it with cached coefficients
-        predict = Parameterisation(parameterisation, process).as_kind(model, parameterisation)
+        terms, predict = _prediction_term(model, process, parameterisation)
         score = predict  # counts the model's evaluations
-        terms = ODETerm(_prediction_field(predict), time_as_float=True)
         if isinstance(solver, DPMSolver) and solver.term_kind != parameterisation:
             raise ValueError(
                 f"the {sampler!r} preset's term returns the model's own output ({parameterisation!r}); "
