@@ -74,7 +74,6 @@ depth = 1
 powers = 2
 layers = 1
 heads = 2
-beta_max = 1.0
 [train]
 steps = 3
 batch_size = 4
