@@ -49,9 +49,9 @@ from torch import nn
 
 from .. import _solve
 from .._terms import ControlTerm, MultiTerm, ODETerm
-from ..paths import BrownianGrid, VirtualBrownianTree
-from ..solvers import AbstractAdaptiveSolver, Euler
-from .flow_matching import _bcast, _check_pair, _times, fit, ot_coupling
+from ..paths import BrownianGrid
+from ..solvers import Euler
+from .flow_matching import _bcast, _check_pair, _final, _sde_setup, _times, fit, ot_coupling
 from .processes import VP
 
 __all__ = [
@@ -381,23 +381,7 @@ def sample_bridge(
     bridge = _as_bridge(bridge)
     if direction not in _DIRECTIONS:
         raise ValueError(f"direction must be one of {_DIRECTIONS}; got {direction!r}")
-    solver = Euler() if solver is None else solver
-    adaptive = controller is not None
-    if adaptive and not isinstance(solver, AbstractAdaptiveSolver):
-        raise TypeError(f"an adaptive controller needs an adaptive solver such as Heun(); got {solver!r}")
-    if not adaptive:
-        if not isinstance(nfe, int) or isinstance(nfe, bool) or nfe < 1:
-            raise ValueError(f"nfe must be an int >= 1; got {nfe!r}")
-        solve_kwargs.setdefault("dt0", 1.0 / nfe)
-        solve_kwargs.setdefault("max_steps", nfe + 8)
-    if path is None:
-        # a solver that needs Lévy areas (SRA1, ShARK, SPaRK) declares which
-        kw = dict(seed=seed, dtype=x_start.dtype, device=x_start.device, levy_area=getattr(solver, "levy_area", None))
-        path = (
-            VirtualBrownianTree(0.0, 1.0, tuple(x_start.shape), **kw)
-            if adaptive
-            else BrownianGrid.uniform(0.0, 1.0, nfe, tuple(x_start.shape), **kw)
-        )
+    solver, path = _sde_setup(solver, controller, nfe, path, x_start, seed, solve_kwargs)
     backward = direction == "backward"
 
     def model_time(s, x):
@@ -417,7 +401,7 @@ def sample_bridge(
     sol = _solve.solve(terms, solver, 0.0, 1.0, x_start, controller=controller, **solve_kwargs)
     if return_solution or solve_kwargs.get("saveat") is not None:
         return sol
-    return sol.ys[:, -1] if solve_kwargs.get("per_sample") else sol.ys[-1]
+    return _final(sol, solve_kwargs)
 
 
 # ---------------------------------------------------------------------------------------- sinkhorn

@@ -88,6 +88,31 @@ def _final(sol, solve_kwargs) -> torch.Tensor:
     return sol.ys[:, -1] if solve_kwargs.get("per_sample") else sol.ys[-1]
 
 
+def _sde_setup(solver, controller, nfe, path, x: torch.Tensor, seed, solve_kwargs: dict):
+    """The solver and Brownian path of an additive-noise SDE sampled from 0 to 1: ``Euler()`` by
+    default, checked against an adaptive ``controller``; with constant steps ``nfe`` (an int >=
+    1) sets ``solve_kwargs``' default ``dt0`` and ``max_steps``; without ``path``, a
+    :class:`~torchnde.VirtualBrownianTree` (adaptive) or a :class:`~torchnde.BrownianGrid` of the
+    ``nfe`` steps of ``x``'s shape, carrying the Lévy area the solver declares (e.g. ``SRA1()``)."""
+    solver = Euler() if solver is None else solver
+    adaptive = controller is not None
+    if adaptive and not isinstance(solver, AbstractAdaptiveSolver):
+        raise TypeError(f"an adaptive controller needs an adaptive solver such as Heun(); got {solver!r}")
+    if not adaptive:
+        if not isinstance(nfe, int) or isinstance(nfe, bool) or nfe < 1:
+            raise ValueError(f"nfe must be an int >= 1; got {nfe!r}")
+        solve_kwargs.setdefault("dt0", 1.0 / nfe)
+        solve_kwargs.setdefault("max_steps", nfe + 8)
+    if path is None:
+        kw = dict(seed=seed, dtype=x.dtype, device=x.device, levy_area=getattr(solver, "levy_area", None))
+        path = (
+            VirtualBrownianTree(0.0, 1.0, tuple(x.shape), **kw)
+            if adaptive
+            else BrownianGrid.uniform(0.0, 1.0, nfe, tuple(x.shape), **kw)
+        )
+    return solver, path
+
+
 def _stages(solver) -> int:
     tableau = getattr(solver, "tableau", None)
     return len(tableau.c) if tableau is not None else 1
@@ -500,22 +525,7 @@ class StochasticInterpolant:
         """
         if diffusion < 0:
             raise ValueError(f"diffusion must be >= 0; got {diffusion}")
-        solver = Euler() if solver is None else solver
-        adaptive = controller is not None
-        if adaptive and not isinstance(solver, AbstractAdaptiveSolver):
-            raise TypeError(f"an adaptive controller needs an adaptive solver such as Heun(); got {solver!r}")
-        if not adaptive:
-            if not isinstance(nfe, int) or isinstance(nfe, bool) or nfe < 1:
-                raise ValueError(f"nfe must be an int >= 1; got {nfe!r}")
-            solve_kwargs.setdefault("dt0", 1.0 / nfe)
-            solve_kwargs.setdefault("max_steps", nfe + 8)
-        if path is None:
-            kw = dict(seed=seed, dtype=x0.dtype, device=x0.device)
-            path = (
-                VirtualBrownianTree(0.0, 1.0, tuple(x0.shape), **kw)
-                if adaptive
-                else BrownianGrid.uniform(0.0, 1.0, nfe, tuple(x0.shape), **kw)
-            )
+        solver, path = _sde_setup(solver, controller, nfe, path, x0, seed, solve_kwargs)
         c = float(diffusion)
 
         def drift(t, x, args):
