@@ -277,6 +277,10 @@ class SharedLoop(_Loop):
 
     def _setup(self, p, flat, time_dtype):
         self.stops = SharedStops(self.controller, self.sign, self.tau0)
+        # [y, |y|] of the last step end, for PIDController's error scale (see decide)
+        # (only for PIDController.adapt itself: not a subclass's, nor one replaced on the instance)
+        own = getattr(self.controller.adapt, "__func__", None) is PIDController.adapt
+        self.abs_memo = [None, None] if own else None
         self.result, self.running = Result.successful, True
         self.n_steps = self.n_acc = self.n_rej = 0
 
@@ -327,9 +331,14 @@ class SharedLoop(_Loop):
         running, result = self.running, self.result
         if self.adaptive:
             controller = self.controller
-            accept, dt_new, self.cstate, cres = controller.adapt(
-                s.t, s.t_next, s.y, s.y1, s.y_err, self.error_order, self.cstate, ScalarOps
-            )
+            if self.abs_memo is not None:  # PIDController.adapt itself: its scalar form, with |y| kept
+                accept, dt_new, self.cstate, cres = controller._adapt_scalar(
+                    s.t_next - s.t, s.y, s.y1, s.y_err, self.error_order, self.cstate, self.abs_memo
+                )
+            else:
+                accept, dt_new, self.cstate, cres = controller.adapt(
+                    s.t, s.t_next, s.y, s.y1, s.y_err, self.error_order, self.cstate, ScalarOps
+                )
             if not finite:  # a non-finite state shrinks the step even if the error estimate was finite
                 accept = False
                 dt_new = (s.t_next - s.t) * controller.factormin

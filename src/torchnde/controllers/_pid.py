@@ -228,14 +228,21 @@ class PIDController(AbstractController):
             cstate = (ops.where(accept, inv, prev1), ops.where(accept, prev1, prev2))
         return accept, dt_next, cstate, result
 
-    def _adapt_scalar(self, dt, y0, y1, y_error, error_order, cstate):
+    def _adapt_scalar(self, dt, y0, y1, y_error, error_order, cstate, memo=None):
         """:meth:`adapt` with one step size (``ScalarOps``): the same arithmetic on Python floats,
-        written out (it runs once per step, and the calls into ``ops`` cost as much as the rest)."""
+        written out (it runs once per step, and the calls into ``ops`` cost as much as the rest).
+        ``memo``: a list ``[y, |y|]`` the caller keeps for one solve, so that ``|y1|`` of an
+        accepted step is not computed again as the next step's ``|y0|``."""
         if self.norm is rms_norm and getattr(self, "_pre", None) is None and not torch.is_grad_enabled():
             # _scaled_norm's RMS path inline (nothing to detach)
             tols = self._tol_cache.get((y0.dtype, y0.device))
             rtol, atol = tols if tols is not None else self._tolerances(y0)
-            m = torch.maximum(y0.abs(), y1.abs())
+            if memo is None:
+                m = torch.maximum(y0.abs(), y1.abs())
+            else:
+                a1 = y1.abs()
+                m = torch.maximum(memo[1] if memo[0] is y0 else y0.abs(), a1)
+                memo[0], memo[1] = y1, a1
             n = y_error.shape[-1]
             err = torch.linalg.vector_norm(y_error / torch.addcmul(atol, m, rtol), dim=-1).item() / math.sqrt(max(n, 1))
         else:

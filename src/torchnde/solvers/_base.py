@@ -315,7 +315,8 @@ class AbstractERK(AbstractSolver):
             zero_tmp = y0.new_zeros(2, n)
             tmp = zero_tmp[1]
             direct = getattr(term, "direct", None)
-            user = None if direct is None else (tmp.view(direct[1]), K.view(-1, *direct[1]).unbind(0))
+            # (the last step's end as returned and in the user's shape: the next step starts there)
+            user = None if direct is None else (tmp.view(direct[1]), K.view(-1, *direct[1]).unbind(0), [None, None])
             buf = scratch[key] = (K.unbind(0), blocks, KT, zero_tmp[0], tmp, user)
         rows, blocks, KT, zero, tmp, user = buf
         h = t1 - t0
@@ -338,9 +339,9 @@ class AbstractERK(AbstractSolver):
             # the step (term.need_dense False) they stay in the user's shape too, copied into
             # the buffer through its rows in that shape, and only the last one (the next step's
             # first stage, FSAL) is flattened
-            tmp_user, rows_user = user
+            tmp_user, rows_user, last = user
             flat_ks = term.need_dense
-            y0_user = y0.view(shape)
+            y0_user = last[1] if last[0] is y0 else y0.view(shape)
             for i in range(1, len(rows)):
                 mv(blocks[i], a[i], out=tmp)
                 yi = add(y0_user, tmp_user, alpha=h)
@@ -354,7 +355,8 @@ class AbstractERK(AbstractSolver):
             if not flat_ks:
                 ks[-1] = ks[-1].reshape(state_shape)
             term.nfe += len(rows) - 1
-            yi = yi.view(state_shape)
+            last[1] = yi
+            yi = last[0] = yi.view(state_shape)
         if tab.fsal:
             y1, f1 = yi, ks[-1]
         else:
