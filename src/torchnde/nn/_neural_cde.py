@@ -12,8 +12,8 @@ from ..adjoints import AbstractAdjoint
 from ..controllers import AbstractController, PIDController
 from ..paths import AbstractPath
 from ..paths._interp import _PiecewisePolynomial
-from ..solvers import AbstractAdaptiveSolver, AbstractSolver, Tsit5
-from ._neural_ode import _check_adjoint_and_max_steps, _check_controller, _check_solver_class, _FieldModule, _unwrap
+from ..solvers import AbstractAdaptiveSolver, AbstractSolver
+from ._neural_ode import _check_adjoint_and_max_steps, _check_controller, _FieldModule, _ode_solver, _unwrap
 
 __all__ = ["NeuralCDE"]
 
@@ -125,11 +125,7 @@ class NeuralCDE(_FieldModule):
         super().__init__()
         _check(initial, "initial (the map from X(t0) to z0)")
         _check(readout, "readout", optional=True)
-        if solver is None:
-            solver = Tsit5()
-        _check_solver_class("NeuralCDE", solver)
-        if not isinstance(solver, AbstractSolver):
-            raise TypeError(f"NeuralCDE(solver=...) must be a solver such as Tsit5(), got {type(solver).__name__}")
+        solver = _ode_solver("NeuralCDE", solver)
         adaptive = isinstance(solver, AbstractAdaptiveSolver)
         if controller is None and not adaptive and dt0 is None:
             raise ValueError(

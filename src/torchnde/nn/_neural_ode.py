@@ -46,6 +46,38 @@ def _check_controller(owner: str, controller) -> None:
         )
 
 
+def _ode_solver(owner: str, solver):
+    """``solver`` (``Tsit5()`` for ``None``), checked to be a solver instance."""
+    if solver is None:
+        solver = Tsit5()
+    _check_solver_class(owner, solver)
+    if not isinstance(solver, AbstractSolver):
+        raise TypeError(f"{owner}(solver=...) must be a solver such as Tsit5(), got {type(solver).__name__}")
+    return solver
+
+
+def _ode_solver_and_controller(owner: str, solver, controller, dt0):
+    """:func:`_ode_solver` and the controller: ``PIDController(rtol=1e-3, atol=1e-6)`` for an
+    adaptive solver given none; a solver without an error estimate needs ``dt0`` (constant
+    steps) or a controller, and cannot take a ``PIDController``."""
+    solver = _ode_solver(owner, solver)
+    adaptive = isinstance(solver, AbstractAdaptiveSolver)
+    if controller is None and adaptive:
+        controller = PIDController(rtol=1e-3, atol=1e-6)
+    elif controller is None and dt0 is None:
+        raise ValueError(
+            f"{type(solver).__name__}() has no error estimate, so {owner} needs dt0=... (constant steps); "
+            "or use an adaptive solver such as Tsit5()"
+        )
+    _check_controller(owner, controller)
+    if isinstance(controller, PIDController) and not adaptive:
+        raise TypeError(
+            f"{type(solver).__name__}() has no error estimate, so it cannot be used with PIDController; "
+            "pass dt0=... for constant steps or use an adaptive solver such as Tsit5()"
+        )
+    return solver, controller
+
+
 def _check_adjoint_and_max_steps(owner: str, adjoint, max_steps):
     """The checks every module here makes of ``adjoint`` and ``max_steps``; returns the adjoint
     (``DirectAdjoint()`` for ``None``)."""
@@ -181,25 +213,7 @@ class NeuralODE(_FieldModule):
     ):
         super().__init__()
         _check_module(vector_field)
-        if solver is None:
-            solver = Tsit5()
-        _check_solver_class("NeuralODE", solver)
-        if not isinstance(solver, AbstractSolver):
-            raise TypeError(f"NeuralODE(solver=...) must be a solver such as Tsit5(), got {type(solver).__name__}")
-        adaptive = isinstance(solver, AbstractAdaptiveSolver)
-        if controller is None and adaptive:
-            controller = PIDController(rtol=1e-3, atol=1e-6)
-        elif controller is None and dt0 is None:
-            raise ValueError(
-                f"{type(solver).__name__}() has no error estimate, so NeuralODE needs dt0=... (constant steps); "
-                "or use an adaptive solver such as Tsit5()"
-            )
-        _check_controller("NeuralODE", controller)
-        if isinstance(controller, PIDController) and not adaptive:
-            raise TypeError(
-                f"{type(solver).__name__}() has no error estimate, so it cannot be used with PIDController; "
-                "pass dt0=... for constant steps or use an adaptive solver such as Tsit5()"
-            )
+        solver, controller = _ode_solver_and_controller("NeuralODE", solver, controller, dt0)
         adjoint = _check_adjoint_and_max_steps("NeuralODE", adjoint, max_steps)
         if saveat is None:
             saveat = SaveAt(t1=True)

@@ -12,9 +12,8 @@ from .._saveat import SaveAt
 from .._solve import solve
 from .._terms import ODETerm
 from ..adjoints import DirectAdjoint
-from ..controllers import AbstractController, PIDController
-from ..solvers import AbstractAdaptiveSolver, AbstractSolver, Tsit5
-from ._neural_ode import _check_adjoint_and_max_steps, _check_controller, _check_solver_class
+from ..controllers import AbstractController
+from ._neural_ode import _check_adjoint_and_max_steps, _ode_solver_and_controller
 
 
 def check_sizes(owner: str, **sizes) -> None:
@@ -91,25 +90,7 @@ class Evolver:
     with :func:`torchnde.solve` in per-sample mode (each sample its own ``t0``, ``t1``, steps)."""
 
     def __init__(self, owner, solver, controller, adjoint, dt0, max_steps):
-        if solver is None:
-            solver = Tsit5()
-        _check_solver_class(owner, solver)
-        if not isinstance(solver, AbstractSolver):
-            raise TypeError(f"{owner}(solver=...) must be a solver such as Tsit5(), got {type(solver).__name__}")
-        adaptive = isinstance(solver, AbstractAdaptiveSolver)
-        if controller is None and adaptive:
-            controller = PIDController(rtol=1e-3, atol=1e-6)
-        elif controller is None and dt0 is None:
-            raise ValueError(
-                f"{type(solver).__name__}() has no error estimate, so {owner} needs dt0=... (constant steps); "
-                "or use an adaptive solver such as Tsit5()"
-            )
-        _check_controller(owner, controller)
-        if isinstance(controller, PIDController) and not adaptive:
-            raise TypeError(
-                f"{type(solver).__name__}() has no error estimate, so it cannot be used with PIDController; "
-                "pass dt0=... for constant steps or use an adaptive solver such as Tsit5()"
-            )
+        solver, controller = _ode_solver_and_controller(owner, solver, controller, dt0)
         self.solver = solver
         self.controller: AbstractController | None = controller
         self.adjoint = _check_adjoint_and_max_steps(
