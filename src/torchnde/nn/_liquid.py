@@ -20,7 +20,7 @@ from torch import nn
 from ..adjoints import AbstractAdjoint
 from ..controllers import AbstractController
 from ..solvers import AbstractSolver
-from ._recurrent import Evolver, check_sizes, sequence_inputs
+from ._recurrent import Evolver, check_sizes, scan_observations, sequence_inputs
 
 __all__ = ["LTC", "CfC"]
 
@@ -90,18 +90,11 @@ class LTC(_LiquidParams):
         dt, mask, h = sequence_inputs("LTC", x, self.input_size, dt, ts, mask, h0, self.hidden_size)
         B = x.shape[0]
         t_last = torch.as_tensor(t0, dtype=x.dtype, device=x.device).expand(B).clone()
-        pending = torch.zeros_like(t_last)
-        hs = []
-        for k in range(x.shape[1]):
-            pending = pending + dt[:, k]
-            obs = mask[:, k]
-            span = torch.where(obs, pending, torch.zeros_like(pending))
-            h_new = self._evolve(self.vector_field, h, t_last, span, x[:, k])
-            h = torch.where(obs[:, None], h_new, h)
-            t_last = t_last + span
-            pending = torch.where(obs, torch.zeros_like(pending), pending)
-            hs.append(h)
-        return torch.stack(hs, 1), h
+
+        def update(k, h, t, span):
+            return self._evolve(self.vector_field, h, t, span, x[:, k])
+
+        return scan_observations(dt, mask, h, update, t_last)
 
     def extra_repr(self):
         return f"input_size={self.input_size}, hidden_size={self.hidden_size}, solver={self._evolve.solver!r}"
@@ -190,15 +183,7 @@ class CfC(nn.Module):
 
     def forward(self, x, dt=None, *, ts=None, mask=None, h0=None):
         dt, mask, h = sequence_inputs("CfC", x, self.input_size, dt, ts, mask, h0, self.hidden_size)
-        pending = torch.zeros_like(dt[:, 0])
-        hs = []
-        for k in range(x.shape[1]):
-            pending = pending + dt[:, k]
-            obs = mask[:, k]
-            h = torch.where(obs[:, None], self.cell(x[:, k], h, pending), h)
-            pending = torch.where(obs, torch.zeros_like(pending), pending)
-            hs.append(h)
-        return torch.stack(hs, 1), h
+        return scan_observations(dt, mask, h, lambda k, h, t, span: self.cell(x[:, k], h, span))
 
     def extra_repr(self):
         return f"input_size={self.input_size}, hidden_size={self.hidden_size}, mode={self.mode!r}"

@@ -15,7 +15,7 @@ from ..adjoints import AbstractAdjoint
 from ..controllers import AbstractController
 from ..solvers import AbstractSolver
 from ._neural_ode import _vector_field_arity
-from ._recurrent import Evolver, check_sizes, sequence_inputs
+from ._recurrent import Evolver, check_sizes, scan_observations, sequence_inputs
 
 __all__ = ["ODERNN", "GRUODEField"]
 
@@ -134,18 +134,11 @@ class ODERNN(nn.Module):
             if bool((lead < 0).any()):
                 raise ValueError("ODERNN(t0=...) must not come after the first observation time ts[:, 0]")
             dt = torch.cat([lead[:, None], dt[:, 1:]], 1)
-        pending = torch.zeros_like(t_last)
-        hs = []
-        for k in range(x.shape[1]):
-            pending = pending + dt[:, k]
-            obs = mask[:, k]
-            span = torch.where(obs, pending, torch.zeros_like(pending))
-            h_ode = self._evolve(self._vf, h, t_last, span)
-            h = torch.where(obs[:, None], self.update(x[:, k], h_ode), h)
-            t_last = t_last + span
-            pending = torch.where(obs, torch.zeros_like(pending), pending)
-            hs.append(h)
-        return torch.stack(hs, 1), h
+
+        def update(k, h, t, span):
+            return self.update(x[:, k], self._evolve(self._vf, h, t, span))
+
+        return scan_observations(dt, mask, h, update, t_last)
 
     def extra_repr(self):
         return f"input_size={self.input_size}, hidden_size={self.hidden_size}, solver={self._evolve.solver!r}"

@@ -85,6 +85,27 @@ def sequence_inputs(owner: str, x, input_size: int, dt, ts, mask, h0, hidden_siz
     return dt, mask, h0
 
 
+def scan_observations(dt, mask, h, update, t_last=None):
+    """Run a cell over a sequence's steps: the time since the last observed step accumulates
+    over masked ones, and at an observed step ``k`` the state becomes ``update(k, h, t_last,
+    span)``, ``span`` ``(batch,)`` the time since the last observation (per sample; where step
+    ``k`` is masked, ``span`` is 0 and the update is discarded). ``t_last`` ``(batch,)``, if
+    given, is the time of ``h`` and moves on by ``span``. Returns ``(hs, h_last)``: the state
+    after each step ``(batch, length, hidden)`` and after the last observed one."""
+    pending = torch.zeros_like(dt[:, 0])
+    hs = []
+    for k in range(dt.shape[1]):
+        pending = pending + dt[:, k]
+        obs = mask[:, k]
+        span = torch.where(obs, pending, torch.zeros_like(pending))
+        h = torch.where(obs[:, None], update(k, h, t_last, span), h)
+        if t_last is not None:
+            t_last = t_last + span
+        pending = torch.where(obs, torch.zeros_like(pending), pending)
+        hs.append(h)
+    return torch.stack(hs, 1), h
+
+
 class Evolver:
     """Solves ``dh/dt = field(t, h)`` per sample from each sample's last observation to the next,
     with :func:`torchnde.solve` in per-sample mode (each sample its own ``t0``, ``t1``, steps)."""
