@@ -210,6 +210,28 @@ class _DiagonalSSM(nn.Module):
     def _A(self) -> torch.Tensor:
         return torch.complex(-torch.exp(self.log_A_real), self.A_imag)
 
+    def _check_args(self, channels, state_size, init, discretisation, dt_min, dt_max, dtype):
+        """Check the constructor's options, store them; returns ``(channels, state_size, dtype)``."""
+        H = _check_positive_int(self._owner, "channels", channels)
+        N = _check_positive_int(self._owner, "state_size", state_size)
+        _check_options(self._owner, init, discretisation, dt_min, dt_max)
+        self.channels, self.state_size, self.init, self.discretisation = H, N, init, discretisation
+        return H, N, torch.get_default_dtype() if dtype is None else dtype
+
+    def _init_parameters(self, lam, B0, C0, n_steps: int, dt_min, dt_max, dtype, device) -> None:
+        """The parameters from float64/complex128 initial values: ``A`` from the eigenvalues
+        ``lam``, ``B`` from complex ``B0``, ``C`` from ``C0`` (already a real view ``(..., 2)``),
+        then (drawn in this order) ``D`` normal per channel and ``n_steps`` log step sizes
+        uniform in ``[log dt_min, log dt_max]``."""
+        fk = {"dtype": dtype, "device": device}
+        self.log_A_real = nn.Parameter(torch.log(-lam.real).to(**fk).clone())
+        self.A_imag = nn.Parameter(lam.imag.to(**fk).clone())
+        self.B = nn.Parameter(torch.view_as_real(B0).to(**fk).clone())
+        self.C = nn.Parameter(C0.to(**fk).clone())
+        self.D = nn.Parameter(torch.randn(self.channels, dtype=torch.float64).to(**fk))
+        u = torch.rand(n_steps, dtype=torch.float64)
+        self.log_dt = nn.Parameter((math.log(dt_min) + u * (math.log(dt_max) - math.log(dt_min))).to(**fk))
+
     def _check_u(self, u: torch.Tensor, channels: int) -> None:
         if not isinstance(u, torch.Tensor) or u.dim() != 3 or u.shape[-1] != channels:
             got = tuple(u.shape) if isinstance(u, torch.Tensor) else type(u).__name__
@@ -318,27 +340,15 @@ class S4D(_DiagonalSSM):
         device=None,
     ):
         super().__init__()
-        H = _check_positive_int("S4D", "channels", channels)
-        N = _check_positive_int("S4D", "state_size", state_size)
-        _check_options("S4D", init, discretisation, dt_min, dt_max)
-        dtype = torch.get_default_dtype() if dtype is None else dtype
-        self.channels, self.state_size, self.init, self.discretisation = H, N, init, discretisation
+        H, N, dtype = self._check_args(channels, state_size, init, discretisation, dt_min, dt_max, dtype)
         if init == "legs":
             lam, V, B_legs = _legs_normal_eig(N)
             B0 = (V.conj().T @ B_legs.to(torch.complex128)).expand(H, N)
         else:
             lam = _init_modes(init, N)
             B0 = torch.ones(H, N, dtype=torch.complex128)
-        lam = lam.expand(H, N)
-        fk = {"dtype": dtype, "device": device}
-        self.log_A_real = nn.Parameter(torch.log(-lam.real).to(**fk).clone())
-        self.A_imag = nn.Parameter(lam.imag.to(**fk).clone())
-        self.B = nn.Parameter(torch.view_as_real(B0).to(**fk).clone())
         C0 = torch.randn(H, N, 2, dtype=torch.float64) * math.sqrt(0.5)
-        self.C = nn.Parameter(C0.to(**fk))
-        self.D = nn.Parameter(torch.randn(H, dtype=torch.float64).to(**fk))
-        u = torch.rand(H, dtype=torch.float64)
-        self.log_dt = nn.Parameter((math.log(dt_min) + u * (math.log(dt_max) - math.log(dt_min))).to(**fk))
+        self._init_parameters(lam.expand(H, N), B0, C0, H, dt_min, dt_max, dtype, device)
 
     def _BC(self):
         return torch.view_as_complex(self.B), torch.view_as_complex(self.C)
@@ -483,11 +493,7 @@ class S5(_DiagonalSSM):
         device=None,
     ):
         super().__init__()
-        H = _check_positive_int("S5", "channels", channels)
-        P = _check_positive_int("S5", "state_size", state_size)
-        _check_options("S5", init, discretisation, dt_min, dt_max)
-        dtype = torch.get_default_dtype() if dtype is None else dtype
-        self.channels, self.state_size, self.init, self.discretisation = H, P, init, discretisation
+        H, P, dtype = self._check_args(channels, state_size, init, discretisation, dt_min, dt_max, dtype)
         if init == "legs":
             lam, V, _ = _legs_normal_eig(P)
             B_real = torch.randn(2 * P, H, dtype=torch.float64) / math.sqrt(H)
@@ -498,14 +504,7 @@ class S5(_DiagonalSSM):
             B0 = B0 / math.sqrt(2 * H)
         C0 = torch.complex(torch.randn(H, P, dtype=torch.float64), torch.randn(H, P, dtype=torch.float64))
         C0 = C0 / math.sqrt(2 * P)
-        fk = {"dtype": dtype, "device": device}
-        self.log_A_real = nn.Parameter(torch.log(-lam.real).to(**fk).clone())
-        self.A_imag = nn.Parameter(lam.imag.to(**fk).clone())
-        self.B = nn.Parameter(torch.view_as_real(B0).to(**fk).clone())
-        self.C = nn.Parameter(torch.view_as_real(C0).to(**fk).clone())
-        self.D = nn.Parameter(torch.randn(H, dtype=torch.float64).to(**fk))
-        u = torch.rand(P, dtype=torch.float64)
-        self.log_dt = nn.Parameter((math.log(dt_min) + u * (math.log(dt_max) - math.log(dt_min))).to(**fk))
+        self._init_parameters(lam, B0, torch.view_as_real(C0), P, dt_min, dt_max, dtype, device)
 
     def initial_state(self, batch: int) -> torch.Tensor:
         """The zero state, complex ``(batch, state_size)``."""
