@@ -40,6 +40,15 @@ def test_sample_graphs_shapes_and_masks():
 
 @pytest.mark.slow
 def test_short_training_beats_erdos_renyi_on_community_small():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _short_training_beats_erdos_renyi()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _short_training_beats_erdos_renyi():
     torch.manual_seed(0)
     graphs = load("community_small", 100, seed=0)
     train, _ = train_test_split(graphs, 0.2, seed=0)
@@ -57,7 +66,8 @@ def test_short_training_beats_erdos_renyi_on_community_small():
     assert m["clustering"] < base["clustering"], (m, base)
 
 
-STEPS, STEPS_HIDDEN, NFE = 400, 32, 100
+# measured on the 2-core machine: degree 0.055 vs ER 0.076, clustering 0.848 vs ER 0.910; ~16 s thread CPU
+STEPS, STEPS_HIDDEN, NFE = 300, 32, 50
 
 
 TINY = """
