@@ -442,19 +442,55 @@ class DPMSolver(AbstractSolver):
         cy, co = cs
         return co * out if cy == 0 else torch.add(cy * y, out, alpha=co)
 
-    def _combine(self, cache, s: float, t: float, x, terms):
-        r"""The update from ``s`` to ``t``: ``c * (x - m(s)) + sum(w * pred) + m(t)``, where
-        ``terms`` are ``(w_j, pred)`` pairs of the Taylor coefficients :math:`h^{j+1}\varphi_{j+1}`
-        already folded into the predictions' weights."""
-        a_s, s_s = self._coef(cache, s)[:2]
-        a_t, s_t = self._coef(cache, t)[:2]
+    def _combine(self, cache, s: float, t: float, x, terms, c: float | None = None, noise=None):
+        r"""The update from ``s`` to ``t``: ``c * (x - m(s)) + sum(w * pred) [+ std * xi] + m(t)``,
+        where ``terms`` are ``(w_j, pred)`` pairs of the Taylor coefficients
+        :math:`h^{j+1}\varphi_{j+1}` already folded into the predictions' weights; ``c`` defaults
+        to the ODE's :math:`\sigma_t/\sigma_s` (data) or :math:`\alpha_t/\alpha_s` (noise), and
+        ``noise`` is an SDE form's ``(std, xi)``."""
+        if c is None:
+            a_s, s_s = self._coef(cache, s)[:2]
+            a_t, s_t = self._coef(cache, t)[:2]
+            c = (s_t / s_s) if self.prediction == "x0" else (a_t / a_s)
         m_s = self._offset(s, x)
         y = x if _is_zero(m_s) else x - m_s
-        out = ((s_t / s_s) if self.prediction == "x0" else (a_t / a_s)) * y
+        out = c * y
         for w, d in terms:
             out = torch.add(out, d, alpha=w)
+        if noise is not None:
+            std, xi = noise
+            out = torch.add(out, xi.to(dtype=out.dtype), alpha=std)
         m_t = self._offset(t, x)
         return out if _is_zero(m_t) else out + m_t
+
+    def _order_of_step(self, i: int) -> int:
+        """The order of step ``i`` (``order``, or the ``orders`` set up; more steps are an error)."""
+        if self.orders is None:
+            return self.order
+        if i < len(self.orders):
+            return self.orders[i]
+        raise ValueError(f"{self!r} was set up for {self.num_steps} steps; the solve takes more")
+
+    @staticmethod
+    def _multistep_terms(b, lam_s: float, p_s, lams, ms):
+        """The ``(weight, prediction)`` pairs of a multistep update of order ``len(b)`` from the
+        Taylor coefficients ``b``, the prediction ``p_s`` at log-SNR ``lam_s`` and the history's
+        log-SNRs ``lams`` and predictions ``ms`` (derivatives as divided differences on the
+        non-uniform log-SNR grid, expanded into weights of the predictions)."""
+        if len(b) == 1:
+            return [(b[0], p_s)]
+        if len(b) == 2:
+            d1 = lam_s - lams[-1]
+            return [(b[0] + b[1] / d1, p_s), (-b[1] / d1, ms[-1])]
+        # derivatives p_s, d01 + d012 * d1 and 2 d012
+        d1, d2 = lam_s - lams[-1], lams[-1] - lams[-2]
+        c = (b[1] * d1 + 2 * b[2]) / (d1 + d2)
+        return [(b[0] + (b[1] + c) / d1, p_s), (-(b[1] + c) / d1 - c / d2, ms[-1]), (c / d2, ms[-2])]
+
+    def _history(self, i: int, lams, ms, lam_s: float, p_s):
+        """``(next step index, log-SNRs, predictions)``: the multistep history after step ``i``."""
+        keep = self.order - 1
+        return (i + 1, (*lams, lam_s)[-keep:], (*ms, p_s)[-keep:]) if keep else (i + 1, (), ())
 
     def _taylor(self, cache, s: float, t: float, k: int) -> list[float]:
         r"""The coefficients of the order-``k`` update's derivatives: :math:`\alpha_t
@@ -477,12 +513,7 @@ class DPMSolver(AbstractSolver):
         if not isinstance(t0, float):
             raise NotImplementedError("DPMSolver does not support per_sample=True (use a shared time grid)")
         i, lams, ms, cache, prev = state
-        if self.orders is None:
-            k = self.order
-        elif i < len(self.orders):
-            k = self.orders[i]
-        else:
-            raise ValueError(f"{self!r} was set up for {self.num_steps} steps; the solve takes more")
+        k = self._order_of_step(i)
         sg = term.sign
         s, t = sg * float(t0), sg * float(t1)
         x = _tree_of(term, y0, prev)
@@ -490,26 +521,9 @@ class DPMSolver(AbstractSolver):
         m_s = self._predict(term, cache, s, x)
         if self.multistep:
             k = min(k, len(lams) + 1)
-            b = self._taylor(cache, s, t, k)
-            if k == 1:
-                terms = [(b[0], m_s)]
-            elif k == 2:
-                d1 = lam_s - lams[-1]
-                terms = [(b[0] + b[1] / d1, m_s), (-b[1] / d1, ms[-1])]
-            else:
-                # derivatives m_s, d01 + d012 * d1 and 2 d012 from divided differences on the
-                # non-uniform log-SNR grid, expanded into weights of the three predictions
-                d1, d2 = lam_s - lams[-1], lams[-1] - lams[-2]
-                c = (b[1] * d1 + 2 * b[2]) / (d1 + d2)
-                terms = [
-                    (b[0] + (b[1] + c) / d1, m_s),
-                    (-(b[1] + c) / d1 - c / d2, ms[-1]),
-                    (c / d2, ms[-2]),
-                ]
+            terms = self._multistep_terms(self._taylor(cache, s, t, k), lam_s, m_s, lams, ms)
             x1 = self._combine(cache, s, t, x, terms)
-            keep = self.order - 1
-            new_state = (i + 1, (*lams, lam_s)[-keep:], (*ms, m_s)[-keep:]) if keep else (i + 1, (), ())
-            new_state = (*new_state, cache, None)
+            new_state = (*self._history(i, lams, ms, lam_s, m_s), cache, None)
         else:
             b = self._taylor(cache, s, t, k)
             if k == 1:

@@ -61,8 +61,6 @@ from __future__ import annotations
 import math
 from typing import ClassVar
 
-import torch
-
 from .fast_samplers import DPMSolver, _check_int, _phis, _tree_of, multistep_orders
 from .processes import DiffusionProcess, MeanReverting
 
@@ -190,30 +188,13 @@ class MRSolver(DPMSolver):
         if sg > 0:
             raise ValueError("the SDE form of MRS samples (from t1 down to t0) only")
         i, lams, ms, cache, prev = state
-        if self.orders is None:
-            k = self.order
-        elif i < len(self.orders):
-            k = self.orders[i]
-        else:
-            raise ValueError(f"{self!r} was set up for {self.num_steps} steps; the solve takes more")
+        k = self._order_of_step(i)
         s, t = -float(t0), -float(t1)
         x = _tree_of(term, y0, prev)
         lam_s = self._coef(cache, s)[2]
         p_s = self._predict(term, cache, s, x)
-        k = min(k, len(lams) + 1)
-        c, b, std = self._sde_coeffs(cache, s, t, k)
-        if k == 1:
-            terms = [(b[0], p_s)]
-        else:
-            d1 = lam_s - lams[-1]
-            terms = [(b[0] + b[1] / d1, p_s), (-b[1] / d1, ms[-1])]
-        m_s = self._offset(s, x)
-        out = c * (x if isinstance(m_s, float) and m_s == 0.0 else x - m_s)
-        for w, d in terms:
-            out = torch.add(out, d, alpha=w)
+        c, b, std = self._sde_coeffs(cache, s, t, min(k, len(lams) + 1))
         xi = self.noise.evaluate(t, s) / math.sqrt(s - t)
-        out = torch.add(out, xi.to(dtype=out.dtype), alpha=std) + self._offset(t, x)
-        keep = self.order - 1
-        new = (i + 1, (*lams, lam_s)[-keep:], (*ms, p_s)[-keep:]) if keep else (i + 1, (), ())
+        out = self._combine(cache, s, t, x, self._multistep_terms(b, lam_s, p_s, lams, ms), c=c, noise=(std, xi))
         y1 = term.flat.tree_to_state(out)
-        return y1, None, (y0, y1), (*new, cache, (y1, out)), None
+        return y1, None, (y0, y1), (*self._history(i, lams, ms, lam_s, p_s), cache, (y1, out)), None
