@@ -33,7 +33,15 @@ from .._tree import Flattener
 from ..adjoints import CheckpointAdjoint, DirectAdjoint
 from ..controllers import PIDController
 from ..solvers import AbstractAdaptiveSolver
-from ._local import _as_time, _check_ode_term, _check_solver, _rms, _stiffness, starting_step, stiffness_pair
+from ._local import (
+    _as_time,
+    _check_ode_term,
+    _check_solver,
+    _rms,
+    _stiffness,
+    _stiffness_pair_for,
+    starting_step,
+)
 
 __all__ = ["GlobalEstimate", "solve_with_global_regulariser"]
 
@@ -255,12 +263,7 @@ def solve_with_global_regulariser(
         raise NotImplementedError("solve_with_global_regulariser does not support events yet")
     if (rtol is None) != (atol is None):
         raise ValueError(f"pass both rtol and atol, or neither; got rtol={rtol!r}, atol={atol!r}")
-    pair = stiffness_pair(solver) if stiffness else None
-    if stiffness and pair is None:
-        raise TypeError(
-            f"stiffness=True needs an explicit Runge--Kutta pair with two stages at the same time (Dopri5, Tsit5); "
-            f"{type(solver).__name__} has none"
-        )
+    pair = _stiffness_pair_for(solver, stiffness)
     saveat = solve_kwargs.get("saveat")
     if saveat is not None and isinstance(saveat, SaveAt) and not (saveat.t1 or saveat.steps):
         raise ValueError(

@@ -82,6 +82,20 @@ def stiffness_pair(solver) -> tuple[int, int] | None:
     return best
 
 
+def _stiffness_pair_for(solver, stiffness: bool) -> tuple[int, int] | None:
+    """:func:`stiffness_pair` of ``solver`` when the stiffness is asked for (``None`` otherwise);
+    a ``TypeError`` when the solver has no such pair."""
+    if not stiffness:
+        return None
+    pair = stiffness_pair(solver)
+    if pair is None:
+        raise TypeError(
+            f"stiffness=True needs an explicit Runge--Kutta pair with two stages at the same time (Dopri5, Tsit5); "
+            f"{type(solver).__name__} has none"
+        )
+    return pair
+
+
 def _check_ode_term(terms, who: str):
     if isinstance(terms, type) or not isinstance(terms, AbstractTerm):
         raise TypeError(f"{who} needs an ODE term such as ODETerm(f); got {terms!r}")
@@ -199,12 +213,7 @@ def local_error(
         raise ValueError(f"local_error needs both rtol and atol, or neither; got rtol={rtol!r}, atol={atol!r}")
     if norm is not None and not callable(norm):
         raise TypeError(f"norm must be a function reducing the last dimension, got {type(norm).__name__}")
-    pair = stiffness_pair(solver) if stiffness else None
-    if stiffness and pair is None:
-        raise TypeError(
-            f"stiffness=True needs an explicit Runge--Kutta pair with two stages at the same time (Dopri5, Tsit5); "
-            f"{type(solver).__name__} has none"
-        )
+    pair = _stiffness_pair_for(solver, stiffness)
     flat = Flattener(y, batch=per_sample, name="y")
     real = flat.dtype.to_real() if flat.dtype.is_complex else flat.dtype
     t0 = _as_time(t, "t", per_sample, flat.batch_size, real, flat.device)
@@ -550,12 +559,7 @@ def solve_with_local_regulariser(
         # the local step is the second solve's first step: record its estimates there
         from ._global import _Recording
 
-        pair = stiffness_pair(solver) if stiffness else None
-        if stiffness and pair is None:
-            raise TypeError(
-                f"stiffness=True needs an explicit Runge--Kutta pair with two stages at the same time (Dopri5, "
-                f"Tsit5); {type(solver).__name__} has none"
-            )
+        pair = _stiffness_pair_for(solver, stiffness)
         second_solver = recorded = _Recording(solver, pair, False, rtol, atol, norm, first_only=True)
     second = solve(terms, second_solver, tr, t1, yr, saveat=SaveAt(t1=True), **second_kwargs)
     if recorded is not None and recorded.log:
