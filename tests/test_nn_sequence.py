@@ -251,6 +251,19 @@ def test_diagonal_scan_matches_loop(method, L):
     torch.testing.assert_close(moved, torch.stack(ref).movedim(0, -1), atol=1e-13, rtol=0)
 
 
+def _assert_grad_matches_central_difference(loss, p, what="", eps=1e-6):
+    """``loss().backward()``, then the gradient of ``p[0]`` against a central difference."""
+    loss().backward()
+    with torch.no_grad():
+        p[0] += eps
+        up = loss()
+        p[0] -= 2 * eps
+        down = loss()
+        p[0] += eps
+    fd = ((up - down) / (2 * eps)).item()
+    assert abs(p.grad[0].item() - fd) < 1e-6 * max(1.0, abs(fd)), what
+
+
 def test_ssm_gradient_matches_finite_differences():
     torch.manual_seed(4)
     for layer in (S4D(2, 3, dtype=F64), S5(2, 3, dtype=F64)):
@@ -260,17 +273,7 @@ def test_ssm_gradient_matches_finite_differences():
         def loss(layer=layer, u=u, dt=dt):
             return layer(u, dt).square().sum()
 
-        loss().backward()
-        p = layer.log_dt
-        eps = 1e-6
-        with torch.no_grad():
-            p[0] += eps
-            up = loss()
-            p[0] -= 2 * eps
-            down = loss()
-            p[0] += eps
-        fd = (up - down) / (2 * eps)
-        assert abs(p.grad[0].item() - fd.item()) < 1e-6 * max(1.0, abs(fd.item()))
+        _assert_grad_matches_central_difference(loss, layer.log_dt, type(layer).__name__)
         assert all(q.grad is not None and torch.isfinite(q.grad).all() for q in layer.parameters())
 
 
@@ -391,17 +394,7 @@ def test_recurrent_gradients_match_finite_differences():
         def loss(model=model):
             return model(x, dt)[0].square().sum()
 
-        loss().backward()
-        p = param(model)
-        eps = 1e-6
-        with torch.no_grad():
-            p[0] += eps
-            up = loss()
-            p[0] -= 2 * eps
-            down = loss()
-            p[0] += eps
-        fd = ((up - down) / (2 * eps)).item()
-        assert abs(p.grad[0].item() - fd) < 1e-6 * max(1.0, abs(fd)), type(model).__name__
+        _assert_grad_matches_central_difference(loss, param(model), type(model).__name__)
 
 
 def test_recurrent_errors():
