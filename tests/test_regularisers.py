@@ -27,6 +27,13 @@ def _params(n=3, seed=0):
     return W, b
 
 
+def _mlp_problem():
+    """The test problem most tests here solve: the term of ``_mlp_field``, its ``(W, b)`` and a
+    3-vector ``y0``."""
+    W, b = _params()
+    return tn.ODETerm(_mlp_field), W, b, torch.tensor([0.3, -0.5, 0.8], dtype=f64)
+
+
 # ----------------------------------------------------------------------------------------------
 # local_error
 
@@ -126,10 +133,8 @@ def test_local_regulariser_expectation_equals_integral(h):
 
 
 def test_local_regulariser_shared_mode_and_gradient():
-    term = tn.ODETerm(_mlp_field)
-    W, b = _params()
+    term, W, b, y0 = _mlp_problem()
     W = W.requires_grad_()
-    y0 = torch.tensor([0.3, -0.5, 0.8], dtype=f64)
     sol = tn.solve(term, tn.Tsit5(), 0.0, 1.0, y0, args=(W, b), controller=tn.PIDController(rtol=1e-4, atol=1e-6),
                    saveat=tn.SaveAt(dense=True))  # fmt: skip
     est = R.sample_local_regulariser(sol, term, tn.Tsit5(), args=(W, b), num_times=3, seed=0)
@@ -144,9 +149,7 @@ def test_local_regulariser_shared_mode_and_gradient():
     "adjoint", [tn.DirectAdjoint(), tn.BacksolveAdjoint(), tn.CheckpointAdjoint(), tn.ReversibleAdjoint()]
 )
 def test_split_solve_works_with_every_adjoint(adjoint):
-    term = tn.ODETerm(_mlp_field)
-    W, b = _params()
-    y0 = torch.tensor([0.3, -0.5, 0.8], dtype=f64)
+    term, W, b, y0 = _mlp_problem()
     ctrl = tn.PIDController(rtol=1e-8, atol=1e-10)
     Wd = W.clone().requires_grad_()
     sol, est = R.solve_with_local_regulariser(
@@ -171,9 +174,7 @@ def test_local_regulariser_h_first_reuses_the_second_solves_first_step(t1):
     """h='first': under DirectAdjoint the local step is the second solve's first step (recorded, no
     extra evaluations); it equals local_error at (t_r, y(t_r)) with that step, which
     CheckpointAdjoint computes separately -- value, step, stiffness and gradient."""
-    term = tn.ODETerm(_mlp_field)
-    W, b = _params()
-    y0 = torch.tensor([0.3, -0.5, 0.8], dtype=f64)
+    term, W, b, y0 = _mlp_problem()
     ctrl = tn.PIDController(rtol=1e-6, atol=1e-8)
     out = []
     for adjoint in (tn.DirectAdjoint(), tn.CheckpointAdjoint()):
@@ -335,9 +336,7 @@ def test_clear_errors():
 
 
 def test_global_regulariser_is_the_sum_over_the_accepted_steps():
-    term = tn.ODETerm(_mlp_field)
-    W, b = _params()
-    y0 = torch.tensor([0.3, -0.5, 0.8], dtype=f64)
+    term, W, b, y0 = _mlp_problem()
     ctrl = tn.PIDController(rtol=1e-5, atol=1e-7)
     sol, est = R.solve_with_global_regulariser(term, tn.Dopri5(), 0.0, 2.0, y0, args=(W, b), controller=ctrl,
                                                stiffness=True, saveat=tn.SaveAt(steps=True, t0=True))  # fmt: skip
@@ -361,9 +360,7 @@ def test_global_regulariser_is_the_sum_over_the_accepted_steps():
 
 def test_global_regulariser_gradient_with_fixed_steps():
     """Finite differences of the error-estimate sum with the step sequence held fixed (StepTo)."""
-    term = tn.ODETerm(_mlp_field)
-    W, b = _params()
-    y0 = torch.tensor([0.3, -0.5, 0.8], dtype=f64)
+    term, W, b, y0 = _mlp_problem()
     steps = tn.solve(term, tn.Dopri5(), 0.0, 1.0, y0, args=(W, b), controller=tn.PIDController(rtol=1e-4, atol=1e-6),
                      saveat=tn.SaveAt(steps=True)).ts  # fmt: skip
     ctrl = tn.StepTo(steps)
@@ -403,9 +400,7 @@ def test_global_regulariser_per_sample_and_adjoints():
 
 
 def test_backwards_in_time():
-    term = tn.ODETerm(_mlp_field)
-    W, b = _params()
-    y0 = torch.tensor([0.3, -0.5, 0.8], dtype=f64)
+    term, W, b, y0 = _mlp_problem()
     ctrl = tn.PIDController(rtol=1e-6, atol=1e-8)
     sol = tn.solve(term, tn.Dopri5(), 1.0, -1.0, y0, args=(W, b), controller=ctrl, saveat=tn.SaveAt(dense=True))
     est = R.sample_local_regulariser(sol, term, tn.Dopri5(), args=(W, b), num_times=2, seed=0)
@@ -424,9 +419,7 @@ def test_global_regulariser_recorded_path_skips_rejected_steps():
     """DirectAdjoint in one-step-size mode records the steps of the plain solve (no augmented
     state) and sums the accepted ones; it agrees with the augmented-state path that
     CheckpointAdjoint uses, in value and gradient, on a solve with rejected steps."""
-    term = tn.ODETerm(_mlp_field)
-    W, b = _params()
-    y0 = torch.tensor([0.3, -0.5, 0.8], dtype=f64)
+    term, W, b, y0 = _mlp_problem()
     ctrl = tn.PIDController(rtol=1e-6, atol=1e-8)
     out = []
     for adjoint in (tn.DirectAdjoint(), tn.CheckpointAdjoint()):
