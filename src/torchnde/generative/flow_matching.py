@@ -519,7 +519,8 @@ class StochasticInterpolant:
                 is then a :class:`~torchnde.VirtualBrownianTree`.
             seed: the Brownian path's seed.
             path: a Brownian path of ``x0``'s shape on ``[0, 1]`` to use instead (default: a
-                :class:`~torchnde.BrownianGrid` of the ``nfe`` steps, or a virtual Brownian tree).
+                :class:`~torchnde.BrownianGrid` of the ``nfe`` steps, or a virtual Brownian tree;
+                either with the Lévy area the solver declares, e.g. ``SRA1()``'s).
             return_solution: return the :class:`~torchnde.Solution` instead of the samples.
             **solve_kwargs: passed to :func:`torchnde.solve`.
         """
