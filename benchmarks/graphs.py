@@ -138,6 +138,16 @@ def main():
         for method in ("floor", "ER", "s4", "pc"):
             vals = [_fmt([r["rows"][(method, ref)][m] for r in results]) for m in METRICS]
             lines.append(f"| {ref_label} | {labels[method]} | " + " | ".join(vals) + " |")
+    lines += ["", "Targets (issue 14): community-small degree / clustering / orbit MMD within one sd of the floor:", ""]
+    for ref, ref_label in (("test", "test split (20)"), ("fresh", f"fresh ({args.n_fresh})")):
+        for method in ("s4", "pc"):
+            verdicts = []
+            for m in ("degree", "clustering", "orbit"):
+                fl = np.array([r["rows"][("floor", ref)][m] for r in results])
+                v = np.mean([r["rows"][(method, ref)][m] for r in results])
+                bound = fl.mean() + (fl.std(ddof=1) if fl.size > 1 else 0.0)
+                verdicts.append(f"{m} {v:.4f} vs {bound:.4f}: {'met' if v <= bound else 'missed'}")
+            lines.append(f"* {ref_label}, {labels[method]}: " + "; ".join(verdicts))
     mean = lambda k: _fmt([r[k] for r in results])  # noqa: E731
     lines += [
         "",
