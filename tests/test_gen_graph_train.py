@@ -136,3 +136,16 @@ def test_cli_graph_config_errors(tmp_path):
 
     with pytest.raises(UsageError, match="unknown output format"):
         prepare_output_file(tmp_path / "x.csv", (".g6", ".json"))
+
+
+def test_cli_graph_training_resumes_bitwise(tmp_path):
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(TINY.replace("steps = 3", "steps = 4").replace("checkpoint_every = 3", "checkpoint_every = 2"))
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert cli_main(["train", str(cfg), "--out", str(whole), "--no-progress"]) == 0
+    assert cli_main(["train", str(cfg), "--out", str(parts), "--no-progress", "--stop-at", "2"]) == 0
+    assert cli_main(["train", "--resume", "--out", str(parts), "--no-progress"]) == 0
+    a = torch.load(whole / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(parts / "checkpoint.pt", weights_only=True)["model"]
+    assert set(a) == set(b) and any(k.startswith("ema.") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -39,7 +39,8 @@ HELP = "evaluate a checkpoint of 'torchnde train': W2, sliced W2, MMD and NLL (t
 DESCRIPTION = (
     "Compare samples of a trained model with fresh data (exact W2, sliced W2, MMD^2, each next to the "
     "data-vs-data floor) and compute the NLL of fresh data through the model's ODE; writes "
-    "DIR/metrics.json and DIR/metrics.md."
+    "DIR/metrics.json and DIR/metrics.md. Graph (gdss) models: degree/clustering/orbit/spectral MMD against the "
+    "test split and fresh graphs, beside the floors and the Erdos-Renyi baseline, and DIR/graphs.png."
 )
 
 

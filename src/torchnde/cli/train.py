@@ -54,7 +54,8 @@ __all__ = [
 
 HELP = "train a diffusion or flow-matching model from a config file (resumable, torchrun-ready)"
 DESCRIPTION = (
-    "Train a VP-SDE score model or a flow-matching model on a built-in 2-D data set. CONFIG is a TOML "
+    "Train a VP-SDE score model or a flow-matching model on a built-in 2-D data set, or a GDSS graph model "
+    "(model.type = 'gdss') on an offline graph data set. CONFIG is a TOML "
     "(or, with PyYAML, YAML) file; --set KEY=VALUE overrides one key. Writes DIR/config.json and "
     "DIR/checkpoint.pt (atomically); --resume continues from DIR/checkpoint.pt. Runs unchanged under "
     "'torchrun --nproc-per-node N' (DistributedDataParallel; each process takes a shard of the global batch)."
