@@ -27,6 +27,8 @@ RUNNABLE_DOCS = [
     "sde.md",
     "events.md",
     "stiff.md",
+    "sequence.md",
+    "regularisation.md",
 ]
 
 
