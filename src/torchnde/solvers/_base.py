@@ -304,6 +304,8 @@ class AbstractERK(AbstractSolver):
         key = (tab, n)
         buf = scratch.get(key)
         if buf is None:
+            if len(scratch) >= 8:  # (tableaus made on the fly: the kept buffers stay bounded)
+                scratch.clear()
             K = y0.new_zeros(tab.num_stages, n)
             # the rows (copy targets) and, per stage, the transposed block of the rows before it
             # and zeros, to scale the error estimate by h with an add (cheaper than a multiplication
