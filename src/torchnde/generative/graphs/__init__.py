@@ -11,12 +11,16 @@ with one forward process per leaf) lives in :mod:`torchnde.generative`; nothing 
   convention and an unbiased positive-definite one, 4-node orbit counts, the data-vs-data floor.
 * :mod:`~torchnde.generative.graphs.networks`: the GCN node score network and the
   attention-over-adjacency-powers adjacency score network.
+* :mod:`~torchnde.generative.graphs.train`: training (multi-component denoising score matching,
+  EMA) and sampling glue that returns networkx graphs (what ``torchnde train`` runs for
+  ``model.type = "gdss"``).
 """
 
-from . import data, metrics, networks
+from . import data, metrics, networks, train
 from .data import DATASETS, GraphBatch, erdos_renyi_like, load, to_graphs, to_tensors, train_test_split
 from .metrics import graph_mmd, mmd_floor, orbit_counts
 from .networks import AdjScoreNet, GraphScoreModel, NodeScoreNet
+from .train import EMA, FitResult, build_model, fit, graph_process, sample_graphs
 
 __all__ = [
     "data",
@@ -35,4 +39,11 @@ __all__ = [
     "NodeScoreNet",
     "AdjScoreNet",
     "GraphScoreModel",
+    "train",
+    "graph_process",
+    "build_model",
+    "fit",
+    "FitResult",
+    "sample_graphs",
+    "EMA",
 ]
