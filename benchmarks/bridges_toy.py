@@ -28,7 +28,9 @@ After training, 2,000 held-out source points are carried to the target by the le
 (:func:`~torchnde.generative.bridges.sample_bridge`: Euler–Maruyama through ``torchnde.solve``) with
 5, 10, 20, 50 and 100 steps, and for DSBM also by its probability-flow ODE
 (:meth:`DSBM.velocity` with :func:`~torchnde.generative.flow_matching.sample_ode`, Euler and Heun at
-the same NFE). Metrics against one held-out moons set of the same size
+the same NFE). A benchmark-local Euler–Maruyama loop that leaves out the last step's noise
+(``em_quiet_end``; ``sample_bridge`` has no such option) measures what that noise costs at few steps.
+Metrics against one held-out moons set of the same size
 (:mod:`torchnde.generative.metrics`):
 
 * exact W2 (optimal assignment);
@@ -492,7 +494,9 @@ def write_md(path, args, info, rows, back_rows, spread, fwd, bwd, costs, mb_cost
         f'{DSBM_NFE} Euler–Maruyama steps). "BM, independent" is plain bridge matching on independent pairs,',
         f"the baseline. After training, {n_eval:,} held-out source points are carried to the target by the learned SDE",
         "(`sample_bridge`, Euler–Maruyama through `torchnde.solve`) and, for DSBM, by its probability-flow",
-        "ODE (`sample_ode(dsbm.velocity(), ...)`, Euler, and Heun at the same NFE: NFE/2 steps).",
+        "ODE (`sample_ode(dsbm.velocity(), ...)`, Euler, and Heun at the same NFE: NFE/2 steps). The rows",
+        '"SDE E–M, noise-free last step" are the same SDE by a loop local to this benchmark that leaves out',
+        "the last step's noise (not a `sample_bridge` option).",
         "",
         f"Metrics against one held-out {TARGET} set of {n_eval:,} points (`torchnde.generative.metrics`): exact",
         f"W2; precision / recall at the fixed radius {RADIUS} (fraction of samples within {RADIUS} of a data point /",
