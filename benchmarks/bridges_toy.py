@@ -5,8 +5,10 @@ Usage::
     python benchmarks/bridges_toy.py            # full run (about 4 minutes of thread CPU time on one
                                                 # thread); writes bridges_toy.md and bridges_toy.png
                                                 # next to this file
-    python benchmarks/bridges_toy.py --quick    # smoke run (few steps, 500 samples; temporary directory)
+    python benchmarks/bridges_toy.py --quick    # smoke run (~30 s: few steps, 500 samples; temporary directory)
     python benchmarks/bridges_toy.py --out DIR
+    python benchmarks/bridges_toy.py --save R.pkl   # also pickle the results; then
+    python benchmarks/bridges_toy.py --report R.pkl # rewrites bridges_toy.md from them (no training)
 
 The source is ``data.sample("8gaussians")``, the target ``data.sample("moons")`` (both standardised:
 unit variance per coordinate), the reference :math:`\\sigma W` with ``sigma = 0.3`` (the demo's
