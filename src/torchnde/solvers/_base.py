@@ -309,8 +309,6 @@ class AbstractERK(AbstractSolver):
             K = y0.new_zeros(tab.num_stages, n)
             # the rows (copy targets) and, per stage, the transposed block of the rows before it
             # and zeros, to scale the error estimate by h with an add (cheaper than a multiplication
-            # by a Python float, the same value)
-            # and zeros, to scale the error estimate by h with an add (cheaper than a multiplication
             # by a Python float, the same value); the products go to ``tmp`` (no allocation)
             KT = K.t()
             blocks = [None] + [KT[:, :i] for i in range(1, tab.num_stages)]
