@@ -29,20 +29,11 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
 import torch
+from japanese_vowels_cde import load  # the data as the neural CDE example reads them (same folder)
 from torch import nn
 
 from torchnde.nn import LTC, ODERNN, S4D, S5, CfC
-
-
-def load(split: str):
-    from aeon.datasets import load_japanese_vowels
-
-    X, y = load_japanese_vowels(split=split)
-    series = [torch.as_tensor(np.asarray(x, dtype=np.float32).T) for x in X]  # (length, 12)
-    labels = torch.as_tensor(np.asarray(y).astype(np.int64) - 1)
-    return series, labels
 
 
 def drop_and_pad(series, mean, std, drop: float, gen: torch.Generator, max_len: int):
