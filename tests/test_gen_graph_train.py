@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,7 +20,7 @@ def test_sample_graphs_shapes_and_masks():
     graphs = load("community_small", 6, seed=0)
     b = prepare(graphs, max_nodes=20, max_degree=12)
     torch.manual_seed(0)
-    model = build_model(b.x.shape[-1], hidden=8, depth=1, powers=2, layers=1, heads=2)
+    model = build_model(b.x.shape[-1], hidden=8, depth=1, layers=1, heads=2)
     mp = graph_process()
     r = fit(model, mp, b, steps=2, batch_size=4, log_every=1)
     assert [s for s, _ in r.losses] == [1, 2]
@@ -28,6 +29,10 @@ def test_sample_graphs_shapes_and_masks():
         r.ema, mp, 5, sizes, max_nodes=20, features=b.x.shape[-1], nfe=4, seed=1, chunk_size=3, return_tensors=True
     )
     assert len(out) == 5 and {g.number_of_nodes() for g in out} <= set(sizes)
+    # chunks are sorted by size and padded to their largest graph; the graphs come back in draw order
+    drawn = np.random.default_rng(1).choice(sizes, size=5)
+    assert [g.number_of_nodes() for g in out] == drawn.tolist() == mask.sum(-1).long().tolist()
+    assert adj.shape == (5, 20, 20)
     assert torch.equal(adj, adj.transpose(-1, -2))
     assert adj.diagonal(dim1=-2, dim2=-1).abs().max() == 0
     pad = 1 - mask[:, :, None] * mask[:, None, :]
@@ -48,13 +53,57 @@ def test_short_training_beats_erdos_renyi_on_community_small():
         torch.set_num_threads(threads)
 
 
+def test_fit_trims_padding_to_the_minibatch():
+    # a minibatch of small graphs padded to 30 nodes: the loss is that of the trimmed batch (the
+    # networks ignore padded nodes), so the trained weights do not depend on max_nodes
+    graphs = load("community_small", 8, seed=3)
+    runs = []
+    for n in (20, 30):
+        b = prepare(graphs, max_nodes=n, max_degree=12, dtype=torch.float64)
+        torch.manual_seed(0)
+        model = build_model(b.x.shape[-1], hidden=8, depth=1, layers=2, heads=2).double()
+        runs.append(fit(model, graph_process(), b, steps=3, batch_size=4, ema_decay=0, seed=5, log_every=1))
+    assert [v for _, v in runs[0].losses] == [v for _, v in runs[1].losses]
+    for p, q in zip(runs[0].model.parameters(), runs[1].model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_fit_times_logsnr():
+    # log-SNR-uniform training times: the times fit draws are training_times' on the adjacency leaf
+    from torchnde.generative.objectives import training_times
+
+    graphs = load("community_small", 8, seed=3)
+    b = prepare(graphs, max_nodes=20, max_degree=12, dtype=torch.float64)
+    mp = graph_process()
+    net = build_model(b.x.shape[-1], hidden=8, depth=1, layers=1, heads=2).double()
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, t, state, mask):
+            seen.append(t.clone())
+            return self.net(t, state, mask)
+
+    with pytest.raises(ValueError, match="times"):
+        fit(Recorder(), mp, b, steps=1, batch_size=4, times="lognormal")
+    fit(Recorder(), mp, b, steps=1, batch_size=4, times="logsnr", seed=7, ema_decay=0)
+    g = torch.Generator().manual_seed(7)
+    torch.randint(0, 8, (4,), generator=g)  # fit's minibatch draw comes first
+    expect = training_times(mp.leaf_processes[0], 4, time_sampling="logsnr", generator=g)
+    assert torch.equal(seen[-1], expect)
+    assert float(expect.min()) >= mp.t0 and float(expect.max()) <= 1.0
+
+
 def _short_training_beats_erdos_renyi():
     torch.manual_seed(0)
     graphs = load("community_small", 100, seed=0)
     train, _ = train_test_split(graphs, 0.2, seed=0)
     reference = load("community_small", 200, seed=1)
     b = prepare(train, max_nodes=20, max_degree=12)
-    model = build_model(b.x.shape[-1], hidden=STEPS_HIDDEN, depth=2, powers=3, layers=2, heads=4)
+    model = build_model(b.x.shape[-1], hidden=STEPS_HIDDEN, depth=2, layers=3)
     mp = graph_process()
     r = fit(model, mp, b, steps=STEPS, batch_size=32, lr=5e-3, ema_decay=0.99, seed=0)
     sizes = [g.number_of_nodes() for g in train]

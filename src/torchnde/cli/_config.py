@@ -92,15 +92,19 @@ SCHEMA: dict[str, Field] = {
     "model.time_sampling": Field(
         "uniform",
         str,
-        "vp: training times, 'uniform' in t or 'logsnr' (uniform in log-SNR: more weight on low noise)",
+        "vp, gdss: training times, 'uniform' in t or 'logsnr' (uniform in log-SNR: more weight on low noise)",
         choices=("uniform", "logsnr"),
     ),
     "model.coupling": Field(
         "independent", str, "flow_matching: 'independent' (CFM) or 'ot' (OT-CFM)", choices=("independent", "ot")
     ),
     "model.sigma": Field(0.0, float, "flow_matching: width of the Gaussian path around the line", nonnegative=True),
-    "model.powers": Field(3, int, "gdss: adjacency powers (channels) of the adjacency network", positive=True),
-    "model.layers": Field(3, int, "gdss: attention layers of the adjacency network", positive=True),
+    "model.powers": Field(
+        2, int, "gdss: adjacency powers (first-layer channels) of the adjacency network", positive=True
+    ),
+    "model.layers": Field(5, int, "gdss: attention layers of the adjacency network", positive=True),
+    "model.channels": Field(8, int, "gdss: adjacency channels between attention layers", positive=True),
+    "model.final_channels": Field(4, int, "gdss: adjacency channels out of the last attention layer", positive=True),
     "model.heads": Field(4, int, "gdss: attention heads per channel", positive=True),
     "model.adj_process": Field(
         "vp",

@@ -97,7 +97,8 @@ def build(cfg: dict) -> nn.Module:
     F = dataset(cfg)[2].x.shape[-1]
     net = build_model(
         F, hidden=cfg["model.hidden"], depth=cfg["model.depth"], powers=cfg["model.powers"],
-        layers=cfg["model.layers"], heads=cfg["model.heads"],
+        layers=cfg["model.layers"], heads=cfg["model.heads"], channels=cfg["model.channels"],
+        final_channels=cfg["model.final_channels"],
     )  # fmt: skip
     return _EMAModel(net, cfg["model.ema"])
 
@@ -111,7 +112,13 @@ def batch(cfg: dict, step: int) -> dict:
     b = cfg["train.batch_size"]
     i = torch.randint(0, x.shape[0], (b,), generator=g)
     mp = process(cfg)
-    t = mp.t0 + (mp.t1 - mp.t0) * torch.rand(b, generator=g, dtype=torch.float64)
+    if cfg["model.time_sampling"] == "logsnr":  # uniform in the adjacency's log-SNR
+        from ..generative.objectives import training_times
+
+        adj_process = mp.leaf_processes[mp._paths.index(("adj",))]
+        t = training_times(adj_process, b, time_sampling="logsnr", generator=g)
+    else:
+        t = mp.t0 + (mp.t1 - mp.t0) * torch.rand(b, generator=g, dtype=torch.float64)
     ex = torch.randn(x[i].shape, generator=g, dtype=torch.float64)
     ea = symmetric_noise(torch.randn(adj[i].shape, generator=g, dtype=torch.float64))
     return {"x": x[i], "adj": adj[i], "mask": mask[i], "t": t, "eps_x": ex, "eps_adj": ea}

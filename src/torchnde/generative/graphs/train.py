@@ -34,11 +34,14 @@ import torch
 from torch import nn
 
 from ..multi import MultiProcess, multi_dsm_loss, multi_sample, symmetric_noise
+from ..objectives import training_times
 from ..processes import VE, VP
 from .data import GraphBatch, to_graphs, to_tensors
 from .networks import AdjScoreNet, GraphScoreModel, NodeScoreNet
 
 __all__ = ["graph_process", "build_model", "fit", "FitResult", "sample_graphs", "EMA", "prepare"]
+
+TIMES = ("uniform", "logsnr")
 
 
 def graph_process(
@@ -68,11 +71,24 @@ def graph_process(
 
 
 def build_model(
-    features: int, *, hidden: int = 32, depth: int = 3, powers: int = 3, layers: int = 3, heads: int = 4
+    features: int,
+    *,
+    hidden: int = 32,
+    depth: int = 3,
+    powers: int = 2,
+    layers: int = 5,
+    heads: int = 4,
+    channels: int = 8,
+    final_channels: int = 4,
 ) -> GraphScoreModel:
-    """A :class:`GraphScoreModel`: a ``depth``-layer GCN node network and an attention network over
-    ``powers`` adjacency powers with ``layers`` layers of ``heads`` heads, both ``hidden`` wide."""
-    return GraphScoreModel(NodeScoreNet(features, hidden, depth), AdjScoreNet(features, hidden, powers, layers, heads))
+    """A :class:`GraphScoreModel`: a ``depth``-layer GCN node network and an attention network of
+    ``layers`` layers of ``heads`` heads over ``powers`` adjacency powers (``channels`` channels between
+    layers, ``final_channels`` out of the last), both ``hidden`` wide. The defaults are GDSS's
+    community-small and grid sizes (``c_init = 2``, ``c_hid = 8``, ``c_final = 4``, 5 layers)."""
+    return GraphScoreModel(
+        NodeScoreNet(features, hidden, depth),
+        AdjScoreNet(features, hidden, powers, layers, heads, channels=channels, final_channels=final_channels),
+    )
 
 
 def prepare(graphs: list[nx.Graph], *, max_nodes: int | None = None, max_degree: int | None = None, dtype=None):
@@ -130,13 +146,23 @@ def fit(
     seed: int = 0,
     log_every: int = 100,
     log: Callable | None = None,
+    trim: bool = True,
+    times: str = "uniform",
 ) -> FitResult:
     """Train ``model`` by denoising score matching of the joint system on the padded ``batch``.
 
     Minibatches of ``batch_size`` graphs drawn with replacement; Adam with learning rate ``lr``
     (cosine-decayed to 0 over ``steps`` if ``cosine``), gradient norm clipped to ``grad_clip``.
-    ``log(step, loss)`` every ``log_every`` steps if given.
+    ``log(step, loss)`` every ``log_every`` steps if given. With ``trim`` each minibatch is cut to
+    its largest graph's node count (the networks ignore padded nodes, so only the cost changes: grid
+    graphs of 100–361 nodes padded to 361 pay for the padding otherwise; one host sync per step).
+    ``times``: the training times, ``"uniform"`` on ``[t0, t1]`` or ``"logsnr"`` (uniform in the
+    adjacency process's log-SNR, :func:`~torchnde.generative.objectives.training_times`: more of the
+    training at low and middle noise, where uniform times of a VP(0.1, 20) spend little; on
+    community-small it helped one data seed and not another, see docs/graphs.md).
     """
+    if times not in TIMES:
+        raise ValueError(f"times must be one of {TIMES}; got {times!r}")
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be positive; got {steps}, {batch_size}")
     x, adj, mask = batch
@@ -146,13 +172,25 @@ def fit(
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if cosine else None
     ema = EMA(model, ema_decay) if ema_decay > 0 else None
+    counts = mask.sum(-1)
+    adj_process = process.leaf_processes[process._paths.index(("adj",))] if times == "logsnr" else None
     losses, run = [], 0.0
     t_wall, t_cpu = time.perf_counter(), time.thread_time()
     model.train()
     for step in range(steps):
         i = torch.randint(0, x.shape[0], (batch_size,), generator=g, device=param.device)
+        n = int(counts[i].max()) if trim else x.shape[1]
+        t = None  # uniform: drawn inside the loss
+        if adj_process is not None:
+            t = training_times(adj_process, batch_size, time_sampling="logsnr", generator=g)
         loss = multi_dsm_loss(
-            model, process, {"x": x[i], "adj": adj[i]}, mask=mask[i], parameterisation="eps", generator=g
+            model,
+            process,
+            {"x": x[i, :n], "adj": adj[i, :n, :n]},
+            mask=mask[i, :n],
+            parameterisation="eps",
+            generator=g,
+            t=t,
         )
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -206,7 +244,9 @@ def sample_graphs(
             ``nfe // 2`` steps with one corrector each, ``"s4"`` ``nfe`` steps); ``snr <= 0``
             turns the corrector off.
         seed: seeds the node counts and the sampler (chunk ``c`` of the sampler: ``100003 seed + c``).
-        chunk_size: graphs per solve.
+        chunk_size: graphs per solve; the drawn node counts are sorted so that each chunk holds
+            graphs of similar sizes and is padded only to its largest (the graphs are returned in the
+            order of the draws).
         threshold: the adjacency quantisation level.
         denoise: end with Tweedie's posterior mean (one more evaluation; removes the noise of
             level ``sigma(t0)``, 0.2 for the default VE adjacency, that the samples still carry;
@@ -227,23 +267,29 @@ def sample_graphs(
         param = next(model.parameters())
         dtype, device = dtype or param.dtype, device or param.device
     rng = np.random.default_rng(int(seed))
-    counts = torch.as_tensor(rng.choice(sizes, size=int(n)), device=device)
-    out, adjs, masks = [], [], []
+    drawn = rng.choice(sizes, size=int(n))
+    order = np.argsort(-drawn, kind="stable")  # largest first, so chunk c is padded to drawn[order[c * chunk]]
+    out, adjs, masks = [None] * int(n), [None] * int(n), [None] * int(n)
     with torch.no_grad():
         for c, start in enumerate(range(0, int(n), int(chunk_size))):
-            k = counts[start : start + chunk_size]
-            b = k.shape[0]
-            mask = (torch.arange(max_nodes, device=device)[None] < k[:, None]).to(dtype)
+            idx = order[start : start + chunk_size]
+            k = torch.as_tensor(drawn[idx], device=device)
+            b, m = k.shape[0], int(drawn[idx].max())
+            mask = (torch.arange(m, device=device)[None] < k[:, None]).to(dtype)
             res = multi_sample(
-                model, process, {"x": (b, max_nodes, features), "adj": (b, max_nodes, max_nodes)},
+                model, process, {"x": (b, m, features), "adj": (b, m, m)},
                 nfe=nfe, sampler=sampler, parameterisation="eps", mask=mask, seed=int(seed) * 100003 + c,
                 snr=snr, n_corrector=n_corrector, dtype=dtype, device=device, denoise=denoise,
             )  # fmt: skip
             a = res.x["adj"]
-            out += to_graphs(a, mask, threshold=threshold)
+            for j, gr in zip(idx, to_graphs(a, mask, threshold=threshold)):
+                out[j] = gr
             if return_tensors:
-                adjs.append(a)
-                masks.append(mask)
+                pad = max_nodes - m
+                a = torch.nn.functional.pad(a, (0, pad, 0, pad))
+                mask = torch.nn.functional.pad(mask, (0, pad))
+                for r, j in enumerate(idx):
+                    adjs[j], masks[j] = a[r], mask[r]
     if return_tensors:
-        return out, (torch.cat(adjs), torch.cat(masks))
+        return out, (torch.stack(adjs), torch.stack(masks))
     return out
