@@ -109,14 +109,17 @@ def _short_training_beats_erdos_renyi():
     sizes = [g.number_of_nodes() for g in train]
     gen = sample_graphs(r.ema, mp, 200, sizes, max_nodes=20, features=b.x.shape[-1], nfe=NFE, seed=0)
     er = erdos_renyi_like(train, 200, seed=2)
-    m = graph_mmd(reference, gen, ("degree", "clustering"))
-    base = graph_mmd(reference, er, ("degree", "clustering"))
+    m = graph_mmd(reference, gen, ("degree", "clustering", "orbit"))
+    base = graph_mmd(reference, er, ("degree", "clustering", "orbit"))
     assert m["degree"] < base["degree"], (m, base)
-    assert m["clustering"] < base["clustering"], (m, base)
+    assert m["clustering"] < 0.5 * base["clustering"], (m, base)
+    assert m["orbit"] < 0.5 * base["orbit"], (m, base)
 
 
-# measured on the 2-core machine: degree 0.055 vs ER 0.076, clustering 0.848 vs ER 0.910; ~16 s thread CPU
-STEPS, STEPS_HIDDEN, NFE = 300, 32, 50
+# measured on the 2-core machine: degree 0.017 vs ER 0.076, clustering 0.12 vs 0.91, orbit 0.053 vs 0.59;
+# ~55 s of thread CPU. Short runs are erratic (300 steps: degree 0.12, worse than ER; 600 steps with
+# 5 layers: degree 0.014 but clustering 0.56), hence 1000 steps.
+STEPS, STEPS_HIDDEN, NFE = 1000, 32, 50
 
 
 TINY = """
