@@ -58,9 +58,10 @@ def graph_process(
     GDSS's community-small and grid settings are ``graph_process((0.1, 1.0), adj_sigma=(0.2, 1.0))``:
     neither process reaches its N(0, I) prior at ``t = 1`` (the VP keeps ``alpha(1) = 0.76`` of the
     data, the VE adds noise of sd 1 to 0/1 entries), so sampling starts off the distribution the
-    network was trained on; GDSS's long training (5000 epochs) copes with that. In our short CPU
-    runs it did not (community-small, 400 steps: degree MMD 0.53 against 0.067 with the default
-    VP(0.1, 20) on both leaves, which does reach its prior), hence the default.
+    network was trained on. On community-small (3000 steps, one seed) that pair undershot the edge
+    count (36 edges per graph against 39) and its degree MMD stayed ~10x the default's (0.067 against
+    0.006), though it matched 4-node orbits better (0.026 against 0.090); hence the default, VP(0.1,
+    20) on both leaves, which reaches its prior (docs/graphs.md).
     """
     adj = VP(*adj_beta, t0=t0, t1=1.0) if adj_sigma is None else VE(*adj_sigma, t0=t0, t1=1.0)
     return MultiProcess(
