@@ -53,7 +53,7 @@ def run_seed(s, args, log):
     er = erdos_renyi_like(train, args.n_gen, seed=3000 + s)
     b = prepare(train, max_nodes=20, max_degree=12)
     F = b.x.shape[-1]
-    model = build_model(F, hidden=args.hidden, depth=args.depth, layers=args.layers)
+    model = build_model(F, hidden=args.hidden, depth=args.depth, powers=args.powers, layers=args.layers)
     mp = graph_process()
     r = fit(model, mp, b, steps=args.steps, batch_size=args.batch, lr=args.lr, ema_decay=args.ema, seed=s)
     log(f"seed {s}: trained {args.steps} steps, {r.seconds:.0f} s wall, {r.cpu_seconds:.0f} s thread CPU")
@@ -87,7 +87,7 @@ def run_grid(args, log):
     b = prepare(train, max_nodes=361, max_degree=4)
     F = b.x.shape[-1]
     torch.manual_seed(0)
-    model = build_model(F, hidden=args.hidden, depth=args.depth, layers=args.grid_layers)
+    model = build_model(F, hidden=args.hidden, depth=args.depth, powers=args.grid_powers, layers=args.grid_layers)
     mp = graph_process()
     out = {"rows": {}}
     out["rows"]["floor"] = graph_mmd(test, load("grid", args.grid_gen, seed=2000), METRICS)
@@ -120,12 +120,14 @@ def main():
     ap.add_argument("--hidden", type=int, default=32)
     ap.add_argument("--depth", type=int, default=3)
     ap.add_argument("--layers", type=int, default=5)
+    ap.add_argument("--powers", type=int, default=2)
     ap.add_argument("--nfe", type=int, default=200)
     ap.add_argument("--n-gen", type=int, default=200)
     ap.add_argument("--n-fresh", type=int, default=500)
     ap.add_argument("--grid-batch", type=int, default=4)
     ap.add_argument("--grid-steps", type=int, default=1200)
     ap.add_argument("--grid-layers", type=int, default=3)
+    ap.add_argument("--grid-powers", type=int, default=2)
     ap.add_argument("--grid-nfe", type=int, default=100)
     ap.add_argument("--grid-gen", type=int, default=20)
     ap.add_argument("--skip-community", action="store_true", help="grid only (writes graphs_grid.md)")
@@ -154,8 +156,8 @@ def write_community(args, began_wall, began_cpu, load0):
         f"sd over {args.seeds} seeds (data set, split, weights, samples all drawn from the seed).",
         "",
         f"Budget: {args.steps} training steps, batch {args.batch}, Adam lr {args.lr} (cosine), EMA {args.ema}, uniform times,",
-        f"hidden {args.hidden}, {args.depth} GCN layers (node network), {args.layers} attention layers over 2 adjacency",
-        "powers with 8 / 4 channels (adjacency network; GDSS's sizes), VP(0.1, 20) on both",
+        f"hidden {args.hidden}, {args.depth} GCN layers (node network), {args.layers} attention layers over {args.powers} adjacency",
+        "powers with 8 / 4 channels (adjacency network), VP(0.1, 20) on both",
         f"leaves; {args.n_gen} generated graphs per sampler at NFE {args.nfe} (+1 Tweedie denoising",
         "evaluation): S4 = NFE steps with its Langevin corrector inside, PC = NFE/2 predictor steps with one",
         "corrector each, snr 0.05 for both. Quantised at 0.5.",
@@ -213,7 +215,7 @@ def write_grid(args, load0):
         "test graphs; MMD² in GDSS's convention), one seed at a CPU budget: "
         f"{args.grid_steps} training steps of batch {args.grid_batch}",
         f"(minibatches trimmed to their largest graph), Adam lr {args.lr} (cosine), EMA {args.ema}, hidden {args.hidden},",
-        f"{args.depth} GCN layers, {args.grid_layers} attention layers over 2 adjacency powers (8 / 4 channels),",
+        f"{args.depth} GCN layers, {args.grid_layers} attention layers over {args.grid_powers} adjacency powers (8 / 4 channels),",
         f"VP(0.1, 20) on both leaves; {args.grid_gen} graphs sampled with S4 at NFE {args.grid_nfe} (snr 0.05), chunks",
         "of 5 graphs sorted by size, quantised at 0.5.",
         "",
