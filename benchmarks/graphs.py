@@ -19,7 +19,7 @@ generated graphs against the 20 test graphs) at the CPU budget ``--grid-steps`` 
 ``--grid-layers`` / ``--grid-nfe``, beside the floor and the Erdős–Rényi baseline.
 
     python benchmarks/graphs.py --skip-grid         # community-small: ~20 min of one CPU core
-    python benchmarks/graphs.py --skip-community    # grid: ~45 min of one CPU core
+    python benchmarks/graphs.py --skip-community    # grid: ~45 min of one CPU core (2400 steps)
     python benchmarks/graphs.py --quick             # smoke test of both
 """
 
@@ -125,7 +125,7 @@ def main():
     ap.add_argument("--n-gen", type=int, default=200)
     ap.add_argument("--n-fresh", type=int, default=500)
     ap.add_argument("--grid-batch", type=int, default=4)
-    ap.add_argument("--grid-steps", type=int, default=1200)
+    ap.add_argument("--grid-steps", type=int, default=2400)
     ap.add_argument("--grid-layers", type=int, default=3)
     ap.add_argument("--grid-powers", type=int, default=2)
     ap.add_argument("--grid-nfe", type=int, default=100)
