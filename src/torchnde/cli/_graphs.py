@@ -113,10 +113,10 @@ def batch(cfg: dict, step: int) -> dict:
     i = torch.randint(0, x.shape[0], (b,), generator=g)
     mp = process(cfg)
     if cfg["model.time_sampling"] == "logsnr":  # uniform in the adjacency's log-SNR
+        from ..generative.graphs.train import _adjacency_process
         from ..generative.objectives import training_times
 
-        adj_process = mp.leaf_processes[mp._paths.index(("adj",))]
-        t = training_times(adj_process, b, time_sampling="logsnr", generator=g)
+        t = training_times(_adjacency_process(mp), b, time_sampling="logsnr", generator=g)
     else:
         t = mp.t0 + (mp.t1 - mp.t0) * torch.rand(b, generator=g, dtype=torch.float64)
     ex = torch.randn(x[i].shape, generator=g, dtype=torch.float64)

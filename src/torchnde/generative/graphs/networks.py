@@ -154,7 +154,7 @@ class _ChannelAttention(nn.Module):
 
     def __init__(self, features: int, hidden: int, heads: int, c_in: int, c_out: int, nodes_out: bool = True):
         super().__init__()
-        self.hidden, self.heads, self.c_in = hidden, heads, c_in
+        self.hidden, self.heads = hidden, heads
         bound = 1.0 / math.sqrt(features)
         k = 3 if nodes_out else 2
         self.weight = nn.Parameter(torch.empty(c_in, features, k * hidden).uniform_(-bound, bound))

@@ -71,6 +71,11 @@ def graph_process(
     )
 
 
+def _adjacency_process(process: MultiProcess):
+    """The ``"adj"`` leaf's process (whose log-SNR ``times="logsnr"`` is uniform in)."""
+    return process.leaf_processes[process._paths.index(("adj",))]
+
+
 def build_model(
     features: int,
     *,
@@ -174,7 +179,7 @@ def fit(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if cosine else None
     ema = EMA(model, ema_decay) if ema_decay > 0 else None
     counts = mask.sum(-1)
-    adj_process = process.leaf_processes[process._paths.index(("adj",))] if times == "logsnr" else None
+    adj_process = _adjacency_process(process) if times == "logsnr" else None
     losses, run = [], 0.0
     t_wall, t_cpu = time.perf_counter(), time.thread_time()
     model.train()
